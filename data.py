@@ -1,0 +1,805 @@
+"""Preference data: raw pairs -> tokenized Parquet (`python data.py ...`), and the batch loader dpo.py reads.
+
+  python data.py --input HuggingFaceH4/ultrafeedback_binarized --split train_prefs \\
+      --tokenizer meta-llama/Llama-3.1-8B-Instruct --output data/uf_train --max-seq-len 2048
+
+Each conversation is rendered with the model's own chat template and tokenized exactly as transformers'
+`apply_chat_template(messages, tokenize=True)` does. The loss mask scores the assistant turns (content and
+end-of-turn token); system, user and header tokens are not scored. Unusable rows go to rejects.jsonl with
+a reason, never stopping the run. Output: Parquet shards (one row per pair), summary.json, rejects.jsonl,
+written atomically. The loader reads the shards a row group at a time, shuffles per epoch from the seed,
+resumes at any step and hands each process its slice of the global batch, padded to a few bucket lengths.
+
+Left out on purpose: sequence packing, multimodal content, streaming from the Hub (a split is downloaded),
+and transformers' load-time tokenizer rewrites (tokenizer.json is used as it is; tests check parity).
+"""
+
+import functools
+import hashlib
+import itertools
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import jinja2
+import jinja2.ext
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+FORMATS = {
+    "conversation": "`chosen`/`rejected` message lists sharing the prompt turns (UltraFeedback binarized)",
+    "prompt_completion": "`prompt` (string or messages), `chosen`/`rejected` (strings or assistant messages)",
+    "plain": "`prompt`, `chosen`, `rejected` strings, no chat template (base models)",
+}
+ROLES = ("system", "user", "assistant", "tool")
+SIDES = ("chosen", "rejected")
+SETTINGS_KEY = b"dpo_jax.settings"  # Parquet metadata key of the settings (summary.json repeats them)
+SCHEMA = pa.schema(
+    [
+        ("source_index", pa.int64()),  # row number in the input, files concatenated in order
+        ("prompt_length", pa.int32()),  # tokens before the response's first scored token
+        ("chosen_length", pa.int32()),
+        ("rejected_length", pa.int32()),
+        ("chosen_input_ids", pa.list_(pa.int32())),
+        ("chosen_loss_mask", pa.list_(pa.int8())),  # 1 = scored target: its log-prob given the tokens before
+        ("rejected_input_ids", pa.list_(pa.int32())),
+        ("rejected_loss_mask", pa.list_(pa.int8())),
+    ]
+)
+_SPECIAL_TOKEN_NAMES = "bos_token eos_token unk_token sep_token pad_token cls_token mask_token".split()
+_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+_SPLIT_PATTERNS = ("data/{split}-*.parquet", "data/{split}/*.parquet")  # Hub dataset repos' split layout
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name; anything else is a local path
+_SPLIT_STREAM, _SHUFFLE_STREAM = 0, 1  # independent random streams from one seed
+_read_json = lambda path: json.loads(path.read_text()) if path.is_file() else {}
+
+
+class RejectedRow(Exception):
+    """A row that cannot become a pair; `reason` is the short category the summary counts."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+class Pair(NamedTuple):
+    index: int
+    chosen_ids: np.ndarray
+    chosen_mask: np.ndarray
+    rejected_ids: np.ndarray
+    rejected_mask: np.ndarray
+    prompt_length: int
+
+
+# --- chat templates, rendered the way transformers renders them --------------------------------------------
+
+
+class _GenerationTags(jinja2.ext.Extension):
+    """Parses transformers' `{% generation %}` markers and renders their body as is: masks come from
+    prefix renders (_render_pair), so templates with and without markers work alike."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+
+class _TemplateDict:  # dict() and dict.fromkeys() without handing templates the type itself
+    __call__, fromkeys = staticmethod(dict), staticmethod(dict.fromkeys)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """namespace() that refuses underscore attributes (the sandbox hardening transformers applies)."""
+
+    def __init__(*args, **kwargs):
+        _TemplateNamespace.check(dict(*args[1:], **kwargs))
+        jinja2.utils.Namespace.__init__(*args, **kwargs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace.check([name])  # not self.check: Namespace answers attribute lookups from its items
+        super().__setitem__(name, value)
+
+    @staticmethod
+    def check(names):
+        if any(isinstance(name, str) and name.startswith("_") for name in names):
+            raise jinja2.exceptions.SecurityError("namespace attributes may not start with an underscore")
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    """Hub templates are untrusted code: a sandbox, with transformers' block settings, extensions, filters
+    and globals, so the text is byte-identical to apply_chat_template's."""
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # no HTML escapes
+        return json.dumps(
+            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    extensions = [_GenerationTags, jinja2.ext.loopcontrols]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, dict=_TemplateDict(), namespace=_TemplateNamespace)
+    env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template does not compile: {e} (line {e.lineno})") from None
+
+
+def _snapshot(repo_id: str, repo_type: str, patterns: list[str]) -> Path:
+    import huggingface_hub  # only Hub inputs need it
+
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, repo_type=repo_type, allow_patterns=patterns))
+    except (OSError, ValueError) as e:  # every Hub failure (offline, not found, bad id) is one of these
+        raise ValueError(f"cannot get {repo_id} from the Hub: {str(e).splitlines()[0]}") from None
+
+
+class ChatTokenizer:
+    """tokenizer.json, the chat template, and the special-token variables transformers passes to it."""
+
+    def __init__(self, name_or_path: str, chat_template: str | None = None):
+        directory = Path(name_or_path)
+        if not directory.is_dir():
+            if not _HUB_ID.fullmatch(name_or_path):
+                raise ValueError(f"tokenizer {name_or_path}: no such directory")
+            directory = _snapshot(name_or_path, "model", _TOKENIZER_FILES)
+        if not (directory / "tokenizer.json").is_file():
+            raise ValueError(f"tokenizer {name_or_path}: no tokenizer.json in {directory}")
+        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        config = _read_json(directory / "tokenizer_config.json")
+        self.special_tokens = {}  # bos_token, eos_token, ...: strings, or dicts in older configs
+        for name, value in ((name, config.get(name)) for name in _SPECIAL_TOKEN_NAMES):
+            if value := value.get("content") if isinstance(value, dict) else value:
+                self.special_tokens[name] = value
+        eos = self.special_tokens.get("eos_token")
+        self.eos_id = self.tokenizer.token_to_id(eos) if eos else None
+        self.special_ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+
+        # Like transformers: chat_template.jinja over tokenizer_config.json's entry, which may be a list of
+        # named templates ("default", "tool_use"); --chat-template names one of those or a file.
+        named = config.get("chat_template")
+        named = {t["name"]: t["template"] for t in named} if isinstance(named, list) else named
+        if chat_template is not None and isinstance(named, dict) and chat_template in named:
+            source = named[chat_template]
+        elif chat_template is not None:
+            if not Path(chat_template).is_file():
+                raise ValueError(f"--chat-template {chat_template}: no such file or named template")
+            source = Path(chat_template).read_text()
+        elif (directory / "chat_template.jinja").is_file():
+            source = (directory / "chat_template.jinja").read_text()
+        else:
+            source = named.get("default") if isinstance(named, dict) else named
+        self.template = _compile_template(source) if source else None
+        self.fingerprint = {  # what the token ids depend on, for the no-op re-run check
+            "tokenizer.json": hashlib.sha256((directory / "tokenizer.json").read_bytes()).hexdigest(),
+            "chat_template": hashlib.sha256((source or "").encode()).hexdigest(),
+            **self.special_tokens,
+        }
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        try:
+            return self.template.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+            )
+        except Exception as e:  # a template is arbitrary code: whatever it raises rejects this row only
+            raise RejectedRow("template error", f"{type(e).__name__}: {e}") from None
+
+
+# --- one row -> one pair -----------------------------------------------------------------------------------
+
+
+def _text(row: dict, field: str) -> str:
+    value = row.get(field)
+    if value is None:
+        raise RejectedRow("missing field", f"{field} is missing")
+    if not isinstance(value, str):
+        raise RejectedRow("wrong type", f"{field} is {type(value).__name__}, not a string")
+    if not value.strip():
+        raise RejectedRow("empty content", f"{field} is empty")
+    return value
+
+
+def _messages(row: dict, field: str, role: str | None = None) -> list[dict]:
+    """The validated message list in `field`; given a role, a plain string becomes one message of it."""
+    value = row.get(field)
+    if value is None:
+        raise RejectedRow("missing field", f"{field} is missing")
+    if isinstance(value, str) and role is not None:
+        value = [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise RejectedRow("wrong type", f"{field} is {type(value).__name__}, not a non-empty message list")
+    for message in value:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RejectedRow("wrong type", f"{field} has a message that is not a dict with a string role")
+        if message["role"] not in ROLES:
+            raise RejectedRow("unknown role", f"{field} has role {message['role']!r}")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise RejectedRow("wrong type", f"{field} has {type(content).__name__} content")
+        if not content or not content.strip():
+            raise RejectedRow("empty content", f"{field} has an empty {message['role']} message")
+    # as transformers does, keys holding None are dropped (templates test whether a key is defined)
+    return [{key: item for key, item in message.items() if item is not None} for message in value]
+
+
+def _parse_row(row, fmt: str, system_field: str | None) -> tuple:
+    """(prompt, chosen completion, rejected completion): message lists, or strings for `plain`."""
+    if not isinstance(row, dict):
+        raise RejectedRow("wrong type", "the row is not a JSON object")
+    if fmt == "plain":
+        prompt, chosen, rejected = (_text(row, name) for name in ("prompt", "chosen", "rejected"))
+    else:
+        if fmt == "conversation":
+            chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+            prompt = chosen[:-1]
+        else:
+            prompt = _messages(row, "prompt", "user")
+            chosen, rejected = _messages(row, "chosen", "assistant"), _messages(row, "rejected", "assistant")
+        for name, side in (("chosen", chosen), ("rejected", rejected)):
+            if side[-1]["role"] != "assistant":
+                raise RejectedRow("no assistant turn", f"{name} does not end with an assistant turn")
+        if fmt == "conversation":
+            if rejected[:-1] != prompt:
+                raise RejectedRow("prompt differs", "chosen and rejected do not share their prompt turns")
+            chosen, rejected = chosen[-1:], rejected[-1:]
+        system = row.get(system_field) if system_field else None
+        if system is not None and not isinstance(system, str):
+            raise RejectedRow("wrong type", f"{system_field} is {type(system).__name__}, not a string")
+        if system and system.strip() and not (prompt and prompt[0]["role"] == "system"):
+            prompt = [{"role": "system", "content": system}, *prompt]
+    if chosen == rejected:
+        raise RejectedRow("chosen equals rejected", "the two responses are identical")
+    return prompt, chosen, rejected
+
+
+def _render_pair(chat: ChatTokenizer, prompt: list[dict], completions: list[list[dict]]):
+    """Both sides' texts, and per side the (content start, content end, turn end) characters of each
+    assistant turn. A turn runs from the render of the messages before it with the generation prompt to
+    the render including it, so templates without {% generation %} markers (Llama 3.1's) work."""
+    shared = {}  # renders of prompt prefixes, the same for both sides
+
+    def render(messages, n, generation):
+        if n > len(prompt):
+            return chat.render(messages[:n], generation)
+        if (n, generation) not in shared:
+            shared[n, generation] = chat.render(messages[:n], generation)
+        return shared[n, generation]
+
+    texts, spans = [], []
+    for completion in completions:
+        messages = prompt + completion
+        full, turns = chat.render(messages), []
+        for a, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = render(messages, a, True)
+            end = full if a + 1 == len(messages) else render(messages, a + 1, False)
+            if not (end.startswith(start) and full.startswith(end)):
+                raise RejectedRow("template not prefix-stable", f"the render up to turn {a} is not a prefix")
+            content = message["content"]
+            at = full.find(content, len(start), len(end))
+            if at < 0:  # templates often trim the content
+                content = content.strip()
+                at = full.find(content, len(start), len(end))
+            if at < 0:
+                raise RejectedRow("template error", f"turn {a}'s content is not in its rendered turn")
+            turns.append((at, at + len(content), len(end)))
+        texts.append(full)
+        spans.append(turns)
+    return texts, spans
+
+
+def _scored(encoding, turns, special_ids) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Token ids, loss mask and each turn's first scored token. Scored: every token overlapping the content,
+    then through the first special token after it inside the turn (<|eot_id|>, <|im_end|>, </s>: the model
+    learns to stop); what follows it (a newline, the next header) is not."""
+    ids = encoding.ids
+    mask, firsts = np.zeros(len(ids), np.int8), []
+    for content_start, content_end, turn_end in turns:
+        chars = range(content_start, content_end)
+        first = next((t for c in chars if (t := encoding.char_to_token(c)) is not None), None)
+        if first is None:
+            raise RejectedRow("template error", "an assistant turn's content has no tokens")
+        last, stop = encoding.char_to_token(content_end - 1), first + 1
+        for t in range(first if last is None else last, len(ids)):  # a char may span several byte tokens
+            token_start = encoding.token_to_chars(t)[0]
+            if token_start < content_end:
+                stop = t + 1
+            elif token_start >= turn_end:
+                break
+            elif ids[t] in special_ids:
+                stop = t + 1
+                break
+        mask[first:stop] = 1
+        firsts.append(first)
+    return np.array(ids, np.int32), mask, firsts
+
+
+def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]], system_field: str | None):
+    """(index, row)s -> (pairs, rejects as (index, reason, detail)). All texts of the chunk go through one
+    encode_batch call, which the tokenizers library spreads over its Rust threads."""
+    parsed, rejects, pairs = [], [], []
+    for index, row in rows:
+        try:
+            prompt, chosen, rejected = _parse_row(row, fmt, system_field)
+            if fmt == "plain":
+                parsed.append((index, (prompt, chosen, rejected), None))
+            else:
+                texts, spans = _render_pair(chat, prompt, [chosen, rejected])
+                parsed.append((index, texts, (spans, sum(m["role"] == "assistant" for m in prompt))))
+        except RejectedRow as e:
+            rejects.append((index, e.reason, e.detail))
+    encode = chat.tokenizer.encode_batch
+    if fmt == "plain":  # the prompt gets the tokenizer's own special tokens (BOS), responses end with EOS
+        prompts = encode([texts[0] for _, texts, _ in parsed], add_special_tokens=True)
+        responses = encode([text for _, texts, _ in parsed for text in texts[1:]], add_special_tokens=False)
+        eos = [] if chat.eos_id is None else [chat.eos_id]
+        for k, (index, _, _) in enumerate(parsed):
+            prompt_ids, sides = prompts[k].ids, []
+            for response in responses[2 * k : 2 * k + 2]:
+                ids = np.array(prompt_ids + response.ids + eos, np.int32)
+                sides += [ids, (np.arange(len(ids)) >= len(prompt_ids)).astype(np.int8)]
+            pairs.append(Pair(index, *sides, len(prompt_ids)))
+        return pairs, rejects
+    encodings = encode([text for _, texts, _ in parsed for text in texts], add_special_tokens=False)
+    for k, (index, _, (spans, prompt_turns)) in enumerate(parsed):
+        try:
+            chosen = _scored(encodings[2 * k], spans[0], chat.special_ids)
+            rejected = _scored(encodings[2 * k + 1], spans[1], chat.special_ids)
+        except RejectedRow as e:
+            rejects.append((index, e.reason, e.detail))
+            continue
+        prompt_length = max(chosen[2][prompt_turns], rejected[2][prompt_turns])
+        pairs.append(Pair(index, chosen[0], chosen[1], rejected[0], rejected[1], prompt_length))
+    return pairs, rejects
+
+
+def _fit(pair: Pair, max_seq_len: int, overflow: str) -> tuple[Pair, bool]:
+    """The pair within max_seq_len and whether it was cut; RejectedRow when it is dropped."""
+    longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
+    if longest <= max_seq_len:
+        return pair, False
+    if overflow == "raise":
+        raise ValueError(f"row {pair.index} is {longest} tokens, over --max-seq-len {max_seq_len}")
+    if overflow == "drop":
+        raise RejectedRow("longer than max_seq_len", f"{longest} tokens")
+    if pair.prompt_length >= max_seq_len:  # truncate keeps the whole prompt and at least one scored token
+        raise RejectedRow("prompt longer than max_seq_len", f"the prompt is {pair.prompt_length} tokens")
+    return pair._replace(**{name: getattr(pair, name)[:max_seq_len] for name in Pair._fields[1:5]}), True
+
+
+# --- inputs and output files -------------------------------------------------------------------------------
+
+
+def _input_files(inputs: str | Sequence[str], split: str) -> list[Path]:
+    patterns, files = [pattern.format(split=split) for pattern in _SPLIT_PATTERNS], []
+    for item in [inputs] if isinstance(inputs, str) else inputs:
+        path = Path(item)
+        if not path.exists() and _HUB_ID.fullmatch(item):
+            path = _snapshot(item, "dataset", patterns)  # downloads only this split's Parquet files
+        if path.is_dir():
+            found = sorted(f for pattern in patterns for f in path.glob(pattern))
+            if not found:
+                raise ValueError(f"{item}: no Parquet files for split {split!r} ({', '.join(patterns)})")
+            files += found
+        elif path.is_file() and path.suffix in (".parquet", ".jsonl", ".json"):
+            files.append(path)
+        else:
+            raise ValueError(f"{item}: not a Hub dataset id, a directory, or a .parquet/.jsonl/.json file")
+    return files
+
+
+def _read_chunks(files: list[Path], fields: list[str], chunk_rows: int) -> Iterator[list]:
+    """Rows in chunks, reading only the fields we use (UltraFeedback also repeats `messages`)."""
+    for path in files:
+        if path.suffix == ".parquet":
+            parquet = pq.ParquetFile(path)
+            columns = [field for field in fields if field in parquet.schema_arrow.names]
+            yield from (batch.to_pylist() for batch in parquet.iter_batches(chunk_rows, columns=columns))
+            continue
+        with path.open() as f:
+            if path.suffix == ".json" and f.read(1024).lstrip().startswith("["):
+                f.seek(0)
+                rows = iter(json.load(f))
+            else:  # JSON lines; a line that does not parse becomes None, rejected as "wrong type"
+                f.seek(0)
+                rows = (_json_or_none(line) for line in f if line.strip())
+            while chunk := list(itertools.islice(rows, chunk_rows)):
+                yield chunk
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _detect_format(columns: list[str], row: dict) -> str:
+    chosen = row.get("chosen")
+    if "chosen" in columns and "rejected" in columns:
+        if isinstance(chosen, list):
+            has_prompt_turns = any(isinstance(m, dict) and m.get("role") != "assistant" for m in chosen)
+            return "prompt_completion" if "prompt" in columns and not has_prompt_turns else "conversation"
+        if isinstance(chosen, str) and "prompt" in columns:
+            return "plain" if isinstance(row.get("prompt"), str) else "prompt_completion"
+    raise ValueError(_format_help(columns, "the columns match no format"))
+
+
+def _format_help(columns: list[str], problem: str) -> str:
+    accepted = "; ".join(f"{name}: {description}" for name, description in FORMATS.items())
+    return f"{problem}. Accepted formats: {accepted}. Columns found: {', '.join(columns) or 'none'}"
+
+
+class _ShardWriter:
+    """part-NNNNN.parquet files of rows_per_shard pairs, in row groups of row_group_size pairs: small, so
+    the loader's random access decodes little more than the pairs it needs."""
+
+    def __init__(self, directory: Path, settings: dict):
+        self.directory, self.rows_per_shard = directory, settings["rows_per_shard"]
+        self.row_group_size = settings["row_group_size"]
+        self.schema = SCHEMA.with_metadata({SETTINGS_KEY: json.dumps(settings)})
+        self.names, self._writer, self._rows = [], None, 0
+
+    def write(self, pairs: list[Pair]):
+        def lists(arrays):  # one Arrow list column from numpy arrays, no Python ints in between
+            offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
+            return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays)))
+
+        columns = Pair(*zip(*pairs, strict=True))
+        table = pa.Table.from_arrays(
+            [
+                pa.array(columns.index, pa.int64()),
+                pa.array(columns.prompt_length, pa.int32()),
+                pa.array([len(ids) for ids in columns.chosen_ids], pa.int32()),
+                pa.array([len(ids) for ids in columns.rejected_ids], pa.int32()),
+                *(lists(arrays) for arrays in columns[1:5]),
+            ],
+            schema=self.schema,
+        )
+        while table.num_rows:
+            if self._writer is None:
+                self.names.append(f"part-{len(self.names):05d}.parquet")
+                self._writer = pq.ParquetWriter(
+                    self.directory / self.names[-1], self.schema, compression="zstd"
+                )
+            room = self.rows_per_shard - self._rows
+            self._writer.write_table(table.slice(0, room), row_group_size=self.row_group_size)
+            self._rows, table = self._rows + min(room, table.num_rows), table.slice(room)
+            if self._rows == self.rows_per_shard:
+                self.close()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.add_key_value_metadata({"dpo_jax.counts": json.dumps({"rows_written": self._rows})})
+            self._writer.close()
+        self._writer, self._rows = None, 0
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def is_tokenized(path: str | Path) -> bool:
+    """Whether `path` is a complete data.py output (summary.json appears last, atomically)."""
+    return (Path(path) / "summary.json").is_file() and any(Path(path).glob("part-*.parquet"))
+
+
+def tokenize(
+    input: str | list[str],
+    tokenizer: str,
+    output: str,
+    *,
+    split: str = "train",
+    max_seq_len: int = 2048,
+    overflow: Literal["drop", "truncate", "raise"] = "drop",
+    format: Literal["auto", "conversation", "prompt_completion", "plain"] = "auto",
+    chat_template: str | None = None,
+    system_field: str | None = None,
+    overwrite: bool = False,
+    rows_per_shard: int = 100_000,
+    row_group_size: int = 128,
+) -> dict:
+    """Tokenize preference pairs into Parquet shards with the model's chat template and loss masks.
+
+    Args:
+        input: Hub dataset id (only --split's Parquet files are downloaded), a local directory laid out
+            like a Hub dataset repo (data/<split>-*.parquet), or .parquet/.jsonl/.json files.
+        tokenizer: Local directory or Hub id holding tokenizer.json and tokenizer_config.json.
+        output: Output directory: part-*.parquet, summary.json, rejects.jsonl.
+        split: Split to read from a Hub id or Hub-layout directory (e.g. train_prefs, test_prefs).
+        max_seq_len: Longest sequence kept, in tokens, for each of chosen and rejected.
+        overflow: For a pair with a side over max_seq_len: drop it; truncate the responses from their end
+            (keeping the whole prompt and at least one scored token, else drop); or raise.
+        format: Row format, auto-detected by default. conversation: chosen/rejected message lists sharing
+            the prompt turns; prompt_completion: prompt plus chosen/rejected completions (strings become
+            user/assistant turns); plain: strings without a chat template (BOS/EOS from the tokenizer).
+        chat_template: A Jinja file, or the name of one of the tokenizer's named templates, to use instead
+            of the tokenizer's own chat template.
+        system_field: Name of a field holding each row's system prompt, added as a system turn when the
+            conversation has none.
+        overwrite: Replace an output directory holding something else (other settings, other files).
+        rows_per_shard: Pairs per Parquet file.
+        row_group_size: Pairs per Parquet row group, the loader's unit of reading.
+    """
+    started = time.perf_counter()
+    files, chat, output = _input_files(input, split), ChatTokenizer(tokenizer, chat_template), Path(output)
+    settings = {
+        "inputs": [{"file": f.name, "sha256": _sha256(f)} for f in files],
+        "tokenizer": chat.fingerprint,
+        **dict(split=split, max_seq_len=max_seq_len, overflow=overflow, format=format),
+        **dict(system_field=system_field, rows_per_shard=rows_per_shard, row_group_size=row_group_size),
+    }
+    if is_tokenized(output):
+        summary = json.loads((output / "summary.json").read_text())
+        if summary["settings"] == settings:
+            return summary  # the same inputs and settings: nothing to do
+        if not overwrite:
+            changed = ", ".join(key for key in settings if summary["settings"].get(key) != settings[key])
+            raise ValueError(f"{output} was tokenized with other {changed}; pass --overwrite to replace it")
+    elif output.exists() and any(output.iterdir()) and not overwrite:
+        raise ValueError(f"{output} exists and is not a data.py output; pass --overwrite to replace it")
+
+    fields = ["prompt", "chosen", "rejected"] + ([system_field] if system_field else [])
+    chunks = _read_chunks(files, fields, 8 * row_group_size)
+    first_chunk = next(chunks, [])
+    if files[0].suffix == ".parquet":
+        columns = pq.read_schema(files[0]).names
+    else:
+        columns = list(dict.fromkeys(key for row in first_chunk if isinstance(row, dict) for key in row))
+    if format == "auto":
+        example = next((row for row in first_chunk if isinstance(row, dict) and row.get("chosen")), {})
+        format = _detect_format(columns, example)
+    if format != "plain" and chat.template is None:
+        raise ValueError(f"{tokenizer} has no chat template: pass --chat-template FILE or --format plain")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:  # write into `partial`, then rename: a killed run never leaves an output that looks complete
+        summary = _write_pairs(
+            partial, itertools.chain([first_chunk], chunks), chat, format, settings, columns
+        )
+        seconds = time.perf_counter() - started
+        summary |= {"seconds": round(seconds, 2), "rows_per_second": round(summary["rows_read"] / seconds, 1)}
+        (partial / "summary.json").write_text(json.dumps(summary | {"settings": settings}, indent=2) + "\n")
+        old = output.with_name(partial.name.replace(".partial-", ".old-"))
+        if output.exists():
+            output.rename(old)
+        partial.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    print(
+        f"\rtokenize: {summary['rows_read']:,} rows read, {summary['rows_written']:,} pairs written, "
+        f"{summary['rows_per_second']:,.0f} rows/s -> {output}",
+        file=sys.stderr,
+    )
+    return summary | {"settings": settings}
+
+
+def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, settings: dict, columns) -> dict:
+    """Tokenize chunk by chunk into shards and rejects.jsonl; return the counts for the summary."""
+    started, rows_read, written, truncated, scored, tokens = time.perf_counter(), 0, 0, 0, 0, 0
+    dropped, lengths, shards = Counter(), [], _ShardWriter(directory, settings)
+    with (directory / "rejects.jsonl").open("w") as rejects_file:
+        for chunk in chunks:
+            rows = list(enumerate(chunk, rows_read))
+            pairs, rejects = _tokenize_rows(chat, fmt, rows, settings["system_field"])
+            rows_read += len(chunk)
+            lengths.append(np.array([(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs], np.int32))
+            kept = []
+            for pair in pairs:
+                try:
+                    pair, cut = _fit(pair, settings["max_seq_len"], settings["overflow"])
+                except RejectedRow as e:
+                    rejects.append((pair.index, e.reason, e.detail))
+                    continue
+                kept.append(pair)
+                truncated += cut
+                scored += int(pair.chosen_mask.sum() + pair.rejected_mask.sum())
+                tokens += len(pair.chosen_ids) + len(pair.rejected_ids)
+            for index, reason, detail in sorted(rejects):
+                rejects_file.write(json.dumps({"index": index, "reason": reason, "detail": detail}) + "\n")
+                dropped[reason] += 1
+            if kept:
+                shards.write(kept)
+            written += len(kept)
+            if sys.stderr.isatty():  # a progress line, without a dependency
+                rate = rows_read / (time.perf_counter() - started)
+                print(f"\rtokenize: {rows_read:,} rows, {rate:,.0f} rows/s", end="", file=sys.stderr)
+    shards.close()
+    if not written:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.most_common())
+        raise ValueError(
+            _format_help(columns, f"no usable row in {rows_read} rows read as {fmt} ({reasons})")
+        )
+    lengths = np.concatenate(lengths).reshape(-1, 2)
+    percentiles = lambda x: {f"p{q}": int(np.percentile(x, q)) for q in (50, 90, 99)} | {"max": int(x.max())}
+    return {
+        "format": fmt,
+        "rows_read": rows_read,
+        "rows_written": written,
+        "rows_truncated": truncated,
+        "rows_dropped": dict(dropped.most_common()),  # per reason: bad rows and the length rule alike
+        # of every pair that tokenized, before --max-seq-len (what a longer limit would keep)
+        "token_length_percentiles": {side: percentiles(lengths[:, k]) for k, side in enumerate(SIDES)},
+        "scored_token_share": round(scored / tokens, 4),
+        "shards": shards.names,
+    }
+
+
+# --- the loader --------------------------------------------------------------------------------------------
+
+
+class PairDataset:
+    """Lazy reader over data.py's shards. Only the lengths are read up front (`lengths`, [n, 2] int32:
+    chosen, rejected); token lists are decoded a row group at a time, when asked for."""
+
+    _LISTS = ["chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"]
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not is_tokenized(self.path):
+            raise ValueError(f"{path} is not a data.py output directory; make one with python data.py")
+        self.summary = json.loads((self.path / "summary.json").read_text())
+        files = [pq.ParquetFile(f) for f in sorted(self.path.glob("part-*.parquet"))]
+        self._groups = [(f, g) for f in files for g in range(f.num_row_groups)]
+        sizes = [f.metadata.row_group(g).num_rows for f, g in self._groups]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        table = pa.concat_tables([f.read(columns=["chosen_length", "rejected_length"]) for f in files])
+        self.lengths = np.stack([table[name].to_numpy() for name in table.column_names], axis=1)
+        self._cache = {}  # the last few decoded row groups: sequential reads hit it
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _row_group(self, g: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if g not in self._cache:
+            if len(self._cache) >= 8:
+                del self._cache[next(iter(self._cache))]
+            file, group = self._groups[g]
+            table = file.read_row_group(group, columns=self._LISTS)
+            lists = [table[name].combine_chunks() for name in self._LISTS]
+            self._cache[g] = [(array.offsets.to_numpy(), array.values.to_numpy()) for array in lists]
+        return self._cache[g]
+
+    def read(self, indices: Sequence[int]) -> list[tuple[np.ndarray, ...]]:
+        """(chosen_ids, chosen_mask, rejected_ids, rejected_mask) per index, each row group decoded once."""
+        indices = np.asarray(indices, np.int64)
+        groups, out = np.searchsorted(self._starts, indices, side="right") - 1, [None] * len(indices)
+        for k in np.argsort(groups, kind="stable"):
+            row = indices[k] - self._starts[groups[k]]
+            out[k] = tuple(
+                values[start[row] : start[row + 1]] for start, values in self._row_group(groups[k])
+            )
+        return out
+
+
+def split_indices(n: int, validation_fraction: float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) pair indices, disjoint, picked from the seed; None or 0: no validation."""
+    if not validation_fraction:
+        return np.arange(n), np.arange(0)
+    n_validation = max(1, round(n * validation_fraction))
+    if not 0 < validation_fraction < 1 or n_validation >= n:
+        raise ValueError(f"validation_split_fraction {validation_fraction} leaves no training pairs of {n}")
+    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
+    return np.sort(order[n_validation:]), np.sort(order[:n_validation])
+
+
+def _batches(dataset, indices, batch_size, process_index, process_count, max_seq_len, bucket, global_batches):
+    """This process's slice of each (global pair indices, weights) batch, as the contract's batch dict."""
+    if batch_size % process_count or not 0 <= process_index < process_count:
+        raise ValueError(f"batch_size {batch_size} must split evenly over {process_count} processes")
+    longest = int(dataset.lengths[indices].max()) if len(indices) else 0
+    if longest > max_seq_len:
+        raise ValueError(f"{dataset.path} has pairs of {longest} tokens, over max_seq_len {max_seq_len}")
+    size = batch_size // process_count
+    mine = slice(process_index * size, (process_index + 1) * size)
+
+    def batches():
+        for pairs, weight in global_batches:
+            # T from the whole global batch, so every process agrees; bucketed to compile few shapes.
+            width = min(-(-int(dataset.lengths[pairs].max()) // bucket) * bucket, max_seq_len)
+            # [b, 2, T], not [2b, T]: sharding the leading dim keeps both sequences of a pair on one device.
+            input_ids, loss_mask = np.zeros((size, 2, width), np.int32), np.zeros((size, 2, width), bool)
+            for i, (chosen_ids, chosen_mask, rejected_ids, rejected_mask) in enumerate(
+                dataset.read(pairs[mine])
+            ):
+                input_ids[i, 0, : len(chosen_ids)], input_ids[i, 1, : len(rejected_ids)] = (
+                    chosen_ids,
+                    rejected_ids,
+                )
+                loss_mask[i, 0, : len(chosen_mask)], loss_mask[i, 1, : len(rejected_mask)] = (
+                    chosen_mask,
+                    rejected_mask,
+                )
+            lengths = dataset.lengths[pairs[mine]]
+            yield {"input_ids": input_ids, "loss_mask": loss_mask, "lengths": lengths, "weight": weight[mine]}
+
+    return batches()
+
+
+def train_batches(
+    dataset: PairDataset,
+    indices: Sequence[int],
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_seq_len: int,
+    bucket: int = 128,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless batches of batch_size pairs (global), reshuffled each epoch from (seed, epoch). Step s is
+    computed, not reached by reading steps before it, so a resumed run continues exactly. Each epoch
+    leaves out its last partial batch (a different remainder each epoch)."""
+    indices = np.asarray(indices, np.int64)
+    steps_per_epoch = len(indices) // batch_size
+    if not steps_per_epoch:
+        raise ValueError(f"{len(indices)} training pairs are fewer than one batch of {batch_size}")
+    order = functools.lru_cache(maxsize=1)(  # one permutation per epoch
+        lambda epoch: np.random.default_rng([seed, _SHUFFLE_STREAM, epoch]).permutation(indices)
+    )
+    weight = np.ones(batch_size, np.float32)
+    steps = (
+        (order(step // steps_per_epoch)[step % steps_per_epoch * batch_size :][:batch_size], weight)
+        for step in itertools.count(start_step)
+    )
+    return _batches(dataset, indices, batch_size, process_index, process_count, max_seq_len, bucket, steps)
+
+
+def eval_batches(
+    dataset: PairDataset,
+    indices: Sequence[int],
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_seq_len: int,
+    bucket: int = 128,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over `indices` in order. The last batch is filled up with copies of a real pair at weight 0
+    (copies, not empty rows, so padding never feeds the model a sequence of length 0)."""
+    indices = np.asarray(indices, np.int64)
+    chunks = (indices[at : at + batch_size] for at in range(0, len(indices), batch_size))
+    padded = (
+        (np.resize(pairs, batch_size), np.float32(np.arange(batch_size) < len(pairs))) for pairs in chunks
+    )
+    return _batches(dataset, indices, batch_size, process_index, process_count, max_seq_len, bucket, padded)
+
+
+def main():
+    import tyro
+
+    try:
+        summary = tyro.cli(tokenize)
+    except ValueError as e:  # a user mistake: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({key: value for key, value in summary.items() if key != "settings"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,933 @@
+"""Direct Preference Optimization for Llama models, in one file you can read top to bottom.
+
+    python dpo.py                                  # offline demo: tiny model, synthetic pairs, CPU
+    python dpo.py --config.beta 0.01 \\
+        --config.model-name-or-path meta-llama/Llama-3.1-8B-Instruct \\
+        --config.train-data HuggingFaceH4/ultrafeedback_binarized --config.train-split train_prefs \\
+        --config.validation-data HuggingFaceH4/ultrafeedback_binarized \\
+        --config.validation-split test_prefs --config.validation-split-fraction None
+    python dpo.py --help                           # every field, with its meaning
+
+The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected y_l) is
+    -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+where pi is the policy being trained and ref the frozen starting model. Each step runs the policy
+and the reference once over [chosen; rejected] as one batch, turns final hidden states into
+summed log-probs with a chunked LM head that never builds the [2B, T, V] logits, and takes one
+AdamW step. Around the step: evaluation, atomic checkpoints with exact resume, SIGTERM-safe
+stopping, Hugging Face export, metrics.jsonl.
+
+Left out on purpose: generation, KV caches, quantization, LoRA, sequence packing, pipeline
+parallelism. model.py holds the Llama, sharding.py the mesh, data.py the tokenizer and loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import data
+import model
+import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # --- model and data
+    model_name_or_path: str = "demo"  # HF Hub id or local dir of a LlamaForCausalLM; "demo" builds a tiny one
+    reference_model_path: str | None = None  # frozen reference model; default: the policy's starting weights
+    tokenizer: str | None = None  # HF Hub id or local dir; default: the model's own
+    train_data: str | None = None  # data.py output dir, or raw data: Hub dataset id, dir, .parquet/.jsonl
+    train_split: str = "train"  # split of a raw Hub dataset (UltraFeedback: train_prefs)
+    validation_data: str | None = None  # separate validation data, when validation_split_fraction is None
+    validation_split: str = "test"  # split of a raw Hub validation dataset (UltraFeedback: test_prefs)
+    validation_split_fraction: float | None = 0.1  # train_data share held out for eval; None: validation_data
+    max_seq_len: int = 2048  # longest chosen or rejected sequence in tokens; longer pairs are dropped
+    output_dir: str = "runs/dpo"  # run directory: config.json, metrics.jsonl, checkpoints/, hf/
+    overwrite: bool = False  # start afresh in an output_dir that holds a run with a different config
+    # --- DPO
+    beta: float = 0.1  # strength of the pull toward the reference (0.01-0.05 free, 0.1-0.5 close)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid = DPO, ipo = IPO, hinge = SLiC
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
+    reference: Literal["live", "precompute"] = "live"  # live: run the reference each step; precompute: once
+    # --- optimization
+    train_batch_size: int = 128  # preference pairs per optimizer step (global, over all devices)
+    microbatch_size: int | None = None  # pairs per forward/backward; gradients accumulate up to the batch
+    num_train_steps: int = 2000  # optimizer steps
+    learning_rate: float = 5e-7  # peak learning rate
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"  # shape after warmup, ending at min_lr
+    warmup: float = 0.1  # warmup length: a fraction of the run when < 1, else steps
+    cooldown: float = 0.1  # final linear anneal to min_lr: a fraction of the run when < 1, else steps
+    min_lr_ratio: float = 0.0  # final learning rate as a fraction of the peak
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (not applied to norm weights)
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; None: no clipping
+    adam_b1: float = 0.9  # AdamW beta1
+    adam_b2: float = 0.95  # AdamW beta2
+    seed: int = 0  # data order and validation split
+    # --- compute and parallelism
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU/TPU, f32 on CPU
+    reference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # frozen reference weights, as above
+    remat: Literal["none", "full", "save_matmuls"] = "full"  # what each layer keeps for the backward pass
+    attention_impl: Literal["auto", "xla", "cudnn"] = "auto"  # jax.nn.dot_product_attention backend
+    logits_chunk_size: int = 256  # positions per chunk of the fused LM head + log-softmax
+    mesh_data: int = 1  # pure data-parallel replicas
+    mesh_fsdp: int = -1  # FSDP: batch and parameters sharded; -1 takes the remaining devices
+    mesh_tensor: int = 1  # tensor parallel: heads and MLP hidden split
+    coordinator_address: str | None = None  # multi-process: host:port of process 0 (auto on TPU/SLURM)
+    num_processes: int | None = None  # multi-process: number of processes (auto on TPU/SLURM)
+    process_id: int | None = None  # multi-process: this process's index (auto on TPU/SLURM)
+    # --- evaluation, checkpoints, export, logging
+    steps_per_eval: int = 500  # evaluate every this many steps (and at step 0 and the end)
+    max_eval_batches: int | None = None  # cap on evaluation batches; None: the whole validation set
+    steps_per_checkpoint: int = 500  # checkpoint every this many steps (and at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    steps_per_hf_export: int = 500  # export for transformers every this many steps (and at the end)
+    hf_save_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of exported weights
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
+    log_every: int = 1  # console line every this many steps
+    wandb_project: str | None = None  # log to Weights & Biases too (needs `pip install wandb`)
+
+    def __post_init__(self):
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+
+        need(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        need(
+            0 <= self.label_smoothing < 0.5,
+            f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}",
+        )
+        need(
+            self.label_smoothing == 0 or self.loss_type == "sigmoid",
+            "label_smoothing needs loss_type sigmoid",
+        )
+        need(self.train_batch_size > 0, f"train_batch_size must be > 0, got {self.train_batch_size}")
+        mb = self.microbatch_size
+        need(
+            mb is None or (mb > 0 and self.train_batch_size % mb == 0),
+            f"microbatch_size {mb} must divide train_batch_size {self.train_batch_size}",
+        )
+        need(self.num_train_steps >= 0, f"num_train_steps must be >= 0, got {self.num_train_steps}")
+        need(self.learning_rate >= 0, f"learning_rate must be >= 0, got {self.learning_rate}")
+        need(self.warmup >= 0 and self.cooldown >= 0, "warmup and cooldown must be >= 0")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        frac = self.validation_split_fraction
+        need(frac is None or 0 < frac < 1, f"validation_split_fraction must be in (0, 1) or None, got {frac}")
+        need(
+            frac is not None or self.validation_data is not None,
+            "validation_split_fraction None needs validation_data",
+        )
+        need(self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}")
+        need(self.logits_chunk_size > 0, "logits_chunk_size must be > 0")
+        for name in (
+            "steps_per_eval",
+            "steps_per_checkpoint",
+            "steps_per_hf_export",
+            "keep_checkpoints",
+            "log_every",
+        ):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("mesh_data", "mesh_fsdp", "mesh_tensor"):
+            need(getattr(self, name) == -1 or getattr(self, name) > 0, f"{name} must be > 0 or -1")
+        need(
+            self.model_name_or_path == "demo" or self.train_data is not None,
+            "train_data is required (a data.py output dir or raw preference data)",
+        )
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup * self.num_train_steps) if self.warmup < 1 else int(self.warmup)
+
+    @property
+    def cooldown_steps(self) -> int:
+        return int(self.cooldown * self.num_train_steps) if self.cooldown < 1 else int(self.cooldown)
+
+
+# Fields that change how a run is operated but not what it computes: a resumed run may change them.
+OPERATIONAL_FIELDS = {
+    "output_dir",
+    "overwrite",
+    "num_train_steps",
+    "steps_per_eval",
+    "max_eval_batches",
+    "steps_per_checkpoint",
+    "keep_checkpoints",
+    "steps_per_hf_export",
+    "hf_save_dtype",
+    "log_every",
+    "wandb_project",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+    "on_nonfinite",
+}
+
+# The demo's settings, used for the fields a demo run leaves at their defaults (a tiny model from
+# scratch learns at a far higher rate than a pretrained 8B model tolerates).
+DEMO_SETTINGS = dict(
+    train_batch_size=32,
+    num_train_steps=120,
+    learning_rate=3e-3,
+    warmup=0.05,
+    cooldown=0.2,
+    max_seq_len=64,
+    steps_per_eval=30,
+    steps_per_checkpoint=60,
+    steps_per_hf_export=120,
+    output_dir="runs/demo",
+    logits_chunk_size=32,
+    log_every=10,
+    adam_b2=0.99,
+)
+
+
+# --- the math: fused sequence log-probs and the DPO loss
+
+
+def sequence_logps(
+    hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, mask: jax.Array, chunk_size: int = 256
+) -> jax.Array:
+    """Summed log-probs of the scored targets, without ever materialising [N, T, V] logits.
+
+    hidden [N, T, D] final hidden states; lm_head [D, V]; targets [N, T] int (targets[n, t] is the
+    token after position t); mask [N, T] bool (True: targets[n, t] is scored). Returns [N] f32:
+        sum_t mask[n, t] * log_softmax(hidden[n, t] @ lm_head)[targets[n, t]]
+    computed one chunk of positions at a time: logits for the chunk, log-sum-exp in f32, the
+    target's logit, a masked sum. The chunk body is rematerialised, so the backward pass is chunked
+    too: only one chunk's [N, c, V] logits (and their gradient) are alive at any moment.
+    """
+    n, t, _ = hidden.shape
+    c = min(chunk_size, t)
+    if pad := -t % c:  # pad positions to whole chunks; padded targets are unscored
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+    chunks = lambda x: jnp.moveaxis(x.reshape(n, -1, c, *x.shape[2:]), 1, 0)  # [chunks, N, c, ...]
+
+    @jax.checkpoint
+    def chunk_logps(h, tgt, m):
+        logits = jnp.einsum("ncd,dv->ncv", h, lm_head, preferred_element_type=jnp.float32)
+        # A one-hot select rather than a gather: it stays a local elementwise op plus a reduction
+        # when the vocabulary is split over the tensor axis.
+        target_logit = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == tgt[..., None], logits, 0.0), -1)
+        return jnp.sum(jnp.where(m, target_logit - jax.nn.logsumexp(logits, -1), 0.0), -1)
+
+    _, per_chunk = jax.lax.scan(
+        lambda _, xs: (None, chunk_logps(*xs)), None, (chunks(hidden), chunks(targets), chunks(mask))
+    )
+    return per_chunk.sum(0)
+
+
+def dpo_loss(
+    policy_chosen: jax.Array,
+    policy_rejected: jax.Array,
+    ref_chosen: jax.Array,
+    ref_rejected: jax.Array,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-pair preference losses and implicit rewards.
+
+    Each input is [B]: summed log-probs of the chosen or rejected response under the policy or
+    the reference. With h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected):
+        sigmoid: -(1 - ls) * log sigmoid(beta * h) - ls * log sigmoid(-beta * h)   (DPO; cDPO if ls > 0)
+        ipo:     (h - 1 / (2 * beta)) ** 2                                         (IPO)
+        hinge:   max(0, 1 - beta * h)                                              (SLiC)
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]) with reward = beta * (policy -
+    reference) log-prob, gradient-free (a metric).
+    """
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(
+            -beta * h
+        )
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = jax.nn.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    chosen_rewards = jax.lax.stop_gradient(beta * (policy_chosen - ref_chosen))
+    rejected_rewards = jax.lax.stop_gradient(beta * (policy_rejected - ref_rejected))
+    return losses, chosen_rewards, rejected_rewards
+
+
+def pair_logps(params, batch: dict, cfg: model.LlamaConfig, config: Config, dtype) -> jax.Array:
+    """[b, 2] summed log-probs of chosen (column 0) and rejected (column 1) under `params`."""
+    b, _, t = batch["input_ids"].shape
+    # [b, 2, T] -> [2b, T]: rows 2i and 2i+1 are pair i's chosen and rejected, so one forward pass
+    # serves both and a batch-sharded array keeps each pair on one device.
+    tokens = batch["input_ids"].reshape(2 * b, t)
+    mask = batch["loss_mask"].reshape(2 * b, t)
+    params = jax.tree.map(lambda w: w.astype(dtype), params)
+    hidden = model.forward(
+        params,
+        tokens,
+        cfg,
+        lengths=batch["lengths"].reshape(2 * b),
+        compute_dtype=dtype,
+        remat=config.remat,
+        attention_impl=None if config.attention_impl == "auto" else config.attention_impl,
+    )
+    # Position t predicts token t + 1: shift targets and mask left instead of slicing the hidden states.
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    # Gather the FSDP shards of the LM head once; its vocabulary stays split over the tensor axis.
+    lm_head = jax.sharding.reshard(model.lm_head_weight(params), P(None, "tensor"))
+    return sequence_logps(hidden, lm_head, targets, mask, config.logits_chunk_size).reshape(b, 2)
+
+
+METRIC_SUMS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "weight",
+)
+
+
+def pair_metrics(policy: jax.Array, reference: jax.Array, weight: jax.Array, config: Config):
+    """Weighted sums over the pairs of a batch: (loss_sum, {metric: sum}). Divide by sum(weight)."""
+    losses, chosen_r, rejected_r = dpo_loss(
+        policy[:, 0],
+        policy[:, 1],
+        reference[:, 0],
+        reference[:, 1],
+        beta=config.beta,
+        loss_type=config.loss_type,
+        label_smoothing=config.label_smoothing,
+    )
+    wsum = lambda x: jnp.sum(weight * x)
+    sums = {
+        "loss": wsum(losses),
+        "rewards/chosen": wsum(chosen_r),
+        "rewards/rejected": wsum(rejected_r),
+        "rewards/accuracies": wsum((chosen_r > rejected_r).astype(jnp.float32)),
+        "rewards/margins": wsum(chosen_r - rejected_r),
+        "logps/chosen": wsum(policy[:, 0]),
+        "logps/rejected": wsum(policy[:, 1]),
+        "weight": jnp.sum(weight),
+    }
+    return sums["loss"], sums
+
+
+# --- optimizer and learning-rate schedule
+
+
+def lr_schedule(config: Config) -> Callable[[jax.Array], jax.Array]:
+    """Linear warmup from 0 to the peak, then the chosen shape from the peak toward min_lr over the
+    rest of the run, with the last `cooldown` steps annealing linearly to min_lr from wherever the
+    shape stands (for `constant` this is warmup-stable-decay)."""
+    peak, total = config.learning_rate, max(config.num_train_steps, 1)
+    warm, cool = config.warmup_steps, min(config.cooldown_steps, total)
+    low = peak * config.min_lr_ratio
+
+    def shape(step):
+        frac = jnp.clip((step - warm) / max(total - warm, 1), 0.0, 1.0)
+        if config.lr_schedule == "linear":
+            return peak + (low - peak) * frac
+        if config.lr_schedule == "cosine":
+            return low + (peak - low) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+        return jnp.full_like(frac, peak)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        value = jnp.where(step < warm, peak * step / max(warm, 1), shape(step))
+        cool_start = total - cool
+        at_start = shape(jnp.float32(cool_start))
+        cooled = at_start + (low - at_start) * (step - cool_start) / max(cool, 1)
+        return jnp.where((cool > 0) & (step >= cool_start) & (step >= warm), cooled, value)
+
+    return schedule
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    not_norm = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: "norm" not in jax.tree_util.keystr(path), params
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity(),
+        optax.adamw(
+            lr_schedule(config),
+            b1=config.adam_b1,
+            b2=config.adam_b2,
+            weight_decay=config.weight_decay,
+            mask=not_norm,
+        ),
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict  # f32 master weights, sharded as model.param_specs says
+    opt_state: optax.OptState  # sharded like params
+    skipped: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
+
+
+# --- the train and eval steps
+
+
+def make_steps(cfg: model.LlamaConfig, config: Config, optimizer, dtype):
+    """The jitted train step (state donated) and eval step. The reference log-probs come from the
+    batch when precomputed ("ref_logps" [b, 2]), else from a forward pass of the frozen reference."""
+
+    def reference_logps(ref_params, batch):
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        return jax.lax.stop_gradient(pair_logps(ref_params, batch, cfg, config, dtype))
+
+    def microbatch_grads(params, ref_params, batch):
+        def loss_fn(p):
+            return pair_metrics(
+                pair_logps(p, batch, cfg, config, dtype),
+                reference_logps(ref_params, batch),
+                batch["weight"],
+                config,
+            )
+
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    @partial(jax.jit, donate_argnums=0)
+    def train_step(state: TrainState, ref_params, batch):
+        with jax.named_scope("forward_backward"):
+            num_micro = config.train_batch_size // (config.microbatch_size or config.train_batch_size)
+            if num_micro == 1:
+                grads, sums = microbatch_grads(state.params, ref_params, batch)
+            else:
+                # Microbatch m takes rows m, m + M, m + 2M, ...: splitting the batch axis this way
+                # leaves every microbatch spread over all devices.
+                split = lambda x: jnp.swapaxes(x.reshape(-1, num_micro, *x.shape[1:]), 0, 1)
+
+                def accumulate(carry, micro):
+                    grads, sums = microbatch_grads(state.params, ref_params, micro)
+                    return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+                zero = (
+                    jax.tree.map(jnp.zeros_like, state.params),
+                    {k: jnp.zeros((), jnp.float32) for k in METRIC_SUMS},
+                )
+                (grads, sums), _ = jax.lax.scan(accumulate, zero, jax.tree.map(split, batch))
+        total = sums["weight"]
+        grads = jax.tree.map(lambda g: g / total, grads)  # the loss is the mean over the batch's pairs
+        metrics = {k: v / total for k, v in sums.items() if k != "weight"}
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = lr_schedule(config)(state.step)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        # A non-finite loss or gradient leaves the weights untouched; the host decides whether to stop.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        metrics["nonfinite"] = (~finite).astype(jnp.int32)
+        return TrainState(
+            state.step + 1,
+            keep(params, state.params),
+            keep(opt_state, state.opt_state),
+            state.skipped + (~finite).astype(jnp.int32),
+        ), metrics
+
+    @jax.jit
+    def eval_step(params, ref_params, batch):
+        return pair_metrics(
+            pair_logps(params, batch, cfg, config, dtype),
+            reference_logps(ref_params, batch),
+            batch["weight"],
+            config,
+        )[1]
+
+    return train_step, eval_step
+
+
+# --- checkpoints: one .npy file per array, so a restoring host reads only the slices it holds
+
+
+def _leaf_name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")  # e.g. opt_state/1/0/mu/layers/wq
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    # Gather one array at a time (every process takes part in the collective), so a host holds at
+    # most one whole tensor in memory.
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
+
+def save_checkpoint(run: Path, state: TrainState, keep: int) -> Path:
+    """Write checkpoints/step-N atomically: into a temporary directory, renamed when complete."""
+    step = int(state.step)
+    final, tmp = run / "checkpoints" / f"step-{step}", run / "checkpoints" / f".tmp-step-{step}"
+    writer = jax.process_index() == 0
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        array = _to_host(leaf)
+        if writer:
+            file = tmp / f"{_leaf_name(path)}.npy"
+            file.parent.mkdir(parents=True, exist_ok=True)
+            with open(file, "wb") as f:
+                np.save(f, array)
+                f.flush()
+                os.fsync(f.fileno())
+    if writer:
+        (tmp / "done.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        os.sync()
+        for old in sorted(_checkpoints(run))[:-keep]:
+            shutil.rmtree(run / "checkpoints" / f"step-{old}", ignore_errors=True)
+    multihost_utils.sync_global_devices(f"checkpoint {step}")
+    return final
+
+
+def _checkpoints(run: Path) -> list[int]:
+    """Steps of the complete checkpoints (a partial one is never renamed into place)."""
+    folder = run / "checkpoints"
+    found = (
+        [int(d.name[5:]) for d in folder.glob("step-*") if (d / "done.json").exists()]
+        if folder.exists()
+        else []
+    )
+    return sorted(found)
+
+
+def restore_checkpoint(folder: Path, abstract: TrainState, mesh) -> TrainState:
+    """Each process reads, through a memory map, only the slices its own devices hold."""
+
+    def load(path, like):
+        array = np.load(folder / f"{_leaf_name(path)}.npy", mmap_mode="r")
+        if array.shape != like.shape:
+            raise ValueError(f"{folder}: {_leaf_name(path)} has shape {array.shape}, expected {like.shape}")
+        # eval_shape gives specs on the abstract mesh; scalars (step, counts) have none: replicated.
+        where = NamedSharding(mesh, like.sharding.spec if like.sharding is not None else P())
+        return jax.make_array_from_callback(like.shape, where, lambda idx: np.asarray(array[idx], like.dtype))
+
+    return jax.tree_util.tree_map_with_path(load, abstract)
+
+
+# --- the offline demo: a tiny Llama, a word-level tokenizer with a chat template, synthetic pairs
+
+DEMO_TOPICS = {
+    "colors": "red blue green yellow purple orange pink brown black white grey violet",
+    "animals": "cat dog horse cow sheep goat mouse lion tiger bear wolf fox",
+    "foods": "bread rice apple pear cheese soup cake plum bean corn nut egg",
+    "tools": "hammer saw drill wrench knife axe rope nail screw file chisel lever",
+}
+DEMO_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def make_demo(root: Path, seed: int) -> tuple[Path, Path]:
+    """A tiny HF-format Llama with its tokenizer, and preference pairs whose rule (answer with words
+    of the topic the prompt names) a small model learns from a few hundred pairs and applies to
+    pairs it has not seen. Returns (model_dir, data_file)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model_dir, data_file = root / "model", root / "pairs.jsonl"
+    if (model_dir / "tokenizer_config.json").exists() and data_file.exists():  # both written last
+        return model_dir, data_file
+    specials = [
+        "<|pad|>",
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
+    words = sorted(
+        {w for ws in DEMO_TOPICS.values() for w in ws.split()}
+        | set(DEMO_TOPICS)
+        | {"user", "assistant", "system", "tell", "me", "some", "please", "[UNK]"}
+    )
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    cfg = model.LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=192,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        tie_word_embeddings=False,
+        max_position_embeddings=256,
+        bos_token_id=vocab["<|begin_of_text|>"],
+        eos_token_id=(vocab["<|eot_id|>"],),
+        pad_token_id=vocab["<|pad|>"],
+    )
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        model.save_hf(model.init_params(cfg, jax.random.key(seed), mesh), cfg, model_dir, dtype="float32")
+    if jax.process_index() == 0:
+        rng = np.random.default_rng(seed)
+        topics = list(DEMO_TOPICS)
+        with open(data_file.with_suffix(".tmp"), "w") as f:
+            for _ in range(640):
+                topic, other = rng.choice(topics, size=2, replace=False)
+                pick = lambda t: " ".join(rng.choice(DEMO_TOPICS[t].split(), size=rng.integers(3, 7)))
+                prompt = f"please tell me some {topic}"
+                f.write(json.dumps({"prompt": prompt, "chosen": pick(topic), "rejected": pick(other)}) + "\n")
+        os.replace(data_file.with_suffix(".tmp"), data_file)
+        tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer.add_special_tokens(specials)
+        tokenizer.save(str(model_dir / "tokenizer.json"))
+        (model_dir / "tokenizer_config.json.tmp").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "bos_token": "<|begin_of_text|>",
+                    "eos_token": "<|eot_id|>",
+                    "pad_token": "<|pad|>",
+                    "chat_template": DEMO_TEMPLATE,
+                    "model_max_length": 4096,
+                },
+                indent=2,
+            )
+        )
+        os.replace(model_dir / "tokenizer_config.json.tmp", model_dir / "tokenizer_config.json")
+    multihost_utils.sync_global_devices("demo ready")
+    return model_dir, data_file
+
+
+# --- run directory, data preparation and logging
+
+
+def prepare_data(source: str, split: str, tokenizer: str, cache: Path, max_seq_len: int) -> Path:
+    """A data.py output dir as it is; raw data is tokenized once into the run's cache (process 0)."""
+    if data.is_tokenized(source):
+        return Path(source)
+    out = cache / f"{Path(source).name or 'data'}-{split}"
+    if jax.process_index() == 0:
+        data.tokenize(source, tokenizer, out, split=split, max_seq_len=max_seq_len, overwrite=False)
+    multihost_utils.sync_global_devices(f"tokenized {out}")
+    return out
+
+
+def check_run_dir(run: Path, config: Config) -> None:
+    """Refuse to resume a run whose config differs in anything that changes what it computes."""
+    saved_file = run / "config.json"
+    if not saved_file.exists() or config.overwrite:
+        if config.overwrite and jax.process_index() == 0:
+            for sub in ("checkpoints", "hf", "metrics.jsonl"):
+                shutil.rmtree(run / sub, ignore_errors=True) if sub != "metrics.jsonl" else (
+                    run / sub
+                ).unlink(missing_ok=True)
+        return
+    saved, now = json.loads(saved_file.read_text()), dataclasses.asdict(config)
+    changed = sorted(k for k in now if k not in OPERATIONAL_FIELDS and saved.get(k) != now[k])
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(
+            f"{run} holds a run with a different config ({diff}); use another output_dir or "
+            "--config.overwrite"
+        )
+
+
+class MetricsLog:
+    """metrics.jsonl (process 0), optional Weights & Biases, and a short console line."""
+
+    def __init__(self, run: Path, config: Config, resume_step: int):
+        self.writer = jax.process_index() == 0
+        self.path = run / "metrics.jsonl"
+        self.wandb = None
+        if self.writer and self.path.exists():
+            # Lines past the checkpoint we resume from were written by the interrupted run and are
+            # about to be written again; a line cut short by a crash does not parse and goes too.
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        keep.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    pass
+            self.path.write_text("".join(line + "\n" for line in keep))
+        if self.writer and config.wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ValueError("wandb_project is set but wandb is not installed: pip install wandb") from e
+            self.wandb = wandb.init(
+                project=config.wandb_project,
+                config=dataclasses.asdict(config),
+                dir=str(run),
+                id=run.resolve().name,
+                resume="allow",
+            )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.writer:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+
+# Copied into every export beside the weights, so transformers loads the tokenizer from it too.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    """Dense bf16 peak of one chip, when known."""
+    kind = device.device_kind
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in kind.lower()), None)
+
+
+def step_flops(cfg: model.LlamaConfig, lengths: np.ndarray, live_reference: bool) -> float:
+    """Model FLOPs of one DPO step over the real tokens: 6N per token for the policy's forward and
+    backward, 2N for a live reference's forward, plus causal attention (QK^T and PV over half the
+    T x T square: 2 * 2 * T^2 / 2 * H * Q per layer for a forward pass)."""
+    passes = 6 + (2 if live_reference else 0)
+    tokens = float(lengths.sum())
+    attention = (
+        2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * float((lengths.astype(np.float64) ** 2).sum())
+    )
+    return passes * cfg.num_matmul_params * tokens + passes / 2 * attention
+
+
+# --- main: the training loop, top to bottom
+
+
+def main(config: Config) -> Path:
+    sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+    if config.model_name_or_path == "demo":
+        defaults = Config()
+        config = dataclasses.replace(
+            config, **{k: v for k, v in DEMO_SETTINGS.items() if getattr(config, k) == getattr(defaults, k)}
+        )
+    run = Path(config.output_dir)
+    chief = jax.process_index() == 0
+    say = (lambda *a: print(*a, flush=True)) if chief else (lambda *a: None)
+
+    # --- inputs: model, tokenizer, data
+    if config.model_name_or_path == "demo":
+        model_dir, pairs = make_demo(run / "demo", config.seed)
+        config = dataclasses.replace(
+            config, model_name_or_path=str(model_dir), train_data=config.train_data or str(pairs)
+        )
+    check_run_dir(run, config)
+    if chief:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    model_dir = model.resolve_path(config.model_name_or_path)
+    cfg = model.load_config(model_dir)
+    tokenizer = config.tokenizer or str(model_dir)
+    train_dir = prepare_data(
+        config.train_data, config.train_split, tokenizer, run / "data", config.max_seq_len
+    )
+    train_set = data.PairDataset(train_dir)
+    if config.validation_split_fraction is None:
+        val_dir = prepare_data(
+            config.validation_data, config.validation_split, tokenizer, run / "data", config.max_seq_len
+        )
+        val_set = data.PairDataset(val_dir)
+        train_idx, val_idx = np.arange(len(train_set)), np.arange(len(val_set))
+    else:
+        val_set = train_set
+        train_idx, val_idx = data.split_indices(len(train_set), config.validation_split_fraction, config.seed)
+    say(f"data: {len(train_idx)} training pairs, {len(val_idx)} validation pairs")
+
+    # --- mesh, params, optimizer
+    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    sharding.check_divisible(cfg, mesh, config.microbatch_size or config.train_batch_size)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    pick = lambda name: jnp.float32 if name == "float32" or (name == "auto" and on_cpu) else jnp.bfloat16
+    dtype, ref_dtype = pick(config.compute_dtype), pick(config.reference_dtype)
+    optimizer = make_optimizer(config)
+    with jax.set_mesh(mesh):
+        train_step, eval_step = make_steps(cfg, config, optimizer, dtype)
+        init_state = lambda params: TrainState(
+            jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.int32)
+        )
+        done = _checkpoints(run)
+        if done:
+            abstract = jax.eval_shape(init_state, model.abstract_params(cfg, mesh))
+            state = restore_checkpoint(run / "checkpoints" / f"step-{done[-1]}", abstract, mesh)
+            say(f"resumed from {run}/checkpoints/step-{done[-1]}")
+        else:
+            state = jax.jit(init_state)(model.load_params(model_dir, cfg, mesh))
+        ref_path = config.reference_model_path
+        ref_dir = model.resolve_path(ref_path) if ref_path else model_dir
+        ref_params = None
+        if config.reference == "live":
+            if model.load_config(ref_dir) != cfg:
+                raise ValueError(f"reference model {ref_dir} has a different architecture from the policy")
+            ref_params = model.load_params(ref_dir, cfg, mesh, dtype=ref_dtype)
+        else:
+            raise ValueError("reference 'precompute' is not available yet")
+
+    # --- batches
+    start = int(state.step)
+    local_batch = config.train_batch_size // jax.process_count()
+    loader = dict(
+        process_index=jax.process_index(), process_count=jax.process_count(), max_seq_len=config.max_seq_len
+    )
+    train_batches = data.train_batches(
+        train_set, train_idx, batch_size=config.train_batch_size, seed=config.seed, start_step=start, **loader
+    )
+    assert local_batch > 0
+
+    def evaluate(state) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        batches = data.eval_batches(val_set, val_idx, batch_size=config.train_batch_size, **loader)
+        for i, batch in enumerate(batches):
+            if config.max_eval_batches is not None and i >= config.max_eval_batches:
+                break
+            sums = eval_step(state.params, ref_params, sharding.global_batch(batch, mesh))
+            for k, v in jax.device_get(sums).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        weight = totals.pop("weight", 0.0)
+        return {f"eval/{k}": v / max(weight, 1e-9) for k, v in totals.items()}
+
+    def export(state) -> Path:
+        out = run / "hf" / f"step-{int(state.step)}"
+        gen = model_dir / "generation_config.json"  # keeps the end-of-turn ids the model was given
+        tok_dir = model.resolve_path(tokenizer, allow_patterns=("*.json", "*.jinja"))
+        model.save_hf(
+            state.params,
+            cfg,
+            out,
+            dtype=config.hf_save_dtype,
+            generation_config=json.loads(gen.read_text()) if gen.exists() else None,
+            extra_files=[tok_dir / name for name in TOKENIZER_FILES if (tok_dir / name).exists()],
+        )
+        return out
+
+    # --- stop cleanly on SIGTERM / SIGINT: finish the step, checkpoint, exit 0
+    stop_requested = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
+
+    def should_stop() -> bool:
+        flag = np.int32(bool(stop_requested))
+        if jax.process_count() > 1:  # every process must stop at the same step
+            flag = np.max(multihost_utils.process_allgather(flag))
+        return bool(flag)
+
+    # --- the loop
+    log = MetricsLog(run, config, start)
+    peak = peak_flops(jax.devices()[0])
+    with jax.set_mesh(mesh):
+        if start == 0:
+            metrics = evaluate(state)
+            log.log(0, metrics)
+            say(f"step 0 | eval loss {metrics['eval/loss']:.4f} acc {metrics['eval/rewards/accuracies']:.3f}")
+        say(
+            f"training steps {start + 1}..{config.num_train_steps} on {mesh.devices.size} device(s), "
+            f"batch {config.train_batch_size} pairs, compute {jnp.dtype(dtype).name}"
+        )
+        t_start, t_last = time.time(), time.time()
+        for step in range(start + 1, config.num_train_steps + 1):
+            batch = next(train_batches)
+            state, metrics = train_step(state, ref_params, sharding.global_batch(batch, mesh))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.time()
+            lengths = (
+                multihost_utils.process_allgather(batch["lengths"])
+                if jax.process_count() > 1
+                else batch["lengths"]
+            )
+            metrics["throughput/tokens_per_second"] = float(lengths.sum()) / (now - t_last)
+            if peak:
+                flops = step_flops(cfg, np.asarray(lengths), config.reference == "live")
+                metrics["throughput/mfu"] = flops / (now - t_last) / (peak * mesh.devices.size)
+            t_last = now
+            if metrics.pop("nonfinite"):
+                if config.on_nonfinite == "stop":
+                    done = _checkpoints(run)
+                    raise FloatingPointError(
+                        f"step {step}: non-finite loss or gradient (loss {metrics['loss']}, grad_norm "
+                        f"{metrics['grad_norm']}); the update was not applied; newest good checkpoint: "
+                        f"{'step-' + str(done[-1]) if done else 'none'}"
+                    )
+                say(f"step {step}: non-finite loss or gradient, update skipped")
+            metrics["skipped_updates"] = float(state.skipped)
+            log.log(step, metrics)
+            if step % config.log_every == 0 or step == config.num_train_steps:
+                eta = (now - t_start) / (step - start) * (config.num_train_steps - step)
+                say(
+                    f"step {step}/{config.num_train_steps} | loss {metrics['loss']:.4f} acc "
+                    f"{metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.4f} | "
+                    f"{metrics['throughput/tokens_per_second']:.0f} tok/s | eta {eta:.0f}s"
+                )
+            last = step == config.num_train_steps
+            if step % config.steps_per_eval == 0 or last:
+                eval_metrics = evaluate(state)
+                log.log(step, eval_metrics)
+                say(
+                    f"step {step} | eval loss {eval_metrics['eval/loss']:.4f} "
+                    f"acc {eval_metrics['eval/rewards/accuracies']:.3f}"
+                )
+            stopping = should_stop()
+            if step % config.steps_per_checkpoint == 0 or last or stopping:
+                save_checkpoint(run, state, config.keep_checkpoints)
+            if step % config.steps_per_hf_export == 0 or last:
+                out = export(state)
+                say(f"step {step} | exported {out}")
+            if stopping:
+                say(f"stopped at step {step} on request; checkpoint written. Run the same command to resume.")
+                return run
+    say(
+        f"done. run directory {run.resolve()}: config.json, metrics.jsonl, checkpoints/, hf/ "
+        f"(transformers loads hf/step-N as it is)"
+    )
+    return run
+
+
+def cli() -> None:
+    try:
+        tyro.cli(main, description=__doc__)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        if os.environ.get("DPO_TRACEBACK"):
+            raise
+        print(f"error: {e}  (DPO_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,645 @@
+"""Llama 3.x as pure functions over a pytree of jax.Arrays, with Hugging Face weights in and out.
+
+Here: `LlamaConfig` from a transformers config.json, one table declaring every weight (axes, mesh
+placement, initializer), sharded random init, `forward` -> final normed hidden states, loading
+safetensors straight into shards, and an export that `transformers` loads unchanged.
+Deliberately left out: KV caches and generation, dropout, biases, rope types other than llama3,
+other architectures. Anything in a config.json we could not reproduce exactly is refused.
+
+Conventions
+  Mesh axes (sharding.py): data = replicas, fsdp = batch split and params sharded (gathered one layer
+  at a time), tensor = heads and MLP hidden split Megatron-style.
+  Dimension letters: B batch, T sequence, D model, H query heads, K kv heads, Q head dim,
+  F MLP hidden, V vocab, L layers. Einsum subscripts use the same letters in lower case.
+  Params are f32, layers stacked on a leading L axis; `_weights` lists each one's axes and spec.
+  Activations between blocks are [B, T, D] in the compute dtype, B split over ("data", "fsdp").
+
+What the DPO step gets (call inside `jax.set_mesh(mesh)`, under jit):
+  forward(...)            [B, T, D] in the compute dtype, sharded P(("data", "fsdp"), None, None).
+  lm_head_weight(params)  [D, V] in the params' dtype, sharded P("fsdp", "tensor") (also when tied:
+                          embed.T). Gather it over fsdp before the matmul, e.g.
+                          reshard(w.astype(dt), P(None, "tensor")); the logits then come out
+                          P(("data", "fsdp"), None, "tensor"), vocab split, as in `logits` below.
+"""
+
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import huggingface_hub
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, reshard
+from jax.sharding import PartitionSpec as P
+from safetensors import safe_open
+
+import sharding
+
+BATCH = P(sharding.BATCH_AXES, None, None)  # [B, T, D] between blocks
+
+
+# --- config -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's rope frequency rescaling (rope_type "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int  # V
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int  # L
+    num_heads: int  # H
+    num_kv_heads: int  # K (grouped-query attention: H // K query heads share one kv head)
+    head_dim: int  # Q
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Llama3RopeScaling | None = None
+    tie_word_embeddings: bool = False  # Llama 3.2 1B/3B: the LM head is embed.T
+    max_position_embeddings: int = 8192
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02  # std of the normal init of every matrix (as transformers)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+
+    @property
+    def num_matmul_params(self) -> int:
+        """Weights used in matmuls (for MFU): all but the embedding lookup and the norm scales; the LM
+        head counts, also when tied."""
+        D, F, V, Q = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        attention = D * Q * (2 * self.num_heads + 2 * self.num_kv_heads)
+        return self.num_layers * (attention + 3 * D * F) + D * V
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        def refuse(key, value):
+            raise ValueError(f"config.json has {key}={value!r}, which this Llama code cannot reproduce")
+
+        if hf.get("model_type", "llama") != "llama":
+            refuse("model_type", hf["model_type"])
+        if (hf.get("architectures") or ["LlamaForCausalLM"]) != ["LlamaForCausalLM"]:
+            refuse("architectures", hf["architectures"])
+        for key, supported in [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]:
+            if hf.get(key, supported) != supported:
+                refuse(key, hf[key])
+        # The Hub's Llama 3.x config.json has rope_theta and rope_scaling at the top level; transformers 5
+        # writes rope_parameters = {rope_type, rope_theta, scaling...}. Same precedence as transformers 5.
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        partial_rotary_factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if partial_rotary_factor != 1.0:
+            refuse("partial_rotary_factor", partial_rotary_factor)
+        if rope_type == "llama3":
+            scaling = Llama3RopeScaling(
+                float(rope["factor"]),
+                float(rope["low_freq_factor"]),
+                float(rope["high_freq_factor"]),
+                int(rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))),
+            )
+        elif rope_type == "default":
+            scaling = None
+        else:
+            refuse("rope_type", rope_type)
+        eos = hf.get("eos_token_id")
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),
+            pad_token_id=hf.get("pad_token_id"),
+            initializer_range=hf.get("initializer_range", 0.02),
+        )
+
+    def to_hf(self, torch_dtype: str = "bfloat16") -> dict:
+        scaling = {} if self.rope_scaling is None else vars(self.rope_scaling)
+        rope_type = "default" if self.rope_scaling is None else "llama3"
+        eos = list(self.eos_token_id)
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+            "pad_token_id": self.pad_token_id,
+            # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling, which 5 also
+            # accepts (rope_scaling first): both spell the same values.
+            "rope_parameters": {"rope_type": rope_type, "rope_theta": self.rope_theta, **scaling},
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_scaling is None else {"rope_type": "llama3", **scaling},
+            "dtype": torch_dtype,
+            "torch_dtype": torch_dtype,
+            "use_cache": True,
+        }
+
+
+# --- parameters -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Weight:
+    axes: str  # one dimension letter per axis (conventions header)
+    spec: P  # where each axis lives on the mesh
+    init: str  # "normal" (std initializer_range) or "ones" (norm scales)
+
+
+def _weights(cfg: LlamaConfig) -> dict:
+    """Every weight, once. FSDP shards one non-tensor axis; tensor splits heads (q, k, v on their head
+    axis, o on its input heads) and F (gate, up on their output, down on its input), Megatron-style, so
+    attention and the MLP each need one all-reduce over tensor."""
+    f, t = "fsdp", "tensor"
+    weights = {
+        "embed": Weight("VD", P(t, f), "normal"),  # = lm_head.T when tied, so laid out as its transpose
+        "layers": {
+            "attn_norm": Weight("LD", P(None, None), "ones"),
+            "wq": Weight("LDHQ", P(None, f, t, None), "normal"),
+            "wk": Weight("LDKQ", P(None, f, t, None), "normal"),
+            "wv": Weight("LDKQ", P(None, f, t, None), "normal"),
+            "wo": Weight("LHQD", P(None, t, None, f), "normal"),
+            "mlp_norm": Weight("LD", P(None, None), "ones"),
+            "w_gate": Weight("LDF", P(None, f, t), "normal"),
+            "w_up": Weight("LDF", P(None, f, t), "normal"),
+            "w_down": Weight("LFD", P(None, t, f), "normal"),
+        },
+        "final_norm": Weight("D", P(None), "ones"),
+    }
+    if not cfg.tie_word_embeddings:
+        weights["lm_head"] = Weight("DV", P(f, t), "normal")
+    return weights
+
+
+_SIZE_FIELDS = dict(L="num_layers", D="hidden_size", H="num_heads", K="num_kv_heads", Q="head_dim")
+_SIZE_FIELDS |= dict(F="intermediate_size", V="vocab_size")
+
+
+def _shape(cfg: LlamaConfig, w: Weight) -> tuple[int, ...]:
+    return tuple(getattr(cfg, _SIZE_FIELDS[a]) for a in w.axes)
+
+
+def _check_fits(cfg: LlamaConfig, mesh) -> None:
+    sharding.check_kv_heads(cfg.num_kv_heads, mesh)
+    for w in jax.tree.leaves(_weights(cfg)):
+        for field, mesh_axis in zip((_SIZE_FIELDS[a] for a in w.axes), w.spec, strict=True):
+            if mesh_axis is not None:
+                sharding.check_splits(field, getattr(cfg, field), mesh, mesh_axis)
+
+
+def param_specs(cfg: LlamaConfig) -> dict:
+    """PartitionSpec of every weight, same tree as the params."""
+    return jax.tree.map(lambda w: w.spec, _weights(cfg))
+
+
+def param_shardings(cfg: LlamaConfig, mesh) -> dict:
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(cfg))
+
+
+def abstract_params(cfg: LlamaConfig, mesh) -> dict:
+    """Shape, dtype and sharding of every f32 weight, building nothing (to restore into)."""
+    shaped = lambda w: jax.ShapeDtypeStruct(_shape(cfg, w), jnp.float32, sharding=NamedSharding(mesh, w.spec))
+    return jax.tree.map(shaped, _weights(cfg))
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, mesh) -> dict:
+    """Random f32 params (transformers' init: normal(0, initializer_range), norm scales 1), each built
+    directly in its shards."""
+    _check_fits(cfg, mesh)
+    weights, treedef = jax.tree.flatten(_weights(cfg))
+
+    def one(w: Weight, key):
+        if w.init == "ones":
+            return jnp.ones(_shape(cfg, w))
+        return cfg.initializer_range * jax.random.normal(key, _shape(cfg, w), out_sharding=w.spec)
+
+    def build(key):
+        keys = jax.random.split(key, len(weights))
+        return treedef.unflatten([one(w, k) for w, k in zip(weights, keys, strict=True)])
+
+    with jax.set_mesh(mesh):
+        return jax.jit(build, out_shardings=param_shardings(cfg, mesh))(key)
+
+
+def lm_head_weight(params: dict) -> jax.Array:
+    """[D, V], sharded P("fsdp", "tensor")."""
+    return params["lm_head"] if "lm_head" in params else params["embed"].T
+
+
+# --- forward ----------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """In f32 whatever the compute dtype (as transformers), back to x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (scale.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
+    """[Q/2] f32, transformers' default and llama3 rope init redone in the same float32 steps (bit for bit
+    at Llama 3's theta; elsewhere torch's f32 pow may be one ulp off the correctly rounded one we use)."""
+    Q = cfg.head_dim
+    exponents = np.arange(0, Q, 2).astype(np.float32) / np.float32(Q)
+    inv_freq = 1 / (np.float64(cfg.rope_theta) ** exponents.astype(np.float64)).astype(np.float32)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: wavelengths longer than the pretraining context are stretched by `factor`, shorter than
+    # context / high_freq_factor are kept, and the band between is interpolated smoothly.
+    # torch computes `scalar / tensor` as (1 / tensor) * scalar; written the same way to match bit for bit.
+    wavelen = (1 / inv_freq) * np.float32(2 * math.pi)
+    context = s.original_max_position_embeddings
+    scaled = np.where(wavelen > context / s.low_freq_factor, inv_freq / np.float32(s.factor), inv_freq)
+    low, high = s.low_freq_factor, s.high_freq_factor
+    smooth = ((1 / wavelen) * np.float32(context) - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, heads, Q]; cos, sin [T, Q/2].
+
+    Rotate-half layout: dimension i pairs with i + Q/2 (not 2i with 2i + 1 as in Meta's original code).
+    transformers' conversion script permuted the rows of q_proj and k_proj into this layout once and
+    for all, and its Llama applies rotate_half; we apply the same rotation to the same rows, so the
+    weights load and export with no permutation and match transformers exactly.
+    """
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _attention_impl(requested: str | None, dtype, head_dim: int) -> str:
+    if requested is not None:
+        return requested
+    # jax picks XLA everywhere by default; on GPU cuDNN's fused kernel is far faster, where it applies.
+    fits_cudnn = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "xla"
+
+
+def _attention(q, k, v, lengths, impl):
+    def attend(q, k, v, lengths):
+        masks = dict(is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+        return jax.nn.dot_product_attention(q, k, v, implementation=impl, **masks)
+
+    if impl == "cudnn":
+        # Explicit-mode workaround: the cuDNN kernel is a custom_partitioning primitive whose output type
+        # carries no sharding, so under explicit axes the result would read as replicated. Run it under
+        # auto axes and pin its output to q's sharding; its own partitioning rule splits batch and heads.
+        attend = jax.sharding.auto_axes(attend, out_sharding=jax.typeof(q).sharding.spec)
+    return attend(q, k, v, lengths)
+
+
+def _gathered(w: jax.Array, dtype) -> jax.Array:
+    """FSDP: one layer's weight cast to the compute dtype (halving the traffic in bf16) and gathered
+    whole over "fsdp" right before use; the tensor split stays. Only one layer is whole at a time."""
+    spec = jax.typeof(w).sharding.spec
+    return reshard(w.astype(dtype), P(*(None if a == "fsdp" else a for a in spec)))
+
+
+def _decoder_layer(x, w, cos, sin, lengths, cfg: LlamaConfig, impl: str):
+    dtype = x.dtype
+    with jax.named_scope("attention"):
+        h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+        q = jnp.einsum("btd,dhq->bthq", h, _gathered(w["wq"], dtype))  # B over batch axes, H over tensor
+        k = jnp.einsum("btd,dkq->btkq", h, _gathered(w["wk"], dtype))
+        v = jnp.einsum("btd,dkq->btkq", h, _gathered(w["wv"], dtype))
+        o = _attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, lengths, impl)
+        # The sum over heads spans the tensor axis: out_sharding asks for the all-reduce.
+        x = x + jnp.einsum("bthq,hqd->btd", o, _gathered(w["wo"], dtype), out_sharding=BATCH)
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+        gate = jnp.einsum("btd,df->btf", h, _gathered(w["w_gate"], dtype))  # F over tensor
+        up = jnp.einsum("btd,df->btf", h, _gathered(w["w_up"], dtype))
+        h = jax.nn.silu(gate) * up
+        x = x + jnp.einsum("btf,fd->btd", h, _gathered(w["w_down"], dtype), out_sharding=BATCH)
+    return x
+
+
+# Per-layer activation checkpointing: "full" keeps only each layer's input; "save_matmuls" also keeps the
+# projections' outputs (dots without batch dims, so not the [B, H, T, T] attention scores).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def forward(
+    params: dict,
+    tokens: jax.Array,
+    cfg: LlamaConfig,
+    *,
+    lengths: jax.Array | None = None,
+    compute_dtype=jnp.float32,
+    remat: str = "full",
+    attention_impl: str | None = None,
+) -> jax.Array:
+    """Final RMS-normed hidden states [B, T, D] in compute_dtype, sharded P(("data", "fsdp"), None, None).
+
+    tokens int32 [B, T], right-padded; lengths int32 [B] real tokens per row (None: all real). Positions
+    are 0..T-1. Pad positions give finite values that the caller masks out. attention_impl: None (cuDNN
+    on GPU where it applies, else XLA), "xla" or "cudnn".
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; expected one of {list(REMAT_POLICIES)}")
+    impl = _attention_impl(attention_impl, compute_dtype, cfg.head_dim)
+    with jax.named_scope("embed"):
+        # Gather the table whole first: a lookup into a vocab/fsdp-sharded table makes XLA replicate it
+        # through an inefficient path anyway; this way it is one all-gather (a reduce-scatter backward).
+        table = reshard(params["embed"].astype(compute_dtype), P(None, None))
+        x = table.at[tokens].get(out_sharding=BATCH)
+    angles = jnp.arange(tokens.shape[1], dtype=jnp.float32)[:, None] * rope_inverse_frequencies(cfg)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if lengths is not None:
+        # A row with no real token would attend to nothing; letting position 0 see itself keeps it finite.
+        lengths = reshard(jnp.maximum(lengths, 1).astype(jnp.int32), P(sharding.BATCH_AXES))
+
+    def layer(x, w):
+        return _decoder_layer(x, w, cos, sin, lengths, cfg, impl), None
+
+    if remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    # One traced layer, scanned over the stacked weights: compile time does not grow with depth.
+    x, _ = jax.lax.scan(layer, x, params["layers"])
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
+def logits(params: dict, tokens: jax.Array, cfg: LlamaConfig, **forward_kwargs) -> jax.Array:
+    """[B, T, V] f32, vocab split over tensor. For tests and teaching: DPO fuses the head into its loss."""
+    hidden = forward(params, tokens, cfg, **forward_kwargs)
+    head = reshard(lm_head_weight(params).astype(hidden.dtype), P(None, "tensor"))
+    out = P(sharding.BATCH_AXES, None, "tensor")
+    return jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32, out_sharding=out)
+
+
+# --- Hugging Face checkpoints -------------------------------------------------------------------------------
+
+# Each weight's tensor name in transformers' Llama and how many of our leading axes make up its input
+# axis: nn.Linear stores [out, in], we store [in, out] split into named axes, so ours = hf.T reshaped
+# (0: same layout as transformers). Layer weights are one tensor per layer ({} = layer index).
+_HF_NAMES = {
+    "embed": ("model.embed_tokens.weight", 0),
+    "attn_norm": ("model.layers.{}.input_layernorm.weight", 0),
+    "wq": ("model.layers.{}.self_attn.q_proj.weight", 1),
+    "wk": ("model.layers.{}.self_attn.k_proj.weight", 1),
+    "wv": ("model.layers.{}.self_attn.v_proj.weight", 1),
+    "wo": ("model.layers.{}.self_attn.o_proj.weight", 2),
+    "mlp_norm": ("model.layers.{}.post_attention_layernorm.weight", 0),
+    "w_gate": ("model.layers.{}.mlp.gate_proj.weight", 1),
+    "w_up": ("model.layers.{}.mlp.up_proj.weight", 1),
+    "w_down": ("model.layers.{}.mlp.down_proj.weight", 1),
+    "final_norm": ("model.norm.weight", 0),
+    "lm_head": ("lm_head.weight", 1),
+}
+
+
+def resolve_path(name_or_path: str, allow_patterns=("*.json", "*.safetensors")) -> Path:
+    """A local directory as is; otherwise a Hub id, fetched (or found in the cache) with
+    huggingface_hub.snapshot_download, only the files matching allow_patterns."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        return Path(huggingface_hub.snapshot_download(str(name_or_path), allow_patterns=list(allow_patterns)))
+    except HFValidationError:
+        raise FileNotFoundError(f"{name_or_path!r} is neither a local directory nor a Hub model id") from None
+    except LocalEntryNotFoundError:
+        cache = huggingface_hub.constants.HF_HUB_CACHE
+        raise FileNotFoundError(
+            f"{name_or_path!r} is not a local directory, not in the Hugging Face cache ({cache}), "
+            "and the Hub cannot be reached (offline: HF_HUB_OFFLINE is set or there is no network)"
+        ) from None
+
+
+def load_config(path) -> LlamaConfig:
+    return LlamaConfig.from_hf(json.loads((resolve_path(path) / "config.json").read_text()))
+
+
+def _read_part(tensor, index: tuple[slice, ...], shape: tuple[int, ...], n_in: int) -> np.ndarray:
+    """ours[index] of one (per-layer) weight of shape `shape`, reading only the rows/columns of the
+    transformers tensor it needs (a safetensors slice reads just those bytes of the file)."""
+    if n_in == 0:
+        return tensor[index]
+
+    def covering(idx, dims):  # contiguous range of the flattened axes, then what is left to pick
+        inner = math.prod(dims[1:])
+        return slice(idx[0].start * inner, idx[0].stop * inner), (slice(None), *idx[1:])
+
+    cols, pick_in = covering(index[:n_in], shape[:n_in])
+    rows, pick_out = covering(index[n_in:], shape[n_in:])
+    lead_in = (index[0].stop - index[0].start, *shape[1:n_in])
+    lead_out = (index[n_in].stop - index[n_in].start, *shape[n_in + 1 :])
+    return tensor[rows, cols].T.reshape(*lead_in, *lead_out)[(*pick_in, *pick_out)]
+
+
+def load_params(path, cfg: LlamaConfig, mesh, dtype=jnp.float32) -> dict:
+    """Weights from a transformers safetensors checkpoint (one file or sharded with an index), each put
+    straight into its NamedSharding. Every host reads only the slices its own devices hold."""
+    path = resolve_path(path)
+    _check_fits(cfg, mesh)
+    index_file = path / "model.safetensors.index.json"
+    if index_file.exists():
+        file_of = json.loads(index_file.read_text())["weight_map"]
+    else:
+        with safe_open(path / "model.safetensors", "numpy") as f:
+            file_of = dict.fromkeys(f.keys(), "model.safetensors")
+    np_dtype = np.dtype(dtype)
+
+    with contextlib.ExitStack() as stack:
+        files = {}
+
+        def hf_tensor(name, expected_shape):
+            if name not in file_of:
+                raise ValueError(f"{path} has no tensor {name}")
+            if file_of[name] not in files:
+                files[file_of[name]] = stack.enter_context(safe_open(path / file_of[name], "numpy"))
+            tensor = files[file_of[name]].get_slice(name)
+            if tuple(tensor.get_shape()) != expected_shape:
+                raise ValueError(f"{name} has shape {tensor.get_shape()}, not {list(expected_shape)}")
+            return tensor
+
+        def load(key_path, w: Weight):
+            key = key_path[-1].key
+            name, n_in = _HF_NAMES[key]
+            shape = _shape(cfg, w)
+            stacked = w.axes[0] == "L"
+            per_layer = shape[1:] if stacked else shape
+            hf_shape = (math.prod(per_layer[n_in:]), math.prod(per_layer[:n_in])) if n_in else per_layer
+
+            @functools.cache  # devices holding the same slice (replicas) share one read
+            def read_block(bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
+                index = tuple(slice(*b) for b in bounds)
+                if not stacked:
+                    return _read_part(hf_tensor(name, hf_shape), index, shape, n_in).astype(np_dtype)
+                parts = [hf_tensor(name.format(i), hf_shape) for i in range(*bounds[0])]
+                return np.stack([_read_part(p, index[1:], per_layer, n_in) for p in parts]).astype(np_dtype)
+
+            def read(index):
+                return read_block(tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True)))
+
+            return jax.make_array_from_callback(shape, NamedSharding(mesh, w.spec), read, dtype=np_dtype)
+
+        return jax.tree_util.tree_map_with_path(load, _weights(cfg))
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _export_cast(x, dtype):
+    return x.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _export_layer(x, i, dtype):
+    return x[i].astype(dtype)
+
+
+def _write_safetensors_header(file, entries: list[tuple[str, tuple[int, ...]]], st_dtype: str, itemsize: int):
+    """The safetensors header for tensors that will follow in this order, so that they can be written one
+    at a time: u64 little-endian header length, JSON, padded to 8 bytes, then the raw row-major data."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in entries:
+        size = math.prod(shape) * itemsize
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    file.write(struct.pack("<Q", len(blob)) + blob)
+
+
+def save_hf(
+    params: dict,
+    cfg: LlamaConfig,
+    out_dir,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = 5 * 2**30,
+    generation_config: dict | None = None,
+    extra_files=(),
+) -> None:
+    """Write a directory that transformers.AutoModelForCausalLM.from_pretrained loads unchanged:
+    config.json, generation_config.json, safetensors shards of about max_shard_bytes (+ index when more
+    than one), plus `extra_files` (e.g. tokenizer files) copied in.
+
+    Every process must call it: each tensor is gathered whole, one at a time (host memory peak about
+    one tensor), and only process 0 writes. Atomic: written to a temporary sibling, then renamed.
+    """
+    formats = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16")}
+    if dtype not in formats:
+        raise ValueError(f"dtype={dtype!r}; expected one of {list(formats)}")
+    np_dtype, st_dtype = formats[dtype]
+    itemsize = np.dtype(np_dtype).itemsize
+
+    # Every tensor in transformers' order: (name, shape, fetch), planned into shards before any is read.
+    def entry(key, array, layer=None):
+        name, n_in = _HF_NAMES[key]
+        shape = array.shape[1:] if layer is not None else array.shape
+        hf_shape = (math.prod(shape[n_in:]), math.prod(shape[:n_in])) if n_in else shape
+
+        def fetch():
+            x = _export_layer(array, layer, np_dtype) if layer is not None else _export_cast(array, np_dtype)
+            x = multihost_utils.process_allgather(x, tiled=True)  # whole on every host
+            return x.reshape(hf_shape[1], hf_shape[0]).T if n_in else x
+
+        return name.format(layer), tuple(hf_shape), fetch
+
+    entries = [entry("embed", params["embed"])]
+    for i in range(cfg.num_layers):
+        entries += [entry(key, array, i) for key, array in params["layers"].items()]
+    entries += [entry("final_norm", params["final_norm"])]
+    if "lm_head" in params:
+        entries += [entry("lm_head", params["lm_head"])]
+    shards = [[]]
+    for e in entries:
+        shard_bytes = sum(math.prod(s) * itemsize for _, s, _ in shards[-1])
+        if shards[-1] and shard_bytes + math.prod(e[1]) * itemsize > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(e)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    writer = jax.process_index() == 0
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    for shard, file_name in zip(shards, names, strict=True):
+        with open(tmp / file_name, "wb") if writer else contextlib.nullcontext() as f:
+            if writer:
+                _write_safetensors_header(f, [(n, s) for n, s, _ in shard], st_dtype, itemsize)
+            for _, _, fetch in shard:
+                data = np.ascontiguousarray(fetch())  # every process takes part in the gather
+                if writer:
+                    f.write(data.tobytes())
+    if writer:
+        if len(shards) > 1:
+            weight_map = {n: file for shard, file in zip(shards, names, strict=True) for n, _, _ in shard}
+            total_size = sum(math.prod(s) * itemsize for _, s, _ in entries)
+            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
+        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.to_hf()["eos_token_id"]}
+        if cfg.pad_token_id is not None:
+            generation["pad_token_id"] = cfg.pad_token_id
+        generation |= generation_config or {}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        for extra in extra_files:
+            shutil.copy(extra, tmp / Path(extra).name)
+        # A directory cannot be renamed over a non-empty one: move the old export aside, then drop it.
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"save_hf {out_dir}")

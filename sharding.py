@@ -1,0 +1,126 @@
+"""The device mesh, how a batch is laid out on it, and the multi-process start.
+
+Mesh axes (every mesh here has all three, in this order):
+  data    pure replicas: the batch is split over it, parameters and optimizer state are whole on each.
+  fsdp    the batch is split over it AND parameters / optimizer state are sharded over it; model.py
+          gathers each layer's weights just before using them (ZeRO-3 / fully sharded data parallel).
+  tensor  Megatron-style split of one layer: attention heads, and the MLP hidden dimension. Keep it
+          within a host (it talks every layer); kv heads must divide by it.
+
+A batch's leading dimension is split over ("data", "fsdp"); the rest of every batch array is whole.
+The axes are `AxisType.Explicit`: shardings are part of each array's type, so `jax.typeof(x)` shows
+them and a mismatch is an error at trace time rather than a silent copy.
+
+Deliberately left out: pipeline and sequence parallelism, multi-slice (DCN) meshes, hand-written
+collectives; XLA derives every collective from the specs.
+"""
+
+import importlib.util
+import math
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with explicit axes over `devices` (default: all); one size may be -1."""
+    devices = jax.devices() if devices is None else list(devices)
+    sizes = [data, fsdp, tensor]
+    shape = f"data={data} x fsdp={fsdp} x tensor={tensor}"
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh {shape}: sizes must be positive, with at most one -1")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"mesh {shape}: {len(devices)} devices do not divide by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {shape} needs {math.prod(sizes)} devices, but there are {len(devices)}")
+    # jax.make_mesh orders devices by the physical topology, with the last (tensor) axis the closest.
+    return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Explicit,) * 3, devices=devices)
+
+
+def axis_size(mesh: Mesh, axes: str | tuple[str, ...]) -> int:
+    """Number of devices an array dimension split over `axes` is divided among."""
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def check_splits(what: str, size: int, mesh: Mesh, axes: str | tuple[str, ...]) -> None:
+    """One-line ValueError unless `size` splits evenly over the mesh `axes`."""
+    n = axis_size(mesh, axes)
+    if size % n:
+        names = " x ".join(f"{a}={mesh.shape[a]}" for a in ((axes,) if isinstance(axes, str) else axes))
+        raise ValueError(f"{what} ({size}) is not divisible by {names} ({n})")
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """The global batch (leading dim) is split over data x fsdp."""
+    check_splits("batch size", batch_size, mesh, BATCH_AXES)
+
+
+def check_kv_heads(num_kv_heads: int, mesh: Mesh) -> None:
+    """Heads are split over tensor in whole kv groups, so kv heads must divide (query heads follow)."""
+    check_splits("num_kv_heads", num_kv_heads, mesh, "tensor")
+
+
+def check_divisible(cfg, mesh: Mesh, batch_size: int | None = None) -> None:
+    """Before anything is built: kv heads by tensor (for a model config `cfg`), batch by data x fsdp.
+    model.py checks the remaining weight dimensions against their specs when it builds or loads."""
+    check_kv_heads(cfg.num_kv_heads, mesh)
+    if batch_size is not None:
+        check_batch_size(batch_size, mesh)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dim over data x fsdp, every other dim whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *[None] * (ndim - 1)))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's consecutive slice of the global batch -> global arrays sharded by `batch_sharding`.
+
+    Process p passes rows [p * b, (p + 1) * b) of the global batch (b = global batch / process count).
+    """
+    out = {}
+    for name, array in local.items():
+        check_batch_size(array.shape[0] * jax.process_count(), mesh)
+        out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, array.ndim), array)
+    return out
+
+
+def _launched_as_several_processes(env) -> bool:
+    """Whether a launcher started this program as one of several processes that form one JAX job."""
+    return (
+        "JAX_COORDINATOR_ADDRESS" in env  # set by hand (jax reads it, with JAX_NUM_PROCESSES/JAX_PROCESS_ID)
+        or int(env.get("SLURM_NTASKS", "1")) > 1  # srun with several tasks
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1  # mpirun
+        or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1  # TPU slice on GKE
+        or "MEGASCALE_COORDINATOR_ADDRESS" in env  # multi-slice TPU
+        # A Cloud TPU VM (libtpu installed, chips at /dev/accel* or vfio): jax asks the metadata server
+        # for the slice's workers; on a single-host slice that makes a harmless one-process job.
+        or (
+            importlib.util.find_spec("libtpu") is not None
+            and (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"))
+        )
+    )
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Join the multi-process JAX job when there is one; a no-op for a single plain process.
+
+    Call before any other JAX use. Explicit arguments win; otherwise the launcher is detected from the
+    environment (TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) and jax fills in the details.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if coordinator_address is not None or num_processes is not None or process_id is not None:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif _launched_as_several_processes(os.environ):
+        jax.distributed.initialize()

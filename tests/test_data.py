@@ -1,0 +1,637 @@
+"""data.py: token ids and masks against transformers' apply_chat_template, bad rows, length rules,
+atomic and idempotent output, Hub-layout inputs, the CLI, and the batch loader against the Parquet rows."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import transformers
+from _data_templates import ALTERNATING, CHATML_GENERATION, FAMILIES, WORDS, build_tokenizer
+
+import data
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+CONVERSATIONS = [  # (prompt turns, chosen reply, rejected reply)
+    ([SYSTEM, {"role": "user", "content": "What is the time?"}], "It is day, I think.", "No idea."),
+    ([{"role": "user", "content": "Say one word"}], "water", "Two words"),
+    (
+        [
+            SYSTEM,
+            {"role": "user", "content": "Name a thing."},
+            {"role": "assistant", "content": "A long thing\nwith two lines."},
+            {"role": "user", "content": "Another? ünïcode 😀"},
+        ],
+        "people 😀 ok",
+        "the way about many",
+    ),
+    (
+        [
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "one"},
+            {"role": "user", "content": "second"},
+        ],
+        "two, then three!",
+        "no",
+    ),
+]
+
+
+def conversation_rows():
+    return [
+        {
+            "chosen": p + [{"role": "assistant", "content": c}],
+            "rejected": p + [{"role": "assistant", "content": r}],
+        }
+        for p, c, r in CONVERSATIONS
+    ]
+
+
+@pytest.fixture(scope="module")
+def tokenizers_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenizers")
+    for family in FAMILIES:
+        build_tokenizer(root / family, family)
+    return root
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def read_rows(output: Path) -> list[dict]:
+    """The output's rows straight from Parquet (pyarrow, not our loader)."""
+    tables = [pq.read_table(f) for f in sorted(output.glob("part-*.parquet"))]
+    return pa.concat_tables(tables).to_pylist()
+
+
+def scored_runs(ids, mask) -> list[list[int]]:
+    runs, run = [], []
+    for token, scored in zip(ids, mask, strict=True):
+        if scored:
+            run.append(token)
+        elif run:
+            runs, run = runs + [run], []
+    return runs + [run] if run else runs
+
+
+def hf_ids(hf, messages):
+    return list(hf.apply_chat_template(messages, tokenize=True)["input_ids"])
+
+
+# --- chat templates and masks ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ids_match_transformers_and_masks_cover_assistant_turns(family, tokenizers_dir, tmp_path):
+    directory = tokenizers_dir / family
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    end_of_turn = FAMILIES[family][4]
+    chat = data.ChatTokenizer(str(directory))
+    for prompt, _, _ in CONVERSATIONS:  # the rendered text, with and without the generation prompt
+        for generation in (False, True):
+            expected = hf.apply_chat_template(prompt, tokenize=False, add_generation_prompt=generation)
+            assert chat.render(prompt, generation) == expected
+
+    rows = conversation_rows()
+    summary = data.tokenize(
+        write_jsonl(tmp_path / "pairs.jsonl", rows), str(directory), str(tmp_path / "out")
+    )
+    assert summary["format"] == "conversation" and summary["rows_written"] == len(rows)
+    for row, out in zip(rows, read_rows(tmp_path / "out"), strict=True):
+        for side in ("chosen", "rejected"):
+            ids, mask = out[f"{side}_input_ids"], out[f"{side}_loss_mask"]
+            assert ids == hf_ids(hf, row[side])
+            assert out[f"{side}_length"] == len(ids)
+            if "bos_token" in FAMILIES[family][0]:  # the template's own BOS, and no second one
+                assert ids.count(hf.bos_token_id) == 1 and ids[0] == hf.bos_token_id
+            decoded = [hf.decode(run) for run in scored_runs(ids, mask)]
+            assistant = [m["content"] for m in row[side] if m["role"] == "assistant"]
+            assert decoded == [content + end_of_turn for content in assistant]
+        # the reply's first token follows the prompt rendered with the generation prompt
+        prompt = row["chosen"][:-1]
+        assert out["prompt_length"] == len(
+            hf.apply_chat_template(prompt, add_generation_prompt=True)["input_ids"]
+        )
+
+
+def test_mask_matches_transformers_generation_markers(tokenizers_dir, tmp_path):
+    """With {% generation %} markers around content + <|im_end|>, transformers' own assistant mask is an
+    independent reference for the prefix-render mask (which ignores the markers)."""
+    template = tmp_path / "chatml_generation.jinja"
+    template.write_text(CHATML_GENERATION)
+    hf = transformers.AutoTokenizer.from_pretrained(tokenizers_dir / "chatml")
+    rows = conversation_rows()
+    inputs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    data.tokenize(inputs, str(tokenizers_dir / "chatml"), str(tmp_path / "out"), chat_template=str(template))
+    for row, out in zip(rows, read_rows(tmp_path / "out"), strict=True):
+        reference = hf.apply_chat_template(
+            row["chosen"],
+            chat_template=CHATML_GENERATION,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        assert out["chosen_input_ids"] == list(reference["input_ids"])
+        assert out["chosen_loss_mask"] == list(reference["assistant_masks"])
+
+
+# Exercises the globals and filters transformers gives templates, which the model templates above do not.
+TEMPLATE_GLOBALS = (
+    "{%- set ns = namespace(system=false) -%}"
+    "{%- for m in messages if m.role == 'system' %}{% set ns.system = true %}{% endfor -%}"
+    "{{ dict(system=ns.system, turns=messages | length) | tojson }}|"
+    "{{ dict.fromkeys(['a'], 0) | tojson(indent=2) }}"
+    "|{{ strftime_now('%Y') }}\n{% for message in messages %}{% if loop.index0 > 4 %}{% break %}{% endif %}"
+    "<|im_start|>{{ message.role }}\n{% if message.role == 'assistant' %}"
+    "{% generation %}{{ message.content }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ message.content | tojson }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_template_globals_and_filters_match_transformers(tokenizers_dir, tmp_path):
+    template = tmp_path / "globals.jinja"
+    template.write_text(TEMPLATE_GLOBALS)
+    hf = transformers.AutoTokenizer.from_pretrained(tokenizers_dir / "chatml")
+    chat = data.ChatTokenizer(str(tokenizers_dir / "chatml"), chat_template=str(template))
+    messages = [
+        SYSTEM,
+        {"role": "user", "content": "<b>&ünïcode</b>"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    for generation in (False, True):
+        expected = hf.apply_chat_template(
+            messages, chat_template=TEMPLATE_GLOBALS, tokenize=False, add_generation_prompt=generation
+        )
+        assert chat.render(messages, generation) == expected
+    (tmp_path / "escape.jinja").write_text("{% set ns = namespace(_secret=1) %}{{ messages[0].content }}")
+    with pytest.raises(data.RejectedRow, match="template error"):
+        data.ChatTokenizer(str(tokenizers_dir / "chatml"), str(tmp_path / "escape.jinja")).render(messages)
+
+
+def test_prompt_completion_rows(tokenizers_dir, tmp_path):
+    directory = str(tokenizers_dir / "llama31")
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    prompt = [SYSTEM, {"role": "user", "content": "What is the time?"}]
+    as_messages = {  # TRL's conversational format with an explicit prompt
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "day"}],
+        "rejected": [{"role": "assistant", "content": "night"}],
+    }
+    as_strings = {"prompt": "What is the time?", "chosen": "day", "rejected": "night"}
+    summary = data.tokenize(write_jsonl(tmp_path / "a.jsonl", [as_messages]), directory, str(tmp_path / "a"))
+    assert summary["format"] == "prompt_completion"
+    (row,) = read_rows(tmp_path / "a")
+    assert row["chosen_input_ids"] == hf_ids(hf, prompt + as_messages["chosen"])
+    assert row["rejected_input_ids"] == hf_ids(hf, prompt + as_messages["rejected"])
+    # plain strings go through the chat template when asked to (auto would read them as `plain`)
+    inputs = write_jsonl(tmp_path / "b.jsonl", [as_strings])
+    data.tokenize(inputs, directory, str(tmp_path / "b"), format="prompt_completion", system_field="system")
+    (row,) = read_rows(tmp_path / "b")
+    assert row["chosen_input_ids"] == hf_ids(hf, [prompt[1], {"role": "assistant", "content": "day"}])
+    # a named field adds each row's system prompt
+    inputs = write_jsonl(tmp_path / "c.jsonl", [as_strings | {"system": SYSTEM["content"]}])
+    data.tokenize(inputs, directory, str(tmp_path / "c"), format="prompt_completion", system_field="system")
+    (row,) = read_rows(tmp_path / "c")
+    assert row["chosen_input_ids"] == hf_ids(hf, prompt + [{"role": "assistant", "content": "day"}])
+
+
+def test_plain_rows_use_the_tokenizers_bos_and_eos(tmp_path):
+    """A base model: no chat template; the tokenizer's post-processor adds BOS, responses end with EOS."""
+    directory = build_tokenizer(tmp_path / "base", "llama31", template=None, bos_processor=True)
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    rows = [{"prompt": "Question: what is the time?", "chosen": " day.", "rejected": " night or day."}]
+    summary = data.tokenize(write_jsonl(tmp_path / "p.jsonl", rows), str(directory), str(tmp_path / "out"))
+    assert summary["format"] == "plain"
+    (out,) = read_rows(tmp_path / "out")
+    prompt = hf(rows[0]["prompt"])["input_ids"]
+    assert prompt[0] == hf.bos_token_id
+    for side in ("chosen", "rejected"):
+        response = hf(rows[0][side], add_special_tokens=False)["input_ids"] + [hf.eos_token_id]
+        assert out[f"{side}_input_ids"] == prompt + response
+        assert out[f"{side}_loss_mask"] == [0] * len(prompt) + [1] * len(response)
+    assert out["prompt_length"] == len(prompt)
+    with pytest.raises(ValueError, match="no chat template"):
+        data.tokenize(
+            write_jsonl(tmp_path / "c.jsonl", conversation_rows()), str(directory), str(tmp_path / "c")
+        )
+
+
+# --- bad rows and errors -----------------------------------------------------------------------------------
+
+
+def test_bad_rows_are_listed_and_good_rows_kept(tokenizers_dir, tmp_path):
+    template = tmp_path / "alternating.jinja"
+    template.write_text(ALTERNATING)
+    user, reply = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    other = {"role": "assistant", "content": "go away"}
+
+    def pair(chosen, rejected):
+        return {"chosen": chosen, "rejected": rejected}
+
+    rows = [
+        pair([user, reply], [user, other]),  # good
+        {"chosen": [user, reply]},
+        pair(5, [user, other]),
+        pair([user, {"role": "assistant", "content": 3}], [user, other]),
+        pair([user, {"role": "assistant", "content": "  "}], [user, other]),
+        pair([user, {"role": "assistant", "content": None}], [user, other]),
+        pair([{"role": "narrator", "content": "x"}, reply], [user, other]),
+        pair([user], [user]),
+        pair([user, reply], [user, reply]),
+        pair([user, user, reply], [user, user, other]),  # the template raises: roles do not alternate
+        pair([user, reply], [{"role": "user", "content": "bye"}, other]),
+        "{not json",
+        pair([user, reply, user, other], [user, reply, user, reply]),  # good, multi-turn
+    ]
+    expected = {
+        1: "missing field",
+        2: "wrong type",
+        3: "wrong type",
+        4: "empty content",
+        5: "empty content",
+        6: "unknown role",
+        7: "no assistant turn",
+        8: "chosen equals rejected",
+        9: "template error",
+        10: "prompt differs",
+        11: "wrong type",
+    }
+    inputs = write_jsonl(tmp_path / "rows.jsonl", rows)
+    output = tmp_path / "out"
+    summary = data.tokenize(inputs, str(tokenizers_dir / "llama31"), str(output), chat_template=str(template))
+    rejects = [json.loads(line) for line in (output / "rejects.jsonl").read_text().splitlines()]
+    assert {r["index"]: r["reason"] for r in rejects} == expected
+    assert "must alternate" in rejects[8]["detail"]
+    assert summary["rows_read"] == len(rows) and summary["rows_written"] == 2
+    assert sum(summary["rows_dropped"].values()) == len(expected)
+    assert [r["source_index"] for r in read_rows(output)] == [0, 12]
+
+
+def test_unknown_columns_and_no_usable_row_name_the_formats(tokenizers_dir, tmp_path):
+    tokenizer = str(tokenizers_dir / "llama31")
+    with pytest.raises(ValueError, match="match no format") as error:
+        data.tokenize(
+            write_jsonl(tmp_path / "a.jsonl", [{"text": "hi", "label": 1}]), tokenizer, str(tmp_path / "a")
+        )
+    assert all(name in str(error.value) for name in [*data.FORMATS, "text", "label"])
+    rows = [
+        {"chosen": [{"role": "user", "content": "hi"}], "rejected": [{"role": "user", "content": "yo"}]}
+    ] * 3
+    with pytest.raises(ValueError, match="no usable row in 3 rows") as error:
+        data.tokenize(write_jsonl(tmp_path / "b.jsonl", rows), tokenizer, str(tmp_path / "b"))
+    assert "3 no assistant turn" in str(error.value) and "chosen, rejected" in str(error.value)
+    assert not (tmp_path / "b").exists()
+
+
+# --- length rules ------------------------------------------------------------------------------------------
+
+
+def test_overflow_drop_truncate_raise(tokenizers_dir, tmp_path):
+    directory = str(tokenizers_dir / "chatml")
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    user = {"role": "user", "content": "Say something."}
+    long_user = {"role": "user", "content": " ".join(WORDS[:60])}
+    rows = [
+        {
+            "chosen": [user, {"role": "assistant", "content": "short"}],
+            "rejected": [user, {"role": "assistant", "content": "tiny"}],
+        },
+        {
+            "chosen": [user, {"role": "assistant", "content": " ".join(WORDS[:80])}],
+            "rejected": [user, {"role": "assistant", "content": "no"}],
+        },
+        {
+            "chosen": [long_user, {"role": "assistant", "content": "a"}],
+            "rejected": [long_user, {"role": "assistant", "content": "b"}],
+        },
+    ]
+    full = [{side: hf_ids(hf, row[side]) for side in ("chosen", "rejected")} for row in rows]
+    prompt_lengths = [
+        len(hf.apply_chat_template([r["chosen"][0]], add_generation_prompt=True)["input_ids"]) for r in rows
+    ]
+    max_seq_len = max(len(full[0]["chosen"]), len(full[0]["rejected"])) + 2
+    assert prompt_lengths[1] < max_seq_len < len(full[1]["chosen"]) and prompt_lengths[2] >= max_seq_len
+    inputs = write_jsonl(tmp_path / "rows.jsonl", rows)
+
+    summary = data.tokenize(inputs, directory, str(tmp_path / "drop"), max_seq_len=max_seq_len)
+    assert summary["rows_dropped"] == {"longer than max_seq_len": 2} and summary["rows_written"] == 1
+
+    summary = data.tokenize(
+        inputs, directory, str(tmp_path / "cut"), max_seq_len=max_seq_len, overflow="truncate"
+    )
+    assert summary["rows_dropped"] == {"prompt longer than max_seq_len": 1} and summary["rows_truncated"] == 1
+    kept, cut = read_rows(tmp_path / "cut")
+    assert kept["chosen_input_ids"] == full[0]["chosen"]
+    assert cut["chosen_input_ids"] == full[1]["chosen"][:max_seq_len] and cut["chosen_length"] == max_seq_len
+    assert cut["prompt_length"] == prompt_lengths[1]  # the whole prompt is kept ...
+    assert sum(cut["chosen_loss_mask"]) >= 1 and not any(
+        cut["chosen_loss_mask"][: prompt_lengths[1]]
+    )  # ... and scored tokens
+    assert cut["rejected_input_ids"] == full[1]["rejected"]  # the side that fits is untouched
+
+    with pytest.raises(ValueError, match="over --max-seq-len"):
+        data.tokenize(inputs, directory, str(tmp_path / "raise"), max_seq_len=max_seq_len, overflow="raise")
+    assert not (tmp_path / "raise").exists()
+
+
+# --- output: idempotent, refused, atomic ---------------------------------------------------------------
+
+
+def test_rerun_is_a_no_op_and_other_settings_are_refused(tokenizers_dir, tmp_path):
+    tokenizer, output = str(tokenizers_dir / "zephyr"), tmp_path / "out"
+    inputs = write_jsonl(tmp_path / "rows.jsonl", conversation_rows())
+    first = data.tokenize(inputs, tokenizer, str(output))
+    stamps = {f.name: f.stat().st_mtime_ns for f in output.iterdir()}
+    assert data.tokenize(inputs, tokenizer, str(output)) == first
+    assert {f.name: f.stat().st_mtime_ns for f in output.iterdir()} == stamps
+    with pytest.raises(ValueError, match="other max_seq_len; pass --overwrite"):
+        data.tokenize(inputs, tokenizer, str(output), max_seq_len=64)
+    assert (
+        data.tokenize(inputs, tokenizer, str(output), max_seq_len=64, overwrite=True)["settings"][
+            "max_seq_len"
+        ]
+        == 64
+    )
+    metadata = pq.read_schema(output / "part-00000.parquet").metadata
+    assert json.loads(metadata[data.SETTINGS_KEY])["max_seq_len"] == 64
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a data.py output"):
+        data.tokenize(inputs, tokenizer, str(tmp_path / "other"))
+
+
+def test_interrupted_write_never_looks_complete(tokenizers_dir, tmp_path, monkeypatch):
+    tokenizer, output = str(tokenizers_dir / "zephyr"), tmp_path / "out"
+    inputs = write_jsonl(tmp_path / "rows.jsonl", conversation_rows() * 10)
+    before = data.tokenize(inputs, tokenizer, str(output), max_seq_len=512)
+    original, calls = pq.ParquetWriter.write_table, []
+
+    def write_then_die(self, table, *args, **kwargs):
+        # Mid-run (where a kill could strike) the target holds the old complete result or nothing, and
+        # the directory being written does not look complete.
+        assert (
+            (json.loads((output / "summary.json").read_text()) == before)
+            if target == output
+            else not target.exists()
+        )
+        assert [data.is_tokenized(p) for p in tmp_path.glob(f".{target.name}.partial-*")] == [False]
+        calls.append(table.num_rows)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", write_then_die)
+    for target in (output, tmp_path / "fresh"):  # row groups of 2 pairs: the 40 rows come in 3 chunks
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            data.tokenize(inputs, tokenizer, str(target), row_group_size=2, overwrite=True)
+    assert json.loads((output / "summary.json").read_text()) == before
+    assert not (tmp_path / "fresh").exists()
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name] == []
+
+
+# --- Hub-layout inputs and the CLI -------------------------------------------------------------------------
+
+
+def ultrafeedback_rows(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        prompt = " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(4 + i % 5)) + "?"
+        chosen, rejected = " ".join(WORDS[i % 40 : i % 40 + 6]), " ".join(WORDS[i % 30 : i % 30 + 3])
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}]
+        rows.append(
+            {
+                "prompt": prompt,
+                "prompt_id": f"{i:064x}",
+                "chosen": messages,
+                "rejected": [messages[0], {"role": "assistant", "content": rejected}],
+                "messages": messages,
+                "score_chosen": 8.0,
+                "score_rejected": 4.5,
+            }
+        )
+    return rows
+
+
+def write_hub_layout(root: Path) -> Path:
+    (root / "data").mkdir(parents=True)
+    pq.write_table(
+        pa.Table.from_pylist(ultrafeedback_rows(7)), root / "data" / "train_prefs-00000-of-00001.parquet"
+    )
+    pq.write_table(
+        pa.Table.from_pylist(ultrafeedback_rows(3, 100)), root / "data" / "test_prefs-00000-of-00001.parquet"
+    )
+    return root
+
+
+def test_local_directory_in_hub_layout(tokenizers_dir, tmp_path):
+    hf = transformers.AutoTokenizer.from_pretrained(tokenizers_dir / "llama31")
+    root = write_hub_layout(tmp_path / "ultrafeedback")
+    summary = data.tokenize(
+        str(root), str(tokenizers_dir / "llama31"), str(tmp_path / "out"), split="test_prefs"
+    )
+    assert summary["format"] == "conversation" and summary["rows_read"] == summary["rows_written"] == 3
+    expected = ultrafeedback_rows(3, 100)
+    assert [r["chosen_input_ids"] for r in read_rows(tmp_path / "out")] == [
+        hf_ids(hf, r["chosen"]) for r in expected
+    ]
+    with pytest.raises(ValueError, match="no Parquet files for split 'validation'"):
+        data.tokenize(str(root), str(tokenizers_dir / "llama31"), str(tmp_path / "none"), split="validation")
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, data.__file__, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_cli_reads_a_hub_dataset_from_the_cache_offline(tokenizers_dir, tmp_path):
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--HuggingFaceH4--ultrafeedback_binarized"
+    write_hub_layout(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    args = ["--input", "HuggingFaceH4/ultrafeedback_binarized", "--split", "train_prefs"]
+    args += ["--tokenizer", str(tokenizers_dir / "llama31"), "--output", str(tmp_path / "out")]
+    result = run_cli(*args, env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rows_written"] == 7
+    direct = data.tokenize(
+        str(repo / "snapshots" / revision),
+        str(tokenizers_dir / "llama31"),
+        str(tmp_path / "direct"),
+        split="train_prefs",
+    )
+    assert read_rows(tmp_path / "out") == read_rows(tmp_path / "direct") and direct["rows_written"] == 7
+
+
+def test_cli_help_and_one_line_errors(tmp_path):
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ["--input", "--tokenizer", "--output", "--split", "--max-seq-len", "--overflow", "--format"]:
+        assert flag in result.stdout
+    for flag in ["--chat-template", "--system-field", "--overwrite", "--rows-per-shard", "--row-group-size"]:
+        assert flag in result.stdout
+    result = run_cli(
+        "--input",
+        str(tmp_path / "missing.parquet"),
+        "--tokenizer",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o"),
+    )
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+# --- the loader --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tokenizers_dir, tmp_path_factory):
+    """50 pairs of varied lengths in row groups of 4 pairs."""
+    root = tmp_path_factory.mktemp("pairs")
+    rows = []
+    for i in range(50):
+        user = {"role": "user", "content": f"item {i}: " + " ".join(WORDS[i : i + 1 + i % 7])}
+        chosen = " ".join(WORDS[(3 * i) % 90 : (3 * i) % 90 + 1 + (i * 7) % 40])
+        rows.append(
+            {
+                "chosen": [user, {"role": "assistant", "content": chosen}],
+                "rejected": [user, {"role": "assistant", "content": f"no {i}"}],
+            }
+        )
+    inputs = write_jsonl(root / "rows.jsonl", rows)
+    data.tokenize(
+        inputs, str(tokenizers_dir / "chatml"), str(root / "out"), row_group_size=4, rows_per_shard=20
+    )
+    return root / "out"
+
+
+def pair_keys(dataset_dir):
+    """Each pair's source row, looked up from its chosen tokens (read straight from Parquet)."""
+    rows = read_rows(dataset_dir)
+    return rows, {tuple(r["chosen_input_ids"]): k for k, r in enumerate(rows)}
+
+
+def batch_pairs(batch, keys) -> list[int]:
+    return [keys[tuple(ids[0, : n[0]])] for ids, n in zip(batch["input_ids"], batch["lengths"], strict=True)]
+
+
+def check_batch(batch, rows, pairs, max_seq_len, bucket):
+    """The batch against the Parquet rows: contents, padding, lengths and the bucketed width."""
+    longest = max(max(rows[k]["chosen_length"], rows[k]["rejected_length"]) for k in pairs)
+    width = min(max_seq_len, bucket * -(-longest // bucket))
+    assert batch["input_ids"].shape == batch["loss_mask"].shape == (len(pairs), 2, width)
+    assert batch["input_ids"].dtype == np.int32 and batch["loss_mask"].dtype == bool
+    for i, k in enumerate(pairs):
+        for s, side in enumerate(("chosen", "rejected")):
+            n = rows[k][f"{side}_length"]
+            assert batch["lengths"][i, s] == n
+            assert batch["input_ids"][i, s, :n].tolist() == rows[k][f"{side}_input_ids"]
+            assert batch["loss_mask"][i, s, :n].tolist() == [bool(m) for m in rows[k][f"{side}_loss_mask"]]
+            assert not batch["input_ids"][i, s, n:].any() and not batch["loss_mask"][i, s, n:].any()
+
+
+def test_train_batches_are_deterministic_resumable_and_exact(dataset_dir):
+    dataset = data.PairDataset(dataset_dir)
+    rows, keys = pair_keys(dataset_dir)
+    assert len(dataset) == 50 and len(list(dataset_dir.glob("part-*.parquet"))) == 3
+    assert dataset.lengths.tolist() == [[r["chosen_length"], r["rejected_length"]] for r in rows]
+    train, validation = data.split_indices(len(dataset), 0.2, seed=3)
+    kwargs = dict(batch_size=8, seed=7, max_seq_len=140, bucket=32)
+    first = [b for _, b in zip(range(12), data.train_batches(dataset, train, **kwargs), strict=False)]
+    again = [b for _, b in zip(range(12), data.train_batches(dataset, train, **kwargs), strict=False)]
+    resumed = [
+        b for _, b in zip(range(5), data.train_batches(dataset, train, start_step=7, **kwargs), strict=False)
+    ]
+    for a, b in zip(first, again, strict=True):
+        assert all(np.array_equal(a[key], b[key]) for key in a)
+    for a, b in zip(first[7:], resumed, strict=True):  # crosses the epoch boundary at step 5
+        assert all(np.array_equal(a[key], b[key]) for key in a)
+    steps_per_epoch = len(train) // 8
+    for epoch in range(2):
+        seen = [
+            k
+            for b in first[epoch * steps_per_epoch : (epoch + 1) * steps_per_epoch]
+            for k in batch_pairs(b, keys)
+        ]
+        assert len(set(seen)) == len(seen) == steps_per_epoch * 8 and set(seen) <= set(train.tolist())
+    assert batch_pairs(first[0], keys) != batch_pairs(first[steps_per_epoch], keys)  # reshuffled per epoch
+    other = next(data.train_batches(dataset, train, **{**kwargs, "seed": 8}))
+    assert batch_pairs(other, keys) != batch_pairs(first[0], keys)
+    for batch in first:
+        check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=140, bucket=32)
+        assert batch["weight"].tolist() == [1.0] * 8
+
+
+def test_split_is_disjoint_deterministic_and_optional():
+    train, validation = data.split_indices(1000, 0.1, seed=0)
+    assert len(validation) == 100 and not set(train) & set(validation)
+    assert sorted([*train, *validation]) == list(range(1000))
+    assert np.array_equal(data.split_indices(1000, 0.1, seed=0)[1], validation)
+    assert not np.array_equal(data.split_indices(1000, 0.1, seed=1)[1], validation)
+    train, validation = data.split_indices(10, None, seed=0)
+    assert train.tolist() == list(range(10)) and len(validation) == 0
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_slices_partition_the_global_batch(dataset_dir, process_count):
+    dataset = data.PairDataset(dataset_dir)
+    kwargs = dict(batch_size=8, seed=1, max_seq_len=256, bucket=64)
+    whole = list(zip(range(4), data.train_batches(dataset, range(50), **kwargs), strict=False))
+    slices = [
+        list(
+            zip(
+                range(4),
+                data.train_batches(
+                    dataset, range(50), process_index=p, process_count=process_count, **kwargs
+                ),
+                strict=False,
+            )
+        )
+        for p in range(process_count)
+    ]
+    for step, (_, batch) in enumerate(whole):
+        for key in batch:
+            assert np.array_equal(np.concatenate([s[step][1][key] for s in slices]), batch[key])
+
+
+def test_eval_batches_cover_indices_in_order_with_a_weighted_tail(dataset_dir):
+    dataset = data.PairDataset(dataset_dir)
+    rows, keys = pair_keys(dataset_dir)
+    _, validation = data.split_indices(len(dataset), 0.2, seed=3)
+    batches = list(data.eval_batches(dataset, validation, batch_size=4, max_seq_len=140, bucket=32))
+    assert len(batches) == 3  # 10 pairs: 4 + 4 + 2 real and 2 padding
+    weights = np.concatenate([b["weight"] for b in batches])
+    assert weights.tolist() == [1.0] * 10 + [0.0] * 2
+    order = [k for b in batches for k in batch_pairs(b, keys)]
+    assert order[:10] == validation.tolist()
+    for batch in batches:
+        check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=140, bucket=32)
+    halves = [
+        list(
+            data.eval_batches(
+                dataset, validation, batch_size=4, process_index=p, process_count=2, max_seq_len=140
+            )
+        )
+        for p in (0, 1)
+    ]
+    assert np.concatenate([halves[0][-1]["weight"], halves[1][-1]["weight"]]).tolist() == [1, 1, 0, 0]
+
+
+def test_loader_refuses_pairs_longer_than_max_seq_len(dataset_dir):
+    dataset = data.PairDataset(dataset_dir)
+    with pytest.raises(ValueError, match="over max_seq_len 16"):
+        data.train_batches(dataset, range(50), batch_size=8, seed=0, max_seq_len=16)
+    with pytest.raises(ValueError, match="split evenly over 3 processes"):
+        data.eval_batches(dataset, range(50), batch_size=8, process_count=3, max_seq_len=256)

@@ -1,0 +1,149 @@
+"""The math of dpo.py against independent references: the fused log-probs against full logits and
+log_softmax, the losses against their formulas written out by hand, the schedule against its
+definition."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import dpo
+import sharding
+
+
+def naive_logps(hidden, lm_head, targets, mask):
+    logits = jnp.einsum("ntd,dv->ntv", hidden, lm_head)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(mask, picked, 0.0), axis=-1)
+
+
+def random_inputs(seed, n=6, t=20, d=16, v=50):
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(n, t, d)).astype(np.float32)
+    lm_head = (rng.normal(size=(d, v)) / np.sqrt(d)).astype(np.float32)
+    targets = rng.integers(0, v, size=(n, t)).astype(np.int32)
+    lengths = rng.integers(3, t + 1, size=n)
+    # Right padding plus a prompt that is not scored, as data.py produces.
+    mask = (np.arange(t) < lengths[:, None] - 1) & (np.arange(t) >= 2)
+    return hidden, lm_head, targets, mask
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 20, 64])  # divides T, does not divide T, equals T, exceeds T
+def test_fused_logps_equal_naive_in_value_and_gradient(chunk):
+    hidden, lm_head, targets, mask = random_inputs(chunk)
+    cotangent = np.random.default_rng(1).normal(size=hidden.shape[0]).astype(np.float32)
+
+    def weighted(fn):
+        return lambda h, w: jnp.sum(cotangent * fn(h, w, targets, mask))
+
+    fused = lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=chunk)
+    np.testing.assert_allclose(
+        dpo.sequence_logps(hidden, lm_head, targets, mask, chunk_size=chunk),
+        naive_logps(hidden, lm_head, targets, mask),
+        rtol=1e-5,
+        atol=1e-4,
+    )
+    grads = jax.grad(weighted(fused), argnums=(0, 1))(hidden, lm_head)
+    expected = jax.grad(weighted(naive_logps), argnums=(0, 1))(hidden, lm_head)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_logps_on_a_mesh_equal_single_device():
+    hidden, lm_head, targets, mask = random_inputs(3, n=8, t=16, d=16, v=64)
+    expected = naive_logps(hidden, lm_head, targets, mask)
+    mesh = sharding.make_mesh(2, 2, 2)
+    with jax.set_mesh(mesh):
+        batch = P(("data", "fsdp"))
+        args = (
+            jax.device_put(hidden, batch),
+            jax.device_put(lm_head, P(None, "tensor")),
+            jax.device_put(targets, batch),
+            jax.device_put(mask, batch),
+        )
+        got = jax.jit(lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=8))(*args)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+@pytest.mark.parametrize(
+    "loss_type,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0)]
+)
+def test_dpo_loss_matches_the_formulas(loss_type, smoothing):
+    beta = 0.3
+    pc, pr, rc, rr = (np.array([-12.0, -30.5, -7.25]), np.array([-15.0, -28.0, -7.0]),
+                      np.array([-13.0, -29.0, -8.0]), np.array([-14.0, -29.5, -6.5]))  # fmt: skip
+    losses, chosen_r, rejected_r = dpo.dpo_loss(
+        pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=smoothing
+    )
+    for i in range(3):
+        h = (pc[i] - rc[i]) - (pr[i] - rr[i])
+        if loss_type == "sigmoid":
+            want = -(1 - smoothing) * log_sigmoid(beta * h) - smoothing * log_sigmoid(-beta * h)
+        elif loss_type == "ipo":
+            want = (h - 1 / (2 * beta)) ** 2
+        else:
+            want = max(0.0, 1 - beta * h)
+        assert float(losses[i]) == pytest.approx(want, rel=1e-6)
+        assert float(chosen_r[i]) == pytest.approx(beta * (pc[i] - rc[i]))
+        assert float(rejected_r[i]) == pytest.approx(beta * (pr[i] - rr[i]))
+
+
+def test_dpo_loss_gradient_pushes_chosen_up_and_rejected_down():
+    grad = jax.grad(lambda pc, pr: dpo.dpo_loss(pc, pr, 0.0, 0.0, beta=0.1)[0], argnums=(0, 1))
+    d_chosen, d_rejected = grad(-10.0, -10.0)
+    # At equal log-ratios the sigmoid loss is log 2 with slope -beta/2 for chosen, +beta/2 for rejected.
+    assert float(d_chosen) == pytest.approx(-0.05) and float(d_rejected) == pytest.approx(0.05)
+
+
+def test_pair_metrics_follow_the_guide_definitions():
+    config = dpo.Config(beta=0.5)
+    policy = jnp.array([[-1.0, -3.0], [-2.0, -1.0], [-5.0, -5.0]])
+    reference = jnp.array([[-2.0, -2.0], [-2.0, -2.0], [-5.0, -5.0]])
+    weight = jnp.array([1.0, 1.0, 0.0])  # the third pair is padding and must not count
+    _, sums = dpo.pair_metrics(policy, reference, weight, config)
+    assert float(sums["weight"]) == 2
+    assert float(sums["rewards/chosen"]) == pytest.approx(0.5 * (1 + 0))
+    assert float(sums["rewards/rejected"]) == pytest.approx(0.5 * (-1 + 1))
+    assert float(sums["rewards/accuracies"]) == 1  # pair 0: 0.5 > -0.5; pair 1: 0 > 0.5 is false
+    assert float(sums["rewards/margins"]) == pytest.approx(1.0 + -0.5)
+    assert float(sums["logps/chosen"]) == pytest.approx(-3.0)
+
+
+def test_schedule_warmup_linear_decay_and_cooldown():
+    config = dpo.Config(
+        learning_rate=1.0,
+        num_train_steps=100,
+        warmup=0.1,
+        cooldown=0.2,
+        min_lr_ratio=0.1,
+        lr_schedule="linear",
+    )
+    lr = lambda s: float(dpo.lr_schedule(config)(s))
+    assert lr(0) == 0 and lr(5) == pytest.approx(0.5) and lr(10) == pytest.approx(1.0)
+    # Linear from the peak at step 10 toward 0.1 at step 100, until the cooldown starts at step 80...
+    assert lr(50) == pytest.approx(1.0 - 0.9 * 40 / 90)
+    at80 = 1.0 - 0.9 * 70 / 90
+    assert lr(80) == pytest.approx(at80)
+    # ...then linearly from there to min_lr at the last step.
+    assert lr(90) == pytest.approx(at80 + (0.1 - at80) * 0.5) and lr(100) == pytest.approx(0.1)
+
+
+def test_constant_schedule_with_cooldown_is_warmup_stable_decay():
+    config = dpo.Config(learning_rate=2.0, num_train_steps=10, warmup=2, cooldown=4, lr_schedule="constant")
+    lrs = [float(dpo.lr_schedule(config)(s)) for s in range(11)]
+    np.testing.assert_allclose(lrs, [0, 1, 2, 2, 2, 2, 2, 1.5, 1, 0.5, 0], atol=1e-6)
+
+
+def test_cosine_schedule_ends_at_min_lr():
+    config = dpo.Config(learning_rate=1.0, num_train_steps=20, warmup=0, cooldown=0, lr_schedule="cosine",
+                        min_lr_ratio=0.25)  # fmt: skip
+    lr = lambda s: float(dpo.lr_schedule(config)(s))
+    assert lr(0) == pytest.approx(1.0) and lr(10) == pytest.approx(0.625) and lr(20) == pytest.approx(0.25)

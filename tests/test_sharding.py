@@ -1,0 +1,163 @@
+"""sharding.py, and the model on every mesh shape against a single-device run (8 fake CPU devices)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _model_helpers import rel_err, single_device_mesh
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import model
+import sharding
+
+# --- mesh and batch ---------------------------------------------------------------------------------------
+
+
+def test_make_mesh_fills_in_the_remaining_devices():
+    mesh = sharding.make_mesh(2, -1, 2)
+    assert mesh.axis_names == ("data", "fsdp", "tensor") and tuple(mesh.shape.values()) == (2, 2, 2)
+    assert mesh.axis_types == (AxisType.Explicit,) * 3
+    assert dict(sharding.make_mesh().shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(sharding.make_mesh(1, 1, -1, devices=jax.devices()[:4]).shape)["tensor"] == 4
+
+
+@pytest.mark.parametrize(
+    "sizes, shown",
+    [
+        ((2, 2, 1), "needs 4 devices, but there are 8"),
+        ((3, -1, 1), "8 devices do not divide by 3"),
+        ((-1, -1, 1), "at most one -1"),
+        ((0, 8, 1), "sizes must be positive"),
+    ],
+)
+def test_make_mesh_errors_are_one_line(sizes, shown):
+    with pytest.raises(ValueError) as error:
+        sharding.make_mesh(*sizes)
+    assert shown in str(error.value) and "\n" not in str(error.value)
+
+
+def test_divisibility_errors_name_the_quantity_and_the_axes():
+    mesh = sharding.make_mesh(2, 1, 4)
+    with pytest.raises(ValueError, match=r"^num_kv_heads \(2\) is not divisible by tensor=4 \(4\)$"):
+        sharding.check_kv_heads(2, mesh)
+    with pytest.raises(ValueError, match=r"^batch size \(3\) is not divisible by data=2 x fsdp=1 \(2\)$"):
+        sharding.check_batch_size(3, mesh)
+    sharding.check_kv_heads(8, mesh)
+    sharding.check_batch_size(4, mesh)
+    with pytest.raises(ValueError, match="^batch size"):
+        sharding.check_divisible(model.LlamaConfig(256, 64, 128, 2, 8, 8, 8), mesh, batch_size=5)
+    cfg = model.LlamaConfig(256, 64, 128, 2, num_heads=4, num_kv_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        model.init_params(cfg, jax.random.key(0), mesh)
+    with pytest.raises(ValueError, match=r"^hidden_size \(36\) is not divisible by fsdp=8 \(8\)$"):
+        odd_width = model.LlamaConfig(256, 36, 128, 2, num_heads=2, num_kv_heads=2, head_dim=18)
+        model.init_params(odd_width, jax.random.key(0), sharding.make_mesh(1, 8, 1))
+
+
+def test_global_batch_splits_the_leading_dim_over_data_and_fsdp():
+    mesh = sharding.make_mesh(2, 2, 2)
+    local = {"input_ids": np.arange(80, dtype=np.int32).reshape(8, 2, 5), "weight": np.ones(8, np.float32)}
+    batch = sharding.global_batch(local, mesh)
+    assert batch["input_ids"].sharding == NamedSharding(mesh, P(("data", "fsdp"), None, None))
+    assert batch["weight"].sharding == sharding.batch_sharding(mesh, 1)
+    assert {s.data.shape for s in batch["input_ids"].addressable_shards} == {(2, 2, 5)}
+    np.testing.assert_array_equal(np.asarray(batch["input_ids"]), local["input_ids"])
+    with pytest.raises(ValueError, match="batch size"):
+        sharding.global_batch({"x": np.zeros((6, 3))}, mesh)
+
+
+@pytest.fixture
+def distributed_calls(monkeypatch):
+    for var in ["JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS"]:  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    return calls
+
+
+def test_initialize_distributed_is_a_no_op_for_one_plain_process(distributed_calls):
+    sharding.initialize_distributed()
+    assert distributed_calls == []
+
+
+LAUNCHERS = [("SLURM_NTASKS", "4"), ("JAX_COORDINATOR_ADDRESS", "h:99"), ("TPU_WORKER_HOSTNAMES", "a,b")]
+
+
+@pytest.mark.parametrize("var, value", LAUNCHERS)
+def test_initialize_distributed_detects_launchers(distributed_calls, monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    sharding.initialize_distributed()
+    assert distributed_calls == [()]  # jax reads the details from the same environment
+
+
+def test_initialize_distributed_passes_explicit_settings(distributed_calls, monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task SLURM job is a plain process
+    sharding.initialize_distributed()
+    sharding.initialize_distributed("10.0.0.1:1234", 2, 1)
+    assert distributed_calls == [("10.0.0.1:1234", 2, 1)]
+
+
+# --- the model on meshes ---------------------------------------------------------------------------------
+
+CFG = model.LlamaConfig(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=4,
+    head_dim=8, rope_scaling=model.Llama3RopeScaling(8.0, 1.0, 4.0, 8), initializer_range=0.1,
+)  # fmt: skip
+B, T = 8, 16
+LENGTHS = np.array([16, 9, 16, 1, 12, 16, 5, 14], np.int32)
+TOKENS = np.random.default_rng(0).integers(0, 256, (B, T), dtype=np.int32) * (np.arange(T) < LENGTHS[:, None])
+MASK = (np.arange(T) < LENGTHS[:, None]).astype(np.float32)
+PROBE = np.random.default_rng(1).normal(size=(B, T, CFG.vocab_size)).astype(np.float32)
+
+
+def loss_and_logits(params, tokens, lengths):
+    """A scalar touching every real position's logits, and the logits."""
+    logits = model.logits(params, tokens, CFG, lengths=lengths)
+    return jnp.sum(logits * PROBE * MASK[:, :, None]), logits
+
+
+step = jax.jit(jax.value_and_grad(loss_and_logits, has_aux=True))
+
+
+def run_on(mesh, host_params):
+    """Put the same weights on `mesh` with their declared shardings and take one loss/gradient step."""
+    params = jax.device_put(host_params, model.param_shardings(CFG, mesh))
+    with jax.set_mesh(mesh):
+        tokens = jax.device_put(TOKENS, sharding.batch_sharding(mesh, 2))
+        lengths = jax.device_put(LENGTHS, sharding.batch_sharding(mesh, 1))
+        (loss, logits), grads = step(params, tokens, lengths)
+        hidden = jax.jit(model.forward, static_argnames="cfg")(params, tokens, CFG)
+    return params, loss, logits, grads, hidden
+
+
+@pytest.fixture(scope="module")
+def reference():
+    mesh = single_device_mesh()
+    host_params = jax.device_get(model.init_params(CFG, jax.random.key(0), mesh))
+    _, loss, logits, grads, _ = run_on(mesh, host_params)
+    return host_params, loss, logits, grads
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_mesh_gives_the_single_device_logits_and_gradients(reference, shape):
+    host_params, ref_loss, ref_logits, ref_grads = reference
+    mesh = sharding.make_mesh(*shape)
+    params, loss, logits, grads, hidden = run_on(mesh, host_params)
+    specs = model.param_specs(CFG)
+    for name, array, grad, spec in zip(
+        jax.tree.leaves(jax.tree_util.tree_map_with_path(lambda p, _: jax.tree_util.keystr(p), specs)),
+        jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(specs), strict=True
+    ):  # fmt: skip
+        declared = NamedSharding(mesh, spec)
+        assert array.sharding == declared and grad.sharding == declared, name
+        # Really split: each device holds the declared fraction of the weight.
+        split = np.prod([sharding.axis_size(mesh, a) for a in spec if a is not None], dtype=int)
+        assert {s.data.size for s in array.addressable_shards} == {array.size // split}, name
+    assert hidden.sharding.spec == P(("data", "fsdp"), None, None) and hidden.shape == (B, T, CFG.hidden_size)
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert rel_err(logits, ref_logits) < 1e-5
+    for expected, actual in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads), strict=True):
+        assert rel_err(actual, expected) < 1e-5
