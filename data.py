@@ -163,9 +163,11 @@ class ChatTokenizer:
             raise ValueError(f"tokenizer {name_or_path}: no tokenizer.json in {directory}")
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         config = _read_json(directory / "tokenizer_config.json")
-        self.special_tokens = {}  # bos_token, eos_token, ...: strings, or dicts in older configs
-        for name, value in ((name, config.get(name)) for name in _SPECIAL_TOKEN_NAMES):
-            if value := value.get("content") if isinstance(value, dict) else value:
+        self.special_tokens = {}  # bos_token, eos_token, ...
+        for name in _SPECIAL_TOKEN_NAMES:
+            value = config.get(name)
+            value = value.get("content") if isinstance(value, dict) else value  # a dict in older configs
+            if isinstance(value, str):
                 self.special_tokens[name] = value
         eos = self.special_tokens.get("eos_token")
         self.eos_id = self.tokenizer.token_to_id(eos) if eos else None
@@ -276,15 +278,6 @@ def _render_pair(chat: ChatTokenizer, prompt: list[dict], completions: list[list
     """Both sides' texts, and per side the (content start, content end, turn end) characters of each
     assistant turn. A turn runs from the render of the messages before it with the generation prompt to
     the render including it, so templates without {% generation %} markers (Llama 3.1's) work."""
-    shared = {}  # renders of prompt prefixes, the same for both sides
-
-    def render(messages, n, generation):
-        if n > len(prompt):
-            return chat.render(messages[:n], generation)
-        if (n, generation) not in shared:
-            shared[n, generation] = chat.render(messages[:n], generation)
-        return shared[n, generation]
-
     texts, spans = [], []
     for completion in completions:
         messages = prompt + completion
@@ -292,8 +285,8 @@ def _render_pair(chat: ChatTokenizer, prompt: list[dict], completions: list[list
         for a, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = render(messages, a, True)
-            end = full if a + 1 == len(messages) else render(messages, a + 1, False)
+            start = chat.render(messages[:a], add_generation_prompt=True)
+            end = full if a + 1 == len(messages) else chat.render(messages[: a + 1])
             if not (end.startswith(start) and full.startswith(end)):
                 raise RejectedRow("template not prefix-stable", f"the render up to turn {a} is not a prefix")
             content = message["content"]
@@ -395,7 +388,11 @@ def _input_files(inputs: str | Sequence[str], split: str) -> list[Path]:
     patterns, files = [pattern.format(split=split) for pattern in _SPLIT_PATTERNS], []
     for item in [inputs] if isinstance(inputs, str) else inputs:
         path = Path(item)
-        if not path.exists() and _HUB_ID.fullmatch(item):
+        if (
+            not path.exists()
+            and _HUB_ID.fullmatch(item)
+            and path.suffix not in (".parquet", ".jsonl", ".json")
+        ):
             path = _snapshot(item, "dataset", patterns)  # downloads only this split's Parquet files
         if path.is_dir():
             found = sorted(f for pattern in patterns for f in path.glob(pattern))
@@ -405,7 +402,7 @@ def _input_files(inputs: str | Sequence[str], split: str) -> list[Path]:
         elif path.is_file() and path.suffix in (".parquet", ".jsonl", ".json"):
             files.append(path)
         else:
-            raise ValueError(f"{item}: not a Hub dataset id, a directory, or a .parquet/.jsonl/.json file")
+            raise ValueError(f"{item}: not a .parquet/.jsonl/.json file, a directory or a Hub dataset id")
     return files
 
 
@@ -558,7 +555,7 @@ def tokenize(
         if not overwrite:
             changed = ", ".join(key for key in settings if summary["settings"].get(key) != settings[key])
             raise ValueError(f"{output} was tokenized with other {changed}; pass --overwrite to replace it")
-    elif output.exists() and any(output.iterdir()) and not overwrite:
+    elif output.exists() and (output.is_file() or any(output.iterdir())) and not overwrite:
         raise ValueError(f"{output} exists and is not a data.py output; pass --overwrite to replace it")
 
     fields = ["prompt", "chosen", "rejected"] + ([system_field] if system_field else [])
@@ -607,7 +604,9 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
             rows = list(enumerate(chunk, rows_read))
             pairs, rejects = _tokenize_rows(chat, fmt, rows, settings["system_field"])
             rows_read += len(chunk)
-            lengths.append(np.array([(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs], np.int32))
+            lengths.append(
+                np.array([(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs], np.int32).reshape(-1, 2)
+            )
             kept = []
             for pair in pairs:
                 try:
@@ -634,7 +633,7 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
         raise ValueError(
             _format_help(columns, f"no usable row in {rows_read} rows read as {fmt} ({reasons})")
         )
-    lengths = np.concatenate(lengths).reshape(-1, 2)
+    lengths = np.concatenate(lengths)
     percentiles = lambda x: {f"p{q}": int(np.percentile(x, q)) for q in (50, 90, 99)} | {"max": int(x.max())}
     return {
         "format": fmt,
@@ -684,15 +683,14 @@ class PairDataset:
             self._cache[g] = [(array.offsets.to_numpy(), array.values.to_numpy()) for array in lists]
         return self._cache[g]
 
-    def read(self, indices: Sequence[int]) -> list[tuple[np.ndarray, ...]]:
-        """(chosen_ids, chosen_mask, rejected_ids, rejected_mask) per index, each row group decoded once."""
+    def read(self, indices: Sequence[int]) -> list[tuple[tuple[np.ndarray, np.ndarray], ...]]:
+        """((chosen_ids, chosen_mask), (rejected_ids, rejected_mask)) per index; each row group read once."""
         indices = np.asarray(indices, np.int64)
         groups, out = np.searchsorted(self._starts, indices, side="right") - 1, [None] * len(indices)
         for k in np.argsort(groups, kind="stable"):
             row = indices[k] - self._starts[groups[k]]
-            out[k] = tuple(
-                values[start[row] : start[row + 1]] for start, values in self._row_group(groups[k])
-            )
+            lists = [values[start[row] : start[row + 1]] for start, values in self._row_group(groups[k])]
+            out[k] = ((lists[0], lists[1]), (lists[2], lists[3]))
         return out
 
 
@@ -708,7 +706,8 @@ def split_indices(n: int, validation_fraction: float | None, seed: int) -> tuple
 
 
 def _batches(dataset, indices, batch_size, process_index, process_count, max_seq_len, bucket, global_batches):
-    """This process's slice of each (global pair indices, weights) batch, as the contract's batch dict."""
+    """This process's slice of each (global pair indices, weights) batch: the contract's batch dict, plus
+    `index` int64 [b], each pair's row in the dataset (-1 for padding), for per-pair lookups in dpo.py."""
     if batch_size % process_count or not 0 <= process_index < process_count:
         raise ValueError(f"batch_size {batch_size} must split evenly over {process_count} processes")
     longest = int(dataset.lengths[indices].max()) if len(indices) else 0
@@ -723,19 +722,18 @@ def _batches(dataset, indices, batch_size, process_index, process_count, max_seq
             width = min(-(-int(dataset.lengths[pairs].max()) // bucket) * bucket, max_seq_len)
             # [b, 2, T], not [2b, T]: sharding the leading dim keeps both sequences of a pair on one device.
             input_ids, loss_mask = np.zeros((size, 2, width), np.int32), np.zeros((size, 2, width), bool)
-            for i, (chosen_ids, chosen_mask, rejected_ids, rejected_mask) in enumerate(
-                dataset.read(pairs[mine])
-            ):
-                input_ids[i, 0, : len(chosen_ids)], input_ids[i, 1, : len(rejected_ids)] = (
-                    chosen_ids,
-                    rejected_ids,
-                )
-                loss_mask[i, 0, : len(chosen_mask)], loss_mask[i, 1, : len(rejected_mask)] = (
-                    chosen_mask,
-                    rejected_mask,
-                )
-            lengths = dataset.lengths[pairs[mine]]
-            yield {"input_ids": input_ids, "loss_mask": loss_mask, "lengths": lengths, "weight": weight[mine]}
+            for i, sides in enumerate(dataset.read(pairs[mine])):
+                for s, (ids, mask) in enumerate(sides):  # right-padded with 0 / False
+                    input_ids[i, s, : len(ids)], loss_mask[i, s, : len(ids)] = ids, mask
+            index = np.where(weight > 0, pairs, -1)[mine]
+            lengths, weight = dataset.lengths[pairs[mine]], weight[mine]
+            yield {
+                "input_ids": input_ids,
+                "loss_mask": loss_mask,
+                "lengths": lengths,
+                "weight": weight,
+                "index": index,
+            }
 
     return batches()
 

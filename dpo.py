@@ -23,6 +23,7 @@ parallelism. model.py holds the Llama, sharding.py the mesh, data.py the tokeniz
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -270,19 +271,25 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
+def batch_reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Reshape that keeps the leading (batch) dim sharded over data x fsdp. A plain reshape may move
+    part of that sharding onto a new minor dim (it does when fsdp is 1)."""
+    return jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, *[None] * (len(shape) - 1)))
+
+
 def pair_logps(params, batch: dict, cfg: model.LlamaConfig, config: Config, dtype) -> jax.Array:
     """[b, 2] summed log-probs of chosen (column 0) and rejected (column 1) under `params`."""
     b, _, t = batch["input_ids"].shape
     # [b, 2, T] -> [2b, T]: rows 2i and 2i+1 are pair i's chosen and rejected, so one forward pass
     # serves both and a batch-sharded array keeps each pair on one device.
-    tokens = batch["input_ids"].reshape(2 * b, t)
-    mask = batch["loss_mask"].reshape(2 * b, t)
+    tokens = batch_reshape(batch["input_ids"], (2 * b, t))
+    mask = batch_reshape(batch["loss_mask"], (2 * b, t))
     params = jax.tree.map(lambda w: w.astype(dtype), params)
     hidden = model.forward(
         params,
         tokens,
         cfg,
-        lengths=batch["lengths"].reshape(2 * b),
+        lengths=batch_reshape(batch["lengths"], (2 * b,)),
         compute_dtype=dtype,
         remat=config.remat,
         attention_impl=None if config.attention_impl == "auto" else config.attention_impl,
@@ -292,7 +299,7 @@ def pair_logps(params, batch: dict, cfg: model.LlamaConfig, config: Config, dtyp
     mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
     # Gather the FSDP shards of the LM head once; its vocabulary stays split over the tensor axis.
     lm_head = jax.sharding.reshard(model.lm_head_weight(params), P(None, "tensor"))
-    return sequence_logps(hidden, lm_head, targets, mask, config.logits_chunk_size).reshape(b, 2)
+    return batch_reshape(sequence_logps(hidden, lm_head, targets, mask, config.logits_chunk_size), (b, 2))
 
 
 METRIC_SUMS = (
@@ -419,7 +426,7 @@ def make_steps(cfg: model.LlamaConfig, config: Config, optimizer, dtype):
             else:
                 # Microbatch m takes rows m, m + M, m + 2M, ...: splitting the batch axis this way
                 # leaves every microbatch spread over all devices.
-                split = lambda x: jnp.swapaxes(x.reshape(-1, num_micro, *x.shape[1:]), 0, 1)
+                split = lambda x: jnp.swapaxes(batch_reshape(x, (-1, num_micro, *x.shape[1:])), 0, 1)
 
                 def accumulate(carry, micro):
                     grads, sums = microbatch_grads(state.params, ref_params, micro)
@@ -433,7 +440,7 @@ def make_steps(cfg: model.LlamaConfig, config: Config, optimizer, dtype):
         total = sums["weight"]
         grads = jax.tree.map(lambda g: g / total, grads)  # the loss is the mean over the batch's pairs
         metrics = {k: v / total for k, v in sums.items() if k != "weight"}
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = lr_schedule(config)(state.step)
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -475,9 +482,12 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def save_checkpoint(run: Path, state: TrainState, keep: int) -> Path:
-    """Write checkpoints/step-N atomically: into a temporary directory, renamed when complete."""
+    """Write checkpoints/step-N: files into .tmp-step-N, renamed to step-N, then the done.json marker.
+    Only a directory with the marker counts, so a crash at any moment leaves the newest complete
+    checkpoint in charge; the next save removes what the crash left. Keeps the newest `keep`."""
     step = int(state.step)
-    final, tmp = run / "checkpoints" / f"step-{step}", run / "checkpoints" / f".tmp-step-{step}"
+    folder = run / "checkpoints"
+    final, tmp = folder / f"step-{step}", folder / f".tmp-step-{step}"
     writer = jax.process_index() == 0
     if writer:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -487,17 +497,20 @@ def save_checkpoint(run: Path, state: TrainState, keep: int) -> Path:
         if writer:
             file = tmp / f"{_leaf_name(path)}.npy"
             file.parent.mkdir(parents=True, exist_ok=True)
-            with open(file, "wb") as f:
-                np.save(f, array)
-                f.flush()
-                os.fsync(f.fileno())
+            np.save(file, array)
     if writer:
-        (tmp / "done.json").write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)
+        os.sync()  # every file on disk before the checkpoint can look complete (power loss too)
+        shutil.rmtree(final, ignore_errors=True)  # an unmarked step-N from a crash
         os.replace(tmp, final)
+        # The marker goes last, into the renamed directory: that stays safe where a directory rename
+        # is not atomic (file systems over object stores copy file by file).
+        (final / "done.json").write_text(json.dumps({"step": step}))
         os.sync()
-        for old in sorted(_checkpoints(run))[:-keep]:
-            shutil.rmtree(run / "checkpoints" / f"step-{old}", ignore_errors=True)
+        kept = {f"step-{s}" for s in _checkpoints(run)[-keep:]}
+        for old in folder.iterdir():
+            if old.name not in kept:
+                (old / "done.json").unlink(missing_ok=True)  # first: a half-deleted one never counts
+                shutil.rmtree(old, ignore_errors=True)
     multihost_utils.sync_global_devices(f"checkpoint {step}")
     return final
 
@@ -618,6 +631,97 @@ def make_demo(root: Path, seed: int) -> tuple[Path, Path]:
     return model_dir, data_file
 
 
+# --- precomputed reference log-probs: the reference runs once, not at every step (8N -> 6N per token)
+
+
+def _reference_key(ref_dir: Path, dataset: data.PairDataset, ref_dtype, dtype, config: Config) -> str:
+    """Hash of everything the reference log-probs depend on, so a changed model or data never reuses a
+    stale file. The weights by identity (path, size, mtime, safetensors header; a Hub snapshot's files
+    resolve to blobs named by their content hash), not by reading 16 GB; the data by content."""
+
+    def sha(path: Path, size: int | None = None) -> str:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read(size) if size is not None else f.read()).hexdigest()
+
+    def header(path: Path) -> str:  # 8-byte little-endian length, then the JSON header
+        return sha(path, 8 + int.from_bytes(open(path, "rb").read(8), "little"))
+
+    files = sorted(ref_dir.glob("*.safetensors"))
+    identity = {
+        "model": str(ref_dir.resolve()),
+        "config": sha(ref_dir / "config.json"),
+        "weights": [[os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns, header(f)] for f in files],
+        "data": [[f.name, sha(f)] for f in sorted(dataset.path.glob("part-*.parquet"))],
+        "settings": dataset.summary.get("settings"),
+        "dtypes": [jnp.dtype(ref_dtype).name, jnp.dtype(dtype).name],
+        "attention_impl": config.attention_impl,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def precompute_reference_logps(
+    datasets: list[data.PairDataset], ref_dir: Path, cfg, config: Config, mesh, ref_dtype, dtype
+) -> list[np.ndarray]:
+    """For each dataset, [len(dataset), 2] f32 reference log-probs (chosen, rejected) of every pair, by row.
+
+    Computed once, forward only, and kept beside the tokenized data in reference/<key>.npy (see
+    `_reference_key`). Progress goes to reference/<key>.partial.npz now and then, so an interrupted run
+    resumes where it stopped; the .npy is renamed into place only when complete. Process 0 writes.
+    The reference weights are loaded only when something is left to compute, and freed on return.
+    """
+    chief, ref_params, tables = jax.process_index() == 0, None, []
+    batch_size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
+    logps_fn = jax.jit(lambda p, b: jax.sharding.reshard(pair_logps(p, b, cfg, config, dtype), P()))
+    for dataset in datasets:
+        key = _reference_key(ref_dir, dataset, ref_dtype, dtype, config)
+        folder = dataset.path / "reference"
+        final, progress = folder / f"{key}.npy", folder / f"{key}.partial.npz"
+        multihost_utils.sync_global_devices(f"reference {final}")
+        if not final.exists():
+            n = len(dataset)
+            logps, done = np.full((n, 2), np.nan, np.float32), 0
+            if progress.exists():
+                with np.load(progress) as saved:
+                    logps, done = saved["logps"], int(saved["done"])
+            if ref_params is None:
+                ref_params = model.load_params(ref_dir, cfg, mesh, dtype=ref_dtype)
+            if chief:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                print(f"reference log-probs: {n - done} of {n} pairs to compute -> {final}", flush=True)
+            loader = dict(process_index=jax.process_index(), process_count=jax.process_count())
+            batches = data.eval_batches(
+                dataset, np.arange(done, n), batch_size=batch_size, max_seq_len=config.max_seq_len, **loader
+            )
+            saved_at = time.time()
+            for at, batch in zip(range(done, n, batch_size), batches, strict=True):
+                inputs = {k: batch[k] for k in ("input_ids", "loss_mask", "lengths")}
+                out = np.asarray(logps_fn(ref_params, sharding.global_batch(inputs, mesh)))
+                logps[at : at + batch_size] = out[: n - at]
+                if chief and time.time() - saved_at > 60:  # a kill loses at most a minute of work
+                    tmp = progress.with_name(".tmp-" + progress.name)
+                    np.savez(tmp, logps=logps, done=min(at + batch_size, n))
+                    os.replace(tmp, progress)  # renamed: a kill mid-write leaves the previous file
+                    saved_at = time.time()
+            if chief:
+                with open(final.with_name(".tmp-" + final.name), "wb") as f:
+                    np.save(f, logps)
+                os.replace(final.with_name(".tmp-" + final.name), final)
+                progress.unlink(missing_ok=True)
+            multihost_utils.sync_global_devices(f"reference done {final}")
+        tables.append(np.load(final))
+    return tables
+
+
+def with_reference(batch: dict[str, np.ndarray], table: np.ndarray | None) -> dict[str, np.ndarray]:
+    """A loader batch ready for the step: its pairs' row indices ("index") dropped and, when the
+    reference is precomputed, their log-probs added as "ref_logps" [b, 2] (a padding pair's index -1
+    reads some real row: any finite value does at weight 0)."""
+    index = batch.pop("index", None)
+    if table is not None:
+        batch["ref_logps"] = table[index]
+    return batch
+
+
 # --- run directory, data preparation and logging
 
 
@@ -633,23 +737,26 @@ def prepare_data(source: str, split: str, tokenizer: str, cache: Path, max_seq_l
 
 
 def check_run_dir(run: Path, config: Config) -> None:
-    """Refuse to resume a run whose config differs in anything that changes what it computes."""
+    """Refuse to resume a run whose config differs in anything that changes what it computes;
+    with overwrite, clear the old run's checkpoints, exports and metrics instead (process 0)."""
     saved_file = run / "config.json"
-    if not saved_file.exists() or config.overwrite:
-        if config.overwrite and jax.process_index() == 0:
-            for sub in ("checkpoints", "hf", "metrics.jsonl"):
-                shutil.rmtree(run / sub, ignore_errors=True) if sub != "metrics.jsonl" else (
-                    run / sub
-                ).unlink(missing_ok=True)
-        return
-    saved, now = json.loads(saved_file.read_text()), dataclasses.asdict(config)
-    changed = sorted(k for k in now if k not in OPERATIONAL_FIELDS and saved.get(k) != now[k])
-    if changed:
-        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(
-            f"{run} holds a run with a different config ({diff}); use another output_dir or "
-            "--config.overwrite"
-        )
+    if config.overwrite:
+        if jax.process_index() == 0:
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)
+            shutil.rmtree(run / "hf", ignore_errors=True)
+            (run / "metrics.jsonl").unlink(missing_ok=True)
+    elif saved_file.exists():
+        saved, now = json.loads(saved_file.read_text()), dataclasses.asdict(config)
+        changed = sorted(k for k in now if k not in OPERATIONAL_FIELDS and saved.get(k) != now[k])
+        if changed:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise ValueError(
+                f"{run} holds a run with a different config ({diff}); use another output_dir or "
+                "--config.overwrite"
+            )
+    # No process may list checkpoints before the old ones are gone, nor read config.json while
+    # process 0 rewrites it.
+    multihost_utils.sync_global_devices("run directory checked")
 
 
 class MetricsLog:
@@ -669,7 +776,9 @@ class MetricsLog:
                         keep.append(line)
                 except (json.JSONDecodeError, KeyError, TypeError):
                     pass
-            self.path.write_text("".join(line + "\n" for line in keep))
+            tmp = self.path.with_suffix(".tmp")  # replaced whole: a crash here loses no lines
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
         if self.writer and config.wandb_project:
             try:
                 import wandb
@@ -751,11 +860,13 @@ def main(config: Config) -> Path:
             config, model_name_or_path=str(model_dir), train_data=config.train_data or str(pairs)
         )
     check_run_dir(run, config)
-    if chief:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     model_dir = model.resolve_path(config.model_name_or_path)
     cfg = model.load_config(model_dir)
+    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    sharding.check_divisible(cfg, mesh, config.microbatch_size or config.train_batch_size)
+    if chief:  # written only once the config has passed every check
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     tokenizer = config.tokenizer or str(model_dir)
     train_dir = prepare_data(
         config.train_data, config.train_split, tokenizer, run / "data", config.max_seq_len
@@ -772,9 +883,7 @@ def main(config: Config) -> Path:
         train_idx, val_idx = data.split_indices(len(train_set), config.validation_split_fraction, config.seed)
     say(f"data: {len(train_idx)} training pairs, {len(val_idx)} validation pairs")
 
-    # --- mesh, params, optimizer
-    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
-    sharding.check_divisible(cfg, mesh, config.microbatch_size or config.train_batch_size)
+    # --- params, optimizer
     on_cpu = jax.devices()[0].platform == "cpu"
     pick = lambda name: jnp.float32 if name == "float32" or (name == "auto" and on_cpu) else jnp.bfloat16
     dtype, ref_dtype = pick(config.compute_dtype), pick(config.reference_dtype)
@@ -793,13 +902,15 @@ def main(config: Config) -> Path:
             state = jax.jit(init_state)(model.load_params(model_dir, cfg, mesh))
         ref_path = config.reference_model_path
         ref_dir = model.resolve_path(ref_path) if ref_path else model_dir
-        ref_params = None
+        if model.load_config(ref_dir) != cfg:
+            raise ValueError(f"reference model {ref_dir} has a different architecture from the policy")
+        ref_params, train_ref, val_ref = None, None, None
         if config.reference == "live":
-            if model.load_config(ref_dir) != cfg:
-                raise ValueError(f"reference model {ref_dir} has a different architecture from the policy")
             ref_params = model.load_params(ref_dir, cfg, mesh, dtype=ref_dtype)
-        else:
-            raise ValueError("reference 'precompute' is not available yet")
+        else:  # once over every pair, cached beside the data; training then holds no reference model
+            train_ref, val_ref = precompute_reference_logps(
+                [train_set, val_set], ref_dir, cfg, config, mesh, ref_dtype, dtype
+            )
 
     # --- batches
     start = int(state.step)
@@ -818,7 +929,8 @@ def main(config: Config) -> Path:
         for i, batch in enumerate(batches):
             if config.max_eval_batches is not None and i >= config.max_eval_batches:
                 break
-            sums = eval_step(state.params, ref_params, sharding.global_batch(batch, mesh))
+            batch = sharding.global_batch(with_reference(batch, val_ref), mesh)
+            sums = eval_step(state.params, ref_params, batch)
             for k, v in jax.device_get(sums).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         weight = totals.pop("weight", 0.0)
@@ -838,10 +950,16 @@ def main(config: Config) -> Path:
         )
         return out
 
-    # --- stop cleanly on SIGTERM / SIGINT: finish the step, checkpoint, exit 0
+    # --- stop cleanly on SIGTERM (preemption) / SIGINT (Ctrl-C): finish the step, checkpoint, exit 0
     stop_requested = []
+
+    def request_stop(signum, frame):
+        stop_requested.append(signum)
+        if signum == signal.SIGINT:  # a second Ctrl-C quits at once; launchers may repeat SIGTERM
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
+        signal.signal(sig, request_stop)
 
     def should_stop() -> bool:
         flag = np.int32(bool(stop_requested))
@@ -863,7 +981,7 @@ def main(config: Config) -> Path:
         )
         t_start, t_last = time.time(), time.time()
         for step in range(start + 1, config.num_train_steps + 1):
-            batch = next(train_batches)
+            batch = with_reference(next(train_batches), train_ref)
             state, metrics = train_step(state, ref_params, sharding.global_batch(batch, mesh))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.time()
@@ -883,7 +1001,8 @@ def main(config: Config) -> Path:
                     raise FloatingPointError(
                         f"step {step}: non-finite loss or gradient (loss {metrics['loss']}, grad_norm "
                         f"{metrics['grad_norm']}); the update was not applied; newest good checkpoint: "
-                        f"{'step-' + str(done[-1]) if done else 'none'}"
+                        f"{'step-' + str(done[-1]) if done else 'none'}. Rerun with "
+                        "--config.on-nonfinite skip to resume from it and skip such updates"
                     )
                 say(f"step {step}: non-finite loss or gradient, update skipped")
             metrics["skipped_updates"] = float(state.skipped)
@@ -896,6 +1015,12 @@ def main(config: Config) -> Path:
                     f"{metrics['throughput/tokens_per_second']:.0f} tok/s | eta {eta:.0f}s"
                 )
             last = step == config.num_train_steps
+            # A preempted job has seconds: on a stop request only the checkpoint is written, and the
+            # eval or export due at this step is skipped (the last step finishes the run as usual).
+            if not last and should_stop():
+                save_checkpoint(run, state, config.keep_checkpoints)
+                say(f"stopped at step {step} on request; checkpoint written. Run the same command to resume.")
+                return run
             if step % config.steps_per_eval == 0 or last:
                 eval_metrics = evaluate(state)
                 log.log(step, eval_metrics)
@@ -903,15 +1028,11 @@ def main(config: Config) -> Path:
                     f"step {step} | eval loss {eval_metrics['eval/loss']:.4f} "
                     f"acc {eval_metrics['eval/rewards/accuracies']:.3f}"
                 )
-            stopping = should_stop()
-            if step % config.steps_per_checkpoint == 0 or last or stopping:
+            if step % config.steps_per_checkpoint == 0 or last:
                 save_checkpoint(run, state, config.keep_checkpoints)
             if step % config.steps_per_hf_export == 0 or last:
                 out = export(state)
                 say(f"step {step} | exported {out}")
-            if stopping:
-                say(f"stopped at step {step} on request; checkpoint written. Run the same command to resume.")
-                return run
     say(
         f"done. run directory {run.resolve()}: config.json, metrics.jsonl, checkpoints/, hf/ "
         f"(transformers loads hf/step-N as it is)"

@@ -96,7 +96,7 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 def _launched_as_several_processes(env) -> bool:
     """Whether a launcher started this program as one of several processes that form one JAX job."""
     return (
-        "JAX_COORDINATOR_ADDRESS" in env  # set by hand (jax reads it, with JAX_NUM_PROCESSES/JAX_PROCESS_ID)
+        "JAX_COORDINATOR_ADDRESS" in env  # set by hand (jax reads it; see initialize_distributed)
         or int(env.get("SLURM_NTASKS", "1")) > 1  # srun with several tasks
         or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1  # mpirun
         or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1  # TPU slice on GKE
@@ -115,11 +115,20 @@ def initialize_distributed(
 ) -> None:
     """Join the multi-process JAX job when there is one; a no-op for a single plain process.
 
-    Call before any other JAX use. Explicit arguments win; otherwise the launcher is detected from the
-    environment (TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) and jax fills in the details.
+    Call before any other JAX use. By hand: the arguments, else the environment variables
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID. Otherwise
+    the launcher is detected (TPU pods, SLURM, Open MPI) and jax fills in the details.
     """
     if jax.distributed.is_initialized():
         return
+    # jax reads JAX_COORDINATOR_ADDRESS itself, but not the process count and index: read those here.
+    if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    # Collectives between the CPU devices of several processes go over TCP through gloo; without it a
+    # multi-process CPU run (tests, or a CPU cluster) fails at its first cross-process computation.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator_address is not None or num_processes is not None or process_id is not None:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     elif _launched_as_several_processes(os.environ):

@@ -1,6 +1,7 @@
 """data.py: token ids and masks against transformers' apply_chat_template, bad rows, length rules,
 atomic and idempotent output, Hub-layout inputs, the CLI, and the batch loader against the Parquet rows."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -39,6 +40,7 @@ CONVERSATIONS = [  # (prompt turns, chosen reply, rejected reply)
         "two, then three!",
         "no",
     ),
+    ([{"role": "user", "content": "Pad it"}], "padded reply  ", "no"),  # Llama 3.1's template trims content
 ]
 
 
@@ -112,7 +114,10 @@ def test_ids_match_transformers_and_masks_cover_assistant_turns(family, tokenize
             if "bos_token" in FAMILIES[family][0]:  # the template's own BOS, and no second one
                 assert ids.count(hf.bos_token_id) == 1 and ids[0] == hf.bos_token_id
             decoded = [hf.decode(run) for run in scored_runs(ids, mask)]
-            assistant = [m["content"] for m in row[side] if m["role"] == "assistant"]
+            trims = "| trim" in FAMILIES[family][0]
+            assistant = [
+                m["content"].strip() if trims else m["content"] for m in row[side] if m["role"] == "assistant"
+            ]
             assert decoded == [content + end_of_turn for content in assistant]
         # the reply's first token follows the prompt rendered with the generation prompt
         prompt = row["chosen"][:-1]
@@ -192,7 +197,7 @@ def test_prompt_completion_rows(tokenizers_dir, tmp_path):
     assert row["rejected_input_ids"] == hf_ids(hf, prompt + as_messages["rejected"])
     # plain strings go through the chat template when asked to (auto would read them as `plain`)
     inputs = write_jsonl(tmp_path / "b.jsonl", [as_strings])
-    data.tokenize(inputs, directory, str(tmp_path / "b"), format="prompt_completion", system_field="system")
+    data.tokenize(inputs, directory, str(tmp_path / "b"), format="prompt_completion")
     (row,) = read_rows(tmp_path / "b")
     assert row["chosen_input_ids"] == hf_ids(hf, [prompt[1], {"role": "assistant", "content": "day"}])
     # a named field adds each row's system prompt
@@ -236,7 +241,6 @@ def test_bad_rows_are_listed_and_good_rows_kept(tokenizers_dir, tmp_path):
         return {"chosen": chosen, "rejected": rejected}
 
     rows = [
-        pair([user, reply], [user, other]),  # good
         {"chosen": [user, reply]},
         pair(5, [user, other]),
         pair([user, {"role": "assistant", "content": 3}], [user, other]),
@@ -248,30 +252,32 @@ def test_bad_rows_are_listed_and_good_rows_kept(tokenizers_dir, tmp_path):
         pair([user, user, reply], [user, user, other]),  # the template raises: roles do not alternate
         pair([user, reply], [{"role": "user", "content": "bye"}, other]),
         "{not json",
+        pair([user, reply], [user, other]),  # good
         pair([user, reply, user, other], [user, reply, user, reply]),  # good, multi-turn
     ]
     expected = {
-        1: "missing field",
+        0: "missing field",
+        1: "wrong type",
         2: "wrong type",
-        3: "wrong type",
+        3: "empty content",
         4: "empty content",
-        5: "empty content",
-        6: "unknown role",
-        7: "no assistant turn",
-        8: "chosen equals rejected",
-        9: "template error",
-        10: "prompt differs",
-        11: "wrong type",
+        5: "unknown role",
+        6: "no assistant turn",
+        7: "chosen equals rejected",
+        8: "template error",
+        9: "prompt differs",
+        10: "wrong type",
     }
-    inputs = write_jsonl(tmp_path / "rows.jsonl", rows)
-    output = tmp_path / "out"
-    summary = data.tokenize(inputs, str(tokenizers_dir / "llama31"), str(output), chat_template=str(template))
+    inputs, output = write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "out"
+    # row groups of 1 pair: rows are read 8 at a time, so the first chunk has no usable row at all
+    tokenizer = str(tokenizers_dir / "llama31")
+    summary = data.tokenize(inputs, tokenizer, str(output), chat_template=str(template), row_group_size=1)
     rejects = [json.loads(line) for line in (output / "rejects.jsonl").read_text().splitlines()]
     assert {r["index"]: r["reason"] for r in rejects} == expected
     assert "must alternate" in rejects[8]["detail"]
     assert summary["rows_read"] == len(rows) and summary["rows_written"] == 2
     assert sum(summary["rows_dropped"].values()) == len(expected)
-    assert [r["source_index"] for r in read_rows(output)] == [0, 12]
+    assert [r["source_index"] for r in read_rows(output)] == [11, 12]
 
 
 def test_unknown_columns_and_no_usable_row_name_the_formats(tokenizers_dir, tmp_path):
@@ -330,10 +336,11 @@ def test_overflow_drop_truncate_raise(tokenizers_dir, tmp_path):
     kept, cut = read_rows(tmp_path / "cut")
     assert kept["chosen_input_ids"] == full[0]["chosen"]
     assert cut["chosen_input_ids"] == full[1]["chosen"][:max_seq_len] and cut["chosen_length"] == max_seq_len
-    assert cut["prompt_length"] == prompt_lengths[1]  # the whole prompt is kept ...
-    assert sum(cut["chosen_loss_mask"]) >= 1 and not any(
-        cut["chosen_loss_mask"][: prompt_lengths[1]]
-    )  # ... and scored tokens
+    cut_mask = cut["chosen_loss_mask"]
+    assert cut["prompt_length"] == prompt_lengths[1] and not any(
+        cut_mask[: prompt_lengths[1]]
+    )  # whole prompt
+    assert any(cut_mask)  # and at least one scored token
     assert cut["rejected_input_ids"] == full[1]["rejected"]  # the side that fits is untouched
 
     with pytest.raises(ValueError, match="over --max-seq-len"):
@@ -353,12 +360,8 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(tokenizers_dir, tmp_pat
     assert {f.name: f.stat().st_mtime_ns for f in output.iterdir()} == stamps
     with pytest.raises(ValueError, match="other max_seq_len; pass --overwrite"):
         data.tokenize(inputs, tokenizer, str(output), max_seq_len=64)
-    assert (
-        data.tokenize(inputs, tokenizer, str(output), max_seq_len=64, overwrite=True)["settings"][
-            "max_seq_len"
-        ]
-        == 64
-    )
+    replaced = data.tokenize(inputs, tokenizer, str(output), max_seq_len=64, overwrite=True)
+    assert replaced["settings"]["max_seq_len"] == 64 and replaced != first
     metadata = pq.read_schema(output / "part-00000.parquet").metadata
     assert json.loads(metadata[data.SETTINGS_KEY])["max_seq_len"] == 64
     (tmp_path / "other").mkdir()
@@ -376,11 +379,10 @@ def test_interrupted_write_never_looks_complete(tokenizers_dir, tmp_path, monkey
     def write_then_die(self, table, *args, **kwargs):
         # Mid-run (where a kill could strike) the target holds the old complete result or nothing, and
         # the directory being written does not look complete.
-        assert (
-            (json.loads((output / "summary.json").read_text()) == before)
-            if target == output
-            else not target.exists()
-        )
+        if target == output:
+            assert json.loads((output / "summary.json").read_text()) == before
+        else:
+            assert not target.exists()
         assert [data.is_tokenized(p) for p in tmp_path.glob(f".{target.name}.partial-*")] == [False]
         calls.append(table.num_rows)
         if len(calls) == 2:
@@ -517,6 +519,10 @@ def dataset_dir(tokenizers_dir, tmp_path_factory):
     return root / "out"
 
 
+def take(batches, n: int) -> list[dict]:
+    return list(itertools.islice(batches, n))
+
+
 def pair_keys(dataset_dir):
     """Each pair's source row, looked up from its chosen tokens (read straight from Parquet)."""
     rows = read_rows(dataset_dir)
@@ -528,11 +534,12 @@ def batch_pairs(batch, keys) -> list[int]:
 
 
 def check_batch(batch, rows, pairs, max_seq_len, bucket):
-    """The batch against the Parquet rows: contents, padding, lengths and the bucketed width."""
+    """The batch against the Parquet rows: contents, padding, lengths, row indices and the bucketed width."""
     longest = max(max(rows[k]["chosen_length"], rows[k]["rejected_length"]) for k in pairs)
     width = min(max_seq_len, bucket * -(-longest // bucket))
     assert batch["input_ids"].shape == batch["loss_mask"].shape == (len(pairs), 2, width)
     assert batch["input_ids"].dtype == np.int32 and batch["loss_mask"].dtype == bool
+    assert batch["index"].tolist() == [k if w else -1 for k, w in zip(pairs, batch["weight"], strict=True)]
     for i, k in enumerate(pairs):
         for s, side in enumerate(("chosen", "rejected")):
             n = rows[k][f"{side}_length"]
@@ -548,12 +555,10 @@ def test_train_batches_are_deterministic_resumable_and_exact(dataset_dir):
     assert len(dataset) == 50 and len(list(dataset_dir.glob("part-*.parquet"))) == 3
     assert dataset.lengths.tolist() == [[r["chosen_length"], r["rejected_length"]] for r in rows]
     train, validation = data.split_indices(len(dataset), 0.2, seed=3)
-    kwargs = dict(batch_size=8, seed=7, max_seq_len=140, bucket=32)
-    first = [b for _, b in zip(range(12), data.train_batches(dataset, train, **kwargs), strict=False)]
-    again = [b for _, b in zip(range(12), data.train_batches(dataset, train, **kwargs), strict=False)]
-    resumed = [
-        b for _, b in zip(range(5), data.train_batches(dataset, train, start_step=7, **kwargs), strict=False)
-    ]
+    kwargs = dict(batch_size=8, seed=7, max_seq_len=140, bucket=48)
+    first = take(data.train_batches(dataset, train, **kwargs), 12)
+    again = take(data.train_batches(dataset, train, **kwargs), 12)
+    resumed = take(data.train_batches(dataset, train, start_step=7, **kwargs), 5)
     for a, b in zip(first, again, strict=True):
         assert all(np.array_equal(a[key], b[key]) for key in a)
     for a, b in zip(first[7:], resumed, strict=True):  # crosses the epoch boundary at step 5
@@ -570,8 +575,9 @@ def test_train_batches_are_deterministic_resumable_and_exact(dataset_dir):
     other = next(data.train_batches(dataset, train, **{**kwargs, "seed": 8}))
     assert batch_pairs(other, keys) != batch_pairs(first[0], keys)
     for batch in first:
-        check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=140, bucket=32)
+        check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=140, bucket=48)
         assert batch["weight"].tolist() == [1.0] * 8
+    assert {b["input_ids"].shape[-1] for b in first} == {96, 140}  # rounded up to the bucket, or capped
 
 
 def test_split_is_disjoint_deterministic_and_optional():
@@ -588,22 +594,16 @@ def test_split_is_disjoint_deterministic_and_optional():
 def test_process_slices_partition_the_global_batch(dataset_dir, process_count):
     dataset = data.PairDataset(dataset_dir)
     kwargs = dict(batch_size=8, seed=1, max_seq_len=256, bucket=64)
-    whole = list(zip(range(4), data.train_batches(dataset, range(50), **kwargs), strict=False))
+    whole = take(data.train_batches(dataset, range(50), **kwargs), 4)
     slices = [
-        list(
-            zip(
-                range(4),
-                data.train_batches(
-                    dataset, range(50), process_index=p, process_count=process_count, **kwargs
-                ),
-                strict=False,
-            )
+        take(
+            data.train_batches(dataset, range(50), process_index=p, process_count=process_count, **kwargs), 4
         )
         for p in range(process_count)
     ]
-    for step, (_, batch) in enumerate(whole):
+    for step, batch in enumerate(whole):
         for key in batch:
-            assert np.array_equal(np.concatenate([s[step][1][key] for s in slices]), batch[key])
+            assert np.array_equal(np.concatenate([s[step][key] for s in slices]), batch[key])
 
 
 def test_eval_batches_cover_indices_in_order_with_a_weighted_tail(dataset_dir):
@@ -618,14 +618,8 @@ def test_eval_batches_cover_indices_in_order_with_a_weighted_tail(dataset_dir):
     assert order[:10] == validation.tolist()
     for batch in batches:
         check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=140, bucket=32)
-    halves = [
-        list(
-            data.eval_batches(
-                dataset, validation, batch_size=4, process_index=p, process_count=2, max_seq_len=140
-            )
-        )
-        for p in (0, 1)
-    ]
+    kwargs = dict(batch_size=4, process_count=2, max_seq_len=140)
+    halves = [list(data.eval_batches(dataset, validation, process_index=p, **kwargs)) for p in (0, 1)]
     assert np.concatenate([halves[0][-1]["weight"], halves[1][-1]["weight"]]).tolist() == [1, 1, 0, 0]
 
 

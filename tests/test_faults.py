@@ -1,0 +1,147 @@
+"""Faults on real `python dpo.py` processes: SIGTERM / SIGINT, kill -9 (also mid-checkpoint), non-finite
+losses, pruning, a changed config. The reference is a run of the same config that nothing interrupted."""
+
+import shutil
+import signal
+
+import numpy as np
+import pytest
+from _fault_helpers import (
+    SMALL_RUN,
+    checkpoints,
+    dpo_args,
+    finish,
+    output,
+    params,
+    start,
+    stderr,
+    stdout,
+    training_lines,
+    wait_for_step,
+)
+
+import dpo
+
+DEVICES = 2  # fsdp=2: checkpoints hold sharded arrays, restored slice by slice
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return dpo.make_demo(tmp_path_factory.mktemp("demo"), seed=0)  # (model_dir, pairs.jsonl)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo, tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    proc = start(dpo_args(*demo, run), DEVICES, run.with_name("log"))
+    assert finish(proc) == [0], output(proc)
+    return run
+
+
+def assert_same_training(run, reference):
+    """Every step logged once with the reference's loss, and the final weights bit for bit the same."""
+    assert [(m["step"], m["loss"]) for m in training_lines(run)] == [
+        (m["step"], m["loss"]) for m in training_lines(reference)
+    ]
+    ours, theirs = params(run, STEPS), params(reference, STEPS)
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def test_only_the_newest_k_checkpoints_are_kept(uninterrupted):
+    # steps_per_checkpoint=2, keep_checkpoints=2: steps 2 and 4 were written, then removed.
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-6", "step-8"]
+    assert checkpoints(uninterrupted) == [6, 8]
+
+
+def test_sigterm_and_sigint_stop_at_a_checkpoint_and_the_same_command_resumes(demo, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    args = dpo_args(*demo, run)
+    stopped_at = 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = start(args, DEVICES, tmp_path / sig.name)
+        wait_for_step(run, stopped_at + 1, proc)
+        proc.send_signal(sig)
+        assert finish(proc) == [0], output(proc)
+        assert "Run the same command to resume" in stdout(proc)
+        assert stopped_at < checkpoints(run)[-1] < STEPS  # the step it finished, not a scheduled one
+        if stopped_at:
+            assert f"resumed from {run}/checkpoints/step-{stopped_at}" in stdout(proc)
+        stopped_at = checkpoints(run)[-1]
+        assert training_lines(run)[-1]["step"] == stopped_at
+    proc = start(args, DEVICES, tmp_path / "last")
+    assert finish(proc) == [0], output(proc)
+    assert_same_training(run, uninterrupted)
+
+
+def test_kill_9_even_mid_checkpoint_resumes_from_the_newest_complete_one(demo, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    args = dpo_args(*demo, run, steps_per_checkpoint=1)  # a checkpoint every step: a kill often lands in one
+    proc = start(args, DEVICES, tmp_path / "killed")
+    wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = checkpoints(run)[-1]
+    assert 2 <= newest < STEPS
+
+    # Whatever moment the kill hit, this is the worst a crash in save_checkpoint leaves: a half-written
+    # .tmp-step-N, a renamed step-N still without its done.json marker (newer than any complete one,
+    # with a cut-short file), and a metrics line cut short.
+    folder = run / "checkpoints"
+    for name in (f".tmp-step-{newest + 1}", f"step-{newest + 2}"):
+        shutil.rmtree(folder / name, ignore_errors=True)
+        shutil.copytree(folder / f"step-{newest}", folder / name)
+        (folder / name / "done.json").unlink()
+        cut = folder / name / "params" / "embed.npy"
+        cut.write_bytes(cut.read_bytes()[:100])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "lo')
+
+    proc = start(args, DEVICES, tmp_path / "resumed")
+    assert finish(proc) == [0], output(proc)
+    assert f"resumed from {run}/checkpoints/step-{newest}" in stdout(proc)
+    assert_same_training(run, uninterrupted)
+    assert sorted(p.name for p in folder.iterdir()) == [f"step-{STEPS - 1}", f"step-{STEPS}"]  # debris gone
+
+
+# A learning rate of 1e38 makes step 1's update push weights to near the float32 limit, so step 2's
+# loss is NaN: a real overflow, reached without any test hook in dpo.py.
+EXPLODING = dict(learning_rate=1e38, warmup=0, num_train_steps=4, steps_per_checkpoint=1, keep_checkpoints=5)
+
+
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo, tmp_path):
+    run = tmp_path / "run"
+    proc = start(dpo_args(*demo, run, **EXPLODING), DEVICES, tmp_path / "stop")
+    assert finish(proc) == [2], output(proc)
+    error = stderr(proc).strip().splitlines()[-1]
+    assert error.startswith("error: step 2: non-finite loss") and "newest good checkpoint: step-1" in error
+    assert checkpoints(run) == [1]
+    assert all(np.isfinite(w).all() for w in params(run, 1).values())
+    good = params(run, 1)
+
+    # As the message suggests: the same command with on_nonfinite=skip resumes and skips those updates.
+    proc = start(dpo_args(*demo, run, **EXPLODING, on_nonfinite="skip"), DEVICES, tmp_path / "skip")
+    assert finish(proc) == [0], output(proc)
+    assert "step 2: non-finite loss or gradient, update skipped" in stdout(proc)
+    assert [m["skipped_updates"] for m in training_lines(run)] == [0, 1, 2, 3]
+    final = params(run, 4)
+    for name in good:  # no skipped update touched the weights
+        np.testing.assert_array_equal(final[name], good[name], err_msg=name)
+
+
+def test_a_changed_config_is_refused_unless_overwrite(demo, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    proc = start(dpo_args(*demo, run, beta=0.2, num_train_steps=12), DEVICES, tmp_path / "changed")
+    assert finish(proc) == [2], output(proc)
+    error = stderr(proc).strip().splitlines()[-1]
+    assert "holds a run with a different config (beta: 0.1 -> 0.2)" in error and "--config.overwrite" in error
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # nothing touched
+
+    same = SMALL_RUN | dict(model_name_or_path=str(demo[0]), train_data=str(demo[1]), output_dir=str(run))
+    dpo.check_run_dir(run, dpo.Config(**same | dict(num_train_steps=12)))  # a longer run of the same: fine
+    dpo.check_run_dir(run, dpo.Config(**same | dict(beta=0.2, overwrite=True)))
+    assert not any((run / name).exists() for name in ("checkpoints", "hf", "metrics.jsonl"))
