@@ -284,21 +284,16 @@ def pair_logps(params, batch: dict, cfg: model.LlamaConfig, config: Config, dtyp
     # serves both and a batch-sharded array keeps each pair on one device.
     tokens = batch_reshape(batch["input_ids"], (2 * b, t))
     mask = batch_reshape(batch["loss_mask"], (2 * b, t))
-    params = jax.tree.map(lambda w: w.astype(dtype), params)
-    hidden = model.forward(
-        params,
-        tokens,
-        cfg,
-        lengths=batch_reshape(batch["lengths"], (2 * b,)),
-        compute_dtype=dtype,
-        remat=config.remat,
-        attention_impl=None if config.attention_impl == "auto" else config.attention_impl,
-    )
+    attention = None if config.attention_impl == "auto" else config.attention_impl
+    lengths = batch_reshape(batch["lengths"], (2 * b,))
+    # forward casts each layer's weights to the compute dtype as it gathers them: no full-model copy.
+    hidden = model.forward(params, tokens, cfg, lengths=lengths, compute_dtype=dtype, remat=config.remat,
+                           attention_impl=attention)  # fmt: skip
     # Position t predicts token t + 1: shift targets and mask left instead of slicing the hidden states.
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
     # Gather the FSDP shards of the LM head once; its vocabulary stays split over the tensor axis.
-    lm_head = jax.sharding.reshard(model.lm_head_weight(params), P(None, "tensor"))
+    lm_head = jax.sharding.reshard(model.lm_head_weight(params).astype(dtype), P(None, "tensor"))
     return batch_reshape(sequence_logps(hidden, lm_head, targets, mask, config.logits_chunk_size), (b, 2))
 
 
@@ -516,7 +511,7 @@ def save_checkpoint(run: Path, state: TrainState, keep: int) -> Path:
 
 
 def _checkpoints(run: Path) -> list[int]:
-    """Steps of the complete checkpoints (a partial one is never renamed into place)."""
+    """Steps of the complete checkpoints: those with the done.json marker, which is written last."""
     folder = run / "checkpoints"
     found = (
         [int(d.name[5:]) for d in folder.glob("step-*") if (d / "done.json").exists()]

@@ -37,19 +37,22 @@ def dpo_args(model_dir: Path, train_data: Path, output_dir: Path, **overrides) -
     return [f"--config.{k}={v}" for k, v in (settings | overrides).items()]
 
 
-def start(args: list[str], devices: int, log: Path, **env) -> subprocess.Popen:
-    """`python dpo.py ARGS` on `devices` fake CPU devices; stdout to LOG.out, stderr to LOG.err."""
+def start(args: list[str], devices: int, log: Path, cwd: Path = ROOT, **env) -> subprocess.Popen:
+    """`python dpo.py ARGS` in `cwd` on `devices` fake CPU devices; stdout to LOG.out, stderr to LOG.err."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "DPO_"))}
     environment |= dict(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        # Unoptimised CPU code compiles in about half the time, and compiling is most of a short run.
+        # Every run a test compares uses the same flags. (No persistent compilation cache: executables
+        # loaded from it have deadlocked in collectives between fake devices.)
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         **env,
     )
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "dpo.py"), *args], cwd=ROOT, env=environment, stdout=out, stderr=err
+            [sys.executable, str(ROOT / "dpo.py"), *args], cwd=cwd, env=environment, stdout=out, stderr=err
         )
     proc.log = log
     return proc
@@ -94,13 +97,20 @@ def training_lines(run: Path) -> list[dict]:
     return [m for m in map(json.loads, text.split("\n")[:-1]) if "loss" in m]
 
 
-def wait_for_step(run: Path, step: int, proc: subprocess.Popen) -> None:
-    """Return once the run has logged a training step >= `step` (it keeps training meanwhile)."""
+def wait_until(proc: subprocess.Popen, condition, what: str) -> None:
+    """Return as soon as `condition()` holds, while the process goes on running."""
     deadline = time.monotonic() + WAIT
-    while not any(m["step"] >= step for m in training_lines(run)):
-        assert proc.poll() is None, f"exited with {proc.returncode} before step {step}:\n{output(proc)}"
-        assert time.monotonic() < deadline, f"no step {step} after {WAIT}s:\n{output(proc)}"
+    while not condition():
+        assert proc.poll() is None, f"exited with {proc.returncode} before {what}:\n{output(proc)}"
+        assert time.monotonic() < deadline, f"no {what} after {WAIT}s:\n{output(proc)}"
         time.sleep(0.02)
+
+
+def wait_for_training(proc: subprocess.Popen) -> None:
+    """Return once process 0 has printed "training steps": it does so just before the first step, after
+    installing the SIGTERM/SIGINT handler (and, in a fresh run, after an evaluation that every process
+    takes part in, so they all have theirs). From then on, a signal means "stop after this step"."""
+    wait_until(proc, lambda: "training steps" in stdout(proc), "the training loop")
 
 
 def checkpoints(run: Path) -> list[int]:

@@ -17,7 +17,8 @@ from _fault_helpers import (
     stderr,
     stdout,
     training_lines,
-    wait_for_step,
+    wait_for_training,
+    wait_until,
 )
 
 import dpo
@@ -62,11 +63,11 @@ def test_sigterm_and_sigint_stop_at_a_checkpoint_and_the_same_command_resumes(de
     stopped_at = 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         proc = start(args, DEVICES, tmp_path / sig.name)
-        wait_for_step(run, stopped_at + 1, proc)
+        wait_for_training(proc)
         proc.send_signal(sig)
         assert finish(proc) == [0], output(proc)
         assert "Run the same command to resume" in stdout(proc)
-        assert stopped_at < checkpoints(run)[-1] < STEPS  # the step it finished, not a scheduled one
+        assert stopped_at < checkpoints(run)[-1] < STEPS  # the step it was in, scheduled or not
         if stopped_at:
             assert f"resumed from {run}/checkpoints/step-{stopped_at}" in stdout(proc)
         stopped_at = checkpoints(run)[-1]
@@ -80,11 +81,11 @@ def test_kill_9_even_mid_checkpoint_resumes_from_the_newest_complete_one(demo, u
     run = tmp_path / "run"
     args = dpo_args(*demo, run, steps_per_checkpoint=1)  # a checkpoint every step: a kill often lands in one
     proc = start(args, DEVICES, tmp_path / "killed")
-    wait_for_step(run, 3, proc)
+    wait_until(proc, lambda: checkpoints(run), "a checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     newest = checkpoints(run)[-1]
-    assert 2 <= newest < STEPS
+    assert newest < STEPS
 
     # Whatever moment the kill hit, this is the worst a crash in save_checkpoint leaves: a half-written
     # .tmp-step-N, a renamed step-N still without its done.json marker (newer than any complete one,
@@ -108,7 +109,7 @@ def test_kill_9_even_mid_checkpoint_resumes_from_the_newest_complete_one(demo, u
 
 # A learning rate of 1e38 makes step 1's update push weights to near the float32 limit, so step 2's
 # loss is NaN: a real overflow, reached without any test hook in dpo.py.
-EXPLODING = dict(learning_rate=1e38, warmup=0, num_train_steps=4, steps_per_checkpoint=1, keep_checkpoints=5)
+EXPLODING = dict(learning_rate=1e38, warmup=0, num_train_steps=4, steps_per_checkpoint=1)
 
 
 def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(demo, tmp_path):

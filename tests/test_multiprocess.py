@@ -1,0 +1,98 @@
+"""Two `python dpo.py` processes with 4 fake CPU devices each, joined by jax.distributed (gloo over
+loopback), against one process with 8 devices: the same run, step for step."""
+
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _fault_helpers import (
+    ROOT,
+    checkpoints,
+    dpo_args,
+    finish,
+    free_port,
+    output,
+    params,
+    start,
+    stdout,
+    training_lines,
+    wait_for_training,
+)
+
+import data
+import dpo
+
+STEPS = 6
+SETTINGS = dict(num_train_steps=STEPS, steps_per_checkpoint=3, mesh_data=2, mesh_fsdp=-1)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The demo model and its pairs, tokenized beforehand: a data.py output dir is read where it is."""
+    root = tmp_path_factory.mktemp("demo")
+    model_dir, pairs = dpo.make_demo(root, seed=0)
+    data.tokenize(str(pairs), str(model_dir), str(root / "tokenized"), max_seq_len=64)
+    return model_dir, root / "tokenized"
+
+
+@pytest.fixture(scope="module")
+def one_process(inputs, tmp_path_factory):
+    run = tmp_path_factory.mktemp("one") / "run"
+    proc = start(dpo_args(*inputs, run, **SETTINGS), 8, run.with_name("log"))
+    assert finish(proc) == [0], output(proc)
+    return run
+
+
+def start_two(args: list[str], log_dir: Path, cwds=(ROOT, ROOT)) -> list:
+    """Process 0 joins through the config flags, process 1 through the environment (a launch by hand)."""
+    address = f"127.0.0.1:{free_port()}"
+    flags = [f"--config.coordinator-address={address}", "--config.num-processes=2", "--config.process-id=0"]
+    env = dict(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1")
+    return [
+        start(args + flags, 4, log_dir / "p0", cwd=cwds[0]),
+        start(args, 4, log_dir / "p1", cwd=cwds[1], **env),
+    ]
+
+
+def assert_same_training(run, reference):
+    """Each step logged once, with the single process's metrics; the same final weights (f32, CPU)."""
+    ours, theirs = training_lines(run), training_lines(reference)
+    assert [m["step"] for m in ours] == [m["step"] for m in theirs] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        np.testing.assert_allclose([m[key] for m in ours], [m[key] for m in theirs], rtol=1e-5, err_msg=key)
+    final, expected = params(run, STEPS), params(reference, STEPS)
+    assert final.keys() == expected.keys()
+    for name in final:
+        np.testing.assert_allclose(final[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_two_processes_train_like_one_and_only_process_0_writes(inputs, one_process, tmp_path):
+    # The same command with a relative output_dir, each process in a directory of its own (as hosts
+    # without a shared disk would be): whatever shows up under process 1's, process 1 wrote. A fresh
+    # run with tokenized data reads nothing from its run directory, so the run is unchanged.
+    cwds = tmp_path / "p0", tmp_path / "p1"
+    for cwd in cwds:
+        cwd.mkdir()
+    procs = start_two(dpo_args(*inputs, "run", **SETTINGS), tmp_path, cwds)
+    assert finish(*procs) == [0, 0], output(procs[0])
+    run = cwds[0] / "run"
+    assert_same_training(run, one_process)
+    assert checkpoints(run) == [3, 6] and (run / "hf" / f"step-{STEPS}" / "model.safetensors").exists()
+    assert list(cwds[1].iterdir()) == []
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_both_resume(inputs, one_process, tmp_path):
+    run = tmp_path / "run"
+    args = dpo_args(*inputs, run, **SETTINGS)
+    procs = start_two(args, tmp_path)
+    wait_for_training(procs[0])
+    procs[1].send_signal(signal.SIGTERM)  # a preemption notice that reached one host only
+    assert finish(*procs) == [0, 0], output(procs[0])
+    stopped_at = checkpoints(run)[-1]
+    assert 1 <= stopped_at < STEPS and f"stopped at step {stopped_at}" in stdout(procs[0])
+
+    procs = start_two(args, tmp_path)
+    assert finish(*procs) == [0, 0], output(procs[0])
+    assert f"resumed from {run}/checkpoints/step-{stopped_at}" in stdout(procs[0])
+    assert_same_training(run, one_process)
