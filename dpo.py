@@ -22,9 +22,11 @@ parallelism. model.py holds the Llama, sharding.py the mesh, data.py the tokeniz
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -87,7 +89,7 @@ class Config:
     reference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # frozen reference weights, as above
     remat: Literal["none", "full", "save_matmuls"] = "full"  # what each layer keeps for the backward pass
     attention_impl: Literal["auto", "xla", "cudnn"] = "auto"  # jax.nn.dot_product_attention backend
-    logits_chunk_size: int = 256  # positions per chunk of the fused LM head + log-softmax
+    logits_chunk_size: int = 4096  # vocabulary entries per chunk of the fused LM head + log-softmax
     mesh_data: int = 1  # pure data-parallel replicas
     mesh_fsdp: int = -1  # FSDP: batch and parameters sharded; -1 takes the remaining devices
     mesh_tensor: int = 1  # tensor parallel: heads and MLP hidden split
@@ -202,37 +204,107 @@ DEMO_SETTINGS = dict(
 # --- the math: fused sequence log-probs and the DPO loss
 
 
-def sequence_logps(
-    hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, mask: jax.Array, chunk_size: int = 256
-) -> jax.Array:
+def sequence_logps(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, mask: jax.Array,
+                   chunk_size: int = 4096) -> jax.Array:  # fmt: skip
     """Summed log-probs of the scored targets, without ever materialising [N, T, V] logits.
 
     hidden [N, T, D] final hidden states; lm_head [D, V]; targets [N, T] int (targets[n, t] is the
     token after position t); mask [N, T] bool (True: targets[n, t] is scored). Returns [N] f32:
         sum_t mask[n, t] * log_softmax(hidden[n, t] @ lm_head)[targets[n, t]]
-    computed one chunk of positions at a time: logits for the chunk, log-sum-exp in f32, the
-    target's logit, a masked sum. The chunk body is rematerialised, so the backward pass is chunked
-    too: only one chunk's [N, c, V] logits (and their gradient) are alive at any moment.
+    computed over chunks of about `chunk_size` vocabulary entries: the forward pass keeps a running
+    log-sum-exp (f32) and the target's logit; the backward pass (a custom VJP) recomputes one
+    chunk's logits at a time, writes that chunk's LM-head gradient columns in place and adds its
+    share of the hidden-state gradient. Only one chunk's [N, T, C] logits are alive at any moment,
+    and no [D, V]-sized buffer is ever accumulated.
     """
-    n, t, _ = hidden.shape
-    c = min(chunk_size, t)
-    if pad := -t % c:  # pad positions to whole chunks; padded targets are unscored
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
-    chunks = lambda x: jnp.moveaxis(x.reshape(n, -1, c, *x.shape[2:]), 1, 0)  # [chunks, N, c, ...]
+    return _logps_forward(hidden, lm_head, targets, mask, chunk_size)[0]
 
-    @jax.checkpoint
-    def chunk_logps(h, tgt, m):
-        logits = jnp.einsum("ncd,dv->ncv", h, lm_head, preferred_element_type=jnp.float32)
-        # A one-hot select rather than a gather: it stays a local elementwise op plus a reduction
-        # when the vocabulary is split over the tensor axis.
-        target_logit = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == tgt[..., None], logits, 0.0), -1)
-        return jnp.sum(jnp.where(m, target_logit - jax.nn.logsumexp(logits, -1), 0.0), -1)
 
-    _, per_chunk = jax.lax.scan(
-        lambda _, xs: (None, chunk_logps(*xs)), None, (chunks(hidden), chunks(targets), chunks(mask))
-    )
-    return per_chunk.sum(0)
+def _spec(x: jax.Array) -> tuple:
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def _on_mesh(spec: P) -> P | None:
+    """The output sharding to ask for: under a mesh, `spec`; outside one (single-device use) none."""
+    return None if jax.sharding.get_abstract_mesh().empty else spec
+
+
+def _vocab_chunks(lm_head: jax.Array, chunk_size: int) -> jax.Array:
+    """[D, V] -> [D, S, n, C]: the S tensor-parallel shards of the vocabulary (S = 1 without tensor
+    parallelism), each cut into n contiguous chunks of C columns (the last padded). Chunk i is
+    w[:, :, i, :]: C consecutive ids from every shard, so it stays split over the tensor axis like
+    the whole head, and reading it touches S contiguous blocks per row."""
+    d, v = lm_head.shape
+    spec = _spec(lm_head)
+    axes = () if spec[1] is None else spec[1] if isinstance(spec[1], tuple) else (spec[1],)
+    shards = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
+    n = math.ceil(v / chunk_size)
+    c = math.ceil(v // shards / n)
+    w = jnp.reshape(lm_head, (d, shards, v // shards), out_sharding=_on_mesh(P(*spec, None)))
+    w = jnp.pad(w, ((0, 0), (0, 0), (0, n * c - v // shards)))
+    return jnp.reshape(w, (d, shards, n, c), out_sharding=_on_mesh(P(*spec, None, None)))
+
+
+def _chunk_logits(hidden, chunks, i, vocab_size):
+    """Chunk i's f32 logits [N, T, S, C] (padding columns at -inf) and each column's vocabulary id."""
+    logits = jnp.einsum("ntd,dsc->ntsc", hidden, chunks[:, :, i], preferred_element_type=jnp.float32)
+    shards, _, c = chunks.shape[1:]
+    offset = i * c + jnp.arange(c)  # position inside the shard
+    real = offset < vocab_size // shards
+    ids = jnp.where(real, jnp.arange(shards)[:, None] * (vocab_size // shards) + offset, -1)
+    return jnp.where(real, logits, -jnp.inf), ids
+
+
+def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
+    chunks = _vocab_chunks(lm_head, chunk_size)
+    zero = jnp.zeros_like(hidden[..., 0], dtype=jnp.float32)  # [N, T], sharded like the rows
+
+    def step(carry, i):  # a running log-sum-exp over the chunks, and the target's logit
+        high, total, target = carry
+        logits, ids = _chunk_logits(hidden, chunks, i, lm_head.shape[1])
+        new_high = jnp.maximum(high, logits.max((-2, -1)))
+        total = total * jnp.exp(high - new_high) + jnp.exp(logits - new_high[..., None, None]).sum((-2, -1))
+        # A one-hot select rather than a gather: it stays local when the vocabulary is split.
+        target += jnp.sum(jnp.where(ids == targets[..., None, None], logits, 0.0), (-2, -1))
+        return (new_high, total, target), None
+
+    (high, total, target), _ = jax.lax.scan(step, (zero - jnp.inf, zero, zero), jnp.arange(chunks.shape[2]))
+    logsumexp = high + jnp.log(total)
+    logps = jnp.sum(jnp.where(mask, target - logsumexp, 0.0), -1)
+    return logps, (hidden, lm_head, targets, mask, logsumexp)
+
+
+def _logps_backward(chunk_size, residuals, grad):
+    hidden, lm_head, targets, mask, logsumexp = residuals
+    chunks = _vocab_chunks(lm_head, chunk_size)
+    scale = jnp.where(mask, grad[:, None], 0.0)[..., None, None]  # d loss / d log p(target)
+
+    def step(carry, i):
+        d_hidden, d_chunks = carry
+        logits, ids = _chunk_logits(hidden, chunks, i, lm_head.shape[1])
+        # d log p(target) / d logits = onehot(target) - softmax(logits), one chunk of columns at a time.
+        probs = jnp.exp(logits - logsumexp[..., None, None])
+        d_logits = (scale * ((ids == targets[..., None, None]) - probs)).astype(hidden.dtype)
+        # Sums over the chunk's columns (split over tensor) and over the rows (split over data x fsdp):
+        # the out_shardings ask for those all-reduces.
+        d_hidden += jnp.einsum("ntsc,dsc->ntd", d_logits, chunks[:, :, i], preferred_element_type=jnp.float32,
+                               out_sharding=_on_mesh(P(*_spec(hidden))))  # fmt: skip
+        d_w = jnp.einsum("ntd,ntsc->dsc", hidden, d_logits, preferred_element_type=jnp.float32,
+                         out_sharding=_on_mesh(P(*_spec(chunks)[:2], None)))  # fmt: skip
+        return (d_hidden, d_chunks.at[:, :, i].set(d_w.astype(d_chunks.dtype))), None
+
+    start = (jnp.zeros_like(hidden, dtype=jnp.float32), jnp.zeros_like(chunks))
+    (d_hidden, d_chunks), _ = jax.lax.scan(step, start, jnp.arange(chunks.shape[2]))
+    d, shards, n, c = chunks.shape
+    d_head = jnp.reshape(d_chunks, (d, shards, n * c), out_sharding=_on_mesh(P(*_spec(chunks)[:2], None)))
+    d_head = jnp.reshape(d_head[:, :, : lm_head.shape[1] // shards], lm_head.shape,
+                         out_sharding=_on_mesh(P(*_spec(lm_head))))  # fmt: skip
+    return d_hidden.astype(hidden.dtype), d_head, None, None
+
+
+sequence_logps = jax.custom_vjp(sequence_logps, nondiff_argnums=(4,))
+sequence_logps.defvjp(_logps_forward, _logps_backward)
 
 
 def dpo_loss(
@@ -591,7 +663,7 @@ def make_demo(root: Path, seed: int) -> tuple[Path, Path]:
         eos_token_id=(vocab["<|eot_id|>"],),
         pad_token_id=vocab["<|pad|>"],
     )
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    mesh = sharding.make_mesh(-1, 1, 1)  # replicated: every process can take part in the export
     with jax.set_mesh(mesh):
         model.save_hf(model.init_params(cfg, jax.random.key(seed), mesh), cfg, model_dir, dtype="float32")
     if jax.process_index() == 0:
@@ -834,6 +906,26 @@ def step_flops(cfg: model.LlamaConfig, lengths: np.ndarray, live_reference: bool
     return passes * cfg.num_matmul_params * tokens + passes / 2 * attention
 
 
+@contextlib.contextmanager
+def stop_requests():
+    """While inside, SIGTERM (preemption) and SIGINT (Ctrl-C) only note a request, which the loop
+    honours after the current step: checkpoint, exit 0. A second Ctrl-C quits at once; a repeated
+    SIGTERM (launchers send several) changes nothing. The previous handlers come back on exit."""
+    requested = []
+
+    def request(signum, frame):
+        requested.append(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # --- main: the training loop, top to bottom
 
 
@@ -861,7 +953,8 @@ def main(config: Config) -> Path:
     sharding.check_divisible(cfg, mesh, config.microbatch_size or config.train_batch_size)
     if chief:  # written only once the config has passed every check
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        (run / "config.json.tmp").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        os.replace(run / "config.json.tmp", run / "config.json")  # a kill never leaves half a config
     tokenizer = config.tokenizer or str(model_dir)
     train_dir = prepare_data(
         config.train_data, config.train_split, tokenizer, run / "data", config.max_seq_len
@@ -945,17 +1038,6 @@ def main(config: Config) -> Path:
         )
         return out
 
-    # --- stop cleanly on SIGTERM (preemption) / SIGINT (Ctrl-C): finish the step, checkpoint, exit 0
-    stop_requested = []
-
-    def request_stop(signum, frame):
-        stop_requested.append(signum)
-        if signum == signal.SIGINT:  # a second Ctrl-C quits at once; launchers may repeat SIGTERM
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, request_stop)
-
     def should_stop() -> bool:
         flag = np.int32(bool(stop_requested))
         if jax.process_count() > 1:  # every process must stop at the same step
@@ -965,7 +1047,7 @@ def main(config: Config) -> Path:
     # --- the loop
     log = MetricsLog(run, config, start)
     peak = peak_flops(jax.devices()[0])
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), stop_requests() as stop_requested:
         if start == 0:
             metrics = evaluate(state)
             log.log(0, metrics)

@@ -53,20 +53,21 @@ def test_fused_logps_equal_naive_in_value_and_gradient(chunk):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_logps_on_a_mesh_equal_single_device():
+@pytest.mark.parametrize("chunk", [8, 12])  # 12: chunks padded inside each tensor shard
+def test_fused_logps_on_a_mesh_equal_naive_in_value_and_gradient(chunk):
     hidden, lm_head, targets, mask = random_inputs(3, n=8, t=16, d=16, v=64)
-    expected = naive_logps(hidden, lm_head, targets, mask)
-    mesh = sharding.make_mesh(2, 2, 2)
-    with jax.set_mesh(mesh):
+    loss = lambda fn: lambda h, w: jnp.sum(jnp.arange(8.0) * fn(h, w, targets, mask))
+    expected = jax.value_and_grad(loss(naive_logps), argnums=(0, 1))(hidden, lm_head)
+    fused = lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=chunk)
+    with jax.set_mesh(sharding.make_mesh(2, 2, 2)):
         batch = P(("data", "fsdp"))
-        args = (
-            jax.device_put(hidden, batch),
-            jax.device_put(lm_head, P(None, "tensor")),
-            jax.device_put(targets, batch),
-            jax.device_put(mask, batch),
-        )
-        got = jax.jit(lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=8))(*args)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+        hidden_s, head_s = jax.device_put(hidden, batch), jax.device_put(lm_head, P(None, "tensor"))
+        targets, mask = jax.device_put(targets, batch), jax.device_put(mask, batch)
+        value, grads = jax.jit(jax.value_and_grad(loss(fused), argnums=(0, 1)))(hidden_s, head_s)
+        assert jax.typeof(grads[1]).sharding.spec == P(None, "tensor")  # sharded like the head
+    np.testing.assert_allclose(value, expected[0], rtol=1e-5)
+    for got, want in zip(grads, expected[1], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def log_sigmoid(x):
