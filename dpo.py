@@ -230,46 +230,48 @@ def _on_mesh(spec: P) -> P | None:
     return None if jax.sharding.get_abstract_mesh().empty else spec
 
 
-def _vocab_chunks(lm_head: jax.Array, chunk_size: int) -> jax.Array:
-    """[D, V] -> [D, S, n, C]: the S tensor-parallel shards of the vocabulary (S = 1 without tensor
-    parallelism), each cut into n contiguous chunks of C columns (the last padded). Chunk i is
-    w[:, :, i, :]: C consecutive ids from every shard, so it stays split over the tensor axis like
-    the whole head, and reading it touches S contiguous blocks per row."""
-    d, v = lm_head.shape
+def _chunking(lm_head: jax.Array, chunk_size: int) -> tuple[int, int, int]:
+    """(S, n, C): the head's vocabulary is split over S tensor-parallel shards (S = 1 without tensor
+    parallelism); each shard's columns are cut into n contiguous chunks of C."""
     spec = _spec(lm_head)
     axes = () if spec[1] is None else spec[1] if isinstance(spec[1], tuple) else (spec[1],)
     shards = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
-    n = math.ceil(v / chunk_size)
-    c = math.ceil(v // shards / n)
-    w = jnp.reshape(lm_head, (d, shards, v // shards), out_sharding=_on_mesh(P(*spec, None)))
-    w = jnp.pad(w, ((0, 0), (0, 0), (0, n * c - v // shards)))
-    return jnp.reshape(w, (d, shards, n, c), out_sharding=_on_mesh(P(*spec, None, None)))
+    count = math.ceil(lm_head.shape[1] / chunk_size)
+    return shards, count, math.ceil(lm_head.shape[1] // shards / count)
 
 
-def _chunk_logits(hidden, chunks, i, vocab_size):
-    """Chunk i's f32 logits [N, T, S, C] (padding columns at -inf) and each column's vocabulary id."""
-    logits = jnp.einsum("ntd,dsc->ntsc", hidden, chunks[:, :, i], preferred_element_type=jnp.float32)
-    shards, _, c = chunks.shape[1:]
-    offset = i * c + jnp.arange(c)  # position inside the shard
-    real = offset < vocab_size // shards
-    ids = jnp.where(real, jnp.arange(shards)[:, None] * (vocab_size // shards) + offset, -1)
-    return jnp.where(real, logits, -jnp.inf), ids
+def _chunk_logits(hidden, lm_head, i, chunk_size):
+    """Chunk i of the head [D, S, C] (C consecutive columns of every shard, so it stays split over the
+    tensor axis like the whole head), its f32 logits [N, T, S, C], each column's vocabulary id, and
+    where the chunk starts inside a shard. The last chunk starts early enough to end at the shard's
+    end; its columns that the chunk before already covered get id -1 and logit -inf."""
+    (d, v), (shards, _, width) = lm_head.shape, _chunking(lm_head, chunk_size)
+    # Viewing the head as [D, S, V/S] here, inside the loop, lets XLA slice it where it lies; the same
+    # reshape outside the loop made XLA:CPU copy the whole head.
+    view = jnp.reshape(lm_head, (d, shards, v // shards), out_sharding=_on_mesh(P(*_spec(lm_head), None)))
+    start = jnp.minimum(i * width, v // shards - width)
+    head = jax.lax.dynamic_slice_in_dim(view, start, width, axis=2)
+    logits = jnp.einsum("ntd,dsc->ntsc", hidden, head, preferred_element_type=jnp.float32)
+    offset = start + jnp.arange(width)  # column inside the shard
+    new = offset >= i * width
+    ids = jnp.where(new, jnp.arange(shards)[:, None] * (v // shards) + offset, -1)
+    return jnp.where(new, logits, -jnp.inf), ids, head, start
 
 
 def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
-    chunks = _vocab_chunks(lm_head, chunk_size)
     zero = jnp.zeros_like(hidden[..., 0], dtype=jnp.float32)  # [N, T], sharded like the rows
 
     def step(carry, i):  # a running log-sum-exp over the chunks, and the target's logit
         high, total, target = carry
-        logits, ids = _chunk_logits(hidden, chunks, i, lm_head.shape[1])
+        logits, ids, _, _ = _chunk_logits(hidden, lm_head, i, chunk_size)
         new_high = jnp.maximum(high, logits.max((-2, -1)))
         total = total * jnp.exp(high - new_high) + jnp.exp(logits - new_high[..., None, None]).sum((-2, -1))
         # A one-hot select rather than a gather: it stays local when the vocabulary is split.
         target += jnp.sum(jnp.where(ids == targets[..., None, None], logits, 0.0), (-2, -1))
         return (new_high, total, target), None
 
-    (high, total, target), _ = jax.lax.scan(step, (zero - jnp.inf, zero, zero), jnp.arange(chunks.shape[2]))
+    count = _chunking(lm_head, chunk_size)[1]
+    (high, total, target), _ = jax.lax.scan(step, (zero - jnp.inf, zero, zero), jnp.arange(count))
     logsumexp = high + jnp.log(total)
     logps = jnp.sum(jnp.where(mask, target - logsumexp, 0.0), -1)
     return logps, (hidden, lm_head, targets, mask, logsumexp)
@@ -277,29 +279,32 @@ def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
 
 def _logps_backward(chunk_size, residuals, grad):
     hidden, lm_head, targets, mask, logsumexp = residuals
-    chunks = _vocab_chunks(lm_head, chunk_size)
+    (d, v), (shards, count, width) = lm_head.shape, _chunking(lm_head, chunk_size)
     scale = jnp.where(mask, grad[:, None], 0.0)[..., None, None]  # d loss / d log p(target)
+    head_spec = _on_mesh(P(*_spec(lm_head), None))
 
     def step(carry, i):
-        d_hidden, d_chunks = carry
-        logits, ids = _chunk_logits(hidden, chunks, i, lm_head.shape[1])
+        d_hidden, d_head = carry
+        logits, ids, head, start = _chunk_logits(hidden, lm_head, i, chunk_size)
         # d log p(target) / d logits = onehot(target) - softmax(logits), one chunk of columns at a time.
         probs = jnp.exp(logits - logsumexp[..., None, None])
         d_logits = (scale * ((ids == targets[..., None, None]) - probs)).astype(hidden.dtype)
         # Sums over the chunk's columns (split over tensor) and over the rows (split over data x fsdp):
         # the out_shardings ask for those all-reduces.
-        d_hidden += jnp.einsum("ntsc,dsc->ntd", d_logits, chunks[:, :, i], preferred_element_type=jnp.float32,
+        d_hidden += jnp.einsum("ntsc,dsc->ntd", d_logits, head, preferred_element_type=jnp.float32,
                                out_sharding=_on_mesh(P(*_spec(hidden))))  # fmt: skip
         d_w = jnp.einsum("ntd,ntsc->dsc", hidden, d_logits, preferred_element_type=jnp.float32,
-                         out_sharding=_on_mesh(P(*_spec(chunks)[:2], None)))  # fmt: skip
-        return (d_hidden, d_chunks.at[:, :, i].set(d_w.astype(d_chunks.dtype))), None
+                         out_sharding=head_spec)  # fmt: skip
+        # Added in place rather than set: the columns the last chunk shares with the one before
+        # carry a zero gradient here and keep theirs.
+        d_w += jax.lax.dynamic_slice_in_dim(d_head, start, width, axis=2)
+        d_head = jax.lax.dynamic_update_slice_in_dim(d_head, d_w.astype(d_head.dtype), start, axis=2)
+        return (d_hidden, d_head), None
 
-    start = (jnp.zeros_like(hidden, dtype=jnp.float32), jnp.zeros_like(chunks))
-    (d_hidden, d_chunks), _ = jax.lax.scan(step, start, jnp.arange(chunks.shape[2]))
-    d, shards, n, c = chunks.shape
-    d_head = jnp.reshape(d_chunks, (d, shards, n * c), out_sharding=_on_mesh(P(*_spec(chunks)[:2], None)))
-    d_head = jnp.reshape(d_head[:, :, : lm_head.shape[1] // shards], lm_head.shape,
-                         out_sharding=_on_mesh(P(*_spec(lm_head))))  # fmt: skip
+    d_head = jnp.zeros((d, shards, v // shards), lm_head.dtype, out_sharding=head_spec)
+    (d_hidden, d_head), _ = jax.lax.scan(step, (jnp.zeros_like(hidden, dtype=jnp.float32), d_head),
+                                         jnp.arange(count))  # fmt: skip
+    d_head = jnp.reshape(d_head, (d, v), out_sharding=_on_mesh(P(*_spec(lm_head))))
     return d_hidden.astype(hidden.dtype), d_head, None, None
 
 
