@@ -70,6 +70,20 @@ def test_fused_logps_on_a_mesh_equal_naive_in_value_and_gradient(chunk):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_logps_in_bfloat16_stay_close_to_the_f32_formula():
+    hidden, lm_head, targets, mask = random_inputs(5, n=4, t=32, d=32, v=300)
+    loss = lambda fn: lambda h, w: jnp.sum(fn(h, w, targets, mask))
+    want, want_grads = jax.value_and_grad(loss(naive_logps), argnums=(0, 1))(hidden, lm_head)
+    fused = lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=64)
+    bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+    got, grads = jax.value_and_grad(loss(fused), argnums=(0, 1))(bf16(hidden), bf16(lm_head))
+    assert grads[0].dtype == grads[1].dtype == jnp.bfloat16
+    assert abs(float(got) - float(want)) <= 1e-2 * abs(float(want))
+    for g, w in zip(grads, want_grads, strict=True):
+        error = np.linalg.norm(np.asarray(g, np.float32) - w) / np.linalg.norm(w)
+        assert error < 2e-2, error
+
+
 def log_sigmoid(x):
     return -math.log1p(math.exp(-x))
 
