@@ -164,41 +164,16 @@ class Config:
 
 
 # Fields that change how a run is operated but not what it computes: a resumed run may change them.
-OPERATIONAL_FIELDS = {
-    "output_dir",
-    "overwrite",
-    "num_train_steps",
-    "steps_per_eval",
-    "max_eval_batches",
-    "steps_per_checkpoint",
-    "keep_checkpoints",
-    "steps_per_hf_export",
-    "hf_save_dtype",
-    "log_every",
-    "wandb_project",
-    "coordinator_address",
-    "num_processes",
-    "process_id",
-    "on_nonfinite",
-}
+OPERATIONAL_FIELDS = {"output_dir", "overwrite", "num_train_steps", "steps_per_eval", "max_eval_batches",
+                      "steps_per_checkpoint", "keep_checkpoints", "steps_per_hf_export", "hf_save_dtype",
+                      "log_every", "wandb_project", "coordinator_address", "num_processes", "process_id",
+                      "on_nonfinite"}  # fmt: skip
 
 # The demo's settings, used for the fields a demo run leaves at their defaults (a tiny model from
 # scratch learns at a far higher rate than a pretrained 8B model tolerates).
-DEMO_SETTINGS = dict(
-    train_batch_size=32,
-    num_train_steps=120,
-    learning_rate=3e-3,
-    warmup=0.05,
-    cooldown=0.2,
-    max_seq_len=64,
-    steps_per_eval=30,
-    steps_per_checkpoint=60,
-    steps_per_hf_export=120,
-    output_dir="runs/demo",
-    logits_chunk_size=32,
-    log_every=10,
-    adam_b2=0.99,
-)
+DEMO_SETTINGS = dict(train_batch_size=32, num_train_steps=120, learning_rate=3e-3, warmup=0.05, cooldown=0.2,
+                     max_seq_len=64, steps_per_eval=30, steps_per_checkpoint=60, steps_per_hf_export=120,
+                     output_dir="runs/demo", logits_chunk_size=32, log_every=10, adam_b2=0.99)  # fmt: skip
 
 
 # --- the math: fused sequence log-probs and the DPO loss
@@ -374,16 +349,8 @@ def pair_logps(params, batch: dict, cfg: model.LlamaConfig, config: Config, dtyp
     return batch_reshape(sequence_logps(hidden, lm_head, targets, mask, config.logits_chunk_size), (b, 2))
 
 
-METRIC_SUMS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "weight",
-)
+METRIC_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected", "weight")  # fmt: skip
 
 
 def pair_metrics(policy: jax.Array, reference: jax.Array, weight: jax.Array, config: Config):
@@ -874,23 +841,11 @@ class MetricsLog:
 
 
 # Copied into every export beside the weights, so transformers loads the tokenizer from it too.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")  # fmt: skip
 
-PEAK_BF16_FLOPS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
+                   "TPU v5e": 197e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}  # fmt: skip
 
 
 def peak_flops(device: jax.Device) -> float | None:
