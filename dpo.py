@@ -984,18 +984,17 @@ def main(config: Config) -> Path:
         weight = totals.pop("weight", 0.0)
         return {f"eval/{k}": v / max(weight, 1e-9) for k, v in totals.items()}
 
+    # What every export carries beside the weights, found once: a Hub tokenizer is not looked up
+    # again mid-run, where a network hiccup would fail an export.
+    generation = model_dir / "generation_config.json"  # keeps the end-of-turn ids the model was given
+    generation = json.loads(generation.read_text()) if generation.exists() else None
+    tok_dir = model.resolve_path(tokenizer, allow_patterns=("*.json", "*.jinja"))
+    tokenizer_files = [tok_dir / name for name in TOKENIZER_FILES if (tok_dir / name).exists()]
+
     def export(state) -> Path:
         out = run / "hf" / f"step-{int(state.step)}"
-        gen = model_dir / "generation_config.json"  # keeps the end-of-turn ids the model was given
-        tok_dir = model.resolve_path(tokenizer, allow_patterns=("*.json", "*.jinja"))
-        model.save_hf(
-            state.params,
-            cfg,
-            out,
-            dtype=config.hf_save_dtype,
-            generation_config=json.loads(gen.read_text()) if gen.exists() else None,
-            extra_files=[tok_dir / name for name in TOKENIZER_FILES if (tok_dir / name).exists()],
-        )
+        model.save_hf(state.params, cfg, out, dtype=config.hf_save_dtype, generation_config=generation,
+                      extra_files=tokenizer_files)  # fmt: skip
         return out
 
     def should_stop() -> bool:
