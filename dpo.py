@@ -962,14 +962,12 @@ def main(config: Config) -> Path:
 
     # --- batches
     start = int(state.step)
-    local_batch = config.train_batch_size // jax.process_count()
     loader = dict(
         process_index=jax.process_index(), process_count=jax.process_count(), max_seq_len=config.max_seq_len
     )
     train_batches = data.train_batches(
         train_set, train_idx, batch_size=config.train_batch_size, seed=config.seed, start_step=start, **loader
     )
-    assert local_batch > 0
 
     def evaluate(state) -> dict[str, float]:
         totals: dict[str, float] = {}
