@@ -514,12 +514,6 @@ def _leaf_name(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")  # e.g. opt_state/1/0/mu/layers/wq
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    # Gather one array at a time (every process takes part in the collective), so a host holds at
-    # most one whole tensor in memory.
-    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
-
-
 def save_checkpoint(run: Path, state: TrainState, keep: int) -> Path:
     """Write checkpoints/step-N: files into .tmp-step-N, renamed to step-N, then the done.json marker.
     Only a directory with the marker counts, so a crash at any moment leaves the newest complete
@@ -532,7 +526,7 @@ def save_checkpoint(run: Path, state: TrainState, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        array = _to_host(leaf)
+        array = sharding.to_host(leaf)
         if writer:
             file = tmp / f"{_leaf_name(path)}.npy"
             file.parent.mkdir(parents=True, exist_ok=True)

@@ -583,7 +583,7 @@ def save_hf(
 
         def fetch():
             x = _export_layer(array, layer, np_dtype) if layer is not None else _export_cast(array, np_dtype)
-            x = multihost_utils.process_allgather(x, tiled=True)  # whole on every host
+            x = sharding.to_host(x)  # whole on every host
             return x.reshape(hf_shape[1], hf_shape[0]).T if n_in else x
 
         return name.format(layer), tuple(hf_shape), fetch

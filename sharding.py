@@ -21,6 +21,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor")
@@ -91,6 +92,13 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
         check_batch_size(array.shape[0] * jax.process_count(), mesh)
         out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, array.ndim), array)
     return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a global array as numpy on this host. Every process must call it (a sharded array
+    spanning processes is gathered by a collective); one array at a time keeps a host's memory peak
+    at about one tensor."""
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
 def _launched_as_several_processes(env) -> bool:
