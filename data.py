@@ -7,8 +7,9 @@ Each conversation is rendered with the model's own chat template and tokenized e
 `apply_chat_template(messages, tokenize=True)` does. The loss mask scores the assistant turns (content and
 end-of-turn token); system, user and header tokens are not scored. Unusable rows go to rejects.jsonl with
 a reason, never stopping the run. Output: Parquet shards (one row per pair), summary.json, rejects.jsonl,
-written atomically. The loader reads the shards a row group at a time, shuffles per epoch from the seed,
-resumes at any step and hands each process its slice of the global batch, padded to a few bucket lengths.
+written atomically. The loader reads the shards a row group at a time, shuffles per epoch from the seed
+(optionally grouping pairs of like length), resumes at any step and hands each process its slice of the
+global batch, padded to a few bucket lengths.
 
 Left out on purpose: sequence packing, multimodal content, streaming from the Hub (a split is downloaded),
 and transformers' load-time tokenizer rewrites (tokenizer.json is used as it is; tests check parity).
@@ -738,6 +739,13 @@ def _batches(dataset, indices, batch_size, process_index, process_count, max_seq
     return batches()
 
 
+def by_length(dataset: PairDataset, indices: Sequence[int]) -> np.ndarray:
+    """`indices` from the shortest pair to the longest (a pair's length: its longer side, which sets its
+    padded width), ties kept in the given order."""
+    indices = np.asarray(indices, np.int64)
+    return indices[np.argsort(dataset.lengths[indices].max(axis=1), kind="stable")]
+
+
 def train_batches(
     dataset: PairDataset,
     indices: Sequence[int],
@@ -749,17 +757,31 @@ def train_batches(
     process_count: int = 1,
     max_seq_len: int,
     bucket: int = 128,
+    group_by_length: bool = False,
+    window: int = 64,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches of batch_size pairs (global), reshuffled each epoch from (seed, epoch). Step s is
     computed, not reached by reading steps before it, so a resumed run continues exactly. Each epoch
-    leaves out its last partial batch (a different remainder each epoch)."""
+    leaves out its last partial batch (a different remainder each epoch).
+
+    group_by_length: each epoch's shuffled pairs are sorted by length within runs of `window` batches, cut
+    into batches, and those batches shuffled again. A batch then holds pairs of like length and pads far
+    less; each epoch still covers the same pairs once, and batch order stays random beyond the window."""
     indices = np.asarray(indices, np.int64)
     steps_per_epoch = len(indices) // batch_size
     if not steps_per_epoch:
         raise ValueError(f"{len(indices)} training pairs are fewer than one batch of {batch_size}")
-    order = functools.lru_cache(maxsize=1)(  # one permutation per epoch
-        lambda epoch: np.random.default_rng([seed, _SHUFFLE_STREAM, epoch]).permutation(indices)
-    )
+
+    @functools.lru_cache(maxsize=1)  # one order per epoch
+    def order(epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, _SHUFFLE_STREAM, epoch])
+        pairs = rng.permutation(indices)[: steps_per_epoch * batch_size]
+        if group_by_length:
+            run = window * batch_size
+            sorted_runs = (by_length(dataset, pairs[at : at + run]) for at in range(0, len(pairs), run))
+            pairs = np.concatenate([rng.permutation(r.reshape(-1, batch_size)) for r in sorted_runs])
+        return pairs.reshape(-1)
+
     weight = np.ones(batch_size, np.float32)
     steps = (
         (order(step // steps_per_epoch)[step % steps_per_epoch * batch_size :][:batch_size], weight)

@@ -580,6 +580,41 @@ def test_train_batches_are_deterministic_resumable_and_exact(dataset_dir):
     assert {b["input_ids"].shape[-1] for b in first} == {96, 140}  # rounded up to the bucket, or capped
 
 
+def test_length_grouped_batches_cover_the_same_pairs_and_pad_less(dataset_dir):
+    dataset = data.PairDataset(dataset_dir)
+    rows, keys = pair_keys(dataset_dir)
+    longest = {k: max(r["chosen_length"], r["rejected_length"]) for k, r in enumerate(rows)}
+    train, _ = data.split_indices(len(dataset), 0.2, seed=3)
+    kwargs = dict(batch_size=4, seed=5, max_seq_len=140, bucket=8)
+    steps_per_epoch, window = len(train) // 4, 3  # 10 steps: runs of 3, 3, 3 and 1 batches
+    plain = take(data.train_batches(dataset, train, **kwargs), 2 * steps_per_epoch)
+    grouped = take(data.train_batches(dataset, train, group_by_length=True, window=window, **kwargs), 25)
+    resumed = take(data.train_batches(dataset, train, start_step=13, group_by_length=True, window=window,
+                                      **kwargs), 12)  # fmt: skip
+    for a, b in zip(grouped[13:], resumed, strict=True):  # crosses the epoch boundary at step 20
+        assert all(np.array_equal(a[key], b[key]) for key in a)
+    ascending = []  # per run of batches: did they come shortest first?
+    for epoch in range(2):
+        epoch_batches = slice(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+        pairs = [batch_pairs(b, keys) for b in grouped[epoch_batches]]
+        # The same pairs as the ungrouped epoch (the same shuffle, reordered), each once.
+        assert sorted(sum(pairs, [])) == sorted(k for b in plain[epoch_batches] for k in batch_pairs(b, keys))
+        for start in range(0, steps_per_epoch, window):  # within a run, batches hold disjoint length ranges
+            ranges = [
+                (min(longest[k] for k in b), max(longest[k] for k in b)) for b in pairs[start:][:window]
+            ]
+            assert all(low[1] <= high[0] for low, high in itertools.pairwise(sorted(ranges)))
+            ascending.append(ranges == sorted(ranges))
+    assert not all(ascending)  # batch order is shuffled again, not shortest first
+    for batch in grouped:
+        check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=140, bucket=8)
+    efficiency = lambda batches: (
+        sum(b["lengths"].sum() for b in batches) / sum(b["input_ids"].size for b in batches)
+    )
+    # chosen sides vary, rejected ones are short: less to gain than on real data
+    assert efficiency(grouped[:steps_per_epoch]) > 1.05 * efficiency(plain[:steps_per_epoch])
+
+
 def test_split_is_disjoint_deterministic_and_optional():
     train, validation = data.split_indices(1000, 0.1, seed=0)
     assert len(validation) == 100 and not set(train) & set(validation)
@@ -590,10 +625,10 @@ def test_split_is_disjoint_deterministic_and_optional():
     assert train.tolist() == list(range(10)) and len(validation) == 0
 
 
-@pytest.mark.parametrize("process_count", [2, 4])
-def test_process_slices_partition_the_global_batch(dataset_dir, process_count):
+@pytest.mark.parametrize("process_count, group_by_length", [(2, False), (4, False), (4, True)])
+def test_process_slices_partition_the_global_batch(dataset_dir, process_count, group_by_length):
     dataset = data.PairDataset(dataset_dir)
-    kwargs = dict(batch_size=8, seed=1, max_seq_len=256, bucket=64)
+    kwargs = dict(batch_size=8, seed=1, max_seq_len=256, bucket=64, group_by_length=group_by_length, window=2)
     whole = take(data.train_batches(dataset, range(50), **kwargs), 4)
     slices = [
         take(
