@@ -12,8 +12,9 @@ Sections:
             divided by the chips' dense bf16 peak), compile time, compiled peak memory; variants
             reference:remat:attention (reference live or precompute; remat none, full, save_matmuls;
             attention auto, xla, cudnn).
-  padding   batches padded to max_seq_len against data.py's bucketed widths, on an UltraFeedback-like
-            length mix: processed tokens, padding efficiency (real / processed) and step time.
+  padding   batches padded to max_seq_len against data.py's bucketed widths, with and without
+            group_by_length, on an UltraFeedback-like length mix: processed tokens, padding
+            efficiency (real / processed) and step time.
   compile   compile time of the train step against the number of layers (scanned, so flat).
   memory    the largest per-chip batch of the 1B, 3B and 8B shapes under FSDP: computed from the sizes,
             and from compiled programs (on an accelerator against its memory; on CPU as a cross-check).
@@ -272,7 +273,7 @@ def bench_step(shapes, variants, pairs, seq, steps, mesh, dtype, profile, togeth
     return results
 
 
-# --- padding: max_seq_len against bucketed widths
+# --- padding: max_seq_len against bucketed widths and length-grouped batches
 
 
 class SyntheticPairs:
@@ -298,28 +299,26 @@ class SyntheticPairs:
 def bench_padding(cfg, mesh, dtype, pairs_per_batch: int, steps: int, max_seq_len: int = 2048) -> dict:
     pairs, rows, results = SyntheticPairs(20_000, max_seq_len), [], {}
 
-    def batches(batch_size: int, bucket: int, count: int = 50):
+    def batches(batch_size: int, bucket: int, grouped: bool, count: int = 50):
         loader = data.train_batches(pairs, np.arange(len(pairs)), batch_size=batch_size, seed=0,
-                                    max_seq_len=max_seq_len, bucket=bucket)  # fmt: skip
+                                    max_seq_len=max_seq_len, bucket=bucket,
+                                    group_by_length=grouped)  # fmt: skip
         out = [next(loader) for _ in range(count)]
         return out, sum(b["lengths"].sum() for b in out) / sum(b["input_ids"].size for b in out)
 
-    for name, bucket in (("pad to max_seq_len", max_seq_len), ("bucketed widths (data.py, 128)", 128)):
-        timed, efficiency = batches(pairs_per_batch, bucket)
+    variants = (
+        ("pad to max_seq_len", max_seq_len, False),
+        ("bucketed widths (data.py, 128)", 128, False),
+        ("bucketed + group_by_length", 128, True),
+    )
+    for name, bucket, grouped in variants:
+        timed, efficiency = batches(pairs_per_batch, bucket, grouped)
         runner = StepRunner(cfg, run_config(pairs_per_batch), mesh, dtype)
         seconds = np.mean([runner.run(b) for b in timed[:steps]])
         processed = np.mean([b["input_ids"].size for b in timed])
-        rows.append([name, efficiency, batches(128, bucket)[1], processed, len(runner.compiled), seconds])
+        big_batches = batches(128, bucket, grouped)[1]
+        rows.append([name, efficiency, big_batches, processed, len(runner.compiled), seconds])
         results[name] = dict(padding_efficiency=efficiency, step_s=seconds)
-
-    def grouped(batch_size: int, windows: int = 64) -> float:  # sorted by length within 64 batches
-        lengths = pairs.lengths[: windows * batch_size]
-        widest = np.sort(lengths.max(1)).reshape(windows, -1).max(1)
-        return lengths.sum() / (2 * batch_size * np.minimum(-(-widest // 128) * 128, max_seq_len).sum())
-
-    rows.append(
-        ["length-grouped (simulated, not in data.py)", grouped(pairs_per_batch), grouped(128), "", "", ""]
-    )
     note = (
         f"{len(pairs)} synthetic pairs, max_seq_len {max_seq_len}; efficiency = real / processed tokens "
         f"over 50 batches; step time: mean of the first {steps} batches of {pairs_per_batch} pairs "

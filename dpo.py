@@ -84,6 +84,7 @@ class Config:
     adam_b1: float = 0.9  # AdamW beta1
     adam_b2: float = 0.95  # AdamW beta2
     seed: int = 0  # data order and validation split
+    group_by_length: bool = False  # pairs of like length share a batch (sorted in runs of 64): less padding
     # --- compute and parallelism
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU/TPU, f32 on CPU
     reference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # frozen reference weights, as above
@@ -712,27 +713,30 @@ def precompute_reference_logps(
         multihost_utils.sync_global_devices(f"reference {final}")
         if not final.exists():
             n = len(dataset)
-            logps, done = np.full((n, 2), np.nan, np.float32), 0
+            logps = np.full((n, 2), np.nan, np.float32)
             if progress.exists():
                 with np.load(progress) as saved:
-                    logps, done = saved["logps"], int(saved["done"])
+                    logps = saved["logps"]
+            # What is left (rows still NaN), shortest first: batches of like length pad little.
+            todo = data.by_length(dataset, np.flatnonzero(np.isnan(logps).any(axis=1)))
             if ref_params is None:
                 ref_params = model.load_params(ref_dir, cfg, mesh, dtype=ref_dtype)
             if chief:
                 final.parent.mkdir(parents=True, exist_ok=True)
-                print(f"reference log-probs: {n - done} of {n} pairs to compute -> {final}", flush=True)
+                print(f"reference log-probs: {len(todo)} of {n} pairs to compute -> {final}", flush=True)
             loader = dict(process_index=jax.process_index(), process_count=jax.process_count())
             batches = data.eval_batches(
-                dataset, np.arange(done, n), batch_size=batch_size, max_seq_len=config.max_seq_len, **loader
+                dataset, todo, batch_size=batch_size, max_seq_len=config.max_seq_len, **loader
             )
             saved_at = time.time()
-            for at, batch in zip(range(done, n, batch_size), batches, strict=True):
+            for at, batch in zip(range(0, len(todo), batch_size), batches, strict=True):
                 inputs = {k: batch[k] for k in ("input_ids", "loss_mask", "lengths")}
                 out = np.asarray(logps_fn(ref_params, sharding.global_batch(inputs, mesh)))
-                logps[at : at + batch_size] = out[: n - at]
+                rows = todo[at : at + batch_size]
+                logps[rows] = out[: len(rows)]
                 if chief and time.time() - saved_at > 60:  # a kill loses at most a minute of work
                     tmp = progress.with_name(".tmp-" + progress.name)
-                    np.savez(tmp, logps=logps, done=min(at + batch_size, n))
+                    np.savez(tmp, logps=logps)
                     os.replace(tmp, progress)  # renamed: a kill mid-write leaves the previous file
                     saved_at = time.time()
             if chief:
@@ -960,15 +964,16 @@ def main(config: Config) -> Path:
         process_index=jax.process_index(), process_count=jax.process_count(), max_seq_len=config.max_seq_len
     )
     train_batches = data.train_batches(
-        train_set, train_idx, batch_size=config.train_batch_size, seed=config.seed, start_step=start, **loader
-    )
+        train_set, train_idx, batch_size=config.train_batch_size, seed=config.seed, start_step=start,
+        group_by_length=config.group_by_length, **loader
+    )  # fmt: skip
+    if config.max_eval_batches is not None:
+        val_idx = val_idx[: config.max_eval_batches * config.train_batch_size]
+    val_idx = data.by_length(val_set, val_idx)  # the sums do not care about order; like lengths pad less
 
     def evaluate(state) -> dict[str, float]:
         totals: dict[str, float] = {}
-        batches = data.eval_batches(val_set, val_idx, batch_size=config.train_batch_size, **loader)
-        for i, batch in enumerate(batches):
-            if config.max_eval_batches is not None and i >= config.max_eval_batches:
-                break
+        for batch in data.eval_batches(val_set, val_idx, batch_size=config.train_batch_size, **loader):
             batch = sharding.global_batch(with_reference(batch, val_ref), mesh)
             sums = eval_step(state.params, ref_params, batch)
             for k, v in jax.device_get(sums).items():

@@ -112,13 +112,14 @@ def test_interrupted_precompute_resumes(demo, tmp_path):
     shutil.copytree(tokenized, data_copy, ignore=shutil.ignore_patterns("reference"))
     complete = precompute(model_dir, data_copy)
     (final,) = (data_copy / "reference").glob("*.npy")
-    # What a run killed after 13 pairs leaves: its progress file (with values no model gives) and no table.
-    done, marker = 13, np.float32(123.0)
-    logps = np.full_like(complete, np.nan)
-    logps[:done] = marker
-    np.savez(final.with_name(final.stem + ".partial.npz"), logps=logps, done=done)
+    # What a killed run leaves: its progress file, with the rows it finished (pairs go shortest first, so
+    # scattered rows) holding values no model gives, NaN elsewhere, and no table.
+    done, marker = np.zeros(len(complete), bool), np.float32(123.0)
+    done[::3] = True
+    logps = np.where(done[:, None], marker, np.full_like(complete, np.nan))
+    np.savez(final.with_name(final.stem + ".partial.npz"), logps=logps)
     final.unlink()
     resumed = precompute(model_dir, data_copy)
-    assert np.all(resumed[:done] == marker)  # kept, not recomputed
-    np.testing.assert_allclose(resumed[done:], complete[done:], rtol=1e-5, atol=1e-5)
+    assert np.all(resumed[done] == marker)  # kept, not recomputed
+    np.testing.assert_allclose(resumed[~done], complete[~done], rtol=1e-5, atol=1e-5)
     assert not list((data_copy / "reference").glob("*.partial.npz"))
