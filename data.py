@@ -12,7 +12,8 @@ written atomically. The loader reads the shards a row group at a time, shuffles 
 global batch, padded to a few bucket lengths.
 
 Left out on purpose: sequence packing, multimodal content, streaming from the Hub (a split is downloaded),
-and transformers' load-time tokenizer rewrites (tokenizer.json is used as it is; tests check parity).
+and transformers' load-time tokenizer rewrites beyond the LlamaTokenizer class's (Llama 2, Mistral): other
+tokenizer.json files are used as they are, as transformers does for Llama 3's (tests check parity).
 """
 
 import functools
@@ -36,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 
 FORMATS = {
     "conversation": "`chosen`/`rejected` message lists sharing the prompt turns (UltraFeedback binarized)",
@@ -164,6 +165,16 @@ class ChatTokenizer:
             raise ValueError(f"tokenizer {name_or_path}: no tokenizer.json in {directory}")
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         config = _read_json(directory / "tokenizer_config.json")
+        prepend = None
+        if config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast"):  # Llama 2, Mistral
+            # transformers rebuilds this class around tokenizer.json's vocabulary: no normalizer, and a
+            # Metaspace pre-tokenizer that writes "▁" for " " and puts one before the text ("first") or also
+            # after every special token ("always", what config legacy: true asks for). Done here too, so that
+            # "<s>[INST]" tokenizes as transformers has it.
+            legacy, add_prefix_space = config.get("legacy", False), config.get("add_prefix_space")
+            prepend = "never" if add_prefix_space is False else "always" if legacy else "first"
+            self.tokenizer.normalizer = None
+            self.tokenizer.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme=prepend, split=False)
         self.special_tokens = {}  # bos_token, eos_token, ...
         for name in _SPECIAL_TOKEN_NAMES:
             value = config.get(name)
@@ -193,6 +204,7 @@ class ChatTokenizer:
             "tokenizer.json": hashlib.sha256((directory / "tokenizer.json").read_bytes()).hexdigest(),
             "chat_template": hashlib.sha256((source or "").encode()).hexdigest(),
             **self.special_tokens,
+            **({"metaspace_prepend": prepend} if prepend else {}),
         }
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -276,9 +288,10 @@ def _parse_row(row, fmt: str, system_field: str | None) -> tuple:
 
 
 def _render_pair(chat: ChatTokenizer, prompt: list[dict], completions: list[list[dict]]):
-    """Both sides' texts, and per side the (content start, content end, turn end) characters of each
-    assistant turn. A turn runs from the render of the messages before it with the generation prompt to
-    the render including it, so templates without {% generation %} markers (Llama 3.1's) work."""
+    """Both sides' texts, and per side the (turn start, content end, turn end) characters of each assistant
+    turn. A turn runs from the render of the messages before it with the generation prompt to the render
+    including it, so templates without {% generation %} markers (Llama 3.1's) work. Its text may open with
+    template text before the content (Llama 2's " " after [/INST]): the model writes that too."""
     texts, spans = [], []
     for completion in completions:
         messages = prompt + completion
@@ -297,20 +310,20 @@ def _render_pair(chat: ChatTokenizer, prompt: list[dict], completions: list[list
                 at = full.find(content, len(start), len(end))
             if at < 0:
                 raise RejectedRow("template error", f"turn {a}'s content is not in its rendered turn")
-            turns.append((at, at + len(content), len(end)))
+            turns.append((len(start), at + len(content), len(end)))
         texts.append(full)
         spans.append(turns)
     return texts, spans
 
 
 def _scored(encoding, turns, special_ids) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Token ids, loss mask and each turn's first scored token. Scored: every token overlapping the content,
-    then through the first special token after it inside the turn (<|eot_id|>, <|im_end|>, </s>: the model
-    learns to stop); what follows it (a newline, the next header) is not."""
+    """Token ids, loss mask and each turn's first scored token. Scored: every token overlapping the turn
+    through its content, then through the first special token after it inside the turn (<|eot_id|>,
+    <|im_end|>, </s>: the model learns to stop); what follows it (a newline, the next header) is not."""
     ids = encoding.ids
     mask, firsts = np.zeros(len(ids), np.int8), []
-    for content_start, content_end, turn_end in turns:
-        chars = range(content_start, content_end)
+    for turn_start, content_end, turn_end in turns:
+        chars = range(turn_start, content_end)
         first = next((t for c in chars if (t := encoding.char_to_token(c)) is not None), None)
         if first is None:
             raise RejectedRow("template error", "an assistant turn's content has no tokens")

@@ -2,14 +2,17 @@
 
 The templates are the models' own (tokenizer_config.json on the Hub), kept here so tests run offline:
 Llama 3.1 Instruct (no {% generation %} markers, trims content, injects a dated system header),
-Zephyr (HuggingFaceH4; headers are plain text, turns end with eos_token) and ChatML (Qwen2-style,
-with a default system prompt and no BOS token).
+Zephyr (HuggingFaceH4; headers are plain text, turns end with eos_token), ChatML (Qwen2-style,
+with a default system prompt and no BOS token), Llama 2 Chat (a BOS per user turn, [INST] tags, the
+system prompt inside the first user turn) and Mistral Instruct. The last two get SentencePiece-style
+tokenizers like their models': "▁" for spaces, byte fallback, and transformers' LlamaTokenizer class,
+with config legacy false (Llama 2 here) and true (Mistral).
 """
 
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 LLAMA31 = r"""{{- bos_token }}
 {%- if custom_tools is defined %}
@@ -163,6 +166,45 @@ ALTERNATING = (
     "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
 )
 
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+MISTRAL = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message is defined %}
+            {{- ' [INST] ' + system_message + '\n\n' + message['content'] + ' [/INST]' }}
+        {%- else %}
+            {{- ' [INST] ' + message['content'] + ' [/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""  # noqa: E501 (the template verbatim)
+
 FAMILIES = {
     # name: (template, special tokens, bos, eos, end-of-turn token)
     "llama31": (
@@ -174,7 +216,10 @@ FAMILIES = {
     ),
     "zephyr": (ZEPHYR, ["<unk>", "<s>", "</s>"], "<s>", "</s>", "</s>"),
     "chatml": (CHATML, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|im_end|>"),
+    "llama2": (LLAMA2, ["<unk>", "<s>", "</s>"], "<s>", "</s>", " </s>"),  # a space before </s>
+    "mistral": (MISTRAL, ["<unk>", "<s>", "</s>"], "<s>", "</s>", "</s>"),
 }
+SENTENCEPIECE_LEGACY = {"llama2": False, "mistral": True}  # tokenizer_config's legacy flag
 
 WORDS = (
     "the a of to and in is it you that he was for on are with as his they be at one have this from "
@@ -202,6 +247,8 @@ def build_tokenizer(
     """A byte-level BPE tokenizer (vocab ~400) with the family's special tokens, saved with a
     tokenizer_config.json that transformers' AutoTokenizer loads as a plain fast tokenizer."""
     family_template, specials, bos, eos, _ = FAMILIES[family]
+    if family in SENTENCEPIECE_LEGACY:
+        return build_sentencepiece_tokenizer(directory, family_template, SENTENCEPIECE_LEGACY[family])
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -227,5 +274,47 @@ def build_tokenizer(
     }
     if template is not None:
         config["chat_template"] = family_template if template == "family" else template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def build_sentencepiece_tokenizer(directory: Path, template: str, legacy: bool) -> Path:
+    """A tokenizer.json laid out as the Hub's Llama 2 and Mistral ones: ids 0-2 <unk> <s> </s>, then the
+    256 byte-fallback pieces <0x00>..<0xFF>, then BPE pieces that never span a word boundary; the old
+    normalizer (prepend "▁", spaces to "▁") and no pre-tokenizer. Its tokenizer_config.json names the
+    LlamaTokenizer class, which transformers rebuilds around that vocabulary."""
+    specials = ["<unk>", "<s>", "</s>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()  # pieces never span a word boundary
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials, show_progress=False)
+    tokenizer.train_from_iterator(corpus(), trainer)
+    spec = json.loads(tokenizer.to_str())
+    pieces = sorted(spec["model"]["vocab"], key=spec["model"]["vocab"].get)
+    vocab = specials + [f"<0x{b:02X}>" for b in range(256)]
+    vocab += [p for p in pieces if p not in vocab]
+    spec["model"].update(vocab={p: i for i, p in enumerate(vocab)}, byte_fallback=True, fuse_unk=True)
+    for token in spec["added_tokens"]:
+        token["id"] = vocab.index(token["content"])
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = None
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": legacy,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000,
+        "chat_template": template,
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory

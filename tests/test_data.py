@@ -111,19 +111,23 @@ def test_ids_match_transformers_and_masks_cover_assistant_turns(family, tokenize
             ids, mask = out[f"{side}_input_ids"], out[f"{side}_loss_mask"]
             assert ids == hf_ids(hf, row[side])
             assert out[f"{side}_length"] == len(ids)
-            if "bos_token" in FAMILIES[family][0]:  # the template's own BOS, and no second one
-                assert ids.count(hf.bos_token_id) == 1 and ids[0] == hf.bos_token_id
+            if (
+                "bos_token" in FAMILIES[family][0]
+            ):  # the template's own BOS tokens (Llama 2: one a turn), no more
+                text = hf.apply_chat_template(row[side], tokenize=False)
+                assert ids.count(hf.bos_token_id) == text.count(hf.bos_token) and ids[0] == hf.bos_token_id
             decoded = [hf.decode(run) for run in scored_runs(ids, mask)]
-            trims = "| trim" in FAMILIES[family][0]
+            trims = "| trim" in FAMILIES[family][0] or "content.strip()" in FAMILIES[family][0]
             assistant = [
                 m["content"].strip() if trims else m["content"] for m in row[side] if m["role"] == "assistant"
             ]
             assert decoded == [content + end_of_turn for content in assistant]
-        # the reply's first token follows the prompt rendered with the generation prompt
-        prompt = row["chosen"][:-1]
-        assert out["prompt_length"] == len(
-            hf.apply_chat_template(prompt, add_generation_prompt=True)["input_ids"]
-        )
+        # Each reply is scored from the token after the prompt rendered with the generation prompt (Llama 2:
+        # from the "▁" after [/INST], a piece of its own before a digit, an emoji or a rare word).
+        n = len(hf.apply_chat_template(row["chosen"][:-1], add_generation_prompt=True)["input_ids"])
+        assert out["prompt_length"] == n
+        for side in ("chosen", "rejected"):
+            assert out[f"{side}_loss_mask"][n - 1 : n + 1] == [0, 1]
 
 
 def test_mask_matches_transformers_generation_markers(tokenizers_dir, tmp_path):
