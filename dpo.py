@@ -1013,9 +1013,12 @@ def main(config: Config) -> Path:
             f"batch {config.train_batch_size} pairs, compute {jnp.dtype(dtype).name}"
         )
         t_start, t_last = time.time(), time.time()
+        upcoming = with_reference(next(train_batches), train_ref)
         for step in range(start + 1, config.num_train_steps + 1):
-            batch = with_reference(next(train_batches), train_ref)
+            batch = upcoming
             state, metrics = train_step(state, ref_params, sharding.global_batch(batch, mesh))
+            if step < config.num_train_steps:  # dispatch is async: read the next batch while the step runs
+                upcoming = with_reference(next(train_batches), train_ref)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.time()
             lengths = (
