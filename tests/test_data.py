@@ -111,9 +111,8 @@ def test_ids_match_transformers_and_masks_cover_assistant_turns(family, tokenize
             ids, mask = out[f"{side}_input_ids"], out[f"{side}_loss_mask"]
             assert ids == hf_ids(hf, row[side])
             assert out[f"{side}_length"] == len(ids)
-            if (
-                "bos_token" in FAMILIES[family][0]
-            ):  # the template's own BOS tokens (Llama 2: one a turn), no more
+            # the template's own BOS tokens (Llama 2: one a turn), and no more
+            if "bos_token" in FAMILIES[family][0]:
                 text = hf.apply_chat_template(row[side], tokenize=False)
                 assert ids.count(hf.bos_token_id) == text.count(hf.bos_token) and ids[0] == hf.bos_token_id
             decoded = [hf.decode(run) for run in scored_runs(ids, mask)]
