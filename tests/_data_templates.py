@@ -245,7 +245,8 @@ def build_tokenizer(
     directory: Path, family: str, *, template: str | None = "family", bos_processor=False
 ) -> Path:
     """A byte-level BPE tokenizer (vocab ~400) with the family's special tokens, saved with a
-    tokenizer_config.json that transformers' AutoTokenizer loads as a plain fast tokenizer."""
+    tokenizer_config.json that transformers' AutoTokenizer loads as a plain fast tokenizer. The Llama 2
+    and Mistral families get build_sentencepiece_tokenizer's instead (template and bos_processor unused)."""
     family_template, specials, bos, eos, _ = FAMILIES[family]
     if family in SENTENCEPIECE_LEGACY:
         return build_sentencepiece_tokenizer(directory, family_template, SENTENCEPIECE_LEGACY[family])
