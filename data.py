@@ -7,13 +7,15 @@ Each conversation is rendered with the model's own chat template and tokenized e
 `apply_chat_template(messages, tokenize=True)` does. The loss mask scores the assistant turns (content and
 end-of-turn token); system, user and header tokens are not scored. Unusable rows go to rejects.jsonl with
 a reason, never stopping the run. Output: Parquet shards (one row per pair), summary.json, rejects.jsonl,
-written atomically. The loader reads the shards a row group at a time, shuffles per epoch from the seed
-(optionally grouping pairs of like length), resumes at any step and hands each process its slice of the
-global batch, padded to a few bucket lengths.
+written atomically; a folder holding anything data.py did not write is never replaced. The loader reads
+the shards a row group at a time, shuffles per epoch from the seed (optionally grouping pairs of like
+length), resumes at any step and hands each process its slice of the global batch, padded to a few widths.
 
-Left out on purpose: sequence packing, multimodal content, streaming from the Hub (a split is downloaded),
-and transformers' load-time tokenizer rewrites beyond the LlamaTokenizer class's (Llama 2, Mistral): other
-tokenizer.json files are used as they are, as transformers does for Llama 3's (tests check parity).
+Tokenizers: tokenizer.json files are used as they are (transformers does the same for Llama 3's), except
+for the LlamaTokenizer class (Llama 2, Mistral and Zephyr tokenizers), whose pre-tokenizer transformers
+rebuilds at load time; data.py rebuilds it the same way. Mistral-family tokenizers can therefore make
+training data, but model.py trains Llama-architecture models only.
+Left out on purpose: multimodal content, tool calls, streaming from the Hub (a split is downloaded).
 """
 
 import functools
@@ -21,9 +23,7 @@ import hashlib
 import itertools
 import json
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -39,6 +39,8 @@ import pyarrow.parquet as pq
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, pre_tokenizers
 
+import sharding
+
 FORMATS = {
     "conversation": "`chosen`/`rejected` message lists sharing the prompt turns (UltraFeedback binarized)",
     "prompt_completion": "`prompt` (string or messages), `chosen`/`rejected` (strings or assistant messages)",
@@ -47,6 +49,7 @@ FORMATS = {
 ROLES = ("system", "user", "assistant", "tool")
 SIDES = ("chosen", "rejected")
 SETTINGS_KEY = b"dpo_jax.settings"  # Parquet metadata key of the settings (summary.json repeats them)
+VERSION = 2  # of the output format: 2 records max_token_id and the tokenizer's name and vocabulary size
 SCHEMA = pa.schema(
     [
         ("source_index", pa.int64()),  # row number in the input, files concatenated in order
@@ -64,7 +67,13 @@ _TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.ji
 _SPLIT_PATTERNS = ("data/{split}-*.parquet", "data/{split}/*.parquet")  # Hub dataset repos' split layout
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name; anything else is a local path
 _SPLIT_STREAM, _SHUFFLE_STREAM = 0, 1  # independent random streams from one seed
-_read_json = lambda path: json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 class RejectedRow(Exception):
@@ -73,6 +82,18 @@ class RejectedRow(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+class NoChatTemplate(ValueError):
+    """The rows are chat messages and the tokenizer has no chat template (dpo.py words the remedy its way)."""
+
+
+class SettingsChanged(ValueError):
+    """The output holds an earlier output made from other inputs or settings (the message names them)."""
+
+
+class NoUsableRow(ValueError):
+    """Every row was rejected (the message gives the first reasons)."""
 
 
 class Pair(NamedTuple):
@@ -99,12 +120,16 @@ class _GenerationTags(jinja2.ext.Extension):
         return jinja2.nodes.Scope(body).set_lineno(lineno)
 
 
-class _TemplateDict:  # dict() and dict.fromkeys() without handing templates the type itself
+# transformers' two additions to the sandbox, so that the same templates are refused. The sandbox hands
+# templates `dict` itself, whose unbound methods it does not guard: `dict.update(messages[0], ...)` would
+# rewrite the messages between the renders of one pair. And namespace() takes attribute names the
+# sandbox would refuse to read (underscores).
+class _TemplateDict:  # dict() and dict.fromkeys(), not the type
     __call__, fromkeys = staticmethod(dict), staticmethod(dict.fromkeys)
 
 
 class _TemplateNamespace(jinja2.utils.Namespace):
-    """namespace() that refuses underscore attributes (the sandbox hardening transformers applies)."""
+    """namespace() that refuses underscore attributes."""
 
     def __init__(*args, **kwargs):
         _TemplateNamespace.check(dict(*args[1:], **kwargs))
@@ -163,7 +188,10 @@ class ChatTokenizer:
             directory = _snapshot(name_or_path, "model", _TOKENIZER_FILES)
         if not (directory / "tokenizer.json").is_file():
             raise ValueError(f"tokenizer {name_or_path}: no tokenizer.json in {directory}")
-        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:
+            raise ValueError(f"{directory / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
         config = _read_json(directory / "tokenizer_config.json")
         prepend = None
         if config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast"):  # Llama 2, Mistral
@@ -259,6 +287,8 @@ def _messages(row: dict, field: str, role: str | None = None) -> list[dict]:
 
 def _parse_row(row, fmt: str, system_field: str | None) -> tuple:
     """(prompt, chosen completion, rejected completion): message lists, or strings for `plain`."""
+    if isinstance(row, RejectedRow):  # a line of a .jsonl file that did not decode
+        raise row
     if not isinstance(row, dict):
         raise RejectedRow("wrong type", "the row is not a JSON object")
     if fmt == "plain":
@@ -276,6 +306,7 @@ def _parse_row(row, fmt: str, system_field: str | None) -> tuple:
         if fmt == "conversation":
             if rejected[:-1] != prompt:
                 raise RejectedRow("prompt differs", "chosen and rejected do not share their prompt turns")
+            _check_prompt_field(row.get("prompt"), prompt)
             chosen, rejected = chosen[-1:], rejected[-1:]
         system = row.get(system_field) if system_field else None
         if system is not None and not isinstance(system, str):
@@ -285,6 +316,22 @@ def _parse_row(row, fmt: str, system_field: str | None) -> tuple:
     if chosen == rejected:
         raise RejectedRow("chosen equals rejected", "the two responses are identical")
     return prompt, chosen, rejected
+
+
+def _check_prompt_field(field, turns: list[dict]) -> None:
+    """A conversation row may also carry its prompt in a `prompt` field (UltraFeedback does): that prompt
+    must be among the turns before the replies, or it would silently be left out of the tokens."""
+    if field is None or field == "" or field == []:
+        return
+    if isinstance(field, str):
+        found = any(field.strip() in m["content"] for m in turns)
+    else:
+        pick = lambda messages: [(m.get("role"), m.get("content")) for m in messages if isinstance(m, dict)]
+        found = isinstance(field, list) and pick(turns[: len(field)]) == pick(field)
+    if not found:
+        raise RejectedRow(
+            "prompt not in conversation", "the prompt field is not among the turns before the replies"
+        )
 
 
 def _render_pair(chat: ChatTokenizer, prompt: list[dict], completions: list[list[dict]]):
@@ -367,7 +414,7 @@ def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]]
                 ids = np.array(prompt_ids + response.ids + eos, np.int32)
                 sides += [ids, (np.arange(len(ids)) >= len(prompt_ids)).astype(np.int8)]
             pairs.append(Pair(index, *sides, len(prompt_ids)))
-        return pairs, rejects
+        return _drop_identical(pairs, rejects)
     encodings = encode([text for _, texts, _ in parsed for text in texts], add_special_tokens=False)
     for k, (index, _, (spans, prompt_turns)) in enumerate(parsed):
         try:
@@ -378,7 +425,24 @@ def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]]
             continue
         prompt_length = max(chosen[2][prompt_turns], rejected[2][prompt_turns])
         pairs.append(Pair(index, chosen[0], chosen[1], rejected[0], rejected[1], prompt_length))
-    return pairs, rejects
+    return _drop_identical(pairs, rejects)
+
+
+def _drop_identical(pairs: list[Pair], rejects: list) -> tuple[list[Pair], list]:
+    """Templates trim whitespace, so replies that differ as text ("Paris." and "Paris. ") can become the
+    same tokens: such a pair teaches nothing."""
+    kept = []
+    for pair in pairs:
+        same = np.array_equal(pair.chosen_ids, pair.rejected_ids) and np.array_equal(
+            pair.chosen_mask, pair.rejected_mask
+        )
+        if same:
+            rejects.append(
+                (pair.index, "identical after tokenization", "chosen and rejected have the same tokens")
+            )
+        else:
+            kept.append(pair)
+    return kept, rejects
 
 
 def _fit(pair: Pair, max_seq_len: int, overflow: str) -> tuple[Pair, bool]:
@@ -421,29 +485,32 @@ def _input_files(inputs: str | Sequence[str], split: str) -> list[Path]:
 
 
 def _read_chunks(files: list[Path], fields: list[str], chunk_rows: int) -> Iterator[list]:
-    """Rows in chunks, reading only the fields we use (UltraFeedback also repeats `messages`)."""
+    """Rows in chunks, reading only the fields we use (UltraFeedback also repeats `messages`). A line of a
+    .jsonl file that does not decode becomes a RejectedRow naming its file and line; the rest is kept."""
     for path in files:
         if path.suffix == ".parquet":
             parquet = pq.ParquetFile(path)
             columns = [field for field in fields if field in parquet.schema_arrow.names]
             yield from (batch.to_pylist() for batch in parquet.iter_batches(chunk_rows, columns=columns))
             continue
-        with path.open() as f:
-            if path.suffix == ".json" and f.read(1024).lstrip().startswith("["):
+        with path.open("rb") as f:
+            if path.suffix == ".json" and f.read(1024).lstrip().startswith(b"["):
+                try:
+                    rows = iter(json.loads(path.read_bytes()))
+                except ValueError as e:  # a truncated array, a byte that is not UTF-8
+                    raise ValueError(f"{path}: not a valid JSON array ({e})") from None
+            else:
                 f.seek(0)
-                rows = iter(json.load(f))
-            else:  # JSON lines; a line that does not parse becomes None, rejected as "wrong type"
-                f.seek(0)
-                rows = (_json_or_none(line) for line in f if line.strip())
+                rows = (_json_line(path, n, line) for n, line in enumerate(f, 1) if line.strip())
             while chunk := list(itertools.islice(rows, chunk_rows)):
                 yield chunk
 
 
-def _json_or_none(line: str):
+def _json_line(path: Path, number: int, line: bytes):
     try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
+        return json.loads(line.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError both are
+        return RejectedRow("invalid JSON", f"{path.name} line {number}: {e}")
 
 
 def _detect_format(columns: list[str], row: dict) -> str:
@@ -467,8 +534,7 @@ class _ShardWriter:
     the loader's random access decodes little more than the pairs it needs."""
 
     def __init__(self, directory: Path, settings: dict):
-        self.directory, self.rows_per_shard = directory, settings["rows_per_shard"]
-        self.row_group_size = settings["row_group_size"]
+        self.directory, self.settings = directory, settings
         self.schema = SCHEMA.with_metadata({SETTINGS_KEY: json.dumps(settings)})
         self.names, self._writer, self._rows = [], None, 0
 
@@ -478,15 +544,10 @@ class _ShardWriter:
             return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays)))
 
         columns = Pair(*zip(*pairs, strict=True))
+        lengths = [pa.array([len(ids) for ids in side], pa.int32()) for side in (columns[1], columns[3])]
+        scalars = [pa.array(columns.index, pa.int64()), pa.array(columns.prompt_length, pa.int32()), *lengths]
         table = pa.Table.from_arrays(
-            [
-                pa.array(columns.index, pa.int64()),
-                pa.array(columns.prompt_length, pa.int32()),
-                pa.array([len(ids) for ids in columns.chosen_ids], pa.int32()),
-                pa.array([len(ids) for ids in columns.rejected_ids], pa.int32()),
-                *(lists(arrays) for arrays in columns[1:5]),
-            ],
-            schema=self.schema,
+            [*scalars, *(lists(arrays) for arrays in columns[1:5])], schema=self.schema
         )
         while table.num_rows:
             if self._writer is None:
@@ -494,15 +555,14 @@ class _ShardWriter:
                 self._writer = pq.ParquetWriter(
                     self.directory / self.names[-1], self.schema, compression="zstd"
                 )
-            room = self.rows_per_shard - self._rows
-            self._writer.write_table(table.slice(0, room), row_group_size=self.row_group_size)
+            room = self.settings["rows_per_shard"] - self._rows
+            self._writer.write_table(table.slice(0, room), row_group_size=self.settings["row_group_size"])
             self._rows, table = self._rows + min(room, table.num_rows), table.slice(room)
-            if self._rows == self.rows_per_shard:
+            if self._rows == self.settings["rows_per_shard"]:
                 self.close()
 
     def close(self):
         if self._writer is not None:
-            self._writer.add_key_value_metadata({"dpo_jax.counts": json.dumps({"rows_written": self._rows})})
             self._writer.close()
         self._writer, self._rows = None, 0
 
@@ -512,9 +572,35 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+_OUTPUT_NAMES = re.compile(
+    r"part-\d{5}\.parquet|summary\.json|rejects\.jsonl|reference"
+)  # and dpo.py's cache
+
+
 def is_tokenized(path: str | Path) -> bool:
     """Whether `path` is a complete data.py output (summary.json appears last, atomically)."""
     return (Path(path) / "summary.json").is_file() and any(Path(path).glob("part-*.parquet"))
+
+
+def _check_output(output: Path, files: list[Path], settings: dict, overwrite: bool) -> None:
+    """data.py replaces only what it wrote itself: never a folder that holds its input or other files."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not a folder")
+    if not output.exists():
+        return
+    inside = [f for f in files if output.resolve() in f.resolve().parents]
+    if inside:
+        raise ValueError(f"--output {output} holds the input {inside[0]}: choose another folder")
+    others = sorted(p.name for p in output.iterdir() if not _OUTPUT_NAMES.fullmatch(p.name))
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ValueError(
+            f"--output {output} holds files data.py did not write ({shown}): choose a new folder"
+        )
+    if is_tokenized(output) and not overwrite:
+        saved = _read_json(output / "summary.json").get("settings", {})
+        changed = ", ".join(key for key in settings if saved.get(key) != settings[key])
+        raise SettingsChanged(f"{output} was tokenized with other {changed}; pass --overwrite to replace it")
 
 
 def tokenize(
@@ -538,7 +624,8 @@ def tokenize(
         input: Hub dataset id (only --split's Parquet files are downloaded), a local directory laid out
             like a Hub dataset repo (data/<split>-*.parquet), or .parquet/.jsonl/.json files.
         tokenizer: Local directory or Hub id holding tokenizer.json and tokenizer_config.json.
-        output: Output directory: part-*.parquet, summary.json, rejects.jsonl.
+        output: Output folder: part-*.parquet, summary.json, rejects.jsonl. It must be new, empty or an
+            earlier data.py output; a folder holding other files (the input among them) is refused.
         split: Split to read from a Hub id or Hub-layout directory (e.g. train_prefs, test_prefs).
         max_seq_len: Longest sequence kept, in tokens, for each of chosen and rejected.
         overflow: For a pair with a side over max_seq_len: drop it; truncate the responses from their end
@@ -550,57 +637,53 @@ def tokenize(
             of the tokenizer's own chat template.
         system_field: Name of a field holding each row's system prompt, added as a system turn when the
             conversation has none.
-        overwrite: Replace an output directory holding something else (other settings, other files).
+        overwrite: Replace an earlier data.py output made with other settings or inputs.
         rows_per_shard: Pairs per Parquet file.
         row_group_size: Pairs per Parquet row group, the loader's unit of reading.
     """
     started = time.perf_counter()
     files, chat, output = _input_files(input, split), ChatTokenizer(tokenizer, chat_template), Path(output)
     settings = {
+        "version": VERSION,
         "inputs": [{"file": f.name, "sha256": _sha256(f)} for f in files],
         "tokenizer": chat.fingerprint,
         **dict(split=split, max_seq_len=max_seq_len, overflow=overflow, format=format),
         **dict(system_field=system_field, rows_per_shard=rows_per_shard, row_group_size=row_group_size),
     }
-    if is_tokenized(output):
-        summary = json.loads((output / "summary.json").read_text())
-        if summary["settings"] == settings:
-            return summary  # the same inputs and settings: nothing to do
-        if not overwrite:
-            changed = ", ".join(key for key in settings if summary["settings"].get(key) != settings[key])
-            raise ValueError(f"{output} was tokenized with other {changed}; pass --overwrite to replace it")
-    elif output.exists() and (output.is_file() or any(output.iterdir())) and not overwrite:
-        raise ValueError(f"{output} exists and is not a data.py output; pass --overwrite to replace it")
+    if is_tokenized(output) and _read_json(output / "summary.json").get("settings") == settings:
+        return _read_json(output / "summary.json")  # the same inputs and settings: nothing to do
+    _check_output(output, files, settings, overwrite)
 
     fields = ["prompt", "chosen", "rejected"] + ([system_field] if system_field else [])
     chunks = _read_chunks(files, fields, 8 * row_group_size)
     first_chunk = next(chunks, [])
+    if not first_chunk:
+        raise ValueError(f"{', '.join(map(str, files))} has no rows")
     if files[0].suffix == ".parquet":
         columns = pq.read_schema(files[0]).names
     else:
         columns = list(dict.fromkeys(key for row in first_chunk if isinstance(row, dict) for key in row))
+    if system_field and system_field not in columns:
+        raise ValueError(f"--system-field {system_field} names no column; columns: {', '.join(columns)}")
     if format == "auto":
         example = next((row for row in first_chunk if isinstance(row, dict) and row.get("chosen")), {})
         format = _detect_format(columns, example)
     if format != "plain" and chat.template is None:
-        raise ValueError(f"{tokenizer} has no chat template: pass --chat-template FILE or --format plain")
+        raise NoChatTemplate(f"{tokenizer} has no chat template: pass --chat-template FILE or --format plain")
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:  # write into `partial`, then rename: a killed run never leaves an output that looks complete
-        summary = _write_pairs(
-            partial, itertools.chain([first_chunk], chunks), chat, format, settings, columns
-        )
+    rejects = output.with_name(f"{output.name}.rejects.jsonl")  # where a run that kept no pair leaves them
+    sharding.remove(rejects)
+    with sharding.atomic(output) as tmp:  # a killed run never leaves an output that looks complete
+        tmp.mkdir(parents=True)
+        try:
+            summary = _write_pairs(tmp, itertools.chain([first_chunk], chunks), chat, format, settings)
+        except NoUsableRow as e:  # keep the reasons where the user can read them
+            (tmp / "rejects.jsonl").replace(rejects)
+            raise NoUsableRow(_format_help(columns, f"{e}; every reason is in {rejects}")) from None
         seconds = time.perf_counter() - started
         summary |= {"seconds": round(seconds, 2), "rows_per_second": round(summary["rows_read"] / seconds, 1)}
-        (partial / "summary.json").write_text(json.dumps(summary | {"settings": settings}, indent=2) + "\n")
-        old = output.with_name(partial.name.replace(".partial-", ".old-"))
-        if output.exists():
-            output.rename(old)
-        partial.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        summary |= {"tokenizer": {"source": str(tokenizer), "vocab_size": chat.tokenizer.get_vocab_size()}}
+        (tmp / "summary.json").write_text(json.dumps(summary | {"settings": settings}, indent=2) + "\n")
     print(
         f"\rtokenize: {summary['rows_read']:,} rows read, {summary['rows_written']:,} pairs written, "
         f"{summary['rows_per_second']:,.0f} rows/s -> {output}",
@@ -609,10 +692,10 @@ def tokenize(
     return summary | {"settings": settings}
 
 
-def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, settings: dict, columns) -> dict:
+def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, settings: dict) -> dict:
     """Tokenize chunk by chunk into shards and rejects.jsonl; return the counts for the summary."""
-    started, rows_read, written, truncated, scored, tokens = time.perf_counter(), 0, 0, 0, 0, 0
-    dropped, lengths, shards = Counter(), [], _ShardWriter(directory, settings)
+    started, rows_read, written, truncated, scored, tokens, max_id = time.perf_counter(), 0, 0, 0, 0, 0, -1
+    dropped, lengths, shards, first = Counter(), [], _ShardWriter(directory, settings), []
     with (directory / "rejects.jsonl").open("w") as rejects_file:
         for chunk in chunks:
             rows = list(enumerate(chunk, rows_read))
@@ -632,9 +715,12 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
                 truncated += cut
                 scored += int(pair.chosen_mask.sum() + pair.rejected_mask.sum())
                 tokens += len(pair.chosen_ids) + len(pair.rejected_ids)
+                max_id = max(max_id, int(pair.chosen_ids.max()), int(pair.rejected_ids.max()))
             for index, reason, detail in sorted(rejects):
                 rejects_file.write(json.dumps({"index": index, "reason": reason, "detail": detail}) + "\n")
                 dropped[reason] += 1
+                if len(first) < 3:
+                    first.append(f"row {index}: {reason} ({detail})")
             if kept:
                 shards.write(kept)
             written += len(kept)
@@ -644,9 +730,7 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
     shards.close()
     if not written:
         reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.most_common())
-        raise ValueError(
-            _format_help(columns, f"no usable row in {rows_read} rows read as {fmt} ({reasons})")
-        )
+        raise NoUsableRow(f"no usable row in {rows_read} rows read as {fmt} ({reasons}): {'; '.join(first)}")
     lengths = np.concatenate(lengths)
     percentiles = lambda x: {f"p{q}": int(np.percentile(x, q)) for q in (50, 90, 99)} | {"max": int(x.max())}
     return {
@@ -658,6 +742,7 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
         # of every pair that tokenized, before --max-seq-len (what a longer limit would keep)
         "token_length_percentiles": {side: percentiles(lengths[:, k]) for k, side in enumerate(SIDES)},
         "scored_token_share": round(scored / tokens, 4),
+        "max_token_id": max_id,  # dpo.py refuses data whose ids the model's vocabulary does not have
         "shards": shards.names,
     }
 
@@ -719,11 +804,11 @@ def split_indices(n: int, validation_fraction: float | None, seed: int) -> tuple
     return np.sort(order[n_validation:]), np.sort(order[:n_validation])
 
 
-def _batches(dataset, indices, batch_size, process_index, process_count, max_seq_len, bucket, global_batches):
-    """This process's slice of each (global pair indices, weights) batch: the contract's batch dict, plus
-    `index` int64 [b], each pair's row in the dataset (-1 for padding), for per-pair lookups in dpo.py."""
-    if batch_size % process_count or not 0 <= process_index < process_count:
-        raise ValueError(f"batch_size {batch_size} must split evenly over {process_count} processes")
+def _batches(
+    dataset, indices, batch_size, process_index, process_count, max_seq_len, bucket, steps, reference
+):
+    """This process's slice of each (global pair indices, weights) batch from `steps`, as the contract's batch
+    dict; with a `reference` table ([len(dataset), 2], precomputed reference log-probs), also its rows."""
     longest = int(dataset.lengths[indices].max()) if len(indices) else 0
     if longest > max_seq_len:
         raise ValueError(f"{dataset.path} has pairs of {longest} tokens, over max_seq_len {max_seq_len}")
@@ -731,7 +816,7 @@ def _batches(dataset, indices, batch_size, process_index, process_count, max_seq
     mine = slice(process_index * size, (process_index + 1) * size)
 
     def batches():
-        for pairs, weight in global_batches:
+        for pairs, weight in steps:
             # T from the whole global batch, so every process agrees; bucketed to compile few shapes.
             width = min(-(-int(dataset.lengths[pairs].max()) // bucket) * bucket, max_seq_len)
             # [b, 2, T], not [2b, T]: sharding the leading dim keeps both sequences of a pair on one device.
@@ -739,15 +824,11 @@ def _batches(dataset, indices, batch_size, process_index, process_count, max_seq
             for i, sides in enumerate(dataset.read(pairs[mine])):
                 for s, (ids, mask) in enumerate(sides):  # right-padded with 0 / False
                     input_ids[i, s, : len(ids)], loss_mask[i, s, : len(ids)] = ids, mask
-            index = np.where(weight > 0, pairs, -1)[mine]
-            lengths, weight = dataset.lengths[pairs[mine]], weight[mine]
-            yield {
-                "input_ids": input_ids,
-                "loss_mask": loss_mask,
-                "lengths": lengths,
-                "weight": weight,
-                "index": index,
-            }
+            batch = dict(input_ids=input_ids, loss_mask=loss_mask, lengths=dataset.lengths[pairs[mine]])
+            batch["weight"] = weight[mine]
+            if reference is not None:
+                batch["ref_logps"] = reference[pairs[mine]]
+            yield batch
 
     return batches()
 
@@ -772,6 +853,7 @@ def train_batches(
     bucket: int = 128,
     group_by_length: bool = False,
     window: int = 64,
+    reference: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches of batch_size pairs (global), reshuffled each epoch from (seed, epoch). Step s is
     computed, not reached by reading steps before it, so a resumed run continues exactly. Each epoch
@@ -800,7 +882,9 @@ def train_batches(
         (order(step // steps_per_epoch)[step % steps_per_epoch * batch_size :][:batch_size], weight)
         for step in itertools.count(start_step)
     )
-    return _batches(dataset, indices, batch_size, process_index, process_count, max_seq_len, bucket, steps)
+    return _batches(
+        dataset, indices, batch_size, process_index, process_count, max_seq_len, bucket, steps, reference
+    )
 
 
 def eval_batches(
@@ -812,6 +896,7 @@ def eval_batches(
     process_count: int = 1,
     max_seq_len: int,
     bucket: int = 128,
+    reference: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over `indices` in order. The last batch is filled up with copies of a real pair at weight 0
     (copies, not empty rows, so padding never feeds the model a sequence of length 0)."""
@@ -820,7 +905,9 @@ def eval_batches(
     padded = (
         (np.resize(pairs, batch_size), np.float32(np.arange(batch_size) < len(pairs))) for pairs in chunks
     )
-    return _batches(dataset, indices, batch_size, process_index, process_count, max_seq_len, bucket, padded)
+    return _batches(
+        dataset, indices, batch_size, process_index, process_count, max_seq_len, bucket, padded, reference
+    )
 
 
 def main():

@@ -4,8 +4,8 @@
     python dpo.py --config.beta 0.01 \\
         --config.model-name-or-path meta-llama/Llama-3.1-8B-Instruct \\
         --config.train-data HuggingFaceH4/ultrafeedback_binarized --config.train-split train_prefs \\
-        --config.validation-data HuggingFaceH4/ultrafeedback_binarized \\
-        --config.validation-split test_prefs --config.validation-split-fraction None
+        --config.validation-data HuggingFaceH4/ultrafeedback_binarized --config.validation-split test_prefs
+    python dpo.py ... --config.reference-mode precompute   # the reference runs once, before training
     python dpo.py --help                           # every field, with its meaning
 
 The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected y_l) is
@@ -13,11 +13,13 @@ The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected 
 where pi is the policy being trained and ref the frozen starting model. Each step runs the policy
 and the reference once over [chosen; rejected] as one batch, turns final hidden states into
 summed log-probs with a chunked LM head that never builds the [2B, T, V] logits, and takes one
-AdamW step. Around the step: evaluation, atomic checkpoints with exact resume, SIGTERM-safe
-stopping, Hugging Face export, metrics.jsonl.
+AdamW step (accumulated over microbatches when they are set; an update whose loss or gradient is not
+finite is not applied). Around the step: evaluation, atomic checkpoints with exact resume, SIGTERM-safe
+stopping, Hugging Face export, metrics.jsonl (and Weights & Biases). The reference's log-probs can
+instead be computed once before training and cached beside the data (`reference_mode precompute`).
 
-Left out on purpose: generation, KV caches, quantization, LoRA, sequence packing, pipeline
-parallelism. model.py holds the Llama, sharding.py the mesh, data.py the tokenizer and loader.
+Left out on purpose: generation, KV caches, quantization, pipeline parallelism.
+model.py holds the Llama, sharding.py the mesh and file writing, data.py the tokenizer and loader.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -59,9 +62,9 @@ class Config:
     tokenizer: str | None = None  # HF Hub id or local dir; default: the model's own
     train_data: str | None = None  # data.py output dir, or raw data: Hub dataset id, dir, .parquet/.jsonl
     train_split: str = "train"  # split of a raw Hub dataset (UltraFeedback: train_prefs)
-    validation_data: str | None = None  # separate validation data, when validation_split_fraction is None
+    validation_data: str | None = None  # separate validation data; when given, used instead of a split
     validation_split: str = "test"  # split of a raw Hub validation dataset (UltraFeedback: test_prefs)
-    validation_split_fraction: float | None = 0.1  # train_data share held out for eval; None: validation_data
+    validation_split_fraction: float | None = 0.1  # train_data share held out for eval, without validation_data
     max_seq_len: int = 2048  # longest chosen or rejected sequence in tokens; longer pairs are dropped
     output_dir: str = "runs/dpo"  # run directory: config.json, metrics.jsonl, checkpoints/, hf/
     overwrite: bool = False  # start afresh in an output_dir that holds a run with a different config
@@ -69,7 +72,7 @@ class Config:
     beta: float = 0.1  # strength of the pull toward the reference (0.01-0.05 free, 0.1-0.5 close)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid = DPO, ipo = IPO, hinge = SLiC
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
-    reference: Literal["live", "precompute"] = "live"  # live: run the reference each step; precompute: once
+    reference_mode: Literal["live", "precompute"] = "live"  # live: run the reference each step; precompute: once
     # --- optimization
     train_batch_size: int = 128  # preference pairs per optimizer step (global, over all devices)
     microbatch_size: int | None = None  # pairs per forward/backward; gradients accumulate up to the batch
@@ -109,51 +112,32 @@ class Config:
     wandb_project: str | None = None  # log to Weights & Biases too (needs `pip install wandb`)
 
     def __post_init__(self):
-        def need(ok: bool, message: str):
+        frac, micro = self.validation_split_fraction, self.microbatch_size
+        checks = [
+            (self.beta > 0, f"beta must be > 0, got {self.beta}"),
+            (0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}"),
+            (self.label_smoothing == 0 or self.loss_type == "sigmoid", "label_smoothing needs loss_type sigmoid"),
+            (self.train_batch_size > 0, f"train_batch_size must be > 0, got {self.train_batch_size}"),
+            (micro is None or (micro > 0 and self.train_batch_size % micro == 0),
+             f"microbatch_size {micro} must divide train_batch_size {self.train_batch_size}"),
+            (self.num_train_steps >= 0, f"num_train_steps must be >= 0, got {self.num_train_steps}"),
+            (self.learning_rate >= 0, f"learning_rate must be >= 0, got {self.learning_rate}"),
+            (self.warmup >= 0 and self.cooldown >= 0, "warmup and cooldown must be >= 0"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (frac is None or 0 < frac < 1, f"validation_split_fraction must be in (0, 1) or None, got {frac}"),
+            (frac is not None or self.validation_data is not None,
+             "validation_split_fraction None needs validation_data"),
+            (self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}"),
+            (self.logits_chunk_size > 0, "logits_chunk_size must be > 0"),
+            (self.model_name_or_path == "demo" or self.train_data is not None,
+             "train_data is required (a data.py output dir or raw preference data)"),
+        ]  # fmt: skip
+        for name in ("steps_per_eval", "steps_per_checkpoint", "steps_per_hf_export", "keep_checkpoints"):
+            checks.append((getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}"))
+        checks.append((self.log_every > 0, f"log_every must be > 0, got {self.log_every}"))
+        for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-
-        need(self.beta > 0, f"beta must be > 0, got {self.beta}")
-        need(
-            0 <= self.label_smoothing < 0.5,
-            f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}",
-        )
-        need(
-            self.label_smoothing == 0 or self.loss_type == "sigmoid",
-            "label_smoothing needs loss_type sigmoid",
-        )
-        need(self.train_batch_size > 0, f"train_batch_size must be > 0, got {self.train_batch_size}")
-        mb = self.microbatch_size
-        need(
-            mb is None or (mb > 0 and self.train_batch_size % mb == 0),
-            f"microbatch_size {mb} must divide train_batch_size {self.train_batch_size}",
-        )
-        need(self.num_train_steps >= 0, f"num_train_steps must be >= 0, got {self.num_train_steps}")
-        need(self.learning_rate >= 0, f"learning_rate must be >= 0, got {self.learning_rate}")
-        need(self.warmup >= 0 and self.cooldown >= 0, "warmup and cooldown must be >= 0")
-        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        frac = self.validation_split_fraction
-        need(frac is None or 0 < frac < 1, f"validation_split_fraction must be in (0, 1) or None, got {frac}")
-        need(
-            frac is not None or self.validation_data is not None,
-            "validation_split_fraction None needs validation_data",
-        )
-        need(self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}")
-        need(self.logits_chunk_size > 0, "logits_chunk_size must be > 0")
-        for name in (
-            "steps_per_eval",
-            "steps_per_checkpoint",
-            "steps_per_hf_export",
-            "keep_checkpoints",
-            "log_every",
-        ):
-            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("mesh_data", "mesh_fsdp", "mesh_tensor"):
-            need(getattr(self, name) == -1 or getattr(self, name) > 0, f"{name} must be > 0 or -1")
-        need(
-            self.model_name_or_path == "demo" or self.train_data is not None,
-            "train_data is required (a data.py output dir or raw preference data)",
-        )
 
     @property
     def warmup_steps(self) -> int:
@@ -165,19 +149,123 @@ class Config:
 
 
 # Fields that change how a run is operated but not what it computes: a resumed run may change them.
-OPERATIONAL_FIELDS = {"output_dir", "overwrite", "num_train_steps", "steps_per_eval", "max_eval_batches",
-                      "steps_per_checkpoint", "keep_checkpoints", "steps_per_hf_export", "hf_save_dtype",
-                      "log_every", "wandb_project", "coordinator_address", "num_processes", "process_id",
-                      "on_nonfinite"}  # fmt: skip
+OPERATIONAL_FIELDS = set(
+    "output_dir overwrite num_train_steps steps_per_eval max_eval_batches steps_per_checkpoint keep_checkpoints "
+    "steps_per_hf_export hf_save_dtype log_every wandb_project coordinator_address num_processes process_id "
+    "on_nonfinite".split()
+)
 
-# The demo's settings, used for the fields a demo run leaves at their defaults (a tiny model from
-# scratch learns at a far higher rate than a pretrained 8B model tolerates).
-DEMO_SETTINGS = dict(train_batch_size=32, num_train_steps=120, learning_rate=3e-3, warmup=0.05, cooldown=0.2,
-                     max_seq_len=64, steps_per_eval=30, steps_per_checkpoint=60, steps_per_hf_export=120,
-                     output_dir="runs/demo", logits_chunk_size=32, log_every=10, adam_b2=0.99)  # fmt: skip
+# What the demo uses for the fields not given on the command line (a tiny model from scratch learns at a
+# far higher rate than a pretrained 8B model tolerates). See cli().
+DEMO_SETTINGS = dict(
+    train_batch_size=32, num_train_steps=120, learning_rate=3e-3, warmup=0.05, cooldown=0.2, adam_b2=0.99,
+    max_seq_len=64, logits_chunk_size=32, steps_per_eval=30, steps_per_checkpoint=60, steps_per_hf_export=120,
+    log_every=10, output_dir="runs/demo",
+)  # fmt: skip
 
 
-# --- the math: fused sequence log-probs and the DPO loss
+def dtype_of(name: str):
+    """A Config dtype field as a jnp dtype: "auto" is f32 on CPU, bf16 on accelerators."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+# --- the loss
+
+
+def dpo_loss(
+    policy_chosen: jax.Array,
+    policy_rejected: jax.Array,
+    reference_chosen: jax.Array,
+    reference_rejected: jax.Array,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-pair preference losses and implicit rewards.
+
+    Each input is [B]: summed log-probs of the chosen or rejected response under the policy or
+    the reference. With h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected):
+        sigmoid: -(1 - ls) * log sigmoid(beta * h) - ls * log sigmoid(-beta * h)   (DPO; cDPO if ls > 0)
+        ipo:     (h - 1 / (2 * beta)) ** 2                                         (IPO)
+        hinge:   max(0, 1 - beta * h)                                              (SLiC)
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]) with reward = beta * (policy -
+    reference) log-prob, gradient-free (a metric).
+    """
+    h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    if loss_type == "sigmoid":
+        ls = label_smoothing
+        losses = -(1 - ls) * jax.nn.log_sigmoid(beta * h) - ls * jax.nn.log_sigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = jax.nn.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    chosen_rewards = jax.lax.stop_gradient(beta * (policy_chosen - reference_chosen))
+    rejected_rewards = jax.lax.stop_gradient(beta * (policy_rejected - reference_rejected))
+    return losses, chosen_rewards, rejected_rewards
+
+
+METRIC_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected", "weight")  # fmt: skip
+
+
+def pair_metrics(policy: jax.Array, reference: jax.Array, weight: jax.Array, config: Config):
+    """Weighted sums over the pairs of a batch, from [b, 2] log-probs (chosen, rejected) of the policy and
+    the reference: (loss_sum, {metric: sum}). Divide by sum(weight)."""
+    losses, chosen_r, rejected_r = dpo_loss(
+        policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1],
+        beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+    )  # fmt: skip
+    total = lambda x: jnp.sum(weight * x)
+    sums = {
+        "loss": total(losses),
+        "rewards/chosen": total(chosen_r),
+        "rewards/rejected": total(rejected_r),
+        "rewards/accuracies": total((chosen_r > rejected_r).astype(jnp.float32)),
+        "rewards/margins": total(chosen_r - rejected_r),
+        "logps/chosen": total(policy[:, 0]),
+        "logps/rejected": total(policy[:, 1]),
+        "weight": jnp.sum(weight),
+    }
+    return sums["loss"], sums
+
+
+# --- one forward pass over chosen and rejected
+
+
+def batch_reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Reshape that keeps the leading (batch) dim sharded over data x fsdp. A plain reshape may move
+    part of that sharding onto a new minor dim (it does when fsdp is 1)."""
+    return jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, *[None] * (len(shape) - 1)))
+
+
+def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config) -> jax.Array:
+    """[b, 2] summed log-probs of chosen (column 0) and rejected (column 1) under `params`."""
+    b, _, t = batch["input_ids"].shape
+    # [b, 2, T] -> [2b, T]: rows 2i and 2i+1 are pair i's chosen and rejected, so one forward pass
+    # serves both and a batch-sharded array keeps each pair on one device.
+    tokens = batch_reshape(batch["input_ids"], (2 * b, t))
+    mask = batch_reshape(batch["loss_mask"], (2 * b, t))
+    lengths = batch_reshape(batch["lengths"], (2 * b,))
+    dtype = dtype_of(config.compute_dtype)
+    # forward casts each layer's weights to the compute dtype as it gathers them: no full-model copy.
+    attention = None if config.attention_impl == "auto" else config.attention_impl
+    hidden = model.forward(
+        params, tokens, arch, lengths=lengths, compute_dtype=dtype, remat=config.remat, attention_impl=attention
+    )
+    # Position t predicts token t + 1: shift targets and mask left instead of slicing the hidden states.
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    # Gather the FSDP shards of the LM head once; its vocabulary stays split over the tensor axis.
+    lm_head = jax.sharding.reshard(model.lm_head_weight(params).astype(dtype), P(None, "tensor"))
+    return batch_reshape(sequence_logps(hidden, lm_head, targets, mask, config.logits_chunk_size), (b, 2))
+
+
+# --- the fused LM head and log-softmax
 
 
 def sequence_logps(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, mask: jax.Array,
@@ -191,7 +279,7 @@ def sequence_logps(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, ma
     log-sum-exp (f32) and the target's logit; the backward pass (a custom VJP) recomputes one
     chunk's logits at a time, writes that chunk's LM-head gradient columns in place and adds its
     share of the hidden-state gradient. Only one chunk's [N, T, C] logits are alive at any moment,
-    and no [D, V]-sized buffer is ever accumulated.
+    and no [D, V]-sized buffer is ever accumulated. Call it under a mesh (jax.set_mesh).
     """
     return _logps_forward(hidden, lm_head, targets, mask, chunk_size)[0]
 
@@ -199,11 +287,6 @@ def sequence_logps(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, ma
 def _spec(x: jax.Array) -> tuple:
     spec = tuple(jax.typeof(x).sharding.spec)
     return spec + (None,) * (x.ndim - len(spec))
-
-
-def _on_mesh(spec: P) -> P | None:
-    """The output sharding to ask for: under a mesh, `spec`; outside one (single-device use) none."""
-    return None if jax.sharding.get_abstract_mesh().empty else spec
 
 
 def _chunking(lm_head: jax.Array, chunk_size: int) -> tuple[int, int, int]:
@@ -224,7 +307,7 @@ def _chunk_logits(hidden, lm_head, i, chunk_size):
     (d, v), (shards, _, width) = lm_head.shape, _chunking(lm_head, chunk_size)
     # Viewing the head as [D, S, V/S] here, inside the loop, lets XLA slice it where it lies; the same
     # reshape outside the loop made XLA:CPU copy the whole head.
-    view = jnp.reshape(lm_head, (d, shards, v // shards), out_sharding=_on_mesh(P(*_spec(lm_head), None)))
+    view = jnp.reshape(lm_head, (d, shards, v // shards), out_sharding=P(*_spec(lm_head), None))
     start = jnp.minimum(i * width, v // shards - width)
     head = jax.lax.dynamic_slice_in_dim(view, start, width, axis=2)
     logits = jnp.einsum("ntd,dsc->ntsc", hidden, head, preferred_element_type=jnp.float32)
@@ -257,7 +340,7 @@ def _logps_backward(chunk_size, residuals, grad):
     hidden, lm_head, targets, mask, logsumexp = residuals
     (d, v), (shards, count, width) = lm_head.shape, _chunking(lm_head, chunk_size)
     scale = jnp.where(mask, grad[:, None], 0.0)[..., None, None]  # d loss / d log p(target)
-    head_spec = _on_mesh(P(*_spec(lm_head), None))
+    head_spec = P(*_spec(lm_head), None)
 
     def step(carry, i):
         d_hidden, d_head = carry
@@ -267,10 +350,9 @@ def _logps_backward(chunk_size, residuals, grad):
         d_logits = (scale * ((ids == targets[..., None, None]) - probs)).astype(hidden.dtype)
         # Sums over the chunk's columns (split over tensor) and over the rows (split over data x fsdp):
         # the out_shardings ask for those all-reduces.
-        d_hidden += jnp.einsum("ntsc,dsc->ntd", d_logits, head, preferred_element_type=jnp.float32,
-                               out_sharding=_on_mesh(P(*_spec(hidden))))  # fmt: skip
-        d_w = jnp.einsum("ntd,ntsc->dsc", hidden, d_logits, preferred_element_type=jnp.float32,
-                         out_sharding=head_spec)  # fmt: skip
+        f32 = dict(preferred_element_type=jnp.float32)
+        d_hidden += jnp.einsum("ntsc,dsc->ntd", d_logits, head, **f32, out_sharding=P(*_spec(hidden)))
+        d_w = jnp.einsum("ntd,ntsc->dsc", hidden, d_logits, **f32, out_sharding=head_spec)
         # Added in place rather than set: the columns the last chunk shares with the one before
         # carry a zero gradient here and keep theirs.
         d_w += jax.lax.dynamic_slice_in_dim(d_head, start, width, axis=2)
@@ -278,105 +360,14 @@ def _logps_backward(chunk_size, residuals, grad):
         return (d_hidden, d_head), None
 
     d_head = jnp.zeros((d, shards, v // shards), lm_head.dtype, out_sharding=head_spec)
-    (d_hidden, d_head), _ = jax.lax.scan(step, (jnp.zeros_like(hidden, dtype=jnp.float32), d_head),
-                                         jnp.arange(count))  # fmt: skip
-    d_head = jnp.reshape(d_head, (d, v), out_sharding=_on_mesh(P(*_spec(lm_head))))
+    zero = (jnp.zeros_like(hidden, dtype=jnp.float32), d_head)
+    (d_hidden, d_head), _ = jax.lax.scan(step, zero, jnp.arange(count))
+    d_head = jnp.reshape(d_head, (d, v), out_sharding=P(*_spec(lm_head)))
     return d_hidden.astype(hidden.dtype), d_head, None, None
 
 
 sequence_logps = jax.custom_vjp(sequence_logps, nondiff_argnums=(4,))
 sequence_logps.defvjp(_logps_forward, _logps_backward)
-
-
-def dpo_loss(
-    policy_chosen: jax.Array,
-    policy_rejected: jax.Array,
-    ref_chosen: jax.Array,
-    ref_rejected: jax.Array,
-    *,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-pair preference losses and implicit rewards.
-
-    Each input is [B]: summed log-probs of the chosen or rejected response under the policy or
-    the reference. With h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected):
-        sigmoid: -(1 - ls) * log sigmoid(beta * h) - ls * log sigmoid(-beta * h)   (DPO; cDPO if ls > 0)
-        ipo:     (h - 1 / (2 * beta)) ** 2                                         (IPO)
-        hinge:   max(0, 1 - beta * h)                                              (SLiC)
-    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]) with reward = beta * (policy -
-    reference) log-prob, gradient-free (a metric).
-    """
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(
-            -beta * h
-        )
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = jax.nn.relu(1 - beta * h)
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
-    chosen_rewards = jax.lax.stop_gradient(beta * (policy_chosen - ref_chosen))
-    rejected_rewards = jax.lax.stop_gradient(beta * (policy_rejected - ref_rejected))
-    return losses, chosen_rewards, rejected_rewards
-
-
-def batch_reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Reshape that keeps the leading (batch) dim sharded over data x fsdp. A plain reshape may move
-    part of that sharding onto a new minor dim (it does when fsdp is 1)."""
-    return jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, *[None] * (len(shape) - 1)))
-
-
-def pair_logps(params, batch: dict, cfg: model.LlamaConfig, config: Config, dtype) -> jax.Array:
-    """[b, 2] summed log-probs of chosen (column 0) and rejected (column 1) under `params`."""
-    b, _, t = batch["input_ids"].shape
-    # [b, 2, T] -> [2b, T]: rows 2i and 2i+1 are pair i's chosen and rejected, so one forward pass
-    # serves both and a batch-sharded array keeps each pair on one device.
-    tokens = batch_reshape(batch["input_ids"], (2 * b, t))
-    mask = batch_reshape(batch["loss_mask"], (2 * b, t))
-    attention = None if config.attention_impl == "auto" else config.attention_impl
-    lengths = batch_reshape(batch["lengths"], (2 * b,))
-    # forward casts each layer's weights to the compute dtype as it gathers them: no full-model copy.
-    hidden = model.forward(params, tokens, cfg, lengths=lengths, compute_dtype=dtype, remat=config.remat,
-                           attention_impl=attention)  # fmt: skip
-    # Position t predicts token t + 1: shift targets and mask left instead of slicing the hidden states.
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
-    # Gather the FSDP shards of the LM head once; its vocabulary stays split over the tensor axis.
-    lm_head = jax.sharding.reshard(model.lm_head_weight(params).astype(dtype), P(None, "tensor"))
-    return batch_reshape(sequence_logps(hidden, lm_head, targets, mask, config.logits_chunk_size), (b, 2))
-
-
-METRIC_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected", "weight")  # fmt: skip
-
-
-def pair_metrics(policy: jax.Array, reference: jax.Array, weight: jax.Array, config: Config):
-    """Weighted sums over the pairs of a batch: (loss_sum, {metric: sum}). Divide by sum(weight)."""
-    losses, chosen_r, rejected_r = dpo_loss(
-        policy[:, 0],
-        policy[:, 1],
-        reference[:, 0],
-        reference[:, 1],
-        beta=config.beta,
-        loss_type=config.loss_type,
-        label_smoothing=config.label_smoothing,
-    )
-    wsum = lambda x: jnp.sum(weight * x)
-    sums = {
-        "loss": wsum(losses),
-        "rewards/chosen": wsum(chosen_r),
-        "rewards/rejected": wsum(rejected_r),
-        "rewards/accuracies": wsum((chosen_r > rejected_r).astype(jnp.float32)),
-        "rewards/margins": wsum(chosen_r - rejected_r),
-        "logps/chosen": wsum(policy[:, 0]),
-        "logps/rejected": wsum(policy[:, 1]),
-        "weight": jnp.sum(weight),
-    }
-    return sums["loss"], sums
 
 
 # --- optimizer and learning-rate schedule
@@ -386,21 +377,21 @@ def lr_schedule(config: Config) -> Callable[[jax.Array], jax.Array]:
     """Linear warmup from 0 to the peak, then the chosen shape from the peak toward min_lr over the
     rest of the run, with the last `cooldown` steps annealing linearly to min_lr from wherever the
     shape stands (for `constant` this is warmup-stable-decay)."""
-    peak, total = config.learning_rate, max(config.num_train_steps, 1)
+    peak_lr, total = config.learning_rate, max(config.num_train_steps, 1)
     warm, cool = config.warmup_steps, min(config.cooldown_steps, total)
-    low = peak * config.min_lr_ratio
+    low = peak_lr * config.min_lr_ratio
 
     def shape(step):
         frac = jnp.clip((step - warm) / max(total - warm, 1), 0.0, 1.0)
         if config.lr_schedule == "linear":
-            return peak + (low - peak) * frac
+            return peak_lr + (low - peak_lr) * frac
         if config.lr_schedule == "cosine":
-            return low + (peak - low) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
-        return jnp.full_like(frac, peak)
+            return low + (peak_lr - low) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+        return jnp.full_like(frac, peak_lr)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        value = jnp.where(step < warm, peak * step / max(warm, 1), shape(step))
+        value = jnp.where(step < warm, peak_lr * step / max(warm, 1), shape(step))
         cool_start = total - cool
         at_start = shape(jnp.float32(cool_start))
         cooled = at_start + (low - at_start) * (step - cool_start) / max(cool, 1)
@@ -413,16 +404,11 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     not_norm = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: "norm" not in jax.tree_util.keystr(path), params
     )
-    return optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity(),
-        optax.adamw(
-            lr_schedule(config),
-            b1=config.adam_b1,
-            b2=config.adam_b2,
-            weight_decay=config.weight_decay,
-            mask=not_norm,
-        ),
+    clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity()
+    adamw = optax.adamw(
+        lr_schedule(config), b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay, mask=not_norm
     )
+    return optax.chain(clip, adamw)
 
 
 @jax.tree_util.register_dataclass
@@ -433,148 +419,563 @@ class TrainState:
     opt_state: optax.OptState  # sharded like params
     skipped: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
 
+    @classmethod
+    def create(cls, params: dict, optimizer) -> TrainState:
+        zero = jnp.zeros((), jnp.int32)
+        return cls(zero, params, optimizer.init(params), zero)
+
 
 # --- the train and eval steps
 
 
-def make_steps(cfg: model.LlamaConfig, config: Config, optimizer, dtype):
+def step_flops(arch: model.LlamaConfig, lengths, live_reference: bool):
+    """Model FLOPs of one DPO step over the real tokens (`lengths` [b, 2], numpy or traced): 6N per token
+    for the policy's forward and backward, 2N for a live reference's forward, plus causal attention
+    (QK^T and PV over half the T x T square: 2 * 2 * T^2 / 2 * H * Q per layer for a forward pass)."""
+    passes = 6 + (2 if live_reference else 0)
+    lengths = lengths.astype(np.float32)
+    attention = 2 * arch.num_layers * arch.num_heads * arch.head_dim * (lengths**2).sum()
+    return passes * arch.num_matmul_params * lengths.sum() + passes / 2 * attention
+
+
+def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
     """The jitted train step (state donated) and eval step. The reference log-probs come from the
     batch when precomputed ("ref_logps" [b, 2]), else from a forward pass of the frozen reference."""
 
-    def reference_logps(ref_params, batch):
+    def reference_logps(reference_params, batch):
         if "ref_logps" in batch:
             return batch["ref_logps"]
-        return jax.lax.stop_gradient(pair_logps(ref_params, batch, cfg, config, dtype))
+        return jax.lax.stop_gradient(pair_logps(reference_params, batch, arch, config))
 
-    def microbatch_grads(params, ref_params, batch):
-        def loss_fn(p):
-            return pair_metrics(
-                pair_logps(p, batch, cfg, config, dtype),
-                reference_logps(ref_params, batch),
-                batch["weight"],
-                config,
-            )
-
-        return jax.grad(loss_fn, has_aux=True)(params)
+    def metric_sums(params, reference_params, batch):
+        policy = pair_logps(params, batch, arch, config)
+        return pair_metrics(policy, reference_logps(reference_params, batch), batch["weight"], config)
 
     @partial(jax.jit, donate_argnums=0)
-    def train_step(state: TrainState, ref_params, batch):
+    def train_step(state: TrainState, reference_params, batch):
+        grad_fn = jax.grad(lambda p, b: metric_sums(p, reference_params, b), has_aux=True)
         with jax.named_scope("forward_backward"):
             num_micro = config.train_batch_size // (config.microbatch_size or config.train_batch_size)
             if num_micro == 1:
-                grads, sums = microbatch_grads(state.params, ref_params, batch)
+                grads, sums = grad_fn(state.params, batch)
             else:
                 # Microbatch m takes rows m, m + M, m + 2M, ...: splitting the batch axis this way
                 # leaves every microbatch spread over all devices.
                 split = lambda x: jnp.swapaxes(batch_reshape(x, (-1, num_micro, *x.shape[1:])), 0, 1)
-
-                def accumulate(carry, micro):
-                    grads, sums = microbatch_grads(state.params, ref_params, micro)
-                    return jax.tree.map(jnp.add, carry, (grads, sums)), None
-
-                zero = (
-                    jax.tree.map(jnp.zeros_like, state.params),
-                    {k: jnp.zeros((), jnp.float32) for k in METRIC_SUMS},
-                )
+                accumulate = lambda carry, micro: (jax.tree.map(jnp.add, carry, grad_fn(state.params, micro)), None)
+                zero = jax.tree.map(jnp.zeros_like, state.params), {k: jnp.zeros(()) for k in METRIC_SUMS}
                 (grads, sums), _ = jax.lax.scan(accumulate, zero, jax.tree.map(split, batch))
         total = sums["weight"]
         grads = jax.tree.map(lambda g: g / total, grads)  # the loss is the mean over the batch's pairs
         metrics = {k: v / total for k, v in sums.items() if k != "weight"}
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = lr_schedule(config)(state.step)
+        metrics["tokens"] = jnp.sum(batch["lengths"])  # for throughput, counted where the batch already is
+        metrics["flops"] = step_flops(arch, batch["lengths"], "ref_logps" not in batch)
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
         # A non-finite loss or gradient leaves the weights untouched; the host decides whether to stop.
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        metrics["nonfinite"] = (~finite).astype(jnp.int32)
-        return TrainState(
-            state.step + 1,
-            keep(params, state.params),
-            keep(opt_state, state.opt_state),
-            state.skipped + (~finite).astype(jnp.int32),
-        ), metrics
+        skipped = state.skipped + (~finite).astype(jnp.int32)
+        metrics |= {"nonfinite": ~finite, "skipped_updates": skipped}
+        return TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), skipped), metrics
 
     @jax.jit
-    def eval_step(params, ref_params, batch):
-        return pair_metrics(
-            pair_logps(params, batch, cfg, config, dtype),
-            reference_logps(ref_params, batch),
-            batch["weight"],
-            config,
-        )[1]
+    def eval_step(params, reference_params, batch):
+        return metric_sums(params, reference_params, batch)[1]
 
     return train_step, eval_step
 
 
-# --- checkpoints: one .npy file per array, so a restoring host reads only the slices it holds
+# --- checkpoints and the run directory: one .npy file per array, so a restoring host reads only its slices
 
 
 def _leaf_name(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")  # e.g. opt_state/1/0/mu/layers/wq
 
 
-def save_checkpoint(run: Path, state: TrainState, keep: int) -> Path:
-    """Write checkpoints/step-N: files into .tmp-step-N, renamed to step-N, then the done.json marker.
-    Only a directory with the marker counts, so a crash at any moment leaves the newest complete
-    checkpoint in charge; the next save removes what the crash left. Keeps the newest `keep`."""
-    step = int(state.step)
+def saved_steps(run: Path) -> list[int]:
+    """Steps of the complete checkpoints: those with the done.json marker, which is written last."""
     folder = run / "checkpoints"
-    final, tmp = folder / f"step-{step}", folder / f".tmp-step-{step}"
-    writer = jax.process_index() == 0
-    if writer:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        array = sharding.to_host(leaf)
+    return sorted(int(d.name[5:]) for d in folder.glob("step-*") if (d / "done.json").exists())
+
+
+def save_checkpoint(run: Path, state: TrainState, keep: int) -> None:
+    """Write checkpoints/step-N through a temporary directory renamed into place, then the done.json marker.
+    Only a directory with the marker counts, so a crash at any moment leaves the newest complete checkpoint
+    in charge. Keeps the newest `keep`. Every process takes part (arrays are gathered); process 0 writes."""
+    step, writer = int(state.step), sharding.is_writer()
+    final = run / "checkpoints" / f"step-{step}"
+    with sharding.atomic(final) if writer else contextlib.nullcontext() as tmp:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+            array = sharding.to_host(leaf)
+            if writer:
+                file = tmp / f"{_leaf_name(path)}.npy"
+                file.parent.mkdir(parents=True, exist_ok=True)
+                np.save(file, array)
         if writer:
-            file = tmp / f"{_leaf_name(path)}.npy"
-            file.parent.mkdir(parents=True, exist_ok=True)
-            np.save(file, array)
+            os.sync()  # every file on disk before the checkpoint can look complete (power loss too)
     if writer:
-        os.sync()  # every file on disk before the checkpoint can look complete (power loss too)
-        shutil.rmtree(final, ignore_errors=True)  # an unmarked step-N from a crash
-        os.replace(tmp, final)
         # The marker goes last, into the renamed directory: that stays safe where a directory rename
         # is not atomic (file systems over object stores copy file by file).
         (final / "done.json").write_text(json.dumps({"step": step}))
         os.sync()
-        kept = {f"step-{s}" for s in _checkpoints(run)[-keep:]}
-        for old in folder.iterdir():
+        kept = {f"step-{s}" for s in saved_steps(run)[-keep:]}
+        for old in (run / "checkpoints").iterdir():
             if old.name not in kept:
                 (old / "done.json").unlink(missing_ok=True)  # first: a half-deleted one never counts
-                shutil.rmtree(old, ignore_errors=True)
+                sharding.remove(old)
     multihost_utils.sync_global_devices(f"checkpoint {step}")
-    return final
 
 
-def _checkpoints(run: Path) -> list[int]:
-    """Steps of the complete checkpoints: those with the done.json marker, which is written last."""
-    folder = run / "checkpoints"
-    found = (
-        [int(d.name[5:]) for d in folder.glob("step-*") if (d / "done.json").exists()]
-        if folder.exists()
-        else []
+def _unreadable(folder: Path, abstract: TrainState) -> str | None:
+    """Why the checkpoint in `folder` would not load completely (a missing, cut-short or empty file, a
+    pickle, another shape), or None. Reads each file's header only."""
+    for path, like in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        name = f"{_leaf_name(path)}.npy"
+        try:
+            shape = np.load(folder / name, mmap_mode="r").shape
+        except (OSError, ValueError, EOFError) as e:
+            return f"{name}: {e}"
+        if shape != like.shape:
+            return f"{name} has shape {shape}, expected {like.shape}"
+    return None
+
+
+def restore_checkpoint(run: Path, abstract: TrainState, mesh, say) -> TrainState | None:
+    """The newest checkpoint that loads completely (None: there is none yet), each process reading through
+    a memory map only the slices its own devices hold. Damaged newer ones are skipped, saying why."""
+    skipped = []
+    for step in reversed(saved_steps(run)):
+        folder = run / "checkpoints" / f"step-{step}"
+        problem = _unreadable(folder, abstract)
+        if problem is not None:
+            skipped.append(f"checkpoints/step-{step} ({problem})")
+            continue
+        if skipped:
+            say(f"skipped {'; '.join(skipped)}: it does not load completely")
+
+        def load(path, like):
+            array = np.load(folder / f"{_leaf_name(path)}.npy", mmap_mode="r")
+            # eval_shape gives specs on the abstract mesh; scalars (step, counts) have none: replicated.
+            where = NamedSharding(mesh, like.sharding.spec if like.sharding is not None else P())
+            return jax.make_array_from_callback(like.shape, where, lambda idx: np.asarray(array[idx], like.dtype))
+
+        say(f"resumed from {folder}")
+        return jax.tree_util.tree_map_with_path(load, abstract)
+    if skipped:
+        raise ValueError(
+            f"no checkpoint in {run}/checkpoints loads completely: {'; '.join(skipped)}. Delete the damaged "
+            "ones to start from the newest good one, or pass --config.overwrite to start afresh"
+        )
+    return None
+
+
+def check_run_dir(run: Path, config: Config) -> None:
+    """Refuse a run directory that is a file or holds a run whose config differs in anything that changes
+    what it computes (unless overwrite). Deletes and writes nothing: see start_run_dir."""
+    for folder in (run, *run.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"output_dir {run}: {folder} is a file, not a directory")
+    saved_file = run / "config.json"
+    if config.overwrite or not saved_file.exists():
+        return
+    # Compared as JSON: a tuple in the config reads back from config.json as a list.
+    saved, now = json.loads(saved_file.read_text()), json.loads(json.dumps(dataclasses.asdict(config)))
+    changed = sorted(k for k in now if k not in OPERATIONAL_FIELDS and saved.get(k) != now[k])
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"{run} holds a run with a different config ({diff}); use another output_dir or --config.overwrite")
+
+
+def start_run_dir(run: Path, config: Config) -> None:
+    """Once every input has been checked: with overwrite, clear the old run's checkpoints, exports and
+    metrics; then write config.json (process 0)."""
+    if sharding.is_writer():
+        if config.overwrite:
+            for name in ("checkpoints", "hf", "metrics.jsonl", "wandb-id"):
+                sharding.remove(run / name)
+        run.mkdir(parents=True, exist_ok=True)
+        with sharding.atomic(run / "config.json") as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    # No process may list checkpoints before the old ones are gone.
+    multihost_utils.sync_global_devices("run directory ready")
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a line cut short by a crash."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class MetricsLog:
+    """metrics.jsonl (process 0), optional Weights & Biases, and a short console line. One line per step and
+    kind: lines past the checkpoint a run resumes from (all of them, on a fresh start) were written by an
+    interrupted run and are written again, so they go; a line cut short by a crash goes too."""
+
+    def __init__(self, run: Path, config: Config, resume_step: int | None):
+        self.path, self.wandb = run / "metrics.jsonl", None
+        if not sharding.is_writer():
+            return
+        lines = self.path.read_text().splitlines() if self.path.exists() and resume_step is not None else []
+        kept = [line + "\n" for line in lines if (_step_of(line) if line else None) is not None]
+        kept = [line for line in kept if _step_of(line) <= resume_step]
+        with sharding.atomic(self.path) as tmp:  # replaced whole: a crash here loses no lines
+            tmp.write_text("".join(kept))
+        if config.wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ValueError("wandb_project is set but wandb is not installed: pip install wandb") from e
+            # One W&B run per run directory, continued on resume: its id is made at the fresh start.
+            id_file = run / "wandb-id"
+            if resume_step is None or not id_file.exists():
+                id_file.write_text(uuid.uuid4().hex[:16])
+            self.wandb = wandb.init(
+                project=config.wandb_project, config=dataclasses.asdict(config), dir=str(run),
+                id=id_file.read_text(), resume="allow", name=run.resolve().name,
+            )  # fmt: skip
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not sharding.is_writer():
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+
+# --- precomputed reference log-probs: the reference runs once, not at every step (8N -> 6N per token)
+
+
+def _reference_key(reference_dir: Path, dataset: data.PairDataset, config: Config) -> str:
+    """Hash of everything the reference log-probs depend on, so a changed model or data never reuses a
+    stale file. The weights by identity (path, size, mtime, safetensors header; a Hub snapshot's files
+    resolve to blobs named by their content hash), not by reading 16 GB; the data by content."""
+
+    def sha(path: Path, size: int | None = None) -> str:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read(size) if size is not None else f.read()).hexdigest()
+
+    def header(path: Path) -> str:  # 8-byte little-endian length, then the JSON header
+        return sha(path, 8 + int.from_bytes(open(path, "rb").read(8), "little"))
+
+    files = sorted(reference_dir.glob("*.safetensors"))
+    identity = {
+        "model": str(reference_dir.resolve()),
+        "config": sha(reference_dir / "config.json"),
+        "weights": [[os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns, header(f)] for f in files],
+        "data": [[f.name, sha(f)] for f in sorted(dataset.path.glob("part-*.parquet"))],
+        "settings": dataset.summary.get("settings"),
+        "dtypes": [jnp.dtype(dtype_of(config.reference_dtype)).name, jnp.dtype(dtype_of(config.compute_dtype)).name],
+        "attention_impl": config.attention_impl,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def precompute_reference_logps(
+    datasets: list[data.PairDataset], reference_dir: Path, arch: model.LlamaConfig, config: Config, mesh
+) -> list[np.ndarray]:
+    """For each dataset, [len(dataset), 2] f32 reference log-probs (chosen, rejected) of every pair, by row.
+
+    Computed once, forward only, and kept beside the tokenized data in reference/<key>.npy (see
+    `_reference_key`). Progress goes to reference/<key>.partial.npz now and then, so an interrupted run
+    resumes where it stopped; the .npy is renamed into place only when complete. Process 0 writes.
+    The reference weights are loaded only when something is left to compute, and freed on return.
+    """
+    writer, reference_params, tables = sharding.is_writer(), None, []
+    batch_size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
+    logps_fn = jax.jit(lambda p, b: jax.sharding.reshard(pair_logps(p, b, arch, config), P()))
+    for dataset in datasets:
+        key = _reference_key(reference_dir, dataset, config)
+        final = dataset.path / "reference" / f"{key}.npy"
+        progress = final.with_name(f"{key}.partial.npz")
+        multihost_utils.sync_global_devices(f"reference {final}")
+        if not final.exists():
+            logps = np.full((len(dataset), 2), np.nan, np.float32)
+            if progress.exists():
+                with np.load(progress) as saved:
+                    logps = saved["logps"]
+            # What is left (rows still NaN), shortest first: batches of like length pad little.
+            todo = data.by_length(dataset, np.flatnonzero(np.isnan(logps).any(axis=1)))
+            if reference_params is None:
+                reference_params = model.load_params(reference_dir, arch, mesh, dtype=dtype_of(config.reference_dtype))
+            if writer:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                print(f"reference log-probs: {len(todo)} of {len(dataset)} pairs to compute -> {final}", flush=True)
+            loader = dict(process_index=jax.process_index(), process_count=jax.process_count())
+            batches = data.eval_batches(dataset, todo, batch_size=batch_size, max_seq_len=config.max_seq_len, **loader)
+            saved_at = time.time()
+            for at, batch in zip(range(0, len(todo), batch_size), batches, strict=True):
+                out = np.asarray(logps_fn(reference_params, sharding.global_batch(batch, mesh)))
+                rows = todo[at : at + batch_size]
+                logps[rows] = out[: len(rows)]
+                if writer and time.time() - saved_at > 60:  # a kill loses at most a minute of work
+                    with sharding.atomic(progress) as tmp:
+                        np.savez(tmp, logps=logps)
+                    saved_at = time.time()
+            if writer:
+                with sharding.atomic(final) as tmp:
+                    np.save(tmp, logps)
+                progress.unlink(missing_ok=True)
+            multihost_utils.sync_global_devices(f"reference done {final}")
+        tables.append(np.load(final))
+    return tables
+
+
+# --- main: the training loop, top to bottom
+
+
+def prepare_data(source: str, split: str, tokenizer: str, run: Path, config: Config) -> data.PairDataset:
+    """A data.py output dir as it is; raw data is tokenized once into the run's data/ (process 0). That cache
+    is re-made when the raw data or its settings change, unless the run has checkpoints to resume."""
+    if data.is_tokenized(source):
+        return data.PairDataset(source)
+    out = run / "data" / f"{Path(source).name or 'data'}-{split}"
+    replace = config.overwrite or not saved_steps(run)
+    if sharding.is_writer():
+        try:
+            data.tokenize(source, tokenizer, str(out), split=split, max_seq_len=config.max_seq_len, overwrite=replace)
+        except data.NoChatTemplate:
+            raise ValueError(
+                f"{tokenizer} has no chat template and {source} holds chat messages: pass --config.tokenizer with "
+                "a tokenizer that has one, or tokenize with python data.py --chat-template FILE and pass its "
+                "output as the data"
+            ) from None
+        except data.SettingsChanged as e:
+            raise ValueError(
+                f"{source} changed since this run started ({e}); use another output_dir, or --config.overwrite "
+                "to start afresh"
+            ) from None
+    multihost_utils.sync_global_devices(f"tokenized {out}")
+    return data.PairDataset(out)
+
+
+def check_vocabulary(dataset: data.PairDataset, arch: model.LlamaConfig, tokenizer_dir: Path, say) -> None:
+    """Token ids must be the model's: data tokenized for a larger vocabulary would train on nothing."""
+    summary, made_with = dataset.summary, dataset.summary.get("tokenizer", {})
+    if "max_token_id" not in summary:
+        raise ValueError(f"{dataset.path} was made by an older data.py: tokenize it again")
+    if summary["max_token_id"] >= arch.vocab_size:
+        raise ValueError(
+            f"{dataset.path} holds token id {summary['max_token_id']}, but the model's vocabulary has "
+            f"{arch.vocab_size} entries (the data's tokenizer {made_with.get('source')} has "
+            f"{made_with.get('vocab_size')}): tokenize the data with the model's tokenizer"
+        )
+    ours = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
+    if summary["settings"]["tokenizer"]["tokenizer.json"] != ours:
+        say(f"warning: {dataset.path} was tokenized with {made_with.get('source')}, not this run's tokenizer")
+
+
+def load_inputs(run: Path, config: Config, say):
+    """Everything a run reads, checked before anything is written: the model and reference configs, the mesh,
+    the tokenizer and the data. Returns (model_dir, arch, mesh, tokenizer_dir, datasets, indices)."""
+    model_dir = model.resolve_path(config.model_name_or_path)
+    arch = model.load_config(model_dir)
+    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    model.check_fits(arch, mesh, config.microbatch_size or config.train_batch_size)
+    reference_dir = model.resolve_path(config.reference_model_path) if config.reference_model_path else model_dir
+    reference_arch = model.load_config(reference_dir)
+    changed = [f.name for f in dataclasses.fields(arch) if f.name not in model.NOT_COMPUTED
+               and getattr(arch, f.name) != getattr(reference_arch, f.name)]  # fmt: skip
+    if changed:
+        name = changed[0]
+        raise ValueError(
+            f"reference model {reference_dir} differs from the policy in {name} "
+            f"({getattr(reference_arch, name)} vs {getattr(arch, name)})"
+        )
+    if config.warmup_steps > config.num_train_steps:
+        say(f"warning: warmup ({config.warmup_steps} steps) is longer than the run: the peak learning rate is never reached")
+    tokenizer = config.tokenizer or str(model_dir)
+    tokenizer_dir = model.resolve_path(tokenizer, allow_patterns=("*.json", "*.jinja"))
+    train_set = prepare_data(config.train_data, config.train_split, tokenizer, run, config)
+    if config.validation_data is not None:
+        val_set = prepare_data(config.validation_data, config.validation_split, tokenizer, run, config)
+        train_idx, val_idx = np.arange(len(train_set)), np.arange(len(val_set))
+        if config.validation_split_fraction is not None:
+            say(f"validation: {config.validation_data} (so validation_split_fraction is not used)")
+    else:
+        val_set = train_set
+        train_idx, val_idx = data.split_indices(len(train_set), config.validation_split_fraction, config.seed)
+    for dataset in {train_set.path: train_set, val_set.path: val_set}.values():
+        check_vocabulary(dataset, arch, tokenizer_dir, say)
+    say(f"data: {len(train_idx)} training pairs, {len(val_idx)} validation pairs")
+    return model_dir, reference_dir, arch, mesh, tokenizer_dir, (train_set, val_set), (train_idx, val_idx)
+
+
+# Copied into every export beside the weights, so transformers loads the tokenizer from it too.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
+                   "TPU v5e": 197e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}  # fmt: skip
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    """Dense bf16 peak of one chip, when known."""
+    kind = device.device_kind
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in kind.lower()), None)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While inside, SIGTERM (preemption) and SIGINT (Ctrl-C) only note a request, which the loop
+    honours after the current step: checkpoint, exit 0. A second Ctrl-C quits at once; a repeated
+    SIGTERM (launchers send several) changes nothing. The previous handlers come back on exit."""
+    requested = []
+
+    def request(signum, frame):
+        requested.append(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield lambda: _agreed(bool(requested))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _agreed(flag: bool) -> bool:
+    """True on every process if it is True on any: all of them must stop at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def main(config: Config) -> Path:
+    sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+    run = Path(config.output_dir)
+    say = (lambda *a: print(*a, flush=True)) if sharding.is_writer() else (lambda *a: None)
+
+    # --- inputs: everything is checked before anything is written or deleted
+    demo = config.model_name_or_path == "demo"
+    if demo:  # the demo's model and pairs, made in the run directory once it has passed its check
+        pairs = config.train_data or str(run / "demo" / "pairs.jsonl")
+        config = dataclasses.replace(config, model_name_or_path=str(run / "demo" / "model"), train_data=pairs)
+    check_run_dir(run, config)
+    if demo:
+        make_demo(run / "demo", config.seed)
+    model_dir, reference_dir, arch, mesh, tokenizer_dir, (train_set, val_set), (train_idx, val_idx) = load_inputs(
+        run, config, say
     )
-    return sorted(found)
+    start_run_dir(run, config)
+
+    # --- state: params and optimizer, resumed from the newest checkpoint when there is one
+    optimizer = make_optimizer(config)
+    with jax.set_mesh(mesh):
+        train_step, eval_step = make_steps(arch, config, optimizer)
+        abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer), model.abstract_params(arch, mesh))
+        state = restore_checkpoint(run, abstract, mesh, say)
+        resume_step = None if state is None else int(state.step)
+        if state is None:
+            state = jax.jit(lambda p: TrainState.create(p, optimizer))(model.load_params(model_dir, arch, mesh))
+        reference_params, train_reference, val_reference = None, None, None
+        if config.reference_mode == "live":
+            reference_params = model.load_params(reference_dir, arch, mesh, dtype=dtype_of(config.reference_dtype))
+        else:  # once over every pair, cached beside the data; training then holds no reference model
+            train_reference, val_reference = precompute_reference_logps([train_set, val_set], reference_dir, arch, config, mesh)
+
+    # --- batches
+    start = resume_step or 0
+    loader = dict(process_index=jax.process_index(), process_count=jax.process_count(), max_seq_len=config.max_seq_len)
+    train_batches = data.train_batches(
+        train_set, train_idx, batch_size=config.train_batch_size, seed=config.seed, start_step=start,
+        group_by_length=config.group_by_length, reference=train_reference, **loader,
+    )  # fmt: skip
+    if config.max_eval_batches is not None:
+        val_idx = val_idx[: config.max_eval_batches * config.train_batch_size]
+    val_idx = data.by_length(val_set, val_idx)  # the sums do not care about order; like lengths pad less
+
+    def evaluate(state) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        batches = data.eval_batches(val_set, val_idx, batch_size=config.train_batch_size, reference=val_reference, **loader)
+        for batch in batches:
+            sums = eval_step(state.params, reference_params, sharding.global_batch(batch, mesh))
+            for k, v in jax.device_get(sums).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        weight = totals.pop("weight", 0.0)
+        return {f"eval/{k}": v / max(weight, 1e-9) for k, v in totals.items()}
+
+    # What every export carries beside the weights, found once: a Hub tokenizer is not looked up
+    # again mid-run, where a network hiccup would fail an export.
+    generation = model_dir / "generation_config.json"  # keeps the end-of-turn ids the model was given
+    generation = json.loads(generation.read_text()) if generation.exists() else None
+    tokenizer_files = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).exists()]
+
+    def export(state) -> None:
+        out = run / "hf" / f"step-{int(state.step)}"
+        model.save_hf(state.params, arch, out, dtype=config.hf_save_dtype, generation_config=generation,
+                      extra_files=tokenizer_files)  # fmt: skip
+        say(f"step {int(state.step)} | exported {out}")
+
+    # --- the loop
+    log = MetricsLog(run, config, resume_step)
+    peak = peak_flops(jax.devices()[0])
+    with jax.set_mesh(mesh), stop_requests() as stop_requested:
+        if start == 0:
+            metrics = evaluate(state)
+            log.log(0, metrics)
+            say(f"step 0 | eval loss {metrics['eval/loss']:.4f} acc {metrics['eval/rewards/accuracies']:.3f}")
+        say(
+            f"training steps {start + 1}..{config.num_train_steps} on {mesh.devices.size} device(s), "
+            f"batch {config.train_batch_size} pairs, compute {jnp.dtype(dtype_of(config.compute_dtype)).name}"
+        )
+        t_start = t_last = time.time()
+        upcoming = next(train_batches)
+        for step in range(start + 1, config.num_train_steps + 1):
+            state, metrics = train_step(state, reference_params, sharding.global_batch(upcoming, mesh))
+            if step < config.num_train_steps:  # dispatch is async: read the next batch while the step runs
+                upcoming = next(train_batches)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now, tokens, flops = time.time(), metrics.pop("tokens"), metrics.pop("flops")
+            metrics["throughput/tokens_per_second"] = tokens / (now - t_last)
+            if peak:
+                metrics["throughput/mfu"] = flops / (now - t_last) / (peak * mesh.devices.size)
+            t_last = now
+            if metrics.pop("nonfinite"):
+                if config.on_nonfinite == "stop":
+                    good = saved_steps(run)
+                    raise FloatingPointError(
+                        f"step {step}: non-finite loss or gradient (loss {metrics['loss']}, grad_norm "
+                        f"{metrics['grad_norm']}); the update was not applied; newest good checkpoint: "
+                        f"{'step-' + str(good[-1]) if good else 'none'}. Rerun with "
+                        "--config.on-nonfinite skip to resume from it and skip such updates"
+                    )
+                say(f"step {step}: non-finite loss or gradient, update skipped")
+            log.log(step, metrics)
+            if step % config.log_every == 0 or step == config.num_train_steps:
+                eta = (now - t_start) / (step - start) * (config.num_train_steps - step)
+                say(
+                    f"step {step}/{config.num_train_steps} | loss {metrics['loss']:.4f} acc "
+                    f"{metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.4f} | "
+                    f"{metrics['throughput/tokens_per_second']:.0f} tok/s | eta {eta:.0f}s"
+                )
+            last = step == config.num_train_steps
+            # A preempted job has seconds: on a stop request only the checkpoint is written, and the
+            # eval or export due at this step is skipped (the last step finishes the run as usual).
+            if not last and stop_requested():
+                save_checkpoint(run, state, config.keep_checkpoints)
+                say(f"stopped at step {step} on request; checkpoint written. Run the same command to resume.")
+                return run
+            if step % config.steps_per_eval == 0 or last:
+                eval_metrics = evaluate(state)
+                log.log(step, eval_metrics)
+                loss, accuracy = eval_metrics["eval/loss"], eval_metrics["eval/rewards/accuracies"]
+                say(f"step {step} | eval loss {loss:.4f} acc {accuracy:.3f}")
+            if step % config.steps_per_checkpoint == 0 or last:
+                save_checkpoint(run, state, config.keep_checkpoints)
+            if step % config.steps_per_hf_export == 0 or last:
+                export(state)
+    say(f"done. run directory {run.resolve()}: config.json, metrics.jsonl, checkpoints/, hf/ (transformers loads hf/step-N as it is)")
+    return run
 
 
-def restore_checkpoint(folder: Path, abstract: TrainState, mesh) -> TrainState:
-    """Each process reads, through a memory map, only the slices its own devices hold."""
-
-    def load(path, like):
-        array = np.load(folder / f"{_leaf_name(path)}.npy", mmap_mode="r")
-        if array.shape != like.shape:
-            raise ValueError(f"{folder}: {_leaf_name(path)} has shape {array.shape}, expected {like.shape}")
-        # eval_shape gives specs on the abstract mesh; scalars (step, counts) have none: replicated.
-        where = NamedSharding(mesh, like.sharding.spec if like.sharding is not None else P())
-        return jax.make_array_from_callback(like.shape, where, lambda idx: np.asarray(array[idx], like.dtype))
-
-    return jax.tree_util.tree_map_with_path(load, abstract)
-
-
-# --- the offline demo: a tiny Llama, a word-level tokenizer with a chat template, synthetic pairs
+# --- appendix: the offline demo (a tiny Llama, a word-level tokenizer with a chat template, synthetic pairs)
 
 DEMO_TOPICS = {
     "colors": "red blue green yellow purple orange pink brown black white grey violet",
@@ -593,496 +994,87 @@ DEMO_TEMPLATE = (
 def make_demo(root: Path, seed: int) -> tuple[Path, Path]:
     """A tiny HF-format Llama with its tokenizer, and preference pairs whose rule (answer with words
     of the topic the prompt names) a small model learns from a few hundred pairs and applies to
-    pairs it has not seen. Returns (model_dir, data_file)."""
+    pairs it has not seen. Returns (model_dir, data_file); each is written whole or not at all."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     model_dir, data_file = root / "model", root / "pairs.jsonl"
-    if (model_dir / "tokenizer_config.json").exists() and data_file.exists():  # both written last
+    if model_dir.exists() and data_file.exists():
         return model_dir, data_file
-    specials = [
-        "<|pad|>",
-        "<|begin_of_text|>",
-        "<|end_of_text|>",
-        "<|start_header_id|>",
-        "<|end_header_id|>",
-        "<|eot_id|>",
-    ]
-    words = sorted(
-        {w for ws in DEMO_TOPICS.values() for w in ws.split()}
-        | set(DEMO_TOPICS)
-        | {"user", "assistant", "system", "tell", "me", "some", "please", "[UNK]"}
-    )
-    vocab = {tok: i for i, tok in enumerate(specials + words)}
-    cfg = model.LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=192,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        tie_word_embeddings=False,
-        max_position_embeddings=256,
-        bos_token_id=vocab["<|begin_of_text|>"],
-        eos_token_id=(vocab["<|eot_id|>"],),
-        pad_token_id=vocab["<|pad|>"],
-    )
+    specials = ["<|pad|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>"]  # fmt: skip
+    words = {w for ws in DEMO_TOPICS.values() for w in ws.split()} | set(DEMO_TOPICS)
+    words |= {"user", "assistant", "system", "tell", "me", "some", "please", "[UNK]"}
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(words))}
+    arch = model.LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, rope_theta=10000.0, max_position_embeddings=256, bos_token_id=vocab["<|begin_of_text|>"],
+        eos_token_id=(vocab["<|eot_id|>"],), pad_token_id=vocab["<|pad|>"],
+    )  # fmt: skip
     mesh = sharding.make_mesh(-1, 1, 1)  # replicated: every process can take part in the export
-    with jax.set_mesh(mesh):
-        model.save_hf(model.init_params(cfg, jax.random.key(seed), mesh), cfg, model_dir, dtype="float32")
-    if jax.process_index() == 0:
+    writer = sharding.is_writer()
+    with tempfile.TemporaryDirectory() as tmp:
+        if writer:
+            tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+            tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+            tokenizer.add_special_tokens(specials)
+            tokenizer.save(f"{tmp}/tokenizer.json")
+            tokenizer_config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>",
+                                    eos_token="<|eot_id|>", pad_token="<|pad|>", chat_template=DEMO_TEMPLATE,
+                                    model_max_length=4096)  # fmt: skip
+            Path(tmp, "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        files = [Path(tmp, "tokenizer.json"), Path(tmp, "tokenizer_config.json")] if writer else []
+        with jax.set_mesh(mesh):
+            params = model.init_params(arch, jax.random.key(seed), mesh)
+            model.save_hf(params, arch, model_dir, dtype="float32", extra_files=files)
+    if writer:
         rng = np.random.default_rng(seed)
-        topics = list(DEMO_TOPICS)
-        with open(data_file.with_suffix(".tmp"), "w") as f:
+        with sharding.atomic(data_file) as tmp, open(tmp, "w") as f:
             for _ in range(640):
-                topic, other = rng.choice(topics, size=2, replace=False)
+                topic, other = rng.choice(list(DEMO_TOPICS), size=2, replace=False)
                 pick = lambda t: " ".join(rng.choice(DEMO_TOPICS[t].split(), size=rng.integers(3, 7)))
-                prompt = f"please tell me some {topic}"
-                f.write(json.dumps({"prompt": prompt, "chosen": pick(topic), "rejected": pick(other)}) + "\n")
-        os.replace(data_file.with_suffix(".tmp"), data_file)
-        tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-        tokenizer.add_special_tokens(specials)
-        tokenizer.save(str(model_dir / "tokenizer.json"))
-        (model_dir / "tokenizer_config.json.tmp").write_text(
-            json.dumps(
-                {
-                    "tokenizer_class": "PreTrainedTokenizerFast",
-                    "bos_token": "<|begin_of_text|>",
-                    "eos_token": "<|eot_id|>",
-                    "pad_token": "<|pad|>",
-                    "chat_template": DEMO_TEMPLATE,
-                    "model_max_length": 4096,
-                },
-                indent=2,
-            )
-        )
-        os.replace(model_dir / "tokenizer_config.json.tmp", model_dir / "tokenizer_config.json")
+                f.write(json.dumps({"prompt": f"please tell me some {topic}", "chosen": pick(topic),
+                                    "rejected": pick(other)}) + "\n")  # fmt: skip
     multihost_utils.sync_global_devices("demo ready")
     return model_dir, data_file
 
 
-# --- precomputed reference log-probs: the reference runs once, not at every step (8N -> 6N per token)
+# --- the command line
 
 
-def _reference_key(ref_dir: Path, dataset: data.PairDataset, ref_dtype, dtype, config: Config) -> str:
-    """Hash of everything the reference log-probs depend on, so a changed model or data never reuses a
-    stale file. The weights by identity (path, size, mtime, safetensors header; a Hub snapshot's files
-    resolve to blobs named by their content hash), not by reading 16 GB; the data by content."""
+def parse_args(args: list[str] | None = None) -> Config:
+    """The Config from the command line. When the model is the demo, the fields not given take the demo's
+    values (DEMO_SETTINGS), and the demo says which; a value given on the command line always wins."""
 
-    def sha(path: Path, size: int | None = None) -> str:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read(size) if size is not None else f.read()).hexdigest()
+    def parse(default: Config) -> Config:
+        def command(config: Config = default) -> Config:
+            return config
 
-    def header(path: Path) -> str:  # 8-byte little-endian length, then the JSON header
-        return sha(path, 8 + int.from_bytes(open(path, "rb").read(8), "little"))
+        return tyro.cli(command, args=args, description=__doc__)
 
-    files = sorted(ref_dir.glob("*.safetensors"))
-    identity = {
-        "model": str(ref_dir.resolve()),
-        "config": sha(ref_dir / "config.json"),
-        "weights": [[os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns, header(f)] for f in files],
-        "data": [[f.name, sha(f)] for f in sorted(dataset.path.glob("part-*.parquet"))],
-        "settings": dataset.summary.get("settings"),
-        "dtypes": [jnp.dtype(ref_dtype).name, jnp.dtype(dtype).name],
-        "attention_impl": config.attention_impl,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def precompute_reference_logps(
-    datasets: list[data.PairDataset], ref_dir: Path, cfg, config: Config, mesh, ref_dtype, dtype
-) -> list[np.ndarray]:
-    """For each dataset, [len(dataset), 2] f32 reference log-probs (chosen, rejected) of every pair, by row.
-
-    Computed once, forward only, and kept beside the tokenized data in reference/<key>.npy (see
-    `_reference_key`). Progress goes to reference/<key>.partial.npz now and then, so an interrupted run
-    resumes where it stopped; the .npy is renamed into place only when complete. Process 0 writes.
-    The reference weights are loaded only when something is left to compute, and freed on return.
-    """
-    chief, ref_params, tables = jax.process_index() == 0, None, []
-    batch_size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
-    logps_fn = jax.jit(lambda p, b: jax.sharding.reshard(pair_logps(p, b, cfg, config, dtype), P()))
-    for dataset in datasets:
-        key = _reference_key(ref_dir, dataset, ref_dtype, dtype, config)
-        folder = dataset.path / "reference"
-        final, progress = folder / f"{key}.npy", folder / f"{key}.partial.npz"
-        multihost_utils.sync_global_devices(f"reference {final}")
-        if not final.exists():
-            n = len(dataset)
-            logps = np.full((n, 2), np.nan, np.float32)
-            if progress.exists():
-                with np.load(progress) as saved:
-                    logps = saved["logps"]
-            # What is left (rows still NaN), shortest first: batches of like length pad little.
-            todo = data.by_length(dataset, np.flatnonzero(np.isnan(logps).any(axis=1)))
-            if ref_params is None:
-                ref_params = model.load_params(ref_dir, cfg, mesh, dtype=ref_dtype)
-            if chief:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                print(f"reference log-probs: {len(todo)} of {n} pairs to compute -> {final}", flush=True)
-            loader = dict(process_index=jax.process_index(), process_count=jax.process_count())
-            batches = data.eval_batches(
-                dataset, todo, batch_size=batch_size, max_seq_len=config.max_seq_len, **loader
-            )
-            saved_at = time.time()
-            for at, batch in zip(range(0, len(todo), batch_size), batches, strict=True):
-                inputs = {k: batch[k] for k in ("input_ids", "loss_mask", "lengths")}
-                out = np.asarray(logps_fn(ref_params, sharding.global_batch(inputs, mesh)))
-                rows = todo[at : at + batch_size]
-                logps[rows] = out[: len(rows)]
-                if chief and time.time() - saved_at > 60:  # a kill loses at most a minute of work
-                    tmp = progress.with_name(".tmp-" + progress.name)
-                    np.savez(tmp, logps=logps)
-                    os.replace(tmp, progress)  # renamed: a kill mid-write leaves the previous file
-                    saved_at = time.time()
-            if chief:
-                with open(final.with_name(".tmp-" + final.name), "wb") as f:
-                    np.save(f, logps)
-                os.replace(final.with_name(".tmp-" + final.name), final)
-                progress.unlink(missing_ok=True)
-            multihost_utils.sync_global_devices(f"reference done {final}")
-        tables.append(np.load(final))
-    return tables
-
-
-def with_reference(batch: dict[str, np.ndarray], table: np.ndarray | None) -> dict[str, np.ndarray]:
-    """A loader batch ready for the step: its pairs' row indices ("index") dropped and, when the
-    reference is precomputed, their log-probs added as "ref_logps" [b, 2] (a padding pair's index -1
-    reads some real row: any finite value does at weight 0)."""
-    index = batch.pop("index", None)
-    if table is not None:
-        batch["ref_logps"] = table[index]
-    return batch
-
-
-# --- run directory, data preparation and logging
-
-
-def prepare_data(source: str, split: str, tokenizer: str, cache: Path, max_seq_len: int) -> Path:
-    """A data.py output dir as it is; raw data is tokenized once into the run's cache (process 0)."""
-    if data.is_tokenized(source):
-        return Path(source)
-    out = cache / f"{Path(source).name or 'data'}-{split}"
-    if jax.process_index() == 0:
-        data.tokenize(source, tokenizer, out, split=split, max_seq_len=max_seq_len, overwrite=False)
-    multihost_utils.sync_global_devices(f"tokenized {out}")
-    return out
-
-
-def check_run_dir(run: Path, config: Config) -> None:
-    """Refuse to resume a run whose config differs in anything that changes what it computes;
-    with overwrite, clear the old run's checkpoints, exports and metrics instead (process 0)."""
-    saved_file = run / "config.json"
-    if config.overwrite:
-        if jax.process_index() == 0:
-            shutil.rmtree(run / "checkpoints", ignore_errors=True)
-            shutil.rmtree(run / "hf", ignore_errors=True)
-            (run / "metrics.jsonl").unlink(missing_ok=True)
-    elif saved_file.exists():
-        saved, now = json.loads(saved_file.read_text()), dataclasses.asdict(config)
-        changed = sorted(k for k in now if k not in OPERATIONAL_FIELDS and saved.get(k) != now[k])
-        if changed:
-            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-            raise ValueError(
-                f"{run} holds a run with a different config ({diff}); use another output_dir or "
-                "--config.overwrite"
-            )
-    # No process may list checkpoints before the old ones are gone, nor read config.json while
-    # process 0 rewrites it.
-    multihost_utils.sync_global_devices("run directory checked")
-
-
-class MetricsLog:
-    """metrics.jsonl (process 0), optional Weights & Biases, and a short console line."""
-
-    def __init__(self, run: Path, config: Config, resume_step: int):
-        self.writer = jax.process_index() == 0
-        self.path = run / "metrics.jsonl"
-        self.wandb = None
-        if self.writer and self.path.exists():
-            # Lines past the checkpoint we resume from were written by the interrupted run and are
-            # about to be written again; a line cut short by a crash does not parse and goes too.
-            keep = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= resume_step:
-                        keep.append(line)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    pass
-            tmp = self.path.with_suffix(".tmp")  # replaced whole: a crash here loses no lines
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, self.path)
-        if self.writer and config.wandb_project:
-            try:
-                import wandb
-            except ImportError as e:
-                raise ValueError("wandb_project is set but wandb is not installed: pip install wandb") from e
-            self.wandb = wandb.init(
-                project=config.wandb_project,
-                config=dataclasses.asdict(config),
-                dir=str(run),
-                id=run.resolve().name,
-                resume="allow",
-            )
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.writer:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
-
-
-# Copied into every export beside the weights, so transformers loads the tokenizer from it too.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja")  # fmt: skip
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
-                   "TPU v5e": 197e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}  # fmt: skip
-
-
-def peak_flops(device: jax.Device) -> float | None:
-    """Dense bf16 peak of one chip, when known."""
-    kind = device.device_kind
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in kind.lower()), None)
-
-
-def step_flops(cfg: model.LlamaConfig, lengths: np.ndarray, live_reference: bool) -> float:
-    """Model FLOPs of one DPO step over the real tokens: 6N per token for the policy's forward and
-    backward, 2N for a live reference's forward, plus causal attention (QK^T and PV over half the
-    T x T square: 2 * 2 * T^2 / 2 * H * Q per layer for a forward pass)."""
-    passes = 6 + (2 if live_reference else 0)
-    tokens = float(lengths.sum())
-    attention = (
-        2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * float((lengths.astype(np.float64) ** 2).sum())
-    )
-    return passes * cfg.num_matmul_params * tokens + passes / 2 * attention
-
-
-@contextlib.contextmanager
-def stop_requests():
-    """While inside, SIGTERM (preemption) and SIGINT (Ctrl-C) only note a request, which the loop
-    honours after the current step: checkpoint, exit 0. A second Ctrl-C quits at once; a repeated
-    SIGTERM (launchers send several) changes nothing. The previous handlers come back on exit."""
-    requested = []
-
-    def request(signum, frame):
-        requested.append(signum)
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield requested
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-# --- main: the training loop, top to bottom
-
-
-def main(config: Config) -> Path:
-    sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
-    if config.model_name_or_path == "demo":
-        defaults = Config()
-        config = dataclasses.replace(
-            config, **{k: v for k, v in DEMO_SETTINGS.items() if getattr(config, k) == getattr(defaults, k)}
-        )
-    run = Path(config.output_dir)
-    chief = jax.process_index() == 0
-    say = (lambda *a: print(*a, flush=True)) if chief else (lambda *a: None)
-
-    # --- inputs: model, tokenizer, data
-    if config.model_name_or_path == "demo":
-        model_dir, pairs = make_demo(run / "demo", config.seed)
-        config = dataclasses.replace(
-            config, model_name_or_path=str(model_dir), train_data=config.train_data or str(pairs)
-        )
-    check_run_dir(run, config)
-    model_dir = model.resolve_path(config.model_name_or_path)
-    cfg = model.load_config(model_dir)
-    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
-    sharding.check_divisible(cfg, mesh, config.microbatch_size or config.train_batch_size)
-    if chief:  # written only once the config has passed every check
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json.tmp").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-        os.replace(run / "config.json.tmp", run / "config.json")  # a kill never leaves half a config
-    tokenizer = config.tokenizer or str(model_dir)
-    train_dir = prepare_data(
-        config.train_data, config.train_split, tokenizer, run / "data", config.max_seq_len
-    )
-    train_set = data.PairDataset(train_dir)
-    if config.validation_split_fraction is None:
-        val_dir = prepare_data(
-            config.validation_data, config.validation_split, tokenizer, run / "data", config.max_seq_len
-        )
-        val_set = data.PairDataset(val_dir)
-        train_idx, val_idx = np.arange(len(train_set)), np.arange(len(val_set))
-    else:
-        val_set = train_set
-        train_idx, val_idx = data.split_indices(len(train_set), config.validation_split_fraction, config.seed)
-    say(f"data: {len(train_idx)} training pairs, {len(val_idx)} validation pairs")
-
-    # --- params, optimizer
-    on_cpu = jax.devices()[0].platform == "cpu"
-    pick = lambda name: jnp.float32 if name == "float32" or (name == "auto" and on_cpu) else jnp.bfloat16
-    dtype, ref_dtype = pick(config.compute_dtype), pick(config.reference_dtype)
-    optimizer = make_optimizer(config)
-    with jax.set_mesh(mesh):
-        train_step, eval_step = make_steps(cfg, config, optimizer, dtype)
-        init_state = lambda params: TrainState(
-            jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.int32)
-        )
-        done = _checkpoints(run)
-        if done:
-            abstract = jax.eval_shape(init_state, model.abstract_params(cfg, mesh))
-            state = restore_checkpoint(run / "checkpoints" / f"step-{done[-1]}", abstract, mesh)
-            say(f"resumed from {run}/checkpoints/step-{done[-1]}")
-        else:
-            state = jax.jit(init_state)(model.load_params(model_dir, cfg, mesh))
-        ref_path = config.reference_model_path
-        ref_dir = model.resolve_path(ref_path) if ref_path else model_dir
-        if model.load_config(ref_dir) != cfg:
-            raise ValueError(f"reference model {ref_dir} has a different architecture from the policy")
-        ref_params, train_ref, val_ref = None, None, None
-        if config.reference == "live":
-            ref_params = model.load_params(ref_dir, cfg, mesh, dtype=ref_dtype)
-        else:  # once over every pair, cached beside the data; training then holds no reference model
-            train_ref, val_ref = precompute_reference_logps(
-                [train_set, val_set], ref_dir, cfg, config, mesh, ref_dtype, dtype
-            )
-
-    # --- batches
-    start = int(state.step)
-    loader = dict(
-        process_index=jax.process_index(), process_count=jax.process_count(), max_seq_len=config.max_seq_len
-    )
-    train_batches = data.train_batches(
-        train_set, train_idx, batch_size=config.train_batch_size, seed=config.seed, start_step=start,
-        group_by_length=config.group_by_length, **loader
-    )  # fmt: skip
-    if config.max_eval_batches is not None:
-        val_idx = val_idx[: config.max_eval_batches * config.train_batch_size]
-    val_idx = data.by_length(val_set, val_idx)  # the sums do not care about order; like lengths pad less
-
-    def evaluate(state) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for batch in data.eval_batches(val_set, val_idx, batch_size=config.train_batch_size, **loader):
-            batch = sharding.global_batch(with_reference(batch, val_ref), mesh)
-            sums = eval_step(state.params, ref_params, batch)
-            for k, v in jax.device_get(sums).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        weight = totals.pop("weight", 0.0)
-        return {f"eval/{k}": v / max(weight, 1e-9) for k, v in totals.items()}
-
-    # What every export carries beside the weights, found once: a Hub tokenizer is not looked up
-    # again mid-run, where a network hiccup would fail an export.
-    generation = model_dir / "generation_config.json"  # keeps the end-of-turn ids the model was given
-    generation = json.loads(generation.read_text()) if generation.exists() else None
-    tok_dir = model.resolve_path(tokenizer, allow_patterns=("*.json", "*.jinja"))
-    tokenizer_files = [tok_dir / name for name in TOKENIZER_FILES if (tok_dir / name).exists()]
-
-    def export(state) -> Path:
-        out = run / "hf" / f"step-{int(state.step)}"
-        model.save_hf(state.params, cfg, out, dtype=config.hf_save_dtype, generation_config=generation,
-                      extra_files=tokenizer_files)  # fmt: skip
-        return out
-
-    def should_stop() -> bool:
-        flag = np.int32(bool(stop_requested))
-        if jax.process_count() > 1:  # every process must stop at the same step
-            flag = np.max(multihost_utils.process_allgather(flag))
-        return bool(flag)
-
-    # --- the loop
-    log = MetricsLog(run, config, start)
-    peak = peak_flops(jax.devices()[0])
-    with jax.set_mesh(mesh), stop_requests() as stop_requested:
-        if start == 0:
-            metrics = evaluate(state)
-            log.log(0, metrics)
-            say(f"step 0 | eval loss {metrics['eval/loss']:.4f} acc {metrics['eval/rewards/accuracies']:.3f}")
-        say(
-            f"training steps {start + 1}..{config.num_train_steps} on {mesh.devices.size} device(s), "
-            f"batch {config.train_batch_size} pairs, compute {jnp.dtype(dtype).name}"
-        )
-        t_start, t_last = time.time(), time.time()
-        upcoming = with_reference(next(train_batches), train_ref)
-        for step in range(start + 1, config.num_train_steps + 1):
-            batch = upcoming
-            state, metrics = train_step(state, ref_params, sharding.global_batch(batch, mesh))
-            if step < config.num_train_steps:  # dispatch is async: read the next batch while the step runs
-                upcoming = with_reference(next(train_batches), train_ref)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.time()
-            lengths = (
-                multihost_utils.process_allgather(batch["lengths"])
-                if jax.process_count() > 1
-                else batch["lengths"]
-            )
-            metrics["throughput/tokens_per_second"] = float(lengths.sum()) / (now - t_last)
-            if peak:
-                flops = step_flops(cfg, np.asarray(lengths), config.reference == "live")
-                metrics["throughput/mfu"] = flops / (now - t_last) / (peak * mesh.devices.size)
-            t_last = now
-            if metrics.pop("nonfinite"):
-                if config.on_nonfinite == "stop":
-                    done = _checkpoints(run)
-                    raise FloatingPointError(
-                        f"step {step}: non-finite loss or gradient (loss {metrics['loss']}, grad_norm "
-                        f"{metrics['grad_norm']}); the update was not applied; newest good checkpoint: "
-                        f"{'step-' + str(done[-1]) if done else 'none'}. Rerun with "
-                        "--config.on-nonfinite skip to resume from it and skip such updates"
-                    )
-                say(f"step {step}: non-finite loss or gradient, update skipped")
-            metrics["skipped_updates"] = float(state.skipped)
-            log.log(step, metrics)
-            if step % config.log_every == 0 or step == config.num_train_steps:
-                eta = (now - t_start) / (step - start) * (config.num_train_steps - step)
-                say(
-                    f"step {step}/{config.num_train_steps} | loss {metrics['loss']:.4f} acc "
-                    f"{metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.4f} | "
-                    f"{metrics['throughput/tokens_per_second']:.0f} tok/s | eta {eta:.0f}s"
-                )
-            last = step == config.num_train_steps
-            # A preempted job has seconds: on a stop request only the checkpoint is written, and the
-            # eval or export due at this step is skipped (the last step finishes the run as usual).
-            if not last and should_stop():
-                save_checkpoint(run, state, config.keep_checkpoints)
-                say(f"stopped at step {step} on request; checkpoint written. Run the same command to resume.")
-                return run
-            if step % config.steps_per_eval == 0 or last:
-                eval_metrics = evaluate(state)
-                log.log(step, eval_metrics)
-                say(
-                    f"step {step} | eval loss {eval_metrics['eval/loss']:.4f} "
-                    f"acc {eval_metrics['eval/rewards/accuracies']:.3f}"
-                )
-            if step % config.steps_per_checkpoint == 0 or last:
-                save_checkpoint(run, state, config.keep_checkpoints)
-            if step % config.steps_per_hf_export == 0 or last:
-                out = export(state)
-                say(f"step {step} | exported {out}")
-    say(
-        f"done. run directory {run.resolve()}: config.json, metrics.jsonl, checkpoints/, hf/ "
-        f"(transformers loads hf/step-N as it is)"
-    )
-    return run
+    config = parse(Config())
+    if config.model_name_or_path != "demo":
+        return config
+    demo = parse(Config(**DEMO_SETTINGS))
+    defaults = Config()
+    chosen = [k for k, v in DEMO_SETTINGS.items() if getattr(config, k) == getattr(defaults, k) and getattr(demo, k) == v]
+    if chosen:
+        print(f"demo: {', '.join(f'{k}={DEMO_SETTINGS[k]}' for k in chosen)} (set any with --config.FIELD VALUE)")
+    return demo
 
 
 def cli() -> None:
     try:
-        tyro.cli(main, description=__doc__)
+        main(parse_args())
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         if os.environ.get("DPO_TRACEBACK"):
             raise
         print(f"error: {e}  (DPO_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a full disk, a path under a file, no permission: the path and what to do
+        if os.environ.get("DPO_TRACEBACK"):
+            raise
+        print(f"error: {e.strerror}: {e.filename}. Fix that and run the same command: it resumes from the newest "
+              "complete checkpoint", file=sys.stderr)  # fmt: skip
         sys.exit(2)
 
 

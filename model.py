@@ -1,17 +1,21 @@
-"""Llama 3.x as pure functions over a pytree of jax.Arrays, with Hugging Face weights in and out.
+"""Llama as pure functions over a pytree of jax.Arrays, with Hugging Face weights in and out.
 
 Here: `LlamaConfig` from a transformers config.json, one table declaring every weight (axes, mesh
 placement, initializer), sharded random init, `forward` -> final normed hidden states, loading
-safetensors straight into shards, and an export that `transformers` loads unchanged.
-Deliberately left out: KV caches and generation, dropout, biases, rope types other than llama3,
-other architectures. Anything in a config.json we could not reproduce exactly is refused.
+safetensors straight into shards, and an export that `transformers` loads unchanged. It reproduces
+`LlamaForCausalLM` checkpoints: Llama 2 and TinyLlama (rope_type default), Llama 3, 3.1 and 3.2
+(rope_type llama3), grouped-query attention and tied embeddings. Anything in a config.json it could not
+reproduce exactly is refused in one line: other model types (Mistral's sliding window, Qwen's biases),
+other rope types, biases, activations other than SiLU.
+Left out on purpose: KV caches and generation, dropout, quantization.
 
 Conventions
   Mesh axes (sharding.py): data = replicas, fsdp = batch split and params sharded (gathered one layer
   at a time), tensor = heads and MLP hidden split Megatron-style.
   Dimension letters: B batch, T sequence, D model, H query heads, K kv heads, Q head dim,
   F MLP hidden, V vocab, L layers. Einsum subscripts use the same letters in lower case.
-  Params are f32, layers stacked on a leading L axis; `_weights` lists each one's axes and spec.
+  `arch` is always a LlamaConfig (the model's shape); params are f32, layers stacked on a leading L
+  axis; `_weights` lists each one's axes and spec.
   Activations between blocks are [B, T, D] in the compute dtype, B split over ("data", "fsdp").
 
 What the DPO step gets (call inside `jax.set_mesh(mesh)`, under jit):
@@ -26,7 +30,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -190,7 +193,7 @@ class Weight:
     init: str  # "normal" (std initializer_range) or "ones" (norm scales)
 
 
-def _weights(cfg: LlamaConfig) -> dict:
+def _weights(arch: LlamaConfig) -> dict:
     """Every weight, once. FSDP shards one non-tensor axis; tensor splits heads (q, k, v on their head
     axis, o on its input heads) and F (gate, up on their output, down on its input), Megatron-style, so
     attention and the MLP each need one all-reduce over tensor."""
@@ -210,7 +213,7 @@ def _weights(cfg: LlamaConfig) -> dict:
         },
         "final_norm": Weight("D", P(None), "ones"),
     }
-    if not cfg.tie_word_embeddings:
+    if not arch.tie_word_embeddings:
         weights["lm_head"] = Weight("DV", P(f, t), "normal")
     return weights
 
@@ -219,50 +222,70 @@ _SIZE_FIELDS = dict(L="num_layers", D="hidden_size", H="num_heads", K="num_kv_he
 _SIZE_FIELDS |= dict(F="intermediate_size", V="vocab_size")
 
 
-def _shape(cfg: LlamaConfig, w: Weight) -> tuple[int, ...]:
-    return tuple(getattr(cfg, _SIZE_FIELDS[a]) for a in w.axes)
+def _shape(arch: LlamaConfig, w: Weight) -> tuple[int, ...]:
+    return tuple(getattr(arch, _SIZE_FIELDS[a]) for a in w.axes)
 
 
-def _check_fits(cfg: LlamaConfig, mesh) -> None:
-    sharding.check_kv_heads(cfg.num_kv_heads, mesh)
-    for w in jax.tree.leaves(_weights(cfg)):
-        for field, mesh_axis in zip((_SIZE_FIELDS[a] for a in w.axes), w.spec, strict=True):
-            if mesh_axis is not None:
-                sharding.check_splits(field, getattr(cfg, field), mesh, mesh_axis)
+# Fields that change nothing the forward pass computes (a reference model may differ in them).
+NOT_COMPUTED = (
+    "max_position_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+)
 
 
-def param_specs(cfg: LlamaConfig) -> dict:
+def check_fits(arch: LlamaConfig, mesh, batch_size: int) -> None:
+    """The one divisibility rule, checked once before anything is built: every weight axis splits evenly
+    over the mesh axes its spec names (kv heads over tensor among them), and the batch (pairs per forward
+    pass) over data x fsdp and over the processes, which each load their own rows. A one-line error."""
+    splits = [("batch size", batch_size, sharding.BATCH_AXES)]
+    for w in jax.tree.leaves(_weights(arch)):
+        splits += [
+            (_SIZE_FIELDS[a], getattr(arch, _SIZE_FIELDS[a]), axes)
+            for a, axes in zip(w.axes, w.spec, strict=True)
+        ]
+    for what, size, axes in splits:
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        n = math.prod(mesh.shape[a] for a in axes)
+        if size % n:
+            names = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+            raise ValueError(f"{what} ({size}) is not divisible by {names} ({n})")
+    if batch_size % jax.process_count():
+        raise ValueError(f"batch size ({batch_size}) is not divisible by the {jax.process_count()} processes")
+
+
+def param_specs(arch: LlamaConfig) -> dict:
     """PartitionSpec of every weight, same tree as the params."""
-    return jax.tree.map(lambda w: w.spec, _weights(cfg))
+    return jax.tree.map(lambda w: w.spec, _weights(arch))
 
 
-def param_shardings(cfg: LlamaConfig, mesh) -> dict:
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(cfg))
-
-
-def abstract_params(cfg: LlamaConfig, mesh) -> dict:
+def abstract_params(arch: LlamaConfig, mesh) -> dict:
     """Shape, dtype and sharding of every f32 weight, building nothing (to restore into)."""
-    shaped = lambda w: jax.ShapeDtypeStruct(_shape(cfg, w), jnp.float32, sharding=NamedSharding(mesh, w.spec))
-    return jax.tree.map(shaped, _weights(cfg))
+    shaped = lambda w: jax.ShapeDtypeStruct(
+        _shape(arch, w), jnp.float32, sharding=NamedSharding(mesh, w.spec)
+    )
+    return jax.tree.map(shaped, _weights(arch))
 
 
-def init_params(cfg: LlamaConfig, key: jax.Array, mesh) -> dict:
+def init_params(arch: LlamaConfig, key: jax.Array, mesh) -> dict:
     """Random f32 params (transformers' init: normal(0, initializer_range), norm scales 1), each built
     directly in its shards."""
-    _check_fits(cfg, mesh)
-    weights, treedef = jax.tree.flatten(_weights(cfg))
+    weights, treedef = jax.tree.flatten(_weights(arch))
 
     def one(w: Weight, key):
         if w.init == "ones":
-            return jnp.ones(_shape(cfg, w))
-        return cfg.initializer_range * jax.random.normal(key, _shape(cfg, w), out_sharding=w.spec)
+            return jnp.ones(_shape(arch, w))
+        return arch.initializer_range * jax.random.normal(key, _shape(arch, w), out_sharding=w.spec)
 
     def build(key):
         keys = jax.random.split(key, len(weights))
         return treedef.unflatten([one(w, k) for w, k in zip(weights, keys, strict=True)])
 
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_params(arch, mesh))
     with jax.set_mesh(mesh):
-        return jax.jit(build, out_shardings=param_shardings(cfg, mesh))(key)
+        return jax.jit(build, out_shardings=shardings)(key)
 
 
 def lm_head_weight(params: dict) -> jax.Array:
@@ -280,13 +303,13 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (scale.astype(jnp.float32) * x32).astype(x.dtype)
 
 
-def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
+def rope_inverse_frequencies(arch: LlamaConfig) -> np.ndarray:
     """[Q/2] f32, transformers' default and llama3 rope init redone in the same float32 steps (bit for bit
     at Llama 3's theta; elsewhere torch's f32 pow may be one ulp off the correctly rounded one we use)."""
-    Q = cfg.head_dim
+    Q = arch.head_dim
     exponents = np.arange(0, Q, 2).astype(np.float32) / np.float32(Q)
-    inv_freq = 1 / (np.float64(cfg.rope_theta) ** exponents.astype(np.float64)).astype(np.float32)
-    s = cfg.rope_scaling
+    inv_freq = 1 / (np.float64(arch.rope_theta) ** exponents.astype(np.float64)).astype(np.float32)
+    s = arch.rope_scaling
     if s is None:
         return inv_freq
     # Llama 3.1: wavelengths longer than the pretraining context are stretched by `factor`, shorter than
@@ -343,10 +366,10 @@ def _gathered(w: jax.Array, dtype) -> jax.Array:
     return reshard(w.astype(dtype), P(*(None if a == "fsdp" else a for a in spec)))
 
 
-def _decoder_layer(x, w, cos, sin, lengths, cfg: LlamaConfig, impl: str):
+def _decoder_layer(x, w, cos, sin, lengths, arch: LlamaConfig, impl: str):
     dtype = x.dtype
     with jax.named_scope("attention"):
-        h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+        h = rms_norm(x, w["attn_norm"], arch.rms_norm_eps)
         q = jnp.einsum("btd,dhq->bthq", h, _gathered(w["wq"], dtype))  # B over batch axes, H over tensor
         k = jnp.einsum("btd,dkq->btkq", h, _gathered(w["wk"], dtype))
         v = jnp.einsum("btd,dkq->btkq", h, _gathered(w["wv"], dtype))
@@ -354,7 +377,7 @@ def _decoder_layer(x, w, cos, sin, lengths, cfg: LlamaConfig, impl: str):
         # The sum over heads spans the tensor axis: out_sharding asks for the all-reduce.
         x = x + jnp.einsum("bthq,hqd->btd", o, _gathered(w["wo"], dtype), out_sharding=BATCH)
     with jax.named_scope("mlp"):
-        h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+        h = rms_norm(x, w["mlp_norm"], arch.rms_norm_eps)
         gate = jnp.einsum("btd,df->btf", h, _gathered(w["w_gate"], dtype))  # F over tensor
         up = jnp.einsum("btd,df->btf", h, _gathered(w["w_up"], dtype))
         h = jax.nn.silu(gate) * up
@@ -374,7 +397,7 @@ REMAT_POLICIES = {
 def forward(
     params: dict,
     tokens: jax.Array,
-    cfg: LlamaConfig,
+    arch: LlamaConfig,
     *,
     lengths: jax.Array | None = None,
     compute_dtype=jnp.float32,
@@ -389,31 +412,31 @@ def forward(
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; expected one of {list(REMAT_POLICIES)}")
-    impl = _attention_impl(attention_impl, compute_dtype, cfg.head_dim)
+    impl = _attention_impl(attention_impl, compute_dtype, arch.head_dim)
     with jax.named_scope("embed"):
         # Gather the table whole first: a lookup into a vocab/fsdp-sharded table makes XLA replicate it
         # through an inefficient path anyway; this way it is one all-gather (a reduce-scatter backward).
         table = reshard(params["embed"].astype(compute_dtype), P(None, None))
         x = table.at[tokens].get(out_sharding=BATCH)
-    angles = jnp.arange(tokens.shape[1], dtype=jnp.float32)[:, None] * rope_inverse_frequencies(cfg)
+    angles = jnp.arange(tokens.shape[1], dtype=jnp.float32)[:, None] * rope_inverse_frequencies(arch)
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     if lengths is not None:
         # A row with no real token would attend to nothing; letting position 0 see itself keeps it finite.
         lengths = reshard(jnp.maximum(lengths, 1).astype(jnp.int32), P(sharding.BATCH_AXES))
 
     def layer(x, w):
-        return _decoder_layer(x, w, cos, sin, lengths, cfg, impl), None
+        return _decoder_layer(x, w, cos, sin, lengths, arch, impl), None
 
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
     # One traced layer, scanned over the stacked weights: compile time does not grow with depth.
     x, _ = jax.lax.scan(layer, x, params["layers"])
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return rms_norm(x, params["final_norm"], arch.rms_norm_eps)
 
 
-def logits(params: dict, tokens: jax.Array, cfg: LlamaConfig, **forward_kwargs) -> jax.Array:
+def logits(params: dict, tokens: jax.Array, arch: LlamaConfig, **forward_kwargs) -> jax.Array:
     """[B, T, V] f32, vocab split over tensor. For tests and teaching: DPO fuses the head into its loss."""
-    hidden = forward(params, tokens, cfg, **forward_kwargs)
+    hidden = forward(params, tokens, arch, **forward_kwargs)
     head = reshard(lm_head_weight(params).astype(hidden.dtype), P(None, "tensor"))
     out = P(sharding.BATCH_AXES, None, "tensor")
     return jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32, out_sharding=out)
@@ -479,28 +502,34 @@ def _read_part(tensor, index: tuple[slice, ...], shape: tuple[int, ...], n_in: i
     return tensor[rows, cols].T.reshape(*lead_in, *lead_out)[(*pick_in, *pick_out)]
 
 
-def load_params(path, cfg: LlamaConfig, mesh, dtype=jnp.float32) -> dict:
+def load_params(path, arch: LlamaConfig, mesh, dtype=jnp.float32) -> dict:
     """Weights from a transformers safetensors checkpoint (one file or sharded with an index), each put
     straight into its NamedSharding. Every host reads only the slices its own devices hold."""
     path = resolve_path(path)
-    _check_fits(cfg, mesh)
     index_file = path / "model.safetensors.index.json"
-    if index_file.exists():
-        file_of = json.loads(index_file.read_text())["weight_map"]
-    else:
-        with safe_open(path / "model.safetensors", "numpy") as f:
-            file_of = dict.fromkeys(f.keys(), "model.safetensors")
-    np_dtype = np.dtype(dtype)
-
     with contextlib.ExitStack() as stack:
         files = {}
+
+        def opened(file: str):  # a pickle or a truncated download under a weight file's name is refused
+            if file not in files:
+                try:
+                    files[file] = stack.enter_context(safe_open(path / file, "numpy"))
+                except Exception as e:
+                    raise ValueError(f"{path / file}: not a readable safetensors file ({e})") from None
+            return files[file]
+
+        if index_file.exists():
+            file_of = json.loads(index_file.read_text())["weight_map"]
+        elif (path / "model.safetensors").exists():
+            file_of = dict.fromkeys(opened("model.safetensors").keys(), "model.safetensors")
+        else:
+            raise ValueError(f"{path} has no model.safetensors or model.safetensors.index.json")
+        np_dtype = np.dtype(dtype)
 
         def hf_tensor(name, expected_shape):
             if name not in file_of:
                 raise ValueError(f"{path} has no tensor {name}")
-            if file_of[name] not in files:
-                files[file_of[name]] = stack.enter_context(safe_open(path / file_of[name], "numpy"))
-            tensor = files[file_of[name]].get_slice(name)
+            tensor = opened(file_of[name]).get_slice(name)
             if tuple(tensor.get_shape()) != expected_shape:
                 raise ValueError(f"{name} has shape {tensor.get_shape()}, not {list(expected_shape)}")
             return tensor
@@ -508,7 +537,7 @@ def load_params(path, cfg: LlamaConfig, mesh, dtype=jnp.float32) -> dict:
         def load(key_path, w: Weight):
             key = key_path[-1].key
             name, n_in = _HF_NAMES[key]
-            shape = _shape(cfg, w)
+            shape = _shape(arch, w)
             stacked = w.axes[0] == "L"
             per_layer = shape[1:] if stacked else shape
             hf_shape = (math.prod(per_layer[n_in:]), math.prod(per_layer[:n_in])) if n_in else per_layer
@@ -526,17 +555,13 @@ def load_params(path, cfg: LlamaConfig, mesh, dtype=jnp.float32) -> dict:
 
             return jax.make_array_from_callback(shape, NamedSharding(mesh, w.spec), read, dtype=np_dtype)
 
-        return jax.tree_util.tree_map_with_path(load, _weights(cfg))
+        return jax.tree_util.tree_map_with_path(load, _weights(arch))
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
-def _export_cast(x, dtype):
-    return x.astype(dtype)
-
-
-@functools.partial(jax.jit, static_argnames="dtype")
-def _export_layer(x, i, dtype):
-    return x[i].astype(dtype)
+def _export_cast(x, layer, dtype):
+    """One tensor for the export: layer `layer` of a stacked weight (None: the whole array), cast."""
+    return (x if layer is None else x[layer]).astype(dtype)
 
 
 def _write_safetensors_header(file, entries: list[tuple[str, tuple[int, ...]]], st_dtype: str, itemsize: int):
@@ -554,7 +579,7 @@ def _write_safetensors_header(file, entries: list[tuple[str, tuple[int, ...]]], 
 
 def save_hf(
     params: dict,
-    cfg: LlamaConfig,
+    arch: LlamaConfig,
     out_dir,
     *,
     dtype: str = "bfloat16",
@@ -567,7 +592,7 @@ def save_hf(
     than one), plus `extra_files` (e.g. tokenizer files) copied in.
 
     Every process must call it: each tensor is gathered whole, one at a time (host memory peak about
-    one tensor), and only process 0 writes. Atomic: written to a temporary sibling, then renamed.
+    one tensor), and only process 0 writes, atomically (sharding.atomic).
     """
     formats = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16")}
     if dtype not in formats:
@@ -582,14 +607,14 @@ def save_hf(
         hf_shape = (math.prod(shape[n_in:]), math.prod(shape[:n_in])) if n_in else shape
 
         def fetch():
-            x = _export_layer(array, layer, np_dtype) if layer is not None else _export_cast(array, np_dtype)
+            x = _export_cast(array, layer, np_dtype)
             x = sharding.to_host(x)  # whole on every host
             return x.reshape(hf_shape[1], hf_shape[0]).T if n_in else x
 
         return name.format(layer), tuple(hf_shape), fetch
 
     entries = [entry("embed", params["embed"])]
-    for i in range(cfg.num_layers):
+    for i in range(arch.num_layers):
         entries += [entry(key, array, i) for key, array in params["layers"].items()]
     entries += [entry("final_norm", params["final_norm"])]
     if "lm_head" in params:
@@ -606,40 +631,31 @@ def save_hf(
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    writer = jax.process_index() == 0
-    if writer:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    for shard, file_name in zip(shards, names, strict=True):
-        with open(tmp / file_name, "wb") if writer else contextlib.nullcontext() as f:
-            if writer:
-                _write_safetensors_header(f, [(n, s) for n, s, _ in shard], st_dtype, itemsize)
-            for _, _, fetch in shard:
-                data = np.ascontiguousarray(fetch())  # every process takes part in the gather
+    writer = sharding.is_writer()
+    with sharding.atomic(out_dir) if writer else contextlib.nullcontext() as tmp:
+        if writer:
+            tmp.mkdir(parents=True)
+        for shard, file_name in zip(shards, names, strict=True):
+            with open(tmp / file_name, "wb") if writer else contextlib.nullcontext() as f:
                 if writer:
-                    f.write(data.tobytes())
-    if writer:
-        if len(shards) > 1:
-            weight_map = {n: file for shard, file in zip(shards, names, strict=True) for n, _, _ in shard}
-            total_size = sum(math.prod(s) * itemsize for _, s, _ in entries)
-            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
-        generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.to_hf()["eos_token_id"]}
-        if cfg.pad_token_id is not None:
-            generation["pad_token_id"] = cfg.pad_token_id
-        generation |= generation_config or {}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        for extra in extra_files:
-            shutil.copy(extra, tmp / Path(extra).name)
-        # A directory cannot be renamed over a non-empty one: move the old export aside, then drop it.
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+                    _write_safetensors_header(f, [(n, s) for n, s, _ in shard], st_dtype, itemsize)
+                for _, _, fetch in shard:
+                    data = np.ascontiguousarray(fetch())  # every process takes part in the gather
+                    if writer:
+                        f.write(data.tobytes())
+        if writer:
+            if len(shards) > 1:
+                weight_map = {n: file for shard, file in zip(shards, names, strict=True) for n, _, _ in shard}
+                total_size = sum(math.prod(s) * itemsize for _, s, _ in entries)
+                index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (tmp / "config.json").write_text(json.dumps(arch.to_hf(dtype), indent=2))
+            generation = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.to_hf()["eos_token_id"]}
+            if arch.pad_token_id is not None:
+                generation["pad_token_id"] = arch.pad_token_id
+            generation |= generation_config or {}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+            for extra in extra_files:
+                shutil.copy(extra, tmp / Path(extra).name)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"save_hf {out_dir}")

@@ -1,4 +1,4 @@
-"""The device mesh, how a batch is laid out on it, and the multi-process start.
+"""The device mesh, how a batch is laid out on it, the multi-process start, and how files are written.
 
 Mesh axes (every mesh here has all three, in this order):
   data    pure replicas: the batch is split over it, parameters and optimizer state are whole on each.
@@ -9,15 +9,22 @@ Mesh axes (every mesh here has all three, in this order):
 
 A batch's leading dimension is split over ("data", "fsdp"); the rest of every batch array is whole.
 The axes are `AxisType.Explicit`: shardings are part of each array's type, so `jax.typeof(x)` shows
-them and a mismatch is an error at trace time rather than a silent copy.
+them and a mismatch is an error at trace time rather than a silent copy. model.check_fits checks, once,
+that every weight and the batch split evenly over their axes.
 
-Deliberately left out: pipeline and sequence parallelism, multi-slice (DCN) meshes, hand-written
+Files: process 0 writes every file of a run, each through `atomic` (a temporary sibling renamed into
+place), so a kill at any moment leaves the old version or the new one, never half of one.
+
+Left out on purpose: pipeline and sequence parallelism, multi-slice (DCN) meshes, hand-written
 collectives; XLA derives every collective from the specs.
 """
 
+import contextlib
 import importlib.util
 import math
 import os
+import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -46,37 +53,6 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Explicit,) * 3, devices=devices)
 
 
-def axis_size(mesh: Mesh, axes: str | tuple[str, ...]) -> int:
-    """Number of devices an array dimension split over `axes` is divided among."""
-    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-
-
-def check_splits(what: str, size: int, mesh: Mesh, axes: str | tuple[str, ...]) -> None:
-    """One-line ValueError unless `size` splits evenly over the mesh `axes`."""
-    n = axis_size(mesh, axes)
-    if size % n:
-        names = " x ".join(f"{a}={mesh.shape[a]}" for a in ((axes,) if isinstance(axes, str) else axes))
-        raise ValueError(f"{what} ({size}) is not divisible by {names} ({n})")
-
-
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    """The global batch (leading dim) is split over data x fsdp."""
-    check_splits("batch size", batch_size, mesh, BATCH_AXES)
-
-
-def check_kv_heads(num_kv_heads: int, mesh: Mesh) -> None:
-    """Heads are split over tensor in whole kv groups, so kv heads must divide (query heads follow)."""
-    check_splits("num_kv_heads", num_kv_heads, mesh, "tensor")
-
-
-def check_divisible(cfg, mesh: Mesh, batch_size: int | None = None) -> None:
-    """Before anything is built: kv heads by tensor (for a model config `cfg`), batch by data x fsdp.
-    model.py checks the remaining weight dimensions against their specs when it builds or loads."""
-    check_kv_heads(cfg.num_kv_heads, mesh)
-    if batch_size is not None:
-        check_batch_size(batch_size, mesh)
-
-
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) dim over data x fsdp, every other dim whole."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *[None] * (ndim - 1)))
@@ -87,11 +63,8 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
     Process p passes rows [p * b, (p + 1) * b) of the global batch (b = global batch / process count).
     """
-    out = {}
-    for name, array in local.items():
-        check_batch_size(array.shape[0] * jax.process_count(), mesh)
-        out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, array.ndim), array)
-    return out
+    put = lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+    return {name: put(array) for name, array in local.items()}
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -99,6 +72,41 @@ def to_host(x: jax.Array) -> np.ndarray:
     spanning processes is gathered by a collective); one array at a time keeps a host's memory peak
     at about one tensor."""
     return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_writer() -> bool:
+    """Process 0 writes every file; the others only read."""
+    return jax.process_index() == 0
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a directory tree, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic(path: str | Path):
+    """Write `path`, a file or a directory, through the temporary sibling `.tmp-NAME` that this yields;
+    on success the sibling replaces `path` in one rename. A directory cannot be renamed over another, so
+    an old one is first moved aside to `.old-NAME` and deleted after. A leftover sibling from a killed
+    write is removed first; on an error the sibling goes and `path` is untouched."""
+    path = Path(path)
+    tmp, old = path.with_name(f".tmp-{path.name}"), path.with_name(f".old-{path.name}")
+    remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.exists():
+            remove(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            remove(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        remove(tmp)
 
 
 def _launched_as_several_processes(env) -> bool:

@@ -269,7 +269,7 @@ def test_bad_rows_are_listed_and_good_rows_kept(tokenizers_dir, tmp_path):
         7: "chosen equals rejected",
         8: "template error",
         9: "prompt differs",
-        10: "wrong type",
+        10: "invalid JSON",
     }
     inputs, output = write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "out"
     # row groups of 1 pair: rows are read 8 at a time, so the first chunk has no usable row at all
@@ -278,6 +278,7 @@ def test_bad_rows_are_listed_and_good_rows_kept(tokenizers_dir, tmp_path):
     rejects = [json.loads(line) for line in (output / "rejects.jsonl").read_text().splitlines()]
     assert {r["index"]: r["reason"] for r in rejects} == expected
     assert "must alternate" in rejects[8]["detail"]
+    assert rejects[10]["detail"].startswith("rows.jsonl line 11: ")  # the file and line of a bad line
     assert summary["rows_read"] == len(rows) and summary["rows_written"] == 2
     assert sum(summary["rows_dropped"].values()) == len(expected)
     assert [r["source_index"] for r in read_rows(output)] == [11, 12]
@@ -369,7 +370,7 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(tokenizers_dir, tmp_pat
     assert json.loads(metadata[data.SETTINGS_KEY])["max_seq_len"] == 64
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not a data.py output"):
+    with pytest.raises(ValueError, match="holds files data.py did not write"):
         data.tokenize(inputs, tokenizer, str(tmp_path / "other"))
 
 
@@ -386,7 +387,7 @@ def test_interrupted_write_never_looks_complete(tokenizers_dir, tmp_path, monkey
             assert json.loads((output / "summary.json").read_text()) == before
         else:
             assert not target.exists()
-        assert [data.is_tokenized(p) for p in tmp_path.glob(f".{target.name}.partial-*")] == [False]
+        assert [data.is_tokenized(p) for p in tmp_path.glob(f".tmp-{target.name}")] == [False]
         calls.append(table.num_rows)
         if len(calls) == 2:
             raise KeyboardInterrupt
@@ -399,7 +400,7 @@ def test_interrupted_write_never_looks_complete(tokenizers_dir, tmp_path, monkey
             data.tokenize(inputs, tokenizer, str(target), row_group_size=2, overwrite=True)
     assert json.loads((output / "summary.json").read_text()) == before
     assert not (tmp_path / "fresh").exists()
-    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name or ".old-" in p.name] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))] == []
 
 
 # --- Hub-layout inputs and the CLI -------------------------------------------------------------------------
@@ -536,13 +537,18 @@ def batch_pairs(batch, keys) -> list[int]:
     return [keys[tuple(ids[0, : n[0]])] for ids, n in zip(batch["input_ids"], batch["lengths"], strict=True)]
 
 
+REFERENCE = np.arange(100, dtype=np.float32).reshape(50, 2)  # a stand-in table of reference log-probs
+
+
 def check_batch(batch, rows, pairs, max_seq_len, bucket):
-    """The batch against the Parquet rows: contents, padding, lengths, row indices and the bucketed width."""
+    """The batch against the Parquet rows: contents, padding, lengths, the bucketed width and, when the loader
+    was given the reference table REFERENCE, each pair's row of it."""
     longest = max(max(rows[k]["chosen_length"], rows[k]["rejected_length"]) for k in pairs)
     width = min(max_seq_len, bucket * -(-longest // bucket))
     assert batch["input_ids"].shape == batch["loss_mask"].shape == (len(pairs), 2, width)
     assert batch["input_ids"].dtype == np.int32 and batch["loss_mask"].dtype == bool
-    assert batch["index"].tolist() == [k if w else -1 for k, w in zip(pairs, batch["weight"], strict=True)]
+    if "ref_logps" in batch:
+        assert batch["ref_logps"].tolist() == REFERENCE[pairs].tolist()
     for i, k in enumerate(pairs):
         for s, side in enumerate(("chosen", "rejected")):
             n = rows[k][f"{side}_length"]
@@ -558,7 +564,7 @@ def test_train_batches_are_deterministic_resumable_and_exact(dataset_dir):
     assert len(dataset) == 50 and len(list(dataset_dir.glob("part-*.parquet"))) == 3
     assert dataset.lengths.tolist() == [[r["chosen_length"], r["rejected_length"]] for r in rows]
     train, validation = data.split_indices(len(dataset), 0.2, seed=3)
-    kwargs = dict(batch_size=8, seed=7, max_seq_len=140, bucket=48)
+    kwargs = dict(batch_size=8, seed=7, max_seq_len=140, bucket=48, reference=REFERENCE)
     first = take(data.train_batches(dataset, train, **kwargs), 12)
     again = take(data.train_batches(dataset, train, **kwargs), 12)
     resumed = take(data.train_batches(dataset, train, start_step=7, **kwargs), 5)
@@ -648,7 +654,9 @@ def test_eval_batches_cover_indices_in_order_with_a_weighted_tail(dataset_dir):
     dataset = data.PairDataset(dataset_dir)
     rows, keys = pair_keys(dataset_dir)
     _, validation = data.split_indices(len(dataset), 0.2, seed=3)
-    batches = list(data.eval_batches(dataset, validation, batch_size=4, max_seq_len=140, bucket=32))
+    batches = list(
+        data.eval_batches(dataset, validation, batch_size=4, max_seq_len=140, bucket=32, reference=REFERENCE)
+    )
     assert len(batches) == 3  # 10 pairs: 4 + 4 + 2 real and 2 padding
     weights = np.concatenate([b["weight"] for b in batches])
     assert weights.tolist() == [1.0] * 10 + [0.0] * 2
@@ -665,5 +673,3 @@ def test_loader_refuses_pairs_longer_than_max_seq_len(dataset_dir):
     dataset = data.PairDataset(dataset_dir)
     with pytest.raises(ValueError, match="over max_seq_len 16"):
         data.train_batches(dataset, range(50), batch_size=8, seed=0, max_seq_len=16)
-    with pytest.raises(ValueError, match="split evenly over 3 processes"):
-        data.eval_batches(dataset, range(50), batch_size=8, process_count=3, max_seq_len=256)

@@ -144,5 +144,7 @@ def test_a_changed_config_is_refused_unless_overwrite(demo, uninterrupted, tmp_p
 
     same = SMALL_RUN | dict(model_name_or_path=str(demo[0]), train_data=str(demo[1]), output_dir=str(run))
     dpo.check_run_dir(run, dpo.Config(**same | dict(num_train_steps=12)))  # a longer run of the same: fine
-    dpo.check_run_dir(run, dpo.Config(**same | dict(beta=0.2, overwrite=True)))
+    overwrite = dpo.Config(**same | dict(beta=0.2, overwrite=True))
+    dpo.check_run_dir(run, overwrite)
+    dpo.start_run_dir(run, overwrite)
     assert not any((run / name).exists() for name in ("checkpoints", "hf", "metrics.jsonl"))

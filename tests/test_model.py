@@ -47,7 +47,7 @@ LLAMA_31_8B = {
     "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256,
 }  # fmt: skip
 
-_logits = jax.jit(model.logits, static_argnames=("cfg", "compute_dtype", "remat", "attention_impl"))
+_logits = jax.jit(model.logits, static_argnames=("arch", "compute_dtype", "remat", "attention_impl"))
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_bf16_compute_stays_close_to_f32(checkpoints):
     params = model.load_params(path, cfg, mesh)
     tokens = random_tokens(2, 32)
     with jax.set_mesh(mesh):
-        hidden = jax.jit(model.forward, static_argnames=("cfg", "compute_dtype"))(
+        hidden = jax.jit(model.forward, static_argnames=("arch", "compute_dtype"))(
             params, tokens, cfg, compute_dtype=jnp.bfloat16
         )
         ours = _logits(params, tokens, cfg, compute_dtype=jnp.bfloat16)

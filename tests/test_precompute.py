@@ -6,7 +6,6 @@ import json
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -33,14 +32,9 @@ def precompute(model_dir, tokenized) -> np.ndarray:
     mesh = sharding.make_mesh(1, -1, 1)
     config = dpo.Config(model_name_or_path=str(model_dir), train_data=str(tokenized), **SMALL)
     with jax.set_mesh(mesh):
+        datasets = [data.PairDataset(tokenized)]
         tables = dpo.precompute_reference_logps(
-            [data.PairDataset(tokenized)],
-            model_dir,
-            model.load_config(model_dir),
-            config,
-            mesh,
-            jnp.float32,
-            jnp.float32,
+            datasets, model_dir, model.load_config(model_dir), config, mesh
         )
     return tables[0]
 
@@ -53,7 +47,7 @@ def test_precomputed_reference_trains_like_the_live_one(demo):
             model_name_or_path=str(model_dir),
             train_data=str(tokenized),
             output_dir=str(root / reference),
-            reference=reference,
+            reference_mode=reference,
             num_train_steps=6,
             learning_rate=3e-3,
             warmup=0,

@@ -51,7 +51,10 @@ def test_demo_learns_the_preference_and_exports_for_transformers(tmp_path):
     import transformers
 
     out = tmp_path / "run"
-    dpo.main(dpo.Config(output_dir=str(out), num_train_steps=40, steps_per_eval=20, steps_per_hf_export=40))
+    settings = dpo.DEMO_SETTINGS | dict(
+        output_dir=str(out), num_train_steps=40, steps_per_eval=20, steps_per_hf_export=40
+    )
+    dpo.main(dpo.Config(**settings))
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [line for line in lines if "eval/loss" in line]
     assert [e["step"] for e in evals] == [0, 20, 40]
