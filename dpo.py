@@ -5,18 +5,20 @@
         --config.model-name-or-path meta-llama/Llama-3.1-8B-Instruct \\
         --config.train-data HuggingFaceH4/ultrafeedback_binarized --config.train-split train_prefs \\
         --config.validation-data HuggingFaceH4/ultrafeedback_binarized --config.validation-split test_prefs
-    python dpo.py ... --config.reference-mode precompute   # the reference runs once, before training
+    python dpo.py ... --config.reference-mode precompute     # the reference runs once, before training
+    python dpo.py ... --config.loss-type sigmoid bco_pair sft --config.loss-weights 0.8 0.2 1.0
     python dpo.py --help                           # every field, with its meaning
 
 The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected y_l) is
     -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
-where pi is the policy being trained and ref the frozen starting model. Each step runs the policy
-and the reference once over [chosen; rejected] as one batch, turns final hidden states into
-summed log-probs with a chunked LM head that never builds the [2B, T, V] logits, and takes one
-AdamW step (accumulated over microbatches when they are set; an update whose loss or gradient is not
-finite is not applied). Around the step: evaluation, atomic checkpoints with exact resume, SIGTERM-safe
-stopping, Hugging Face export, metrics.jsonl (and Weights & Biases). The reference's log-probs can
-instead be computed once before training and cached beside the data (`reference_mode precompute`).
+where pi is the policy being trained and ref the frozen starting model; `dpo_loss` holds it and the
+variants researchers compare, under TRL's names. Each step runs the policy and the reference once over
+[chosen; rejected] as one batch, turns final hidden states into summed log-probs with a chunked LM head
+that never builds the [2B, T, V] logits, and takes one AdamW step (accumulated over microbatches when
+they are set; an update whose loss or gradient is not finite is not applied). Around the step:
+evaluation, atomic checkpoints with exact resume, SIGTERM-safe stopping, Hugging Face export,
+metrics.jsonl and Weights & Biases. The reference's log-probs can instead be computed once before
+training and cached beside the data (`reference_mode precompute`).
 
 Left out on purpose: generation, KV caches, quantization, pipeline parallelism.
 model.py holds the Llama, sharding.py the mesh and file writing, data.py the tokenizer and loader.
@@ -35,10 +37,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,14 @@ import data
 import model
 import sharding
 
+# dpo_loss's losses, by TRL's names; `--config.loss-type` takes one or more of them.
+LOSS_TYPES = (
+    "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard apo_zero apo_down discopop sigmoid_norm"
+)
+LOSS_TYPES = (*LOSS_TYPES.split(), "simpo", "aot", "aot_unpaired", "sft")
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")  # they use label_smoothing
+BATCH_LOSSES = {"aot", "aot_unpaired"}  # losses over the whole batch, not sums over its pairs
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -64,15 +73,22 @@ class Config:
     train_split: str = "train"  # split of a raw Hub dataset (UltraFeedback: train_prefs)
     validation_data: str | None = None  # separate validation data; when given, used instead of a split
     validation_split: str = "test"  # split of a raw Hub validation dataset (UltraFeedback: test_prefs)
-    validation_split_fraction: float | None = 0.1  # train_data share held out for eval, without validation_data
+    validation_split_fraction: float | None = 0.1  # train_data held out for eval when no validation_data
     max_seq_len: int = 2048  # longest chosen or rejected sequence in tokens; longer pairs are dropped
     output_dir: str = "runs/dpo"  # run directory: config.json, metrics.jsonl, checkpoints/, hf/
     overwrite: bool = False  # start afresh in an output_dir that holds a run with a different config
-    # --- DPO
+    # --- the loss (dpo_loss has each one's formula and paper)
     beta: float = 0.1  # strength of the pull toward the reference (0.01-0.05 free, 0.1-0.5 close)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid = DPO, ipo = IPO, hinge = SLiC
-    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
-    reference_mode: Literal["live", "precompute"] = "live"  # live: run the reference each step; precompute: once
+    loss_type: tuple[Literal[LOSS_TYPES], ...] = ("sigmoid",)  # one or more losses, summed with loss_weights
+    loss_weights: tuple[float, ...] | None = None  # one weight per loss_type; None: 1 each
+    label_smoothing: float = (
+        0.0  # assumed share of flipped labels (sigmoid: cDPO, robust, exo_pair, aot, simpo)
+    )
+    discopop_tau: float = 0.05  # discopop's temperature
+    simpo_gamma: float = 0.5  # simpo's target reward margin
+    reference_mode: Literal["live", "precompute"] = (
+        "live"  # reference: run each step, or once before training
+    )
     # --- optimization
     train_batch_size: int = 128  # preference pairs per optimizer step (global, over all devices)
     microbatch_size: int | None = None  # pairs per forward/backward; gradients accumulate up to the batch
@@ -112,32 +128,34 @@ class Config:
     wandb_project: str | None = None  # log to Weights & Biases too (needs `pip install wandb`)
 
     def __post_init__(self):
-        frac, micro = self.validation_split_fraction, self.microbatch_size
-        checks = [
-            (self.beta > 0, f"beta must be > 0, got {self.beta}"),
-            (0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}"),
-            (self.label_smoothing == 0 or self.loss_type == "sigmoid", "label_smoothing needs loss_type sigmoid"),
-            (self.train_batch_size > 0, f"train_batch_size must be > 0, got {self.train_batch_size}"),
-            (micro is None or (micro > 0 and self.train_batch_size % micro == 0),
-             f"microbatch_size {micro} must divide train_batch_size {self.train_batch_size}"),
-            (self.num_train_steps >= 0, f"num_train_steps must be >= 0, got {self.num_train_steps}"),
-            (self.learning_rate >= 0, f"learning_rate must be >= 0, got {self.learning_rate}"),
-            (self.warmup >= 0 and self.cooldown >= 0, "warmup and cooldown must be >= 0"),
-            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
-            (frac is None or 0 < frac < 1, f"validation_split_fraction must be in (0, 1) or None, got {frac}"),
-            (frac is not None or self.validation_data is not None,
-             "validation_split_fraction None needs validation_data"),
-            (self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}"),
-            (self.logits_chunk_size > 0, "logits_chunk_size must be > 0"),
-            (self.model_name_or_path == "demo" or self.train_data is not None,
-             "train_data is required (a data.py output dir or raw preference data)"),
-        ]  # fmt: skip
-        for name in ("steps_per_eval", "steps_per_checkpoint", "steps_per_hf_export", "keep_checkpoints"):
-            checks.append((getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}"))
-        checks.append((self.log_every > 0, f"log_every must be > 0, got {self.log_every}"))
-        for ok, message in checks:
+        def need(ok: bool, message: str):
             if not ok:
                 raise ValueError(message)
+
+        micro, frac = self.microbatch_size, self.validation_split_fraction
+        ls, losses, size = self.label_smoothing, self.loss_type, self.train_batch_size
+        for name in "beta train_batch_size logits_chunk_size steps_per_eval steps_per_checkpoint".split():
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in "keep_checkpoints steps_per_hf_export log_every discopop_tau".split():
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        divides = micro is None or micro > 0 and size % micro == 0
+        need(divides, f"microbatch_size {micro} must divide train_batch_size {size}")
+        need(self.num_train_steps >= 0, f"num_train_steps must be >= 0, got {self.num_train_steps}")
+        need(self.learning_rate >= 0, f"learning_rate must be >= 0, got {self.learning_rate}")
+        need(self.warmup >= 0 and self.cooldown >= 0, "warmup and cooldown must be >= 0")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(frac is None or 0 < frac < 1, f"validation_split_fraction must be in (0, 1) or None, got {frac}")
+        need(frac is not None or self.validation_data, "validation_split_fraction None needs validation_data")
+        need(self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}")
+        need(self.model_name_or_path == "demo" or self.train_data is not None, "train_data is required")
+        need(0 < len(losses) == len(set(losses)), f"loss_type {losses}: name each loss once")
+        weights = self.loss_weights
+        need(weights is None or len(weights) == len(losses), "loss_weights needs one weight per loss_type")
+        need(
+            ls == 0 or set(losses) <= set(SMOOTHED), f"label_smoothing is used by {', '.join(SMOOTHED)} only"
+        )
+        need("exo_pair" not in losses or 0 < ls < 1, f"exo_pair needs 0 < label_smoothing < 1, got {ls}")
+        need(0 <= ls < 0.5 or losses == ("exo_pair",), f"label_smoothing must be in [0, 0.5), got {ls}")
 
     @property
     def warmup_steps(self) -> int:
@@ -147,21 +165,35 @@ class Config:
     def cooldown_steps(self) -> int:
         return int(self.cooldown * self.num_train_steps) if self.cooldown < 1 else int(self.cooldown)
 
+    @property
+    def uses_reference(self) -> bool:
+        return not set(self.loss_type) <= {"simpo", "sft"}  # the reference-free ones
+
 
 # Fields that change how a run is operated but not what it computes: a resumed run may change them.
 OPERATIONAL_FIELDS = set(
-    "output_dir overwrite num_train_steps steps_per_eval max_eval_batches steps_per_checkpoint keep_checkpoints "
-    "steps_per_hf_export hf_save_dtype log_every wandb_project coordinator_address num_processes process_id "
-    "on_nonfinite".split()
+    "output_dir overwrite num_train_steps steps_per_eval max_eval_batches steps_per_checkpoint "
+    "keep_checkpoints steps_per_hf_export hf_save_dtype log_every wandb_project coordinator_address "
+    "num_processes process_id on_nonfinite".split()
 )
 
 # What the demo uses for the fields not given on the command line (a tiny model from scratch learns at a
-# far higher rate than a pretrained 8B model tolerates). See cli().
+# far higher rate than a pretrained 8B model tolerates). See parse_args.
 DEMO_SETTINGS = dict(
-    train_batch_size=32, num_train_steps=120, learning_rate=3e-3, warmup=0.05, cooldown=0.2, adam_b2=0.99,
-    max_seq_len=64, logits_chunk_size=32, steps_per_eval=30, steps_per_checkpoint=60, steps_per_hf_export=120,
-    log_every=10, output_dir="runs/demo",
-)  # fmt: skip
+    train_batch_size=32,
+    num_train_steps=120,
+    learning_rate=3e-3,
+    warmup=0.05,
+    cooldown=0.2,
+    adam_b2=0.99,
+    max_seq_len=64,
+    logits_chunk_size=32,
+    steps_per_eval=30,
+    steps_per_checkpoint=60,
+    steps_per_hf_export=120,
+    log_every=10,
+    output_dir="runs/demo",
+)
 
 
 def dtype_of(name: str):
@@ -171,67 +203,123 @@ def dtype_of(name: str):
     return jnp.dtype(name)
 
 
-# --- the loss
+# --- the loss family
 
 
-def dpo_loss(
-    policy_chosen: jax.Array,
-    policy_rejected: jax.Array,
-    reference_chosen: jax.Array,
-    reference_rejected: jax.Array,
-    *,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-pair preference losses and implicit rewards.
+def dpo_loss(policy, reference, tokens, weight, config: Config, totals=None) -> tuple[jax.Array, jax.Array]:
+    """The preference loss of a batch and each pair's implicit rewards.
 
-    Each input is [B]: summed log-probs of the chosen or rejected response under the policy or
-    the reference. With h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected):
-        sigmoid: -(1 - ls) * log sigmoid(beta * h) - ls * log sigmoid(-beta * h)   (DPO; cDPO if ls > 0)
-        ipo:     (h - 1 / (2 * beta)) ** 2                                         (IPO)
-        hinge:   max(0, 1 - beta * h)                                              (SLiC)
-    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]) with reward = beta * (policy -
-    reference) log-prob, gradient-free (a metric).
+    policy, reference [B, 2]: summed log-probs of (chosen, rejected) under the policy and the reference
+    (reference None for the reference-free losses); tokens [B, 2]: scored tokens of each; weight [B]: 1
+    for a pair, 0 for padding. With b = beta, ls = label_smoothing, the log-ratios c = policy_chosen -
+    reference_chosen and r = policy_rejected - reference_rejected, h = c - r, their per-token forms
+    c' = c / tokens_chosen, r' = r / tokens_rejected, and cdpo(z) = -(1 - ls) log s(z) - ls log s(-z)
+    (s the sigmoid), each loss (TRL's names and numbers) is a mean over the pairs of
+        sigmoid       cdpo(b h)                                DPO, Rafailov 2023 (cDPO, Mitchell 2023)
+        hinge         max(0, 1 - b h)                          SLiC, Zhao 2023
+        ipo           (c' - r' - 1 / (2 b))^2                  IPO, Azar 2023: per token, as its authors
+                                                               confirmed to TRL (beta carries over lengths)
+        exo_pair      s(b h)(log s(b h) - log(1 - ls)) + s(-b h)(log s(-b h) - log ls)    EXO, Ji 2024
+        nca_pair      -log s(b c) - log s(-b c) / 2 - log s(-b r) / 2                     NCA, Chen 2024
+        robust        (-(1 - ls) log s(b h) + ls log s(-b h)) / (1 - 2 ls)   robust DPO, Chowdhury 2024
+        bco_pair      -log s(b c) - log s(-b r)                BCO, Jung 2024 (TRL 1.x: no running mean)
+        sppo_hard     (c - 1 / (2 b))^2 + (r + 1 / (2 b))^2    SPPO, Wu 2024
+        apo_zero      1 - s(b c) + s(b r)                      APO, D'Oosterlinck 2024
+        apo_down      s(b c) + 1 - s(b h)                      APO, D'Oosterlinck 2024
+        discopop      -log s(b h)(1 - m) + exp(-b h) m, m = s(b h / tau)   DiscoPOP, Lu 2024
+        sigmoid_norm  -log s(b (c' - r'))                      length-normalised DPO, Tulu 3 (Lambert 2024)
+        simpo         cdpo(b (pc' - pr') - gamma), pc' = policy_chosen / tokens_chosen, no reference
+                                                               SimPO, Meng 2024
+    or over the whole batch (the global batch of the step, all devices and microbatches together):
+        aot           cdpo(b (sort(pc - pr) - sort(refc - refr)))   AOT, Melnyk 2024: margins matched by rank
+        aot_unpaired  cdpo(b (sort(c) - sort(r)))                   AOT, unpaired
+        sft           -sum(policy_chosen) / sum(tokens_chosen): the chosen tokens' mean NLL (RPO's term)
+    summed with config.loss_weights. `totals` (pairs, chosen tokens) are the denominators when this batch is
+    one microbatch of a larger one. Rewards [B, 2] are b (policy - reference), for simpo b policy / tokens;
+    gradient-free (metrics).
     """
-    h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
-    if loss_type == "sigmoid":
-        ls = label_smoothing
-        losses = -(1 - ls) * jax.nn.log_sigmoid(beta * h) - ls * jax.nn.log_sigmoid(-beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = jax.nn.relu(1 - beta * h)
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
-    chosen_rewards = jax.lax.stop_gradient(beta * (policy_chosen - reference_chosen))
-    rejected_rewards = jax.lax.stop_gradient(beta * (policy_rejected - reference_rejected))
-    return losses, chosen_rewards, rejected_rewards
-
-
-METRIC_SUMS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected", "weight")  # fmt: skip
-
-
-def pair_metrics(policy: jax.Array, reference: jax.Array, weight: jax.Array, config: Config):
-    """Weighted sums over the pairs of a batch, from [b, 2] log-probs (chosen, rejected) of the policy and
-    the reference: (loss_sum, {metric: sum}). Divide by sum(weight)."""
-    losses, chosen_r, rejected_r = dpo_loss(
-        policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1],
-        beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
-    )  # fmt: skip
-    total = lambda x: jnp.sum(weight * x)
-    sums = {
-        "loss": total(losses),
-        "rewards/chosen": total(chosen_r),
-        "rewards/rejected": total(rejected_r),
-        "rewards/accuracies": total((chosen_r > rejected_r).astype(jnp.float32)),
-        "rewards/margins": total(chosen_r - rejected_r),
-        "logps/chosen": total(policy[:, 0]),
-        "logps/rejected": total(policy[:, 1]),
-        "weight": jnp.sum(weight),
+    b, ls, gamma, tau = config.beta, config.label_smoothing, config.simpo_gamma, config.discopop_tau
+    pairs, chosen_tokens = totals if totals is not None else (jnp.sum(weight), jnp.sum(weight * tokens[:, 0]))
+    tokens = jnp.maximum(tokens, 1)
+    if reference is None:  # reference-free: log-probs stand in where log-ratios would be, as SimPO reads them
+        reference = jnp.zeros_like(policy)
+    (c, r), (nc, nr) = (policy - reference).T, tokens.T
+    h, per_token, log_s, s = c - r, c / nc - r / nr, jax.nn.log_sigmoid, jax.nn.sigmoid
+    cdpo = lambda z: -(1 - ls) * log_s(z) - ls * log_s(-z)
+    mean = lambda x: jnp.sum(weight * x) / pairs
+    real = weight > 0  # sorted over the real pairs only: padding goes to the end, then is left out
+    ranked = lambda x: jnp.sort(jnp.where(real, x, jnp.inf))
+    in_rank = jnp.arange(len(weight)) < jnp.sum(real)
+    rank_mean = lambda x: jnp.sum(jnp.where(in_rank, x, 0.0)) / pairs
+    losses = {
+        "sigmoid": lambda: mean(cdpo(b * h)),
+        "hinge": lambda: mean(jax.nn.relu(1 - b * h)),
+        "ipo": lambda: mean((per_token - 1 / (2 * b)) ** 2),
+        "exo_pair": lambda: mean(
+            s(b * h) * (log_s(b * h) - jnp.log1p(-ls)) + s(-b * h) * (log_s(-b * h) - jnp.log(ls))
+        ),
+        "nca_pair": lambda: mean(-log_s(b * c) - 0.5 * log_s(-b * c) - 0.5 * log_s(-b * r)),
+        "robust": lambda: mean((-(1 - ls) * log_s(b * h) + ls * log_s(-b * h)) / (1 - 2 * ls)),
+        "bco_pair": lambda: mean(-log_s(b * c) - log_s(-b * r)),
+        "sppo_hard": lambda: mean((c - 0.5 / b) ** 2 + (r + 0.5 / b) ** 2),
+        "apo_zero": lambda: mean(1 - s(b * c) + s(b * r)),
+        "apo_down": lambda: mean(s(b * c) + 1 - s(b * h)),
+        "discopop": lambda: mean(-log_s(b * h) * (1 - s(b * h / tau)) + jnp.exp(-b * h) * s(b * h / tau)),
+        "sigmoid_norm": lambda: mean(-log_s(b * per_token)),
+        "simpo": lambda: mean(cdpo(b * (policy[:, 0] / nc - policy[:, 1] / nr) - gamma)),
+        "aot": lambda: rank_mean(
+            cdpo(b * (ranked(policy[:, 0] - policy[:, 1]) - ranked(reference[:, 0] - reference[:, 1])))
+        ),
+        "aot_unpaired": lambda: rank_mean(cdpo(b * (ranked(c) - ranked(r)))),
+        "sft": lambda: -jnp.sum(weight * policy[:, 0]) / chosen_tokens,
     }
-    return sums["loss"], sums
+    weights = config.loss_weights or (1.0,) * len(config.loss_type)
+    loss = sum(w * losses[name]() for name, w in zip(config.loss_type, weights, strict=True))
+    rewards = b * (policy - reference if config.uses_reference else policy / tokens)
+    return loss, jax.lax.stop_gradient(rewards)
+
+
+def metric_sums(policy, rewards, stats, tokens, weight) -> dict[str, jax.Array]:
+    """Weighted sums over a batch's pairs of everything logged (TRL's keys and definitions): each metric is
+    sums[key] / sums[DENOMINATORS.get(key, "pairs")], so sums of several batches add up. stats [B, 2, 3]:
+    the scored tokens' summed mean logit, entropy and argmax hits (sequence_logps)."""
+    w, stats = weight[:, None], weight[:, None, None] * stats
+    chosen, rejected = rewards[:, 0], rewards[:, 1]
+    return {
+        "rewards/chosen": jnp.sum(weight * chosen),
+        "rewards/rejected": jnp.sum(weight * rejected),
+        "rewards/accuracies": jnp.sum(weight * (chosen > rejected)),
+        "rewards/margins": jnp.sum(weight * (chosen - rejected)),
+        "logps/chosen": jnp.sum(weight * policy[:, 0]),
+        "logps/rejected": jnp.sum(weight * policy[:, 1]),
+        "logits/chosen": jnp.sum(stats[:, 0, 0]),
+        "logits/rejected": jnp.sum(stats[:, 1, 0]),
+        "entropy": jnp.sum(stats[..., 1]),  # over the tokens of both sides
+        "mean_token_accuracy": jnp.sum(stats[:, 0, 2]),  # over the chosen tokens, as TRL
+        "pairs": jnp.sum(weight),
+        "tokens": jnp.sum(w * tokens),
+        "tokens/chosen": jnp.sum(weight * tokens[:, 0]),
+        "tokens/rejected": jnp.sum(weight * tokens[:, 1]),
+    }
+
+
+DENOMINATORS = {
+    "logits/chosen": "tokens/chosen",
+    "logits/rejected": "tokens/rejected",
+    "entropy": "tokens",
+    "mean_token_accuracy": "tokens/chosen",
+    "loss": "pairs",
+}
+COUNTS = ("pairs", "tokens", "tokens/chosen", "tokens/rejected")
+
+
+def normalize(sums: dict) -> dict:
+    """Metrics from metric_sums' sums (also of several batches)."""
+    return {
+        k: v / jnp.maximum(sums[DENOMINATORS.get(k, "pairs")], 1e-9)
+        for k, v in sums.items()
+        if k not in COUNTS
+    }
 
 
 # --- one forward pass over chosen and rejected
@@ -243,8 +331,8 @@ def batch_reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, *[None] * (len(shape) - 1)))
 
 
-def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config) -> jax.Array:
-    """[b, 2] summed log-probs of chosen (column 0) and rejected (column 1) under `params`."""
+def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config) -> tuple[jax.Array, jax.Array]:
+    """([b, 2] summed log-probs, [b, 2, 3] token stats) of chosen (column 0) and rejected (column 1)."""
     b, _, t = batch["input_ids"].shape
     # [b, 2, T] -> [2b, T]: rows 2i and 2i+1 are pair i's chosen and rejected, so one forward pass
     # serves both and a batch-sharded array keeps each pair on one device.
@@ -255,31 +343,39 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config) -> 
     # forward casts each layer's weights to the compute dtype as it gathers them: no full-model copy.
     attention = None if config.attention_impl == "auto" else config.attention_impl
     hidden = model.forward(
-        params, tokens, arch, lengths=lengths, compute_dtype=dtype, remat=config.remat, attention_impl=attention
+        params,
+        tokens,
+        arch,
+        lengths=lengths,
+        compute_dtype=dtype,
+        remat=config.remat,
+        attention_impl=attention,
     )
     # Position t predicts token t + 1: shift targets and mask left instead of slicing the hidden states.
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
     # Gather the FSDP shards of the LM head once; its vocabulary stays split over the tensor axis.
     lm_head = jax.sharding.reshard(model.lm_head_weight(params).astype(dtype), P(None, "tensor"))
-    return batch_reshape(sequence_logps(hidden, lm_head, targets, mask, config.logits_chunk_size), (b, 2))
+    logps, stats = sequence_logps(hidden, lm_head, targets, mask, config.logits_chunk_size)
+    return batch_reshape(logps, (b, 2)), batch_reshape(stats, (b, 2, 3))
 
 
 # --- the fused LM head and log-softmax
 
 
-def sequence_logps(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, mask: jax.Array,
-                   chunk_size: int = 4096) -> jax.Array:  # fmt: skip
+def sequence_logps(hidden, lm_head, targets, mask, chunk_size: int = 4096) -> tuple[jax.Array, jax.Array]:
     """Summed log-probs of the scored targets, without ever materialising [N, T, V] logits.
 
     hidden [N, T, D] final hidden states; lm_head [D, V]; targets [N, T] int (targets[n, t] is the
     token after position t); mask [N, T] bool (True: targets[n, t] is scored). Returns [N] f32:
         sum_t mask[n, t] * log_softmax(hidden[n, t] @ lm_head)[targets[n, t]]
-    computed over chunks of about `chunk_size` vocabulary entries: the forward pass keeps a running
-    log-sum-exp (f32) and the target's logit; the backward pass (a custom VJP) recomputes one
-    chunk's logits at a time, writes that chunk's LM-head gradient columns in place and adds its
-    share of the hidden-state gradient. Only one chunk's [N, T, C] logits are alive at any moment,
-    and no [D, V]-sized buffer is ever accumulated. Call it under a mesh (jax.set_mesh).
+    and, gradient-free, [N, 3] sums over the same tokens of the mean logit over the vocabulary, the
+    next-token distribution's entropy, and 1 where the target is the argmax (TRL's logit, entropy and
+    token-accuracy metrics). Computed over chunks of about `chunk_size` vocabulary entries: the forward
+    pass keeps a running log-sum-exp (f32) and the target's logit; the backward pass (a custom VJP)
+    recomputes one chunk's logits at a time, writes that chunk's LM-head gradient columns in place and
+    adds its share of the hidden-state gradient. Only one chunk's [N, T, C] logits are alive at any
+    moment, and no [D, V]-sized buffer is ever accumulated. Call it under a mesh (jax.set_mesh).
     """
     return _logps_forward(hidden, lm_head, targets, mask, chunk_size)[0]
 
@@ -301,9 +397,9 @@ def _chunking(lm_head: jax.Array, chunk_size: int) -> tuple[int, int, int]:
 
 def _chunk_logits(hidden, lm_head, i, chunk_size):
     """Chunk i of the head [D, S, C] (C consecutive columns of every shard, so it stays split over the
-    tensor axis like the whole head), its f32 logits [N, T, S, C], each column's vocabulary id, and
-    where the chunk starts inside a shard. The last chunk starts early enough to end at the shard's
-    end; its columns that the chunk before already covered get id -1 and logit -inf."""
+    tensor axis like the whole head), its f32 logits [N, T, S, C], which of its columns are new, each
+    column's vocabulary id, and where the chunk starts inside a shard. The last chunk starts early enough
+    to end at the shard's end; its columns that the chunk before already covered get id -1, logit -inf."""
     (d, v), (shards, _, width) = lm_head.shape, _chunking(lm_head, chunk_size)
     # Viewing the head as [D, S, V/S] here, inside the loop, lets XLA slice it where it lies; the same
     # reshape outside the loop made XLA:CPU copy the whole head.
@@ -314,37 +410,42 @@ def _chunk_logits(hidden, lm_head, i, chunk_size):
     offset = start + jnp.arange(width)  # column inside the shard
     new = offset >= i * width
     ids = jnp.where(new, jnp.arange(shards)[:, None] * (v // shards) + offset, -1)
-    return jnp.where(new, logits, -jnp.inf), ids, head, start
+    return jnp.where(new, logits, -jnp.inf), new, ids, head, start
 
 
 def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
     zero = jnp.zeros_like(hidden[..., 0], dtype=jnp.float32)  # [N, T], sharded like the rows
 
-    def step(carry, i):  # a running log-sum-exp over the chunks, and the target's logit
-        high, total, target = carry
-        logits, ids, _, _ = _chunk_logits(hidden, lm_head, i, chunk_size)
+    def step(carry, i):  # running: max logit, sum of exp(logit - max), of that times the logit, target, sum
+        high, total, weighted, target, plain = carry
+        logits, new, ids, _, _ = _chunk_logits(hidden, lm_head, i, chunk_size)
         new_high = jnp.maximum(high, logits.max((-2, -1)))
-        total = total * jnp.exp(high - new_high) + jnp.exp(logits - new_high[..., None, None]).sum((-2, -1))
+        shrink, exp = jnp.exp(high - new_high), jnp.exp(logits - new_high[..., None, None])
+        finite = jnp.where(new, logits, 0.0)
+        total, weighted = total * shrink + exp.sum((-2, -1)), weighted * shrink + (exp * finite).sum((-2, -1))
         # A one-hot select rather than a gather: it stays local when the vocabulary is split.
         target += jnp.sum(jnp.where(ids == targets[..., None, None], logits, 0.0), (-2, -1))
-        return (new_high, total, target), None
+        return (new_high, total, weighted, target, plain + finite.sum((-2, -1))), None
 
     count = _chunking(lm_head, chunk_size)[1]
-    (high, total, target), _ = jax.lax.scan(step, (zero - jnp.inf, zero, zero), jnp.arange(count))
+    init = (zero - jnp.inf, zero, zero, zero, zero)
+    (high, total, weighted, target, plain), _ = jax.lax.scan(step, init, jnp.arange(count))
     logsumexp = high + jnp.log(total)
+    stats = [plain / lm_head.shape[1], logsumexp - weighted / total, (target >= high).astype(jnp.float32)]
+    stats = jax.lax.stop_gradient(jnp.stack([jnp.sum(jnp.where(mask, x, 0.0), -1) for x in stats], -1))
     logps = jnp.sum(jnp.where(mask, target - logsumexp, 0.0), -1)
-    return logps, (hidden, lm_head, targets, mask, logsumexp)
+    return (logps, stats), (hidden, lm_head, targets, mask, logsumexp)
 
 
-def _logps_backward(chunk_size, residuals, grad):
+def _logps_backward(chunk_size, residuals, grads):
     hidden, lm_head, targets, mask, logsumexp = residuals
     (d, v), (shards, count, width) = lm_head.shape, _chunking(lm_head, chunk_size)
-    scale = jnp.where(mask, grad[:, None], 0.0)[..., None, None]  # d loss / d log p(target)
+    scale = jnp.where(mask, grads[0][:, None], 0.0)[..., None, None]  # d loss / d log p(target)
     head_spec = P(*_spec(lm_head), None)
 
     def step(carry, i):
         d_hidden, d_head = carry
-        logits, ids, head, start = _chunk_logits(hidden, lm_head, i, chunk_size)
+        logits, _, ids, head, start = _chunk_logits(hidden, lm_head, i, chunk_size)
         # d log p(target) / d logits = onehot(target) - softmax(logits), one chunk of columns at a time.
         probs = jnp.exp(logits - logsumexp[..., None, None])
         d_logits = (scale * ((ids == targets[..., None, None]) - probs)).astype(hidden.dtype)
@@ -373,7 +474,7 @@ sequence_logps.defvjp(_logps_forward, _logps_backward)
 # --- optimizer and learning-rate schedule
 
 
-def lr_schedule(config: Config) -> Callable[[jax.Array], jax.Array]:
+def lr_schedule(config: Config):
     """Linear warmup from 0 to the peak, then the chosen shape from the peak toward min_lr over the
     rest of the run, with the last `cooldown` steps annealing linearly to min_lr from wherever the
     shape stands (for `constant` this is warmup-stable-decay)."""
@@ -401,12 +502,13 @@ def lr_schedule(config: Config) -> Callable[[jax.Array], jax.Array]:
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
+    keystr = jax.tree_util.keystr
     not_norm = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: "norm" not in jax.tree_util.keystr(path), params
+        lambda path, _: "norm" not in keystr(path), params
     )
     clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity()
     adamw = optax.adamw(
-        lr_schedule(config), b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay, mask=not_norm
+        lr_schedule(config), config.adam_b1, config.adam_b2, weight_decay=config.weight_decay, mask=not_norm
     )
     return optax.chain(clip, adamw)
 
@@ -439,39 +541,69 @@ def step_flops(arch: model.LlamaConfig, lengths, live_reference: bool):
 
 
 def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
-    """The jitted train step (state donated) and eval step. The reference log-probs come from the
-    batch when precomputed ("ref_logps" [b, 2]), else from a forward pass of the frozen reference."""
+    """The jitted train step (state donated) and eval step. The reference log-probs come from the batch
+    when precomputed ("ref_logps" [b, 2]), else from a forward pass of the frozen reference."""
+    num_micro = config.train_batch_size // (config.microbatch_size or config.train_batch_size)
+    live = config.uses_reference and config.reference_mode == "live"
+    scored = lambda batch: batch["loss_mask"].sum(-1)  # [..., 2] scored tokens of chosen and rejected
 
-    def reference_logps(reference_params, batch):
-        if "ref_logps" in batch:
-            return batch["ref_logps"]
-        return jax.lax.stop_gradient(pair_logps(reference_params, batch, arch, config))
+    def logps(params, reference_params, batch):  # policy [b, 2], reference [b, 2] (or None), stats
+        policy, stats = pair_logps(params, batch, arch, config)
+        reference = batch.get("ref_logps") if config.uses_reference else None
+        if live:
+            reference = jax.lax.stop_gradient(pair_logps(reference_params, batch, arch, config)[0])
+        return policy, reference, stats
 
-    def metric_sums(params, reference_params, batch):
-        policy = pair_logps(params, batch, arch, config)
-        return pair_metrics(policy, reference_logps(reference_params, batch), batch["weight"], config)
+    def loss_and_sums(outputs, tokens, weight, totals=None):  # on replicated arrays: the loss may sort them
+        policy, reference, stats = (None if x is None else jax.sharding.reshard(x, P()) for x in outputs)
+        tokens, weight = jax.sharding.reshard(tokens, P()), jax.sharding.reshard(weight, P())
+        loss, rewards = dpo_loss(policy, reference, tokens, weight, config, totals)
+        pairs = jnp.sum(weight) if totals is None else totals[0]
+        return loss, metric_sums(policy, rewards, stats, tokens, weight) | {"loss": loss * pairs}
+
+    def batch_loss(params, reference_params, batch, totals=None):
+        return loss_and_sums(logps(params, reference_params, batch), scored(batch), batch["weight"], totals)
+
+    def grads_and_sums(params, reference_params, batch):
+        if num_micro == 1:
+            return jax.grad(batch_loss, has_aux=True)(params, reference_params, batch)
+        # Microbatch m takes rows m, m + M, m + 2M, ...: splitting the batch axis this way leaves every
+        # microbatch spread over all devices. The loss is the whole batch's, never one microbatch's.
+        micro = jax.tree.map(
+            lambda x: jnp.swapaxes(batch_reshape(x, (-1, num_micro, *x.shape[1:])), 0, 1), batch
+        )
+        if not BATCH_LOSSES & set(config.loss_type):  # a sum over pairs: add up the microbatches' gradients
+            totals = jnp.sum(batch["weight"]), jnp.sum(batch["weight"] * scored(batch)[:, 0])
+            grad = lambda m: jax.grad(batch_loss, has_aux=True)(params, reference_params, m, totals)
+            sums = jax.eval_shape(grad, jax.tree.map(lambda x: x[0], micro))[1]
+            zero = (
+                jax.tree.map(jnp.zeros_like, params),
+                jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums),
+            )
+            add = lambda acc, m: (jax.tree.map(jnp.add, acc, grad(m)), None)
+            return jax.lax.scan(add, zero, micro)[0]
+        # A loss over the whole batch (aot sorts it): its gradient with respect to every pair's log-probs
+        # first, then each microbatch's backward pass with its share of that gradient.
+        policy, *rest = jax.lax.map(lambda m: logps(params, reference_params, m), micro)
+        whole = lambda x: None if x is None else jax.sharding.reshard(x, P()).reshape(-1, *x.shape[2:])
+        loss_of = lambda p: loss_and_sums(
+            (p, *map(whole, rest)), whole(scored(micro)), whole(micro["weight"])
+        )
+        d_policy, sums = jax.grad(loss_of, has_aux=True)(whole(policy))
+        d_policy = jax.sharding.reshard(d_policy.reshape(policy.shape), P(None, sharding.BATCH_AXES, None))
+        vjp = lambda m, d: jax.grad(lambda p: jnp.sum(pair_logps(p, m, arch, config)[0] * d))(params)
+        add = lambda acc, m_d: (jax.tree.map(jnp.add, acc, vjp(*m_d)), None)
+        return jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), (micro, d_policy))[0], sums
 
     @partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, reference_params, batch):
-        grad_fn = jax.grad(lambda p, b: metric_sums(p, reference_params, b), has_aux=True)
         with jax.named_scope("forward_backward"):
-            num_micro = config.train_batch_size // (config.microbatch_size or config.train_batch_size)
-            if num_micro == 1:
-                grads, sums = grad_fn(state.params, batch)
-            else:
-                # Microbatch m takes rows m, m + M, m + 2M, ...: splitting the batch axis this way
-                # leaves every microbatch spread over all devices.
-                split = lambda x: jnp.swapaxes(batch_reshape(x, (-1, num_micro, *x.shape[1:])), 0, 1)
-                accumulate = lambda carry, micro: (jax.tree.map(jnp.add, carry, grad_fn(state.params, micro)), None)
-                zero = jax.tree.map(jnp.zeros_like, state.params), {k: jnp.zeros(()) for k in METRIC_SUMS}
-                (grads, sums), _ = jax.lax.scan(accumulate, zero, jax.tree.map(split, batch))
-        total = sums["weight"]
-        grads = jax.tree.map(lambda g: g / total, grads)  # the loss is the mean over the batch's pairs
-        metrics = {k: v / total for k, v in sums.items() if k != "weight"}
+            grads, sums = grads_and_sums(state.params, reference_params, batch)
+        metrics = normalize(sums)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = lr_schedule(config)(state.step)
         metrics["tokens"] = jnp.sum(batch["lengths"])  # for throughput, counted where the batch already is
-        metrics["flops"] = step_flops(arch, batch["lengths"], "ref_logps" not in batch)
+        metrics["flops"] = step_flops(arch, batch["lengths"], live)
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -480,11 +612,13 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         skipped = state.skipped + (~finite).astype(jnp.int32)
         metrics |= {"nonfinite": ~finite, "skipped_updates": skipped}
-        return TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), skipped), metrics
+        return TrainState(
+            state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), skipped
+        ), metrics
 
     @jax.jit
     def eval_step(params, reference_params, batch):
-        return metric_sums(params, reference_params, batch)[1]
+        return batch_loss(params, reference_params, batch)[1]
 
     return train_step, eval_step
 
@@ -498,8 +632,7 @@ def _leaf_name(path) -> str:
 
 def saved_steps(run: Path) -> list[int]:
     """Steps of the complete checkpoints: those with the done.json marker, which is written last."""
-    folder = run / "checkpoints"
-    return sorted(int(d.name[5:]) for d in folder.glob("step-*") if (d / "done.json").exists())
+    return sorted(int(d.name[5:]) for d in (run / "checkpoints").glob("step-*") if (d / "done.json").exists())
 
 
 def save_checkpoint(run: Path, state: TrainState, keep: int) -> None:
@@ -512,9 +645,8 @@ def save_checkpoint(run: Path, state: TrainState, keep: int) -> None:
         for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
             array = sharding.to_host(leaf)
             if writer:
-                file = tmp / f"{_leaf_name(path)}.npy"
-                file.parent.mkdir(parents=True, exist_ok=True)
-                np.save(file, array)
+                (tmp / _leaf_name(path)).parent.mkdir(parents=True, exist_ok=True)
+                np.save(tmp / f"{_leaf_name(path)}.npy", array)
         if writer:
             os.sync()  # every file on disk before the checkpoint can look complete (power loss too)
     if writer:
@@ -531,8 +663,8 @@ def save_checkpoint(run: Path, state: TrainState, keep: int) -> None:
 
 
 def _unreadable(folder: Path, abstract: TrainState) -> str | None:
-    """Why the checkpoint in `folder` would not load completely (a missing, cut-short or empty file, a
-    pickle, another shape), or None. Reads each file's header only."""
+    """Why the checkpoint in `folder` would not load completely (a file missing, cut short, empty, a pickle,
+    of another shape), or None. Reads each file's header only."""
     for path, like in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         name = f"{_leaf_name(path)}.npy"
         try:
@@ -546,134 +678,174 @@ def _unreadable(folder: Path, abstract: TrainState) -> str | None:
 
 def restore_checkpoint(run: Path, abstract: TrainState, mesh, say) -> TrainState | None:
     """The newest checkpoint that loads completely (None: there is none yet), each process reading through
-    a memory map only the slices its own devices hold. Damaged newer ones are skipped, saying why."""
+    a memory map only the slices its own devices hold. A damaged newer one is skipped, saying why."""
     skipped = []
     for step in reversed(saved_steps(run)):
         folder = run / "checkpoints" / f"step-{step}"
-        problem = _unreadable(folder, abstract)
-        if problem is not None:
+        if problem := _unreadable(folder, abstract):
             skipped.append(f"checkpoints/step-{step} ({problem})")
             continue
         if skipped:
             say(f"skipped {'; '.join(skipped)}: it does not load completely")
 
-        def load(path, like):
+        def load(path, like, folder=folder):
             array = np.load(folder / f"{_leaf_name(path)}.npy", mmap_mode="r")
             # eval_shape gives specs on the abstract mesh; scalars (step, counts) have none: replicated.
             where = NamedSharding(mesh, like.sharding.spec if like.sharding is not None else P())
-            return jax.make_array_from_callback(like.shape, where, lambda idx: np.asarray(array[idx], like.dtype))
+            return jax.make_array_from_callback(
+                like.shape, where, lambda idx: np.asarray(array[idx], like.dtype)
+            )
 
         say(f"resumed from {folder}")
         return jax.tree_util.tree_map_with_path(load, abstract)
     if skipped:
         raise ValueError(
-            f"no checkpoint in {run}/checkpoints loads completely: {'; '.join(skipped)}. Delete the damaged "
-            "ones to start from the newest good one, or pass --config.overwrite to start afresh"
+            f"no checkpoint in {run}/checkpoints loads completely: {'; '.join(skipped)}. Delete the "
+            "damaged ones to resume from an older one, or pass --config.overwrite to start afresh"
         )
     return None
 
 
 def check_run_dir(run: Path, config: Config) -> None:
-    """Refuse a run directory that is a file or holds a run whose config differs in anything that changes
-    what it computes (unless overwrite). Deletes and writes nothing: see start_run_dir."""
+    """Refuse an output_dir that is (or lies under) a file, or holds a run whose config differs in anything
+    that changes what it computes (unless overwrite). Deletes and writes nothing: see start_run_dir."""
     for folder in (run, *run.parents):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"output_dir {run}: {folder} is a file, not a directory")
-    saved_file = run / "config.json"
-    if config.overwrite or not saved_file.exists():
+    if config.overwrite or not (run / "config.json").exists():
         return
     # Compared as JSON: a tuple in the config reads back from config.json as a list.
-    saved, now = json.loads(saved_file.read_text()), json.loads(json.dumps(dataclasses.asdict(config)))
+    saved, now = (
+        json.loads((run / "config.json").read_text()),
+        json.loads(json.dumps(dataclasses.asdict(config))),
+    )
     changed = sorted(k for k in now if k not in OPERATIONAL_FIELDS and saved.get(k) != now[k])
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"{run} holds a run with a different config ({diff}); use another output_dir or --config.overwrite")
+        raise ValueError(
+            f"{run} holds a run with a different config ({diff}); use another output_dir or "
+            "--config.overwrite"
+        )
 
 
 def start_run_dir(run: Path, config: Config) -> None:
     """Once every input has been checked: with overwrite, clear the old run's checkpoints, exports and
     metrics; then write config.json (process 0)."""
     if sharding.is_writer():
-        if config.overwrite:
-            for name in ("checkpoints", "hf", "metrics.jsonl", "wandb-id"):
-                sharding.remove(run / name)
+        for name in ("checkpoints", "hf", "metrics.jsonl", "wandb-id") if config.overwrite else ():
+            sharding.remove(run / name)
         run.mkdir(parents=True, exist_ok=True)
         with sharding.atomic(run / "config.json") as tmp:
             tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    # No process may list checkpoints before the old ones are gone.
-    multihost_utils.sync_global_devices("run directory ready")
+    multihost_utils.sync_global_devices("run directory ready")  # nobody lists checkpoints before they go
 
 
-def _step_of(line: str) -> int | None:
-    """The step of one metrics.jsonl line; None for a line cut short by a crash."""
+def _step_of(line: str) -> int:
+    """The step of one metrics.jsonl line; -1 for a line cut short by a crash."""
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
-        return None
+        return -1
 
 
 class MetricsLog:
-    """metrics.jsonl (process 0), optional Weights & Biases, and a short console line. One line per step and
-    kind: lines past the checkpoint a run resumes from (all of them, on a fresh start) were written by an
-    interrupted run and are written again, so they go; a line cut short by a crash goes too."""
+    """metrics.jsonl (process 0), Weights & Biases, and the console. One line per step and kind: lines past
+    the checkpoint a run resumes from (every line, on a fresh start) were written by an interrupted run and
+    will be written again, so they go, as does a line a crash cut short."""
 
-    def __init__(self, run: Path, config: Config, resume_step: int | None):
-        self.path, self.wandb = run / "metrics.jsonl", None
+    def __init__(self, run: Path, config: Config, resume_step: int | None, say):
+        self.path, self.config, self.say, self.wandb = run / "metrics.jsonl", config, say, None
+        self.peak, self.devices = peak_flops(jax.devices()[0]), jax.device_count()
+        self.start, self.started = resume_step or 0, time.time()
+        self.last = self.started
         if not sharding.is_writer():
             return
         lines = self.path.read_text().splitlines() if self.path.exists() and resume_step is not None else []
-        kept = [line + "\n" for line in lines if (_step_of(line) if line else None) is not None]
-        kept = [line for line in kept if _step_of(line) <= resume_step]
         with sharding.atomic(self.path) as tmp:  # replaced whole: a crash here loses no lines
-            tmp.write_text("".join(kept))
+            tmp.write_text("".join(line + "\n" for line in lines if 0 <= _step_of(line) <= resume_step))
         if config.wandb_project:
             try:
                 import wandb
             except ImportError as e:
                 raise ValueError("wandb_project is set but wandb is not installed: pip install wandb") from e
-            # One W&B run per run directory, continued on resume: its id is made at the fresh start.
-            id_file = run / "wandb-id"
+            id_file = (
+                run / "wandb-id"
+            )  # one W&B run per run directory, made at its fresh start, continued after
             if resume_step is None or not id_file.exists():
                 id_file.write_text(uuid.uuid4().hex[:16])
             self.wandb = wandb.init(
-                project=config.wandb_project, config=dataclasses.asdict(config), dir=str(run),
-                id=id_file.read_text(), resume="allow", name=run.resolve().name,
-            )  # fmt: skip
+                project=config.wandb_project,
+                config=dataclasses.asdict(config),
+                dir=str(run),
+                id=id_file.read_text(),
+                resume="allow",
+                name=run.resolve().name,
+            )
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not sharding.is_writer():
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if sharding.is_writer():
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if self.wandb:
+                self.wandb.log(metrics, step=step)
+
+    def train(self, step: int, metrics: dict[str, float]) -> None:
+        """One training step's line, with throughput from the step's token and FLOP counts."""
+        now, tokens, flops = time.time(), metrics.pop("tokens"), metrics.pop("flops")
+        metrics["throughput/tokens_per_second"] = tokens / (now - self.last)
+        if self.peak:
+            metrics["throughput/mfu"] = flops / (now - self.last) / (self.peak * self.devices)
+        self.last, total = now, self.config.num_train_steps
+        self.write(step, metrics)
+        if step % self.config.log_every == 0 or step == total:
+            eta = (now - self.started) / (step - self.start) * (total - step)
+            self.say(
+                f"step {step}/{total} | loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.3f} "
+                f"margin {metrics['rewards/margins']:.4f} | {metrics['throughput/tokens_per_second']:.0f} "
+                f"tok/s | eta {eta:.0f}s"
+            )
+
+    def eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.write(step, metrics)
+        self.say(
+            f"step {step} | eval loss {metrics['eval/loss']:.4f} acc {metrics['eval/rewards/accuracies']:.3f}"
+        )
+
+
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    """Dense bf16 peak of one chip, when known."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in device.device_kind.lower()), None)
 
 
 # --- precomputed reference log-probs: the reference runs once, not at every step (8N -> 6N per token)
 
 
 def _reference_key(reference_dir: Path, dataset: data.PairDataset, config: Config) -> str:
-    """Hash of everything the reference log-probs depend on, so a changed model or data never reuses a
-    stale file. The weights by identity (path, size, mtime, safetensors header; a Hub snapshot's files
-    resolve to blobs named by their content hash), not by reading 16 GB; the data by content."""
-
-    def sha(path: Path, size: int | None = None) -> str:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read(size) if size is not None else f.read()).hexdigest()
-
-    def header(path: Path) -> str:  # 8-byte little-endian length, then the JSON header
-        return sha(path, 8 + int.from_bytes(open(path, "rb").read(8), "little"))
-
-    files = sorted(reference_dir.glob("*.safetensors"))
-    identity = {
-        "model": str(reference_dir.resolve()),
-        "config": sha(reference_dir / "config.json"),
-        "weights": [[os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns, header(f)] for f in files],
-        "data": [[f.name, sha(f)] for f in sorted(dataset.path.glob("part-*.parquet"))],
-        "settings": dataset.summary.get("settings"),
-        "dtypes": [jnp.dtype(dtype_of(config.reference_dtype)).name, jnp.dtype(dtype_of(config.compute_dtype)).name],
-        "attention_impl": config.attention_impl,
-    }
+    """Hash of everything the reference log-probs depend on, so a changed model or data never reuses a stale
+    file: the model and data files by identity (real path, size, modification time: a Hub snapshot's
+    files resolve to blobs named by their content hash), not by reading 16 GB; the settings that change
+    the numbers."""
+    files = [reference_dir / "config.json", *sorted(reference_dir.glob("*.safetensors"))]
+    files += sorted(dataset.path.glob("part-*.parquet"))
+    identity = [[os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    identity += [
+        dataset.summary.get("settings"),
+        config.reference_dtype,
+        config.compute_dtype,
+        config.attention_impl,
+    ]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -689,11 +861,10 @@ def precompute_reference_logps(
     """
     writer, reference_params, tables = sharding.is_writer(), None, []
     batch_size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
-    logps_fn = jax.jit(lambda p, b: jax.sharding.reshard(pair_logps(p, b, arch, config), P()))
+    logps_fn = jax.jit(lambda p, b: jax.sharding.reshard(pair_logps(p, b, arch, config)[0], P()))
     for dataset in datasets:
-        key = _reference_key(reference_dir, dataset, config)
-        final = dataset.path / "reference" / f"{key}.npy"
-        progress = final.with_name(f"{key}.partial.npz")
+        final = dataset.path / "reference" / f"{_reference_key(reference_dir, dataset, config)}.npy"
+        progress = final.with_suffix(".partial.npz")
         multihost_utils.sync_global_devices(f"reference {final}")
         if not final.exists():
             logps = np.full((len(dataset), 2), np.nan, np.float32)
@@ -703,17 +874,25 @@ def precompute_reference_logps(
             # What is left (rows still NaN), shortest first: batches of like length pad little.
             todo = data.by_length(dataset, np.flatnonzero(np.isnan(logps).any(axis=1)))
             if reference_params is None:
-                reference_params = model.load_params(reference_dir, arch, mesh, dtype=dtype_of(config.reference_dtype))
+                reference_params = model.load_params(
+                    reference_dir, arch, mesh, dtype=dtype_of(config.reference_dtype)
+                )
             if writer:
                 final.parent.mkdir(parents=True, exist_ok=True)
-                print(f"reference log-probs: {len(todo)} of {len(dataset)} pairs to compute -> {final}", flush=True)
+                print(
+                    f"reference log-probs: {len(todo)} of {len(dataset)} pairs to compute -> {final}",
+                    flush=True,
+                )
             loader = dict(process_index=jax.process_index(), process_count=jax.process_count())
-            batches = data.eval_batches(dataset, todo, batch_size=batch_size, max_seq_len=config.max_seq_len, **loader)
+            batches = data.eval_batches(
+                dataset, todo, batch_size=batch_size, max_seq_len=config.max_seq_len, **loader
+            )
             saved_at = time.time()
             for at, batch in zip(range(0, len(todo), batch_size), batches, strict=True):
-                out = np.asarray(logps_fn(reference_params, sharding.global_batch(batch, mesh)))
                 rows = todo[at : at + batch_size]
-                logps[rows] = out[: len(rows)]
+                logps[rows] = np.asarray(logps_fn(reference_params, sharding.global_batch(batch, mesh)))[
+                    : len(rows)
+                ]
                 if writer and time.time() - saved_at > 60:  # a kill loses at most a minute of work
                     with sharding.atomic(progress) as tmp:
                         np.savez(tmp, logps=logps)
@@ -727,29 +906,83 @@ def precompute_reference_logps(
     return tables
 
 
-# --- main: the training loop, top to bottom
+# --- main: the inputs, the state, the batches and the loop, top to bottom
+
+
+class Inputs(NamedTuple):
+    model_dir: Path
+    reference_dir: Path
+    arch: model.LlamaConfig
+    mesh: jax.sharding.Mesh
+    tokenizer_dir: Path
+    train_set: data.PairDataset
+    val_set: data.PairDataset
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+
+
+def load_inputs(run: Path, config: Config, say) -> Inputs:
+    """Everything a run reads, checked before anything is written: the model and reference configs, the mesh,
+    the tokenizer and the data (tokenized into the run's data/ when raw)."""
+    model_dir = model.resolve_path(config.model_name_or_path)
+    arch = model.load_config(model_dir)
+    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    model.check_fits(arch, mesh, config.microbatch_size or config.train_batch_size)
+    reference_dir = (
+        model.resolve_path(config.reference_model_path) if config.reference_model_path else model_dir
+    )
+    reference_arch = model.load_config(reference_dir)
+    for field in dataclasses.fields(arch):
+        ours, theirs = getattr(arch, field.name), getattr(reference_arch, field.name)
+        if field.name not in model.NOT_COMPUTED and ours != theirs:
+            raise ValueError(
+                f"reference model {reference_dir} differs from the policy in {field.name} "
+                f"({theirs} vs {ours})"
+            )
+    if config.warmup_steps > config.num_train_steps:
+        say(
+            f"warning: warmup ({config.warmup_steps} steps) is longer than the run: the peak learning "
+            "rate is never reached"
+        )
+    tokenizer = config.tokenizer or str(model_dir)
+    tokenizer_dir = model.resolve_path(tokenizer, allow_patterns=("*.json", "*.jinja"))
+    train_set = prepare_data(config.train_data, config.train_split, tokenizer, run, config)
+    if config.validation_data is not None:
+        val_set = prepare_data(config.validation_data, config.validation_split, tokenizer, run, config)
+        train_idx, val_idx = np.arange(len(train_set)), np.arange(len(val_set))
+        if config.validation_split_fraction is not None:
+            say(f"validation: {config.validation_data} (so validation_split_fraction is not used)")
+    else:
+        val_set = train_set
+        train_idx, val_idx = data.split_indices(len(train_set), config.validation_split_fraction, config.seed)
+    for dataset in {train_set.path: train_set, val_set.path: val_set}.values():
+        check_vocabulary(dataset, arch, tokenizer_dir, say)
+    say(f"data: {len(train_idx)} training pairs, {len(val_idx)} validation pairs")
+    return Inputs(model_dir, reference_dir, arch, mesh, tokenizer_dir, train_set, val_set, train_idx, val_idx)
 
 
 def prepare_data(source: str, split: str, tokenizer: str, run: Path, config: Config) -> data.PairDataset:
-    """A data.py output dir as it is; raw data is tokenized once into the run's data/ (process 0). That cache
-    is re-made when the raw data or its settings change, unless the run has checkpoints to resume."""
+    """A data.py output dir as it is; raw data is tokenized once into the run's data/ (process 0). That copy
+    is made again when the raw data or its settings change, unless the run has checkpoints to resume."""
     if data.is_tokenized(source):
         return data.PairDataset(source)
     out = run / "data" / f"{Path(source).name or 'data'}-{split}"
     replace = config.overwrite or not saved_steps(run)
     if sharding.is_writer():
         try:
-            data.tokenize(source, tokenizer, str(out), split=split, max_seq_len=config.max_seq_len, overwrite=replace)
+            data.tokenize(
+                source, tokenizer, str(out), split=split, max_seq_len=config.max_seq_len, overwrite=replace
+            )
         except data.NoChatTemplate:
             raise ValueError(
-                f"{tokenizer} has no chat template and {source} holds chat messages: pass --config.tokenizer with "
-                "a tokenizer that has one, or tokenize with python data.py --chat-template FILE and pass its "
-                "output as the data"
+                f"{tokenizer} has no chat template and {source} holds chat messages: pass "
+                "--config.tokenizer with a tokenizer that has one, or tokenize with python data.py "
+                "--chat-template FILE and pass its output"
             ) from None
         except data.SettingsChanged as e:
             raise ValueError(
-                f"{source} changed since this run started ({e}); use another output_dir, or --config.overwrite "
-                "to start afresh"
+                f"{source} changed since this run started ({e}); use another output_dir, or "
+                "--config.overwrite to start afresh"
             ) from None
     multihost_utils.sync_global_devices(f"tokenized {out}")
     return data.PairDataset(out)
@@ -766,65 +999,62 @@ def check_vocabulary(dataset: data.PairDataset, arch: model.LlamaConfig, tokeniz
             f"{arch.vocab_size} entries (the data's tokenizer {made_with.get('source')} has "
             f"{made_with.get('vocab_size')}): tokenize the data with the model's tokenizer"
         )
-    ours = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
+    ours = tokenizer_dir / "tokenizer.json"
+    ours = hashlib.sha256(ours.read_bytes()).hexdigest() if ours.exists() else None
     if summary["settings"]["tokenizer"]["tokenizer.json"] != ours:
         say(f"warning: {dataset.path} was tokenized with {made_with.get('source')}, not this run's tokenizer")
 
 
-def load_inputs(run: Path, config: Config, say):
-    """Everything a run reads, checked before anything is written: the model and reference configs, the mesh,
-    the tokenizer and the data. Returns (model_dir, arch, mesh, tokenizer_dir, datasets, indices)."""
-    model_dir = model.resolve_path(config.model_name_or_path)
-    arch = model.load_config(model_dir)
-    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
-    model.check_fits(arch, mesh, config.microbatch_size or config.train_batch_size)
-    reference_dir = model.resolve_path(config.reference_model_path) if config.reference_model_path else model_dir
-    reference_arch = model.load_config(reference_dir)
-    changed = [f.name for f in dataclasses.fields(arch) if f.name not in model.NOT_COMPUTED
-               and getattr(arch, f.name) != getattr(reference_arch, f.name)]  # fmt: skip
-    if changed:
-        name = changed[0]
-        raise ValueError(
-            f"reference model {reference_dir} differs from the policy in {name} "
-            f"({getattr(reference_arch, name)} vs {getattr(arch, name)})"
-        )
-    if config.warmup_steps > config.num_train_steps:
-        say(f"warning: warmup ({config.warmup_steps} steps) is longer than the run: the peak learning rate is never reached")
-    tokenizer = config.tokenizer or str(model_dir)
-    tokenizer_dir = model.resolve_path(tokenizer, allow_patterns=("*.json", "*.jinja"))
-    train_set = prepare_data(config.train_data, config.train_split, tokenizer, run, config)
-    if config.validation_data is not None:
-        val_set = prepare_data(config.validation_data, config.validation_split, tokenizer, run, config)
-        train_idx, val_idx = np.arange(len(train_set)), np.arange(len(val_set))
-        if config.validation_split_fraction is not None:
-            say(f"validation: {config.validation_data} (so validation_split_fraction is not used)")
-    else:
-        val_set = train_set
-        train_idx, val_idx = data.split_indices(len(train_set), config.validation_split_fraction, config.seed)
-    for dataset in {train_set.path: train_set, val_set.path: val_set}.values():
-        check_vocabulary(dataset, arch, tokenizer_dir, say)
-    say(f"data: {len(train_idx)} training pairs, {len(val_idx)} validation pairs")
-    return model_dir, reference_dir, arch, mesh, tokenizer_dir, (train_set, val_set), (train_idx, val_idx)
+def evaluate(eval_step, params, reference_params, batches, mesh) -> dict[str, float]:
+    """The eval/ metrics over every batch: their sums added up, then divided once."""
+    totals = {}
+    for batch in batches:
+        for k, v in jax.device_get(
+            eval_step(params, reference_params, sharding.global_batch(batch, mesh))
+        ).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return {f"eval/{k}": float(v) for k, v in normalize(totals).items()}
 
 
 # Copied into every export beside the weights, so transformers loads the tokenizer from it too.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
-                   "TPU v5e": 197e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}  # fmt: skip
 
+def exporter(run: Path, config: Config, inputs: Inputs, say):
+    """export(state): hf/step-N. What every export carries beside the weights is found once, here: a Hub
+    tokenizer is not looked up again mid-run, where a network hiccup would fail an export."""
+    generation = inputs.model_dir / "generation_config.json"  # keeps the end-of-turn ids the model was given
+    generation = json.loads(generation.read_text()) if generation.exists() else None
+    files = [
+        inputs.tokenizer_dir / name for name in TOKENIZER_FILES if (inputs.tokenizer_dir / name).exists()
+    ]
 
-def peak_flops(device: jax.Device) -> float | None:
-    """Dense bf16 peak of one chip, when known."""
-    kind = device.device_kind
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in kind.lower()), None)
+    def export(state: TrainState) -> None:
+        out = run / "hf" / f"step-{int(state.step)}"
+        model.save_hf(
+            state.params,
+            inputs.arch,
+            out,
+            dtype=config.hf_save_dtype,
+            generation_config=generation,
+            extra_files=files,
+        )
+        say(f"step {int(state.step)} | exported {out}")
+
+    return export
 
 
 @contextlib.contextmanager
 def stop_requests():
-    """While inside, SIGTERM (preemption) and SIGINT (Ctrl-C) only note a request, which the loop
-    honours after the current step: checkpoint, exit 0. A second Ctrl-C quits at once; a repeated
-    SIGTERM (launchers send several) changes nothing. The previous handlers come back on exit."""
+    """While inside, SIGTERM (preemption) and SIGINT (Ctrl-C) only note a request, which the loop honours
+    after the current step: checkpoint, exit 0. A second Ctrl-C quits at once; a repeated SIGTERM (launchers
+    send several) changes nothing. Yields a function that says, the same on every process, whether any was
+    asked to stop. The previous handlers come back on exit."""
     requested = []
 
     def request(signum, frame):
@@ -832,19 +1062,17 @@ def stop_requests():
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    def asked() -> bool:  # every process must stop at the same step
+        if jax.process_count() == 1:
+            return bool(requested)
+        return bool(np.max(multihost_utils.process_allgather(np.int32(bool(requested)))))
+
     previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield lambda: _agreed(bool(requested))
+        yield asked
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _agreed(flag: bool) -> bool:
-    """True on every process if it is True on any: all of them must stop at the same step."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def main(config: Config) -> Path:
@@ -860,101 +1088,89 @@ def main(config: Config) -> Path:
     check_run_dir(run, config)
     if demo:
         make_demo(run / "demo", config.seed)
-    model_dir, reference_dir, arch, mesh, tokenizer_dir, (train_set, val_set), (train_idx, val_idx) = load_inputs(
-        run, config, say
-    )
+    inputs = load_inputs(run, config, say)
     start_run_dir(run, config)
 
-    # --- state: params and optimizer, resumed from the newest checkpoint when there is one
-    optimizer = make_optimizer(config)
+    # --- state: the policy, resumed from the newest checkpoint that loads; the reference, live or once
+    arch, mesh, optimizer = inputs.arch, inputs.mesh, make_optimizer(config)
+    create = partial(TrainState.create, optimizer=optimizer)
     with jax.set_mesh(mesh):
         train_step, eval_step = make_steps(arch, config, optimizer)
-        abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer), model.abstract_params(arch, mesh))
-        state = restore_checkpoint(run, abstract, mesh, say)
+        state = restore_checkpoint(run, jax.eval_shape(create, model.abstract_params(arch, mesh)), mesh, say)
         resume_step = None if state is None else int(state.step)
         if state is None:
-            state = jax.jit(lambda p: TrainState.create(p, optimizer))(model.load_params(model_dir, arch, mesh))
-        reference_params, train_reference, val_reference = None, None, None
-        if config.reference_mode == "live":
-            reference_params = model.load_params(reference_dir, arch, mesh, dtype=dtype_of(config.reference_dtype))
-        else:  # once over every pair, cached beside the data; training then holds no reference model
-            train_reference, val_reference = precompute_reference_logps([train_set, val_set], reference_dir, arch, config, mesh)
+            state = jax.jit(create)(model.load_params(inputs.model_dir, arch, mesh))
+        reference_params, tables = None, (None, None)
+        if config.uses_reference and config.reference_mode == "live":
+            reference_params = model.load_params(
+                inputs.reference_dir, arch, mesh, dtype=dtype_of(config.reference_dtype)
+            )
+        elif (
+            config.uses_reference
+        ):  # once over every pair, cached beside the data; no reference model in training
+            tables = precompute_reference_logps(
+                [inputs.train_set, inputs.val_set], inputs.reference_dir, arch, config, mesh
+            )
 
     # --- batches
     start = resume_step or 0
-    loader = dict(process_index=jax.process_index(), process_count=jax.process_count(), max_seq_len=config.max_seq_len)
+    loader = dict(
+        process_index=jax.process_index(), process_count=jax.process_count(), max_seq_len=config.max_seq_len
+    )
     train_batches = data.train_batches(
-        train_set, train_idx, batch_size=config.train_batch_size, seed=config.seed, start_step=start,
-        group_by_length=config.group_by_length, reference=train_reference, **loader,
-    )  # fmt: skip
-    if config.max_eval_batches is not None:
-        val_idx = val_idx[: config.max_eval_batches * config.train_batch_size]
-    val_idx = data.by_length(val_set, val_idx)  # the sums do not care about order; like lengths pad less
-
-    def evaluate(state) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        batches = data.eval_batches(val_set, val_idx, batch_size=config.train_batch_size, reference=val_reference, **loader)
-        for batch in batches:
-            sums = eval_step(state.params, reference_params, sharding.global_batch(batch, mesh))
-            for k, v in jax.device_get(sums).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        weight = totals.pop("weight", 0.0)
-        return {f"eval/{k}": v / max(weight, 1e-9) for k, v in totals.items()}
-
-    # What every export carries beside the weights, found once: a Hub tokenizer is not looked up
-    # again mid-run, where a network hiccup would fail an export.
-    generation = model_dir / "generation_config.json"  # keeps the end-of-turn ids the model was given
-    generation = json.loads(generation.read_text()) if generation.exists() else None
-    tokenizer_files = [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).exists()]
-
-    def export(state) -> None:
-        out = run / "hf" / f"step-{int(state.step)}"
-        model.save_hf(state.params, arch, out, dtype=config.hf_save_dtype, generation_config=generation,
-                      extra_files=tokenizer_files)  # fmt: skip
-        say(f"step {int(state.step)} | exported {out}")
+        inputs.train_set,
+        inputs.train_idx,
+        batch_size=config.train_batch_size,
+        seed=config.seed,
+        start_step=start,
+        group_by_length=config.group_by_length,
+        reference=tables[0],
+        **loader,
+    )
+    val_idx = inputs.val_idx[
+        : None if config.max_eval_batches is None else config.max_eval_batches * config.train_batch_size
+    ]
+    val_idx = data.by_length(
+        inputs.val_set, val_idx
+    )  # the sums do not care about order; like lengths pad less
+    val_batches = partial(
+        data.eval_batches,
+        inputs.val_set,
+        val_idx,
+        batch_size=config.train_batch_size,
+        reference=tables[1],
+        **loader,
+    )
+    eval_metrics = lambda state: evaluate(eval_step, state.params, reference_params, val_batches(), mesh)
+    export = exporter(run, config, inputs, say)
 
     # --- the loop
-    log = MetricsLog(run, config, resume_step)
-    peak = peak_flops(jax.devices()[0])
+    log = MetricsLog(run, config, resume_step, say)
     with jax.set_mesh(mesh), stop_requests() as stop_requested:
         if start == 0:
-            metrics = evaluate(state)
-            log.log(0, metrics)
-            say(f"step 0 | eval loss {metrics['eval/loss']:.4f} acc {metrics['eval/rewards/accuracies']:.3f}")
+            log.eval(0, eval_metrics(state))
+        dtype = jnp.dtype(dtype_of(config.compute_dtype)).name
         say(
-            f"training steps {start + 1}..{config.num_train_steps} on {mesh.devices.size} device(s), "
-            f"batch {config.train_batch_size} pairs, compute {jnp.dtype(dtype_of(config.compute_dtype)).name}"
+            f"training steps {start + 1}..{config.num_train_steps} on {mesh.devices.size} device(s), batch "
+            f"{config.train_batch_size} pairs, compute {dtype}"
         )
-        t_start = t_last = time.time()
         upcoming = next(train_batches)
         for step in range(start + 1, config.num_train_steps + 1):
             state, metrics = train_step(state, reference_params, sharding.global_batch(upcoming, mesh))
             if step < config.num_train_steps:  # dispatch is async: read the next batch while the step runs
                 upcoming = next(train_batches)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now, tokens, flops = time.time(), metrics.pop("tokens"), metrics.pop("flops")
-            metrics["throughput/tokens_per_second"] = tokens / (now - t_last)
-            if peak:
-                metrics["throughput/mfu"] = flops / (now - t_last) / (peak * mesh.devices.size)
-            t_last = now
-            if metrics.pop("nonfinite"):
-                if config.on_nonfinite == "stop":
-                    good = saved_steps(run)
-                    raise FloatingPointError(
-                        f"step {step}: non-finite loss or gradient (loss {metrics['loss']}, grad_norm "
-                        f"{metrics['grad_norm']}); the update was not applied; newest good checkpoint: "
-                        f"{'step-' + str(good[-1]) if good else 'none'}. Rerun with "
-                        "--config.on-nonfinite skip to resume from it and skip such updates"
-                    )
-                say(f"step {step}: non-finite loss or gradient, update skipped")
-            log.log(step, metrics)
-            if step % config.log_every == 0 or step == config.num_train_steps:
-                eta = (now - t_start) / (step - start) * (config.num_train_steps - step)
-                say(
-                    f"step {step}/{config.num_train_steps} | loss {metrics['loss']:.4f} acc "
-                    f"{metrics['rewards/accuracies']:.3f} margin {metrics['rewards/margins']:.4f} | "
-                    f"{metrics['throughput/tokens_per_second']:.0f} tok/s | eta {eta:.0f}s"
+            nonfinite = metrics.pop("nonfinite")
+            if nonfinite and config.on_nonfinite == "stop":
+                good = ([f"step-{s}" for s in saved_steps(run)] or ["none"])[-1]
+                raise FloatingPointError(
+                    f"step {step}: non-finite loss or gradient (loss {metrics['loss']}, grad_norm "
+                    f"{metrics['grad_norm']}); the update was not applied; newest good checkpoint: {good}. "
+                    "Rerun with --config.on-nonfinite skip to resume from it and skip such updates"
                 )
+            if nonfinite:
+                say(f"step {step}: non-finite loss or gradient, update skipped")
+            log.train(step, metrics)
             last = step == config.num_train_steps
             # A preempted job has seconds: on a stop request only the checkpoint is written, and the
             # eval or export due at this step is skipped (the last step finishes the run as usual).
@@ -963,15 +1179,15 @@ def main(config: Config) -> Path:
                 say(f"stopped at step {step} on request; checkpoint written. Run the same command to resume.")
                 return run
             if step % config.steps_per_eval == 0 or last:
-                eval_metrics = evaluate(state)
-                log.log(step, eval_metrics)
-                loss, accuracy = eval_metrics["eval/loss"], eval_metrics["eval/rewards/accuracies"]
-                say(f"step {step} | eval loss {loss:.4f} acc {accuracy:.3f}")
+                log.eval(step, eval_metrics(state))
             if step % config.steps_per_checkpoint == 0 or last:
                 save_checkpoint(run, state, config.keep_checkpoints)
             if step % config.steps_per_hf_export == 0 or last:
                 export(state)
-    say(f"done. run directory {run.resolve()}: config.json, metrics.jsonl, checkpoints/, hf/ (transformers loads hf/step-N as it is)")
+    say(
+        f"done. run directory {run.resolve()}: config.json, metrics.jsonl, checkpoints/, hf/ "
+        "(transformers loads hf/step-N as it is)"
+    )
     return run
 
 
@@ -992,25 +1208,34 @@ DEMO_TEMPLATE = (
 
 
 def make_demo(root: Path, seed: int) -> tuple[Path, Path]:
-    """A tiny HF-format Llama with its tokenizer, and preference pairs whose rule (answer with words
-    of the topic the prompt names) a small model learns from a few hundred pairs and applies to
-    pairs it has not seen. Returns (model_dir, data_file); each is written whole or not at all."""
+    """A tiny HF-format Llama with its tokenizer, and preference pairs whose rule (answer with words of the
+    topic the prompt names) a small model learns from a few hundred pairs and applies to pairs it has not
+    seen. Returns (model_dir, data_file); each is written whole or not at all."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     model_dir, data_file = root / "model", root / "pairs.jsonl"
     if model_dir.exists() and data_file.exists():
         return model_dir, data_file
-    specials = ["<|pad|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                "<|eot_id|>"]  # fmt: skip
+    specials = (
+        "<|pad|> <|begin_of_text|> <|end_of_text|> <|start_header_id|> <|end_header_id|> <|eot_id|>".split()
+    )
     words = {w for ws in DEMO_TOPICS.values() for w in ws.split()} | set(DEMO_TOPICS)
     words |= {"user", "assistant", "system", "tell", "me", "some", "please", "[UNK]"}
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(words))}
+    vocab = {token: i for i, token in enumerate(specials + sorted(words))}
     arch = model.LlamaConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
-        head_dim=16, rope_theta=10000.0, max_position_embeddings=256, bos_token_id=vocab["<|begin_of_text|>"],
-        eos_token_id=(vocab["<|eot_id|>"],), pad_token_id=vocab["<|pad|>"],
-    )  # fmt: skip
-    mesh = sharding.make_mesh(-1, 1, 1)  # replicated: every process can take part in the export
+        len(vocab),
+        64,
+        192,
+        2,
+        4,
+        2,
+        16,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=(5,),
+        pad_token_id=0,
+    )
     writer = sharding.is_writer()
     with tempfile.TemporaryDirectory() as tmp:
         if writer:
@@ -1018,22 +1243,33 @@ def make_demo(root: Path, seed: int) -> tuple[Path, Path]:
             tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
             tokenizer.add_special_tokens(specials)
             tokenizer.save(f"{tmp}/tokenizer.json")
-            tokenizer_config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>",
-                                    eos_token="<|eot_id|>", pad_token="<|pad|>", chat_template=DEMO_TEMPLATE,
-                                    model_max_length=4096)  # fmt: skip
-            Path(tmp, "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-        files = [Path(tmp, "tokenizer.json"), Path(tmp, "tokenizer_config.json")] if writer else []
+            names = dict(bos_token=specials[1], eos_token=specials[5], pad_token=specials[0])
+            settings = dict(tokenizer_class="PreTrainedTokenizerFast", **names, chat_template=DEMO_TEMPLATE)
+            Path(tmp, "tokenizer_config.json").write_text(
+                json.dumps(settings | {"model_max_length": 4096}, indent=2)
+            )
+        mesh = sharding.make_mesh(-1, 1, 1)  # replicated: every process can take part in the export
         with jax.set_mesh(mesh):
-            params = model.init_params(arch, jax.random.key(seed), mesh)
-            model.save_hf(params, arch, model_dir, dtype="float32", extra_files=files)
+            files = [Path(tmp, "tokenizer.json"), Path(tmp, "tokenizer_config.json")] if writer else []
+            model.save_hf(
+                model.init_params(arch, jax.random.key(seed), mesh),
+                arch,
+                model_dir,
+                dtype="float32",
+                extra_files=files,
+            )
     if writer:
         rng = np.random.default_rng(seed)
         with sharding.atomic(data_file) as tmp, open(tmp, "w") as f:
             for _ in range(640):
                 topic, other = rng.choice(list(DEMO_TOPICS), size=2, replace=False)
                 pick = lambda t: " ".join(rng.choice(DEMO_TOPICS[t].split(), size=rng.integers(3, 7)))
-                f.write(json.dumps({"prompt": f"please tell me some {topic}", "chosen": pick(topic),
-                                    "rejected": pick(other)}) + "\n")  # fmt: skip
+                pair = {
+                    "prompt": f"please tell me some {topic}",
+                    "chosen": pick(topic),
+                    "rejected": pick(other),
+                }
+                f.write(json.dumps(pair) + "\n")
     multihost_utils.sync_global_devices("demo ready")
     return model_dir, data_file
 
@@ -1054,27 +1290,30 @@ def parse_args(args: list[str] | None = None) -> Config:
     config = parse(Config())
     if config.model_name_or_path != "demo":
         return config
-    demo = parse(Config(**DEMO_SETTINGS))
-    defaults = Config()
-    chosen = [k for k, v in DEMO_SETTINGS.items() if getattr(config, k) == getattr(defaults, k) and getattr(demo, k) == v]
-    if chosen:
-        print(f"demo: {', '.join(f'{k}={DEMO_SETTINGS[k]}' for k in chosen)} (set any with --config.FIELD VALUE)")
+    demo, default = parse(Config(**DEMO_SETTINGS)), Config()
+    given = [
+        k
+        for k, v in DEMO_SETTINGS.items()
+        if getattr(config, k) == getattr(default, k) and getattr(demo, k) == v
+    ]
+    if given:
+        print(
+            f"demo: {', '.join(f'{k}={DEMO_SETTINGS[k]}' for k in given)} "
+            "(change any with --config.FIELD VALUE)"
+        )
     return demo
 
 
 def cli() -> None:
+    """`python dpo.py`: a user's mistake, a full disk or a lost file is one line on stderr and exit code 2."""
     try:
         main(parse_args())
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("DPO_TRACEBACK"):
             raise
+        if isinstance(e, OSError) and e.filename:  # a full disk, no permission, a path under a file
+            e = f"{e.strerror}: {e.filename}. Fix that and run the same command: it resumes where it stopped"
         print(f"error: {e}  (DPO_TRACEBACK=1 shows the traceback)", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # a full disk, a path under a file, no permission: the path and what to do
-        if os.environ.get("DPO_TRACEBACK"):
-            raise
-        print(f"error: {e.strerror}: {e.filename}. Fix that and run the same command: it resumes from the newest "
-              "complete checkpoint", file=sys.stderr)  # fmt: skip
         sys.exit(2)
 
 

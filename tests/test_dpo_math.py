@@ -42,9 +42,9 @@ def test_fused_logps_equal_naive_in_value_and_gradient(chunk):
     def weighted(fn):
         return lambda h, w: jnp.sum(cotangent * fn(h, w, targets, mask))
 
-    fused = lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=chunk)
+    fused = lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=chunk)[0]
     with jax.set_mesh(ONE_DEVICE):
-        value = dpo.sequence_logps(hidden, lm_head, targets, mask, chunk_size=chunk)
+        value = dpo.sequence_logps(hidden, lm_head, targets, mask, chunk_size=chunk)[0]
         grads = jax.grad(weighted(fused), argnums=(0, 1))(hidden, lm_head)
     np.testing.assert_allclose(value, naive_logps(hidden, lm_head, targets, mask), rtol=1e-5, atol=1e-4)
     expected = jax.grad(weighted(naive_logps), argnums=(0, 1))(hidden, lm_head)
@@ -57,7 +57,7 @@ def test_fused_logps_on_a_mesh_equal_naive_in_value_and_gradient(chunk):
     hidden, lm_head, targets, mask = random_inputs(3, n=8, t=16, d=16, v=64)
     loss = lambda fn: lambda h, w: jnp.sum(jnp.arange(8.0) * fn(h, w, targets, mask))
     expected = jax.value_and_grad(loss(naive_logps), argnums=(0, 1))(hidden, lm_head)
-    fused = lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=chunk)
+    fused = lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=chunk)[0]
     with jax.set_mesh(sharding.make_mesh(2, 2, 2)):
         batch = P(("data", "fsdp"))
         hidden_s, head_s = jax.device_put(hidden, batch), jax.device_put(lm_head, P(None, "tensor"))
@@ -73,7 +73,7 @@ def test_fused_logps_in_bfloat16_stay_close_to_the_f32_formula():
     hidden, lm_head, targets, mask = random_inputs(5, n=4, t=32, d=32, v=300)
     loss = lambda fn: lambda h, w: jnp.sum(fn(h, w, targets, mask))
     want, want_grads = jax.value_and_grad(loss(naive_logps), argnums=(0, 1))(hidden, lm_head)
-    fused = lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=64)
+    fused = lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=64)[0]
     bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
     with jax.set_mesh(ONE_DEVICE):
         got, grads = jax.value_and_grad(loss(fused), argnums=(0, 1))(bf16(hidden), bf16(lm_head))
@@ -88,6 +88,13 @@ def log_sigmoid(x):
     return -math.log1p(math.exp(-x))
 
 
+def one_pair_loss(pc, pr, rc, rr, tokens=(1, 1), **config):
+    """dpo_loss of a batch holding just this pair, and its rewards."""
+    pair = lambda *x: jnp.array([x], jnp.float32)
+    loss, rewards = dpo.dpo_loss(pair(pc, pr), pair(rc, rr), pair(*tokens), jnp.ones(1), dpo.Config(**config))
+    return float(loss), np.asarray(rewards[0])
+
+
 @pytest.mark.parametrize(
     "loss_type,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0)]
 )
@@ -95,25 +102,28 @@ def test_dpo_loss_matches_the_formulas(loss_type, smoothing):
     beta = 0.3
     pc, pr, rc, rr = (np.array([-12.0, -30.5, -7.25]), np.array([-15.0, -28.0, -7.0]),
                       np.array([-13.0, -29.0, -8.0]), np.array([-14.0, -29.5, -6.5]))  # fmt: skip
-    losses, chosen_r, rejected_r = dpo.dpo_loss(
-        pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=smoothing
-    )
+    tokens = np.array([[3, 5], [8, 2], [1, 1]])
     for i in range(3):
         h = (pc[i] - rc[i]) - (pr[i] - rr[i])
         if loss_type == "sigmoid":
             want = -(1 - smoothing) * log_sigmoid(beta * h) - smoothing * log_sigmoid(-beta * h)
-        elif loss_type == "ipo":
-            want = (h - 1 / (2 * beta)) ** 2
+        elif loss_type == "ipo":  # TRL's IPO: each side's log-ratio per scored token
+            want = ((pc[i] - rc[i]) / tokens[i, 0] - (pr[i] - rr[i]) / tokens[i, 1] - 1 / (2 * beta)) ** 2
         else:
             want = max(0.0, 1 - beta * h)
-        assert float(losses[i]) == pytest.approx(want, rel=1e-6)
-        assert float(chosen_r[i]) == pytest.approx(beta * (pc[i] - rc[i]))
-        assert float(rejected_r[i]) == pytest.approx(beta * (pr[i] - rr[i]))
+        config = dict(beta=beta, loss_type=(loss_type,), label_smoothing=smoothing)
+        loss, rewards = one_pair_loss(pc[i], pr[i], rc[i], rr[i], tokens[i], **config)
+        assert loss == pytest.approx(want, rel=1e-6)
+        assert rewards[0] == pytest.approx(beta * (pc[i] - rc[i])) and rewards[1] == pytest.approx(
+            beta * (pr[i] - rr[i])
+        )
 
 
 def test_dpo_loss_gradient_pushes_chosen_up_and_rejected_down():
-    grad = jax.grad(lambda pc, pr: dpo.dpo_loss(pc, pr, 0.0, 0.0, beta=0.1)[0], argnums=(0, 1))
-    d_chosen, d_rejected = grad(-10.0, -10.0)
+    loss = lambda policy: dpo.dpo_loss(
+        policy, jnp.zeros((1, 2)), jnp.ones((1, 2)), jnp.ones(1), dpo.Config()
+    )[0]
+    d_chosen, d_rejected = jax.grad(loss)(jnp.array([[-10.0, -10.0]]))[0]
     # At equal log-ratios the sigmoid loss is log 2 with slope -beta/2 for chosen, +beta/2 for rejected.
     assert float(d_chosen) == pytest.approx(-0.05) and float(d_rejected) == pytest.approx(0.05)
 
@@ -123,8 +133,10 @@ def test_pair_metrics_follow_the_guide_definitions():
     policy = jnp.array([[-1.0, -3.0], [-2.0, -1.0], [-5.0, -5.0]])
     reference = jnp.array([[-2.0, -2.0], [-2.0, -2.0], [-5.0, -5.0]])
     weight = jnp.array([1.0, 1.0, 0.0])  # the third pair is padding and must not count
-    _, sums = dpo.pair_metrics(policy, reference, weight, config)
-    assert float(sums["weight"]) == 2
+    tokens, stats = jnp.ones((3, 2)), jnp.zeros((3, 2, 3))
+    _, rewards = dpo.dpo_loss(policy, reference, tokens, weight, config)
+    sums = dpo.metric_sums(policy, rewards, stats, tokens, weight)
+    assert float(sums["pairs"]) == 2
     assert float(sums["rewards/chosen"]) == pytest.approx(0.5 * (1 + 0))
     assert float(sums["rewards/rejected"]) == pytest.approx(0.5 * (-1 + 1))
     assert float(sums["rewards/accuracies"]) == 1  # pair 0: 0.5 > -0.5; pair 1: 0 > 0.5 is false
