@@ -235,8 +235,8 @@ def dpo_loss(policy, reference, tokens, weight, config: Config, totals=None) -> 
         aot_unpaired  cdpo(b (sort(c) - sort(r)))                   AOT, unpaired
         sft           -sum(policy_chosen) / sum(tokens_chosen): the chosen tokens' mean NLL (RPO's term)
     summed with config.loss_weights. `totals` (pairs, chosen tokens) are the denominators when this batch is
-    one microbatch of a larger one. Rewards [B, 2] are b (policy - reference), for simpo b policy / tokens;
-    gradient-free (metrics).
+    one microbatch of a larger one. Rewards [B, 2] are b (policy - reference), or b policy / tokens without a
+    reference; gradient-free (metrics).
     """
     b, ls, gamma, tau = config.beta, config.label_smoothing, config.simpo_gamma, config.discopop_tau
     pairs, chosen_tokens = totals if totals is not None else (jnp.sum(weight), jnp.sum(weight * tokens[:, 0]))

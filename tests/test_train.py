@@ -167,3 +167,4 @@ def test_help_explains_every_field():
     for field in dpo.Config.__dataclass_fields__:
         assert "--config." + field.replace("_", "-") in text
     assert "strength of the pull toward the reference" in text
+    assert all(name in text for name in dpo.LOSS_TYPES)  # --config.loss-type's choices

@@ -1,0 +1,243 @@
+"""The loss family and TRL's metrics against _loss_reference.py (float64 numpy written from TRL's source and
+the papers): each loss's value and gradient, their weighted sum, padding, the token metrics against full
+logits, the whole-batch losses on a mesh and over microbatches against one device, and SimPO without a
+reference."""
+
+import itertools
+import json
+
+import _loss_reference as ref
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import data
+import dpo
+import model
+import sharding
+
+ONE_DEVICE = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+B = 6
+RNG = np.random.default_rng(0)
+POLICY = -30 + 10 * RNG.normal(size=(B, 2))  # summed log-probs: chosen, rejected
+REFERENCE = POLICY + 3 * RNG.normal(size=(B, 2))
+TOKENS = RNG.integers(1, 20, size=(B, 2)).astype(np.float64)
+
+
+def reference_loss(name, policy, reference, beta, ls, tau=0.05, gamma=0.5):
+    """The numpy reference's batch loss for one loss type."""
+    (pc, pr), (rc, rr), (nc, nr) = policy.T, reference.T, TOKENS.T
+    if name == "aot":
+        return ref.aot_loss(pc, pr, rc, rr, beta, ls)
+    if name == "aot_unpaired":
+        return ref.aot_unpaired_loss(pc, pr, rc, rr, beta, ls)
+    if name == "sft":
+        return ref.sft_loss(pc, nc)
+    return ref.per_pair_losses(name, pc, pr, rc, rr, nc, nr, beta, ls, tau, gamma).mean()
+
+
+def ours(name, ls, **config):
+    config = dpo.Config(loss_type=(name,), label_smoothing=ls, **config)
+    reference = None if not config.uses_reference else jnp.asarray(REFERENCE, jnp.float32)
+
+    def loss(policy, reference):
+        return dpo.dpo_loss(policy, reference, jnp.asarray(TOKENS), jnp.ones(B), config)
+
+    return loss, jnp.asarray(POLICY, jnp.float32), reference
+
+
+@pytest.mark.parametrize("name", dpo.LOSS_TYPES)
+def test_every_loss_matches_its_formula_in_value_and_gradient(name):
+    beta, ls = 0.1, 0.1 if name in dpo.SMOOTHED else 0.0
+    loss, policy, reference = ours(name, ls, beta=beta)
+    value = lambda p, r: reference_loss(name, p, r, beta, ls)
+    (got, rewards), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(policy, reference)
+    assert float(got) == pytest.approx(value(POLICY, REFERENCE), rel=1e-5)
+    # The gradient with respect to the four log-prob inputs, against central differences of the formula.
+    for which, grad in enumerate(grads):
+        want = np.zeros((B, 2))
+        for i, j in itertools.product(range(B), range(2)):
+            step = np.zeros((B, 2))
+            step[i, j] = 1e-5
+            inputs = [POLICY, REFERENCE]
+            up = value(*[x + step if k == which else x for k, x in enumerate(inputs)])
+            down = value(*[x - step if k == which else x for k, x in enumerate(inputs)])
+            want[i, j] = (up - down) / 2e-5
+        if grad is None:  # no reference at all: the formula does not depend on it either
+            np.testing.assert_allclose(want, 0, atol=1e-9)
+            continue
+        np.testing.assert_allclose(np.asarray(grad), want, rtol=2e-4, atol=1e-6, err_msg=f"d/d input {which}")
+    # TRL's implicit rewards: beta * (policy - reference) summed; SimPO's per token, without a reference.
+    want = ref.implicit_rewards(name, *POLICY.T, *REFERENCE.T, beta, *TOKENS.T)
+    if name == "sft":  # alone it has no reference either: rewards as SimPO's (dpo_loss's docstring)
+        want = ref.implicit_rewards("simpo", *POLICY.T, *REFERENCE.T, beta, *TOKENS.T)
+    np.testing.assert_allclose(np.asarray(rewards), np.stack(want, 1), rtol=1e-5)
+
+
+def test_several_losses_sum_with_their_weights_and_padding_changes_nothing():
+    names, weights = ("sigmoid", "bco_pair", "sft"), (0.8, 0.2, 1.0)  # MPO's mix
+    config = dpo.Config(loss_type=names, loss_weights=weights, beta=0.2)
+    args = jnp.asarray(POLICY), jnp.asarray(REFERENCE), jnp.asarray(TOKENS)
+    loss = float(dpo.dpo_loss(*args, jnp.ones(B), config)[0])
+    want = ref.combined_loss(names, *POLICY.T, *REFERENCE.T, *TOKENS.T, 0.2, loss_weights=weights)
+    parts = [float(dpo.dpo_loss(*args, jnp.ones(B), dpo.Config(loss_type=(n,), beta=0.2))[0]) for n in names]
+    assert loss == pytest.approx(want, rel=1e-5) and loss == pytest.approx(np.dot(weights, parts), rel=1e-6)
+    # Pairs of weight 0 (an evaluation batch's padding) count for nothing, in the sorted losses too.
+    for names in [("sigmoid", "sft"), ("aot",), ("aot_unpaired", "ipo")]:
+        config = dpo.Config(loss_type=names, beta=0.2)
+        padded = [jnp.concatenate([x, x[:3]]) for x in args]
+        with_padding = dpo.dpo_loss(*padded, jnp.concatenate([jnp.ones(B), jnp.zeros(3)]), config)[0]
+        assert float(with_padding) == pytest.approx(
+            float(dpo.dpo_loss(*args, jnp.ones(B), config)[0]), rel=1e-6
+        )
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(loss_type=("exo_pair",)), "exo_pair needs 0 < label_smoothing < 1"),
+        (dict(loss_type=("robust",), label_smoothing=0.5), "label_smoothing must be in [0, 0.5)"),
+        (dict(loss_type=("hinge",), label_smoothing=0.1), "label_smoothing is used by"),
+        (
+            dict(loss_type=("sigmoid", "sft"), loss_weights=(1.0,)),
+            "loss_weights needs one weight per loss_type",
+        ),
+        (dict(loss_type=("sigmoid", "sigmoid")), "name each loss once"),
+    ],
+)
+def test_a_loss_outside_its_range_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        dpo.Config(**settings)
+
+
+def test_token_metrics_match_full_logits():
+    rng = np.random.default_rng(3)
+    n, t, d, v = 4, 9, 16, 70
+    hidden = rng.normal(size=(n, t, d)).astype(np.float32)
+    lm_head = (2 * rng.normal(size=(d, v)) / np.sqrt(d)).astype(np.float32)
+    logits = hidden.astype(np.float64) @ lm_head
+    targets = np.where(rng.random((n, t)) < 0.4, logits.argmax(-1), rng.integers(0, v, (n, t)))  # some hits
+    mask = rng.random((n, t)) < 0.7
+    with jax.set_mesh(ONE_DEVICE):
+        logps, stats = dpo.sequence_logps(hidden, lm_head, targets.astype(np.int32), mask, chunk_size=16)
+    for row in range(n):  # the kernel's per-row sums over the scored tokens, divided by their count
+        one = lambda fn, *args, row=row: fn(*(x[row : row + 1] for x in args))
+        count = mask[row].sum()
+        assert float(stats[row, 0]) / count == pytest.approx(
+            one(ref.logits_mean_metric, logits, mask), rel=1e-5
+        )
+        assert float(stats[row, 1]) / count == pytest.approx(one(ref.entropy_metric, logits, mask), rel=1e-5)
+        assert float(stats[row, 2]) / count == one(ref.mean_token_accuracy, logits, targets, mask)
+        assert float(logps[row]) == pytest.approx(
+            one(ref.sequence_logps, logits, targets, mask)[0][0], rel=1e-5
+        )
+    # Through metric_sums: rows 0, 1 are pair 0's chosen and rejected, rows 2, 3 pair 1's; TRL's definitions.
+    pairs = lambda x: jnp.asarray(x).reshape(2, 2, *x.shape[1:])
+    tokens = pairs(mask.sum(-1).astype(np.float32))
+    metrics = dpo.normalize(
+        dpo.metric_sums(pairs(logps), jnp.zeros((2, 2)), pairs(stats), tokens, jnp.ones(2))
+    )
+    chosen, rejected = [0, 2], [1, 3]
+    want = {
+        "logits/chosen": ref.logits_mean_metric(logits[chosen], mask[chosen]),
+        "logits/rejected": ref.logits_mean_metric(logits[rejected], mask[rejected]),
+        "entropy": ref.entropy_metric(logits, mask),
+        "mean_token_accuracy": ref.mean_token_accuracy(logits[chosen], targets[chosen], mask[chosen]),
+    }
+    for key, value in want.items():
+        assert float(metrics[key]) == pytest.approx(value, rel=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("losses")
+    model_dir, pairs = dpo.make_demo(root, seed=0)
+    data.tokenize(str(pairs), str(model_dir), str(root / "tokenized"), max_seq_len=64)
+    return model_dir, data.PairDataset(root / "tokenized")
+
+
+def one_step(demo, mesh, **settings):
+    """Metrics of one train step of the demo model on its first batch of 16 pairs, and the batch."""
+    model_dir, dataset = demo
+    small = dict(train_batch_size=16, max_seq_len=64, logits_chunk_size=32, learning_rate=1e-2, warmup=0)
+    config = dpo.Config(model_name_or_path=str(model_dir), train_data="x", **small, **settings)
+    batch = next(data.train_batches(dataset, range(len(dataset)), batch_size=16, seed=0, max_seq_len=64))
+    arch, optimizer = model.load_config(model_dir), dpo.make_optimizer(config)
+    with jax.set_mesh(mesh):
+        train_step, _ = dpo.make_steps(arch, config, optimizer)
+        state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(
+            model.load_params(model_dir, arch, mesh)
+        )
+        # A reference that differs from the policy, so that the log-ratios are not all zero.
+        reference = model.init_params(arch, jax.random.key(1), mesh) if config.uses_reference else None
+        state, metrics = train_step(state, reference, sharding.global_batch(batch, mesh))
+    return jax.device_get(metrics), batch
+
+
+def test_whole_batch_losses_on_a_mesh_and_over_microbatches_equal_one_device(demo):
+    """'The batch' of aot and sft is the global batch of the step: the same number on one device, on 8
+    devices (data, fsdp and tensor), and in 2 microbatches of 8 pairs on 8 devices, beside a pair loss."""
+    loss_type = ("aot", "aot_unpaired", "sft", "sigmoid")
+    base, _ = one_step(demo, ONE_DEVICE, loss_type=loss_type)
+    for mesh, micro in [
+        (sharding.make_mesh(2, 2, 2), None),
+        (sharding.make_mesh(1, 8, 1), 8),
+        (ONE_DEVICE, 4),
+    ]:
+        metrics, _ = one_step(demo, mesh, loss_type=loss_type, microbatch_size=micro)
+        for key in (
+            "loss",
+            "grad_norm",
+            "rewards/margins",
+            "logps/rejected",
+            "entropy",
+            "mean_token_accuracy",
+        ):
+            assert float(metrics[key]) == pytest.approx(float(base[key]), rel=1e-5, abs=1e-7), (key, micro)
+
+
+def test_simpo_holds_no_reference_and_counts_6n_flops(demo, tmp_path, monkeypatch):
+    metrics, batch = one_step(demo, ONE_DEVICE, loss_type=("simpo",))
+    arch = model.load_config(demo[0])
+    lengths = batch["lengths"].astype(np.float64)
+    attention = 2 * arch.num_layers * arch.num_heads * arch.head_dim * (lengths**2).sum()
+    assert float(metrics["flops"]) == pytest.approx(
+        6 * arch.num_matmul_params * lengths.sum() + 3 * attention
+    )
+    loaded, real = [], model.load_params
+    monkeypatch.setattr(
+        model, "load_params", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k)
+    )
+    run = tmp_path / "run"
+    settings = dict(model_name_or_path=str(demo[0]), train_data=str(demo[1].path), output_dir=str(run))
+    for mode in ("live", "precompute"):  # neither loads or computes a reference
+        small = dict(
+            train_batch_size=8, max_seq_len=64, logits_chunk_size=32, num_train_steps=2, max_eval_batches=1
+        )
+        dpo.main(dpo.Config(**settings, **small, loss_type=("simpo",), reference_mode=mode, overwrite=True))
+    assert loaded == [demo[0], demo[0]]  # the policy's weights, once per run
+    assert not (demo[1].path / "reference").exists()  # nor a reference pass (live or precomputed)
+
+
+def test_a_changed_loss_is_refused_on_resume(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    first = dpo.Config(
+        train_data="x", output_dir=str(run), loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5)
+    )
+    (run / "config.json").write_text(json.dumps(json.loads(json.dumps(vars(first)))))
+    dpo.check_run_dir(run, first)  # the same losses read back from JSON (lists, not tuples): accepted
+    for change in [dict(loss_type=("ipo", "sft")), dict(loss_weights=(1.0, 0.2))]:
+        with pytest.raises(ValueError, match="holds a run with a different config"):
+            dpo.check_run_dir(run, dpo.Config(**vars(first) | change))
+
+
+def test_the_command_line_takes_several_losses_and_help_lists_them():
+    args = ["--config.model-name-or-path", "m", "--config.train-data", "d", "--config.loss-type", "sigmoid"]
+    args += ["bco_pair", "sft", "--config.loss-weights", "0.8", "0.2", "1.0"]
+    config = dpo.parse_args(args)
+    assert config.loss_type == ("sigmoid", "bco_pair", "sft") and config.loss_weights == (0.8, 0.2, 1.0)
+    assert dpo.parse_args(args[:6]).loss_type == ("sigmoid",)  # one name stays the simple case
+    with pytest.raises(SystemExit):
+        dpo.parse_args(["--help"])
