@@ -915,7 +915,9 @@ def main():
 
     try:
         summary = tyro.cli(tokenize)
-    except ValueError as e:  # a user mistake: one line, no traceback
+    except (ValueError, OSError) as e:  # a user mistake, a full disk: one line, no traceback
+        if isinstance(e, OSError) and e.filename:
+            e = f"{e.filename}: {e.strerror or e} (a full disk? --output is left as it was)"
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({key: value for key, value in summary.items() if key != "settings"}, indent=2))

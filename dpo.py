@@ -782,6 +782,13 @@ class MetricsLog:
                 name=run.resolve().name,
             )
 
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if self.wandb:
+            self.wandb.finish()
+
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if sharding.is_writer():
             with open(self.path, "a") as f:
@@ -1145,8 +1152,11 @@ def main(config: Config) -> Path:
     export = exporter(run, config, inputs, say)
 
     # --- the loop
-    log = MetricsLog(run, config, resume_step, say)
-    with jax.set_mesh(mesh), stop_requests() as stop_requested:
+    with (
+        MetricsLog(run, config, resume_step, say) as log,
+        jax.set_mesh(mesh),
+        stop_requests() as stop_requested,
+    ):
         if start == 0:
             log.eval(0, eval_metrics(state))
         dtype = jnp.dtype(dtype_of(config.compute_dtype)).name
@@ -1311,8 +1321,11 @@ def cli() -> None:
     except (ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("DPO_TRACEBACK"):
             raise
-        if isinstance(e, OSError) and e.filename:  # a full disk, no permission, a path under a file
-            e = f"{e.strerror}: {e.filename}. Fix that and run the same command: it resumes where it stopped"
+        if isinstance(e, OSError) and e.filename:  # a full disk, no permission
+            e = (
+                f"{e.filename}: {e.strerror or e}. Fix that (a full disk: free some space) and run the same "
+                "command: it resumes from the newest complete checkpoint"
+            )
         print(f"error: {e}  (DPO_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
 

@@ -92,7 +92,8 @@ def atomic(path: str | Path):
     """Write `path`, a file or a directory, through the temporary sibling `.tmp-NAME` that this yields;
     on success the sibling replaces `path` in one rename. A directory cannot be renamed over another, so
     an old one is first moved aside to `.old-NAME` and deleted after. A leftover sibling from a killed
-    write is removed first; on an error the sibling goes and `path` is untouched."""
+    write is removed first; on an error the sibling goes, `path` is untouched, and an OSError without a
+    file name (a full disk) gets `path`'s."""
     path = Path(path)
     tmp, old = path.with_name(f".tmp-{path.name}"), path.with_name(f".old-{path.name}")
     remove(tmp)
@@ -105,6 +106,9 @@ def atomic(path: str | Path):
             remove(old)
         else:
             os.replace(tmp, path)
+    except OSError as e:  # a full disk says only "no space left": name what was being written
+        e.filename = e.filename or str(path)
+        raise
     finally:
         remove(tmp)
 

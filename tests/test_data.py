@@ -298,6 +298,73 @@ def test_unknown_columns_and_no_usable_row_name_the_formats(tokenizers_dir, tmp_
         data.tokenize(write_jsonl(tmp_path / "b.jsonl", rows), tokenizer, str(tmp_path / "b"))
     assert "3 no assistant turn" in str(error.value) and "chosen, rejected" in str(error.value)
     assert not (tmp_path / "b").exists()
+    # The reasons reach the user: the first ones in the message, all of them beside the output.
+    assert "row 0: no assistant turn (chosen does not end with an assistant turn)" in str(error.value)
+    kept = tmp_path / "b.rejects.jsonl"
+    assert str(kept) in str(error.value) and len(kept.read_text().splitlines()) == 3
+
+
+def test_unreadable_rows_and_files_are_named(tokenizers_dir, tmp_path):
+    tokenizer, good = str(tokenizers_dir / "llama31"), json.dumps(conversation_rows()[0]).encode()
+    # A byte that is not UTF-8 and a line cut short: those rows are rejected, naming file and line.
+    (tmp_path / "rows.jsonl").write_bytes(
+        b"\n".join([good, b'{"chosen": "caf\xe9"}', good, b'{"chosen": [', good])
+    )
+    summary = data.tokenize(str(tmp_path / "rows.jsonl"), tokenizer, str(tmp_path / "out"))
+    assert summary["rows_written"] == 3 and summary["rows_dropped"] == {"invalid JSON": 2}
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["detail"].split(":")[0] for r in rejects] == ["rows.jsonl line 2", "rows.jsonl line 4"]
+    (tmp_path / "cut.json").write_text(json.dumps(conversation_rows())[:-20])
+    with pytest.raises(ValueError, match="cut.json: not a valid JSON array"):
+        data.tokenize(str(tmp_path / "cut.json"), tokenizer, str(tmp_path / "cut"))
+    # No rows at all: said so, not "the columns match no format".
+    (tmp_path / "empty.jsonl").write_text("")
+    no_rows = pa.table({"chosen": pa.array([], pa.string()), "rejected": pa.array([], pa.string())})
+    pq.write_table(no_rows, tmp_path / "empty.parquet")
+    for name in ("empty.jsonl", "empty.parquet"):
+        with pytest.raises(ValueError, match=f"{name} has no rows"):
+            data.tokenize(str(tmp_path / name), tokenizer, str(tmp_path / "none"))
+
+
+def test_a_prompt_field_is_never_dropped_and_identical_tokens_are_rejected(tokenizers_dir, tmp_path):
+    tokenizer = str(tokenizers_dir / "llama31")
+    user, system = {"role": "user", "content": "What is the capital of France?"}, SYSTEM
+    reply = lambda text: {"role": "assistant", "content": text}
+    rows = [
+        {
+            "prompt": user["content"],
+            "chosen": [user, reply("Paris")],
+            "rejected": [user, reply("Rome")],
+        },  # kept
+        # The prompt lives only in its field; the conversations hold a system turn: it would be lost.
+        {"prompt": user["content"], "chosen": [system, reply("Paris")], "rejected": [system, reply("Rome")]},
+        # Different as text, the same as tokens: Llama 3.1's template trims the content.
+        {"prompt": user["content"], "chosen": [user, reply("Paris.")], "rejected": [user, reply("Paris. ")]},
+    ]
+    summary = data.tokenize(write_jsonl(tmp_path / "rows.jsonl", rows), tokenizer, str(tmp_path / "out"))
+    assert summary["format"] == "conversation" and summary["rows_written"] == 1
+    assert summary["rows_dropped"] == {"prompt not in conversation": 1, "identical after tokenization": 1}
+    # Forced to the conversation format, a row whose turns hold no prompt but whose field does: rejected.
+    forced = [{"prompt": "Hi?", "chosen": [reply("a")], "rejected": [reply("b")]}, rows[0]]
+    summary = data.tokenize(
+        write_jsonl(tmp_path / "forced.jsonl", forced),
+        tokenizer,
+        str(tmp_path / "forced"),
+        format="conversation",
+    )
+    assert summary["rows_dropped"] == {"prompt not in conversation": 1} and summary["rows_written"] == 1
+
+
+def test_a_killed_run_leaves_nothing_behind_and_outputs_get_the_usual_permissions(tokenizers_dir, tmp_path):
+    leftover = tmp_path / ".tmp-out"  # what a kill during tokenization leaves
+    leftover.mkdir()
+    (leftover / "part-00000.parquet").write_text("half")
+    inputs = write_jsonl(tmp_path / "rows.jsonl", conversation_rows())
+    data.tokenize(inputs, str(tokenizers_dir / "chatml"), str(tmp_path / "out"))
+    assert not leftover.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 # --- length rules ------------------------------------------------------------------------------------------

@@ -321,3 +321,19 @@ def test_export_refuses_an_unknown_dtype(checkpoints, tmp_path):
     params = model.load_params(path, cfg, single_device_mesh())
     with pytest.raises(ValueError, match="dtype='float16'"):
         model.save_hf(params, cfg, tmp_path / "x", dtype="float16")
+
+
+def test_a_weight_file_that_is_not_safetensors_is_named(checkpoints, tmp_path):
+    import pickle
+
+    path, _ = checkpoints["tied"]
+    fake = tmp_path / "fake"
+    shutil.copytree(path, fake)
+    (fake / "model.safetensors").write_bytes(
+        pickle.dumps({"model.embed_tokens.weight": [1.0]})
+    )  # never unpickled
+    with pytest.raises(ValueError, match=f"^{fake / 'model.safetensors'}: not a readable safetensors file"):
+        model.load_params(fake, model.load_config(fake), single_device_mesh())
+    (fake / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="has no model.safetensors or model.safetensors.index.json"):
+        model.load_params(fake, model.load_config(fake), single_device_mesh())

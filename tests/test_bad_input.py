@@ -1,0 +1,273 @@
+"""Bad input and faults through the real command lines (`python dpo.py`, `python data.py`, in subprocesses):
+each gives one clear line on stderr, loses nothing and never trains on nothing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _data_templates import build_tokenizer
+
+import dpo
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = dict(train_batch_size=8, max_seq_len=64, logits_chunk_size=32, max_eval_batches=1, num_train_steps=2)
+
+
+def run_cli(script: str, *args, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` on one CPU device; with file_size_limit (kB), every file it writes stops at that
+    size, as on a full disk: the write fails."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env |= dict(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0", HF_HUB_OFFLINE="1")
+    command = [sys.executable, str(ROOT / script), *map(str, args)]
+    if file_size_limit:  # bash's ulimit counts kB; a write past it fails once SIGXFSZ is ignored
+        command = ["bash", "-c", f'ulimit -f {file_size_limit}; trap \'\' XFSZ; exec "$0" "$@"', *command]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def dpo_cli(model_dir, train_data, output_dir, *extra, file_size_limit=None, **settings):
+    paths = dict(model_name_or_path=model_dir, train_data=train_data, output_dir=output_dir)
+    args = [f"--config.{k}={v}" for k, v in (SMALL | paths | settings).items()]
+    return run_cli("dpo.py", *args, *extra, file_size_limit=file_size_limit)
+
+
+def one_line_error(result, *fragments):
+    """Exit code 2 and a single `error:` line on stderr holding every fragment; no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("tokenize")]
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, (
+        result.stderr
+    )
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def listing(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return dpo.make_demo(tmp_path_factory.mktemp("demo"), seed=0)  # (model_dir, pairs.jsonl)
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory):
+    """A finished run of 2 steps with checkpoints at 1 and 2, an export and metrics."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    result = dpo_cli(*demo, run, num_train_steps=2, steps_per_checkpoint=1, steps_per_hf_export=2)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_data_py_never_deletes_files_it_did_not_write(demo, tmp_path):
+    model_dir, pairs = demo
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(pairs, folder / "pairs.jsonl")
+    (folder / "notes.txt").write_text("mine")
+    before = listing(folder)
+    args = ["--tokenizer", model_dir, "--overwrite"]
+    # An output holding the input, or a folder with other files: refused, even with --overwrite.
+    one_line_error(
+        run_cli("data.py", "--input", folder / "pairs.jsonl", "--output", folder, *args), "holds the input"
+    )
+    (tmp_path / "other").mkdir()
+    shutil.copy(folder / "notes.txt", tmp_path / "other")
+    one_line_error(
+        run_cli("data.py", "--input", pairs, "--output", tmp_path / "other", *args),
+        "did not write (notes.txt)",
+    )
+    assert listing(folder) == before and listing(tmp_path / "other") == {"notes.txt": b"mine"}
+    # An earlier data.py output is replaced (here it holds dpo.py's reference cache too).
+    out = tmp_path / "out"
+    assert run_cli("data.py", "--input", pairs, "--output", out, "--tokenizer", model_dir).returncode == 0
+    (out / "reference").mkdir()
+    result = run_cli("data.py", "--input", pairs, "--output", out, *args, "--max-seq-len", "40")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "summary.json").read_text())["settings"]["max_seq_len"] == 40
+
+
+def test_a_tokenizer_that_does_not_match_the_model_is_refused_before_training(demo, tmp_path):
+    model_dir, pairs = demo
+    larger = build_tokenizer(tmp_path / "larger", "llama31")  # ~400 ids; the demo model has 66
+    assert (
+        run_cli("data.py", "--input", pairs, "--output", tmp_path / "d", "--tokenizer", larger).returncode
+        == 0
+    )
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["tokenizer"]["source"] == str(larger) and summary["max_token_id"] >= 66
+    result = dpo_cli(model_dir, tmp_path / "d", tmp_path / "run", num_train_steps=2)
+    one_line_error(result, "holds token id", "vocabulary has 66 entries", str(larger))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # Another tokenizer whose ids fit: trained on, with a warning that says so.
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(model_dir, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    (other / "tokenizer.json").write_text(json.dumps(spec, indent=1))  # the same tokens, another file
+    assert (
+        run_cli("data.py", "--input", pairs, "--output", tmp_path / "e", "--tokenizer", other).returncode == 0
+    )
+    result = dpo_cli(model_dir, tmp_path / "e", tmp_path / "run2", num_train_steps=0)
+    assert result.returncode == 0 and f"was tokenized with {other}, not this run's tokenizer" in result.stdout
+
+
+def test_validation_data_is_used_when_given(demo, tmp_path):
+    model_dir, pairs = demo
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(pairs.read_text().splitlines(keepends=True)[:24]))
+    result = dpo_cli(
+        model_dir, pairs, tmp_path / "run", num_train_steps=0, validation_data=few, max_eval_batches=9
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"validation: {few} (so validation_split_fraction is not used)" in result.stdout
+    assert "data: 640 training pairs, 24 validation pairs" in result.stdout
+
+
+def test_overwrite_deletes_nothing_before_the_new_config_is_checked(demo, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = listing(run)
+    one_line_error(dpo_cli("/no/such/model", demo[1], run, "--config.overwrite"), "/no/such/model")
+    one_line_error(dpo_cli(demo[0], "/no/such/data.jsonl", run, "--config.overwrite"), "/no/such/data.jsonl")
+    assert listing(run) == before
+
+
+def test_an_output_dir_that_is_a_file_or_under_one_is_one_line(demo, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    for where in (tmp_path / "file", tmp_path / "file" / "run"):
+        one_line_error(dpo_cli(*demo, where), f"{tmp_path / 'file'} is a file")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(demo, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    # Each file may hold 100 kB: checkpoints fit, the export of the weights does not.
+    result = dpo_cli(*demo, run, num_train_steps=3, steps_per_checkpoint=1, file_size_limit=100)
+    one_line_error(result, str(run / "hf" / "step-3"), "run the same command")
+    assert [p.name for p in (run / "hf").iterdir()] == ["step-2"]  # no half export
+    assert dpo.saved_steps(run)[-1] == 3
+    # Tokenizing: a shard does not fit in 4 kB.
+    result = run_cli(
+        "data.py", "--input", demo[1], "--output", tmp_path / "e", "--tokenizer", demo[0], file_size_limit=4
+    )
+    one_line_error(result, str(tmp_path / "e"), "--output is left as it was")
+    assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_named(demo, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    embed = run / "checkpoints" / "step-2" / "params" / "embed.npy"
+    embed.write_bytes(embed.read_bytes()[:200])  # cut short, as by a disk that filled mid-write
+    result = dpo_cli(*demo, run, num_train_steps=3)
+    assert result.returncode == 0, result.stderr
+    assert "skipped checkpoints/step-2 (params/embed.npy: " in result.stdout
+    assert f"resumed from {run}/checkpoints/step-1" in result.stdout
+    for step in dpo.saved_steps(run):  # when none loads: one line naming the file, nothing deleted
+        (run / "checkpoints" / f"step-{step}" / "params" / "embed.npy").write_bytes(b"")
+    before = listing(run)
+    result = dpo_cli(*demo, run, num_train_steps=4)
+    one_line_error(result, "no checkpoint in", "params/embed.npy", "--config.overwrite")
+    after = listing(run)
+    assert after.pop("config.json") != before.pop("config.json")  # it records the new num_train_steps
+    assert after == before
+
+
+def test_a_failed_first_run_leaves_the_directory_free_and_changed_data_is_tokenized_again(demo, tmp_path):
+    model_dir, pairs = demo
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    broken = tmp_path / "pairs.jsonl"
+    broken.write_text("".join(json.dumps(r | {"rejected": r["chosen"]}) + "\n" for r in rows))
+    run = tmp_path / "run"
+    one_line_error(
+        dpo_cli(model_dir, broken, run, num_train_steps=1), "no usable row", "chosen equals rejected"
+    )
+    assert not (run / "config.json").exists()
+    broken.write_text(pairs.read_text())  # fixed in place: the same command now runs
+    assert dpo_cli(model_dir, broken, run, num_train_steps=1).returncode == 0
+    # The raw data changes under a run with checkpoints: the run says so instead of resuming on other data.
+    broken.write_text("".join(json.dumps(r) + "\n" for r in rows[:600]))
+    result = dpo_cli(model_dir, broken, run, num_train_steps=2)
+    one_line_error(result, "changed since this run started", "--config.overwrite")
+
+
+def test_messages_name_the_remedy_for_this_command_line(demo, tmp_path):
+    model_dir, pairs = demo
+    no_template = tmp_path / "no-template"
+    shutil.copytree(model_dir, no_template)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": None}))
+    chat = tmp_path / "chat.jsonl"
+    row = {"chosen": [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "red"}]}
+    chat.write_text(
+        json.dumps(row | {"rejected": [row["chosen"][0], {"role": "assistant", "content": "cat"}]})
+    )
+    result = dpo_cli(model_dir, chat, tmp_path / "run", tokenizer=no_template)
+    one_line_error(result, "has no chat template", "--config.tokenizer")
+    assert "--format plain" not in result.stderr  # data.py's flags are not dpo.py's
+    result = run_cli(
+        "data.py",
+        "--input",
+        chat,
+        "--output",
+        tmp_path / "d",
+        "--tokenizer",
+        demo[0],
+        "--system-field",
+        "sys",
+    )
+    one_line_error(result, "--system-field sys names no column; columns: chosen, rejected")
+
+
+def test_a_reference_that_differs_only_in_token_ids_is_accepted(demo, tmp_path):
+    model_dir, pairs = demo
+    for change, accepted in [({"pad_token_id": 3}, True), ({"num_hidden_layers": 1}, False)]:
+        reference = tmp_path / f"reference-{accepted}"
+        shutil.copytree(model_dir, reference)
+        config = json.loads((reference / "config.json").read_text())
+        (reference / "config.json").write_text(json.dumps(config | change))
+        result = dpo_cli(
+            model_dir, pairs, tmp_path / f"run-{accepted}", num_train_steps=0, reference_model_path=reference
+        )
+        if accepted:
+            assert result.returncode == 0, result.stderr
+        else:
+            one_line_error(result, "differs from the policy in num_layers (1 vs 2)")
+
+
+def test_warmup_longer_than_the_run_is_said_and_metrics_have_one_line_per_step(demo, tmp_path):
+    run = tmp_path / "run"
+    for _ in range(2):  # killed before its first checkpoint, then run again: one step-0 line, not two
+        result = dpo_cli(*demo, run, num_train_steps=0)
+        assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0]
+    result = dpo_cli(*demo, tmp_path / "run2", num_train_steps=0, warmup=10)
+    assert "warning: warmup (10 steps) is longer than the run" in result.stdout
+
+
+def test_wandb_offline_continues_the_same_run_on_resume_and_ids_differ_per_directory(demo, tmp_path):
+    pytest.importorskip("wandb")
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        runs = [tmp_path / "a" / "runs" / "dpo", tmp_path / "b" / "runs" / "dpo"]  # the same base name
+        inputs = dict(model_name_or_path=str(demo[0]), train_data=str(demo[1]), wandb_project="test")
+        config = lambda run, steps: dpo.Config(
+            **SMALL | inputs | dict(output_dir=str(run), num_train_steps=steps)
+        )
+        for run in runs:
+            dpo.main(config(run, 1))
+        dpo.main(config(runs[1], 2))  # resumes runs[1]
+    finally:
+        del os.environ["WANDB_MODE"]
+    ids = [(run / "wandb-id").read_text() for run in runs]
+    assert ids[0] != ids[1]
+    offline = sorted(p.name for p in (runs[1] / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(ids[1]) for name in offline)
+    steps = [json.loads(line)["step"] for line in (runs[1] / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 1, 2, 2]  # eval at 0, then training and eval lines at 1 and 2, each once
