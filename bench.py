@@ -12,9 +12,11 @@ Sections:
             divided by the chips' dense bf16 peak), compile time, compiled peak memory; variants
             reference:remat:attention (reference live or precompute; remat none, full, save_matmuls;
             attention auto, xla, cudnn).
-  padding   batches padded to max_seq_len against data.py's bucketed widths, with and without
-            group_by_length, on an UltraFeedback-like length mix: processed tokens, padding
-            efficiency (real / processed) and step time.
+  padding   data.padded_width against batches padded to max_seq_len and to multiples of 128 (the widths
+            before), with and without group_by_length, on UltraFeedback-like and short-answer length
+            mixes: padding efficiency (real / processed tokens), shapes compiled, step time.
+  trl       TRL's DPOTrainer (needs `pip install trl`) against ours on the same model and short pairs
+            (SmolLM2-135M's shape, and a tiny Llama): step time, before and after padded_width.
   compile   compile time of the train step against the number of layers (scanned, so flat).
   memory    the largest per-chip batch of the 1B, 3B and 8B shapes under FSDP: computed from the sizes,
             and from compiled programs (on an accelerator against its memory; on CPU as a cross-check).
@@ -26,6 +28,7 @@ on the machine skew CPU timings: the load average is printed at the start and th
 """
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -52,20 +56,43 @@ ROPE = model.Llama3RopeScaling(32.0, 1.0, 4.0, 8192)
 LLAMA = dict(vocab_size=128256, num_kv_heads=8, rope_theta=500000.0, max_position_embeddings=131072)
 SHAPES = {  # Hub configs of Llama 3.2 1B and 3B and Llama 3.1 8B (weights random)
     "tiny": model.LlamaConfig(8192, 256, 768, 4, 4, 2, 64, rope_theta=10000.0, max_position_embeddings=4096),
-    "1b": model.LlamaConfig(**LLAMA, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
-                            head_dim=64, rope_scaling=ROPE, tie_word_embeddings=True),
-    "3b": model.LlamaConfig(**LLAMA, hidden_size=3072, intermediate_size=8192, num_layers=28, num_heads=24,
-                            head_dim=128, rope_scaling=ROPE, tie_word_embeddings=True),
-    "8b": model.LlamaConfig(**LLAMA, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                            head_dim=128, rope_scaling=dataclasses.replace(ROPE, factor=8.0)),
-}  # fmt: skip
+    "1b": model.LlamaConfig(
+        **LLAMA,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        head_dim=64,
+        rope_scaling=ROPE,
+        tie_word_embeddings=True,
+    ),
+    "3b": model.LlamaConfig(
+        **LLAMA,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_layers=28,
+        num_heads=24,
+        head_dim=128,
+        rope_scaling=ROPE,
+        tie_word_embeddings=True,
+    ),
+    "8b": model.LlamaConfig(
+        **LLAMA,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        head_dim=128,
+        rope_scaling=dataclasses.replace(ROPE, factor=8.0),
+    ),
+}
 DEFAULT_PAIRS = {"tiny": 8, "1b": 8, "3b": 2, "8b": 2}  # per chip at sequence 2048 (see the memory plan)
 CHIPS = {"H100 80GB": 79.6 * GiB, "TPU v5p": 95e9}  # memory per chip
 
 
 @dataclasses.dataclass
 class Args:
-    only: str = "logps,step,padding,compile,memory,tokenize,flags"  # sections to run, comma-separated
+    only: str = "logps,step,padding,trl,compile,memory,tokenize,flags"  # sections to run, comma-separated
     device: str = "auto"  # auto: what JAX finds (GPU/TPU first); cpu: the CPU even when there is more
     shapes: str | None = None  # step shapes (tiny, 1b, 3b, 8b); default tiny on CPU, else 1b,3b
     batch: int | None = None  # pairs per chip; default per shape (DEFAULT_PAIRS)
@@ -118,7 +145,7 @@ def naive_logps(hidden, lm_head, targets, mask):
 
 def bench_logps(on_cpu: bool, dtype, time_tokens: int | None) -> dict:
     chunk = dpo.Config().logits_chunk_size
-    fused = lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=chunk)
+    fused = lambda h, w, t, m: dpo.sequence_logps(h, w, t, m, chunk_size=chunk)[0]
     grad = lambda fn: jax.jit(jax.grad(lambda h, w, t, m: jnp.sum(fn(h, w, t, m)), argnums=(0, 1)))
     d, v = 4096, 128256
 
@@ -173,23 +200,36 @@ def synthetic_batch(cfg, lengths: np.ndarray, width: int) -> dict[str, np.ndarra
     pos = np.arange(width)
     real, prompt = pos < lengths[..., None], pos < lengths[..., None] // 4
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (*lengths.shape, width))
-    return dict(input_ids=np.where(real, tokens, 0).astype(np.int32), lengths=lengths.astype(np.int32),
-                loss_mask=real & ~prompt, weight=np.ones(len(lengths), np.float32))  # fmt: skip
+    return dict(
+        input_ids=np.where(real, tokens, 0).astype(np.int32),
+        lengths=lengths.astype(np.int32),
+        loss_mask=real & ~prompt,
+        weight=np.ones(len(lengths), np.float32),
+    )
 
 
-def run_config(batch_size: int, variant: str = "live:full:auto") -> dpo.Config:
+def run_config(batch_size: int, variant: str = "live:full:auto", dtype=jnp.float32, **settings) -> dpo.Config:
     reference, remat, attention = variant.split(":")
-    return dpo.Config(model_name_or_path="bench", train_data="synthetic", train_batch_size=batch_size,
-                      reference=reference, remat=remat, attention_impl=attention)  # fmt: skip
+    return dpo.Config(
+        model_name_or_path="bench",
+        train_data="synthetic",
+        train_batch_size=batch_size,
+        reference_mode=reference,
+        remat=remat,
+        attention_impl=attention,
+        compute_dtype=jnp.dtype(dtype).name,
+        reference_dtype=jnp.dtype(dtype).name,
+        **settings,
+    )
 
 
 def abstract_step(cfg, config: dpo.Config, mesh, dtype, seq: int):
     """The train step lowered on shapes alone (nothing allocated): (lowered, state avals)."""
-    optimizer, zero = dpo.make_optimizer(config), jnp.zeros((), jnp.int32)
+    optimizer = dpo.make_optimizer(config)
     with jax.set_mesh(mesh):
-        train_step, _ = dpo.make_steps(cfg, config, optimizer, dtype)
+        train_step, _ = dpo.make_steps(cfg, config, optimizer)
         state = jax.eval_shape(
-            lambda p: dpo.TrainState(zero, p, optimizer.init(p), zero), model.abstract_params(cfg, mesh)
+            lambda p: dpo.TrainState.create(p, optimizer), model.abstract_params(cfg, mesh)
         )
         ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=s.sharding), state.params)
         lengths = np.full((config.train_batch_size, 2), seq)
@@ -197,25 +237,29 @@ def abstract_step(cfg, config: dpo.Config, mesh, dtype, seq: int):
 
 
 class StepRunner:
-    """The train step of one shape and variant on fresh random weights; compiles once per batch width."""
+    """The train step of one shape and variant on fresh random weights (or `weights`, a HF directory);
+    compiles once per batch width."""
 
-    def __init__(self, cfg, config: dpo.Config, mesh, dtype):
+    def __init__(self, cfg, config: dpo.Config, mesh, dtype, weights: Path | None = None):
         self.config, self.mesh, self.compiled, self.compile_seconds = config, mesh, {}, 0.0
-        optimizer, zero = dpo.make_optimizer(config), jnp.zeros((), jnp.int32)
+        optimizer = dpo.make_optimizer(config)
+        load = lambda seed, dt=jnp.float32: (
+            model.load_params(weights, cfg, mesh, dtype=dt)
+            if weights
+            else jax.jit(lambda p: jax.tree.map(lambda w: w.astype(dt), p))(
+                model.init_params(cfg, jax.random.key(seed), mesh)
+            )
+        )
         with jax.set_mesh(mesh):
-            self.step, _ = dpo.make_steps(cfg, config, optimizer, dtype)
-            init = jax.jit(lambda p: dpo.TrainState(zero, p, optimizer.init(p), zero))
-            self.state = init(model.init_params(cfg, jax.random.key(0), mesh))
-            self.ref = None  # a tree of its own: the state's params are donated at every step
-            if config.reference == "live":
-                cast = jax.jit(lambda p: jax.tree.map(lambda w: w.astype(dtype), p))
-                self.ref = cast(model.init_params(cfg, jax.random.key(1), mesh))
+            self.step, _ = dpo.make_steps(cfg, config, optimizer)
+            self.state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(load(0))
+            # A tree of its own: the state's params are donated at every step.
+            self.ref = load(1, dtype) if config.reference_mode == "live" and config.uses_reference else None
 
     def run(self, batch: dict[str, np.ndarray]) -> float:
         """Seconds of one step; a new width is compiled and run once first, uncounted."""
-        batch = {k: v for k, v in batch.items() if k != "index"}  # the loader's row indices: no table here
-        if self.config.reference == "precompute":  # their values do not change the speed
-            batch["ref_logps"] = np.zeros((len(batch["weight"]), 2), np.float32)
+        if self.config.reference_mode == "precompute":  # their values do not change the speed
+            batch = batch | {"ref_logps": np.zeros((len(batch["weight"]), 2), np.float32)}
         with jax.set_mesh(self.mesh):
             batch = sharding.global_batch(batch, self.mesh)
             width = batch["input_ids"].shape[-1]
@@ -240,7 +284,7 @@ def bench_step(shapes, variants, pairs, seq, steps, mesh, dtype, profile, togeth
         batch = synthetic_batch(cfg, lengths, seq)
         for group in [variants] if together else [[v] for v in variants]:
             try:
-                runners = {v: StepRunner(cfg, run_config(b, v), mesh, dtype) for v in group}
+                runners = {v: StepRunner(cfg, run_config(b, v, dtype), mesh, dtype) for v in group}
                 seconds = {v: [] for v in group}
                 for _ in range(steps):
                     for v, runner in runners.items():
@@ -273,18 +317,22 @@ def bench_step(shapes, variants, pairs, seq, steps, mesh, dtype, profile, togeth
     return results
 
 
-# --- padding: max_seq_len against bucketed widths and length-grouped batches
+# --- padding: widths that follow the batch against max_seq_len and multiples of 128, and TRL
 
 
 class SyntheticPairs:
-    """Stands in for data.PairDataset with UltraFeedback-like lengths in Llama 3 tokens: prompt ~ 30 template
-    tokens + lognormal(median 110, sigma 0.9), each response ~ lognormal(median 260, sigma 0.75); pairs
-    over max_seq_len dropped, as data.py does."""
+    """Stands in for data.PairDataset. UltraFeedback-like lengths in Llama 3 tokens: prompt ~ 30 template
+    tokens + lognormal(median 110, sigma 0.9), each response ~ lognormal(median 260, sigma 0.75). Short:
+    one-line answers (prompt 30-60 tokens, answers 3-30). Pairs over max_seq_len dropped, as data.py does."""
 
-    def __init__(self, n: int, max_seq_len: int):
+    def __init__(self, n: int, max_seq_len: int, short: bool = False):
         rng = np.random.default_rng(0)
-        prompt = 30 + rng.lognormal(np.log(110), 0.9, n).astype(int)
-        lengths = prompt[:, None] + rng.lognormal(np.log(260), 0.75, (n, 2)).astype(int)
+        if short:
+            prompt = 30 + rng.integers(0, 30, n)
+            lengths = prompt[:, None] + rng.integers(3, 30, (n, 2))
+        else:
+            prompt = 30 + rng.lognormal(np.log(110), 0.9, n).astype(int)
+            lengths = prompt[:, None] + rng.lognormal(np.log(260), 0.75, (n, 2)).astype(int)
         keep = lengths.max(1) <= max_seq_len
         self.lengths, self.prompt, self.path = lengths[keep].astype(np.int32), prompt[keep], Path("synthetic")
 
@@ -296,39 +344,207 @@ class SyntheticPairs:
         return [(side(i, self.lengths[i, 0]), side(i, self.lengths[i, 1])) for i in indices]
 
 
+def repad(batch: dict, width: int) -> dict:
+    """The batch at another width (more padding): how batches were laid out before padded_width."""
+    pad = ((0, 0), (0, 0), (0, width - batch["input_ids"].shape[-1]))
+    return batch | {k: np.pad(batch[k], pad) for k in ("input_ids", "loss_mask")}
+
+
 def bench_padding(cfg, mesh, dtype, pairs_per_batch: int, steps: int, max_seq_len: int = 2048) -> dict:
-    pairs, rows, results = SyntheticPairs(20_000, max_seq_len), [], {}
-
-    def batches(batch_size: int, bucket: int, grouped: bool, count: int = 50):
-        loader = data.train_batches(pairs, np.arange(len(pairs)), batch_size=batch_size, seed=0,
-                                    max_seq_len=max_seq_len, bucket=bucket,
-                                    group_by_length=grouped)  # fmt: skip
-        out = [next(loader) for _ in range(count)]
-        return out, sum(b["lengths"].sum() for b in out) / sum(b["input_ids"].size for b in out)
-
-    variants = (
-        ("pad to max_seq_len", max_seq_len, False),
-        ("bucketed widths (data.py, 128)", 128, False),
-        ("bucketed + group_by_length", 128, True),
-    )
-    for name, bucket, grouped in variants:
-        timed, efficiency = batches(pairs_per_batch, bucket, grouped)
-        runner = StepRunner(cfg, run_config(pairs_per_batch), mesh, dtype)
-        seconds = np.mean([runner.run(b) for b in timed[:steps]])
-        processed = np.mean([b["input_ids"].size for b in timed])
-        big_batches = batches(128, bucket, grouped)[1]
-        rows.append([name, efficiency, big_batches, processed, len(runner.compiled), seconds])
-        results[name] = dict(padding_efficiency=efficiency, step_s=seconds)
+    rows, results = [], {}
+    widths = {
+        "pad to max_seq_len": lambda n: max_seq_len,
+        "multiples of 128 (before)": lambda n: min(-(-n // 128) * 128, max_seq_len),
+        "data.padded_width": lambda n: n,
+    }
+    for mix, grouped in itertools.product(("UltraFeedback-like", "short answers"), (False, True)):
+        pairs = SyntheticPairs(20_000, max_seq_len, short=mix.startswith("short"))
+        loader = partial(
+            data.train_batches,
+            pairs,
+            np.arange(len(pairs)),
+            seed=0,
+            max_seq_len=max_seq_len,
+            group_by_length=grouped,
+        )
+        small = list(itertools.islice(loader(batch_size=pairs_per_batch), 50))
+        big = list(
+            itertools.islice(loader(batch_size=128), len(pairs) // 128)
+        )  # an epoch of 128-pair batches
+        for name, width in (
+            widths.items() if not grouped else [("data.padded_width", widths["data.padded_width"])]
+        ):
+            laid = [[repad(b, width(b["input_ids"].shape[-1])) for b in bs] for bs in (small, big)]
+            efficiency = [
+                sum(b["lengths"].sum() for b in bs) / sum(b["input_ids"].size for b in bs) for bs in laid
+            ]
+            runner = StepRunner(cfg, run_config(pairs_per_batch, dtype=dtype), mesh, dtype)
+            seconds = np.mean([runner.run(b) for b in laid[0][:steps]])
+            shapes = len({b["input_ids"].shape[-1] for b in laid[1]})
+            label = name + (" + group_by_length" if grouped else "")
+            rows.append([mix, label, *efficiency, shapes, seconds])
+            results[f"{mix}: {label}"] = dict(efficiency=efficiency[0], step_s=seconds, shapes=shapes)
     note = (
-        f"{len(pairs)} synthetic pairs, max_seq_len {max_seq_len}; efficiency = real / processed tokens "
-        f"over 50 batches; step time: mean of the first {steps} batches of {pairs_per_batch} pairs "
+        f"20,000 synthetic pairs, max_seq_len {max_seq_len}; efficiency = real / processed tokens over 50 "
+        f"batches of {pairs_per_batch} pairs, and over an epoch of 128-pair batches (its distinct widths are "
+        f"the shapes a run compiles); step time: mean of the first {steps} batches of {pairs_per_batch} "
+        "pairs "
         f"({cfg.num_layers} layers, D {cfg.hidden_size}, V {cfg.vocab_size}), compiles not counted."
     )
-    header = (
-        f"batches | efficiency, {pairs_per_batch} pairs | efficiency, 128 pairs | processed tokens / batch"
+    header = f"mix | widths | efficiency, {pairs_per_batch} pairs | efficiency, 128 pairs | shapes, 128 pairs"
+    table("Padding: batch widths (synthetic lengths)", header + " | step s", rows, note)
+    return results
+
+
+# SmolLM2-135M's config (weights random: the speed does not depend on them), and a tiny Llama.
+TRL_SHAPES = {
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rope_theta=1e5,
+    ),
+    "4-layer D256": dict(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=1e4,
+    ),
+}
+
+
+def short_pairs_and_model(root: Path, shape: str, count: int, prompt_words: tuple, answer_words: tuple):
+    """`count` prompt/chosen/rejected string rows of random words, and a random Llama of `shape` saved with
+    a byte-level BPE tokenizer trained on them (BOS prepended, EOS and pad set) in root/model."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    rng = np.random.default_rng(0)
+    words = "one two three four five six seven eight nine ten plus minus times what is the answer".split()
+    say = lambda span: " ".join(rng.choice(words, rng.integers(*span)))
+    rows = [
+        dict(
+            prompt=f"Question: {say(prompt_words)}?",
+            chosen=f" {say(answer_words)}",
+            rejected=f" {say(answer_words)}",
+        )
+        for _ in range(count)
+    ]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=alphabet
     )
-    header += " | widths compiled | step s"
-    table("Padding: max_seq_len against bucketed widths (UltraFeedback-like lengths)", header, rows, note)
+    tokenizer.train_from_iterator([r["prompt"] + r["chosen"] for r in rows], trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    names = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, **names).save_pretrained(root / "model")
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2, max_position_embeddings=2048)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TRL_SHAPES[shape], **ids))
+    llama.float().save_pretrained(root / "model")
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def trl_step_seconds(root: Path, rows: list[dict], pairs: int, steps: int) -> tuple[float, int]:
+    """TRL's DPOTrainer with its defaults on root/model: median seconds of `steps` optimizer steps after a
+    warm-up one, and the width of its first batch."""
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+
+    marks = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, *args, **kwargs):
+            marks.append(time.perf_counter())
+
+    args = trl.DPOConfig(
+        output_dir=str(root / "trl"),
+        per_device_train_batch_size=pairs,
+        max_steps=steps + 1,
+        learning_rate=1e-6,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1000,
+    )
+    policy = transformers.AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(root / "model")
+    trainer = trl.DPOTrainer(
+        policy,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    first = trainer.data_collator([trainer.train_dataset[i] for i in range(pairs)])["input_ids"]
+    return float(np.median(np.diff(marks)[::2][1:])), first.shape[-1]
+
+
+def bench_vs_trl(steps: int) -> dict:
+    """TRL's DPOTrainer against ours on the same model and pairs: CPU, f32, each with its defaults (TRL: no
+    gradient checkpointing, padding to the batch's longest; ours: remat full, data.padded_width), step time
+    the median of `steps` after a warm-up. Needs `pip install trl` (not a dependency)."""
+    import torch
+    import trl
+
+    rows, results = [], {}
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    for shape, pairs, prompt_words, answer_words in [
+        ("smollm2-135m", 8, (14, 20), (1, 4)),
+        ("4-layer D256", 16, (40, 60), (25, 40)),
+    ]:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            pair_rows = short_pairs_and_model(root, shape, pairs * (steps + 1), prompt_words, answer_words)
+            trl_s, trl_width = trl_step_seconds(root, pair_rows, pairs, steps)
+            summary = data.tokenize(
+                str(root / "pairs.jsonl"), str(root / "model"), str(root / "ours"), max_seq_len=512
+            )
+            dataset, arch = data.PairDataset(root / "ours"), model.load_config(root / "model")
+            loader = data.train_batches(
+                dataset, range(len(dataset)), batch_size=pairs, seed=0, max_seq_len=512
+            )
+            batches = list(itertools.islice(loader, steps))
+            width = batches[0]["input_ids"].shape[-1]
+            seconds = []
+            for layout in (lambda b: repad(b, 128 * -(-b["input_ids"].shape[-1] // 128)), lambda b: b):
+                runner = StepRunner(arch, run_config(pairs), mesh, jnp.float32, weights=root / "model")
+                seconds.append(float(np.median([runner.run(layout(b)) for b in batches])))
+        tokens = summary["token_length_percentiles"]["chosen"]["p50"]
+        rows.append(
+            [shape, pairs, tokens, trl_width, trl_s, 128 * -(-width // 128), seconds[0], width, seconds[1]]
+        )
+        rows[-1].append(seconds[1] / trl_s)
+        results[shape] = dict(
+            trl_s=trl_s, before_s=seconds[0], ours_s=seconds[1], ours_over_trl=seconds[1] / trl_s
+        )
+    note = (
+        f"CPU ({os.cpu_count()} cores), f32, trl {trl.__version__}, torch {torch.__version__}, each with its "
+        "defaults "
+        "(TRL: no gradient checkpointing; ours: remat full). Random weights, byte-level BPE tokens."
+    )
+    header = "shape | pairs | chosen tokens p50 | TRL width | TRL step s | width before | step s before"
+    table(
+        "Ours against TRL's DPOTrainer (short pairs)", header + " | width | step s | ours / TRL", rows, note
+    )
     return results
 
 
@@ -362,8 +578,14 @@ def memory_plan_bytes(cfg, seq: int, chips: int, live_reference: bool, flash: bo
     probabilities and their gradients (f32); the fused LM head's chunk of `chunk` vocabulary entries: f32
     logits, softmax and gradient for each of the pair's tokens.
     """
-    d, f, v, h, k, q = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_heads,
-                        cfg.num_kv_heads, cfg.head_dim)  # fmt: skip
+    d, f, v, h, k, q = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+    )
     layer = d * q * (2 * h + 2 * k) + 3 * d * f
     params = cfg.num_layers * layer + d * v * (1 if cfg.tie_word_embeddings else 2)
     fixed = (20 + 2 * live_reference) * params / chips + layer * (2 * 2 + 4) + d * v * (2 + 2 + 4)
@@ -419,9 +641,10 @@ def bench_memory(on_accelerator: bool, mesh) -> None:
         "shape | seq | compiled @1 pair GiB | formula | compiled per more pair GiB | formula | pairs/chip"
     )
     note = "Live reference, remat full, bf16. " + (
-        f"MEASURED: largest batch from the compiled peaks against {limit / GiB:.1f} GiB." if limit
+        f"MEASURED: largest batch from the compiled peaks against {limit / GiB:.1f} GiB."
+        if limit
         else "CPU compiler with XLA attention: a cross-check of the formula, not a GPU or TPU measurement."
-    )  # fmt: skip
+    )
     table(
         f"Memory of the compiled train step on {chips} x {jax.devices()[0].device_kind}", header, rows, note
     )
@@ -460,8 +683,9 @@ def bench_tokenize(n_pairs: int) -> dict:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-        trainer = trainers.BpeTrainer(vocab_size=32000, special_tokens=specials, initial_alphabet=alphabet,
-                                      show_progress=False)  # fmt: skip
+        trainer = trainers.BpeTrainer(
+            vocab_size=32000, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+        )
         tokenizer.train_from_iterator((r["chosen"][1]["content"] for r in rows[:3000]), trainer)
         (tmp / "tok").mkdir()
         tokenizer.save(str(tmp / "tok" / "tokenizer.json"))
@@ -546,13 +770,16 @@ def main(args: Args) -> None:
     )
     summary = {}
     if "logps" in sections:
-        summary["logps"] = bench_logps(on_cpu, dtype, args.logps_time_tokens)
+        with jax.set_mesh(mesh):  # the fused kernel reads the mesh its head lies on
+            summary["logps"] = bench_logps(on_cpu, dtype, args.logps_time_tokens)
     if "step" in sections:
         step = bench_step(shapes, variants, args.batch, seq, steps, mesh, dtype, args.profile, on_cpu)
         summary["step"] = step
     if "padding" in sections:
         pairs = (args.batch or (4 if on_cpu else 8)) * mesh.devices.size
         summary["padding"] = bench_padding(SHAPES[shapes[0]], mesh, dtype, pairs, 2 if on_cpu else steps)
+    if "trl" in sections:
+        summary["trl"] = bench_vs_trl(3 if on_cpu else steps)
     if "compile" in sections:
         depths = (2, 8, 32) if on_cpu else (4, 16, 32)
         bench_compile(SHAPES[shapes[0]], mesh, dtype, (args.batch or 8) * mesh.devices.size, seq, depths)

@@ -607,11 +607,19 @@ def batch_pairs(batch, keys) -> list[int]:
 REFERENCE = np.arange(100, dtype=np.float32).reshape(50, 2)  # a stand-in table of reference log-probs
 
 
-def check_batch(batch, rows, pairs, max_seq_len, bucket):
-    """The batch against the Parquet rows: contents, padding, lengths, the bucketed width and, when the loader
-    was given the reference table REFERENCE, each pair's row of it."""
+# The widths a batch may take: multiples of 8 up to 64, then 8 to each octave (data.padded_width).
+WIDTHS = sorted(
+    {8 * k for k in range(1, 9)} | {2**p + j * 2 ** (p - 3) for p in range(6, 16) for j in range(1, 9)}
+)
+
+
+def check_batch(batch, rows, pairs, max_seq_len):
+    """The batch against the Parquet rows: contents, padding, lengths, the width (the smallest of WIDTHS that
+    holds the longest sequence, or max_seq_len) and, when the loader was given the reference table REFERENCE,
+    each pair's row of it."""
     longest = max(max(rows[k]["chosen_length"], rows[k]["rejected_length"]) for k in pairs)
-    width = min(max_seq_len, bucket * -(-longest // bucket))
+    width = min(max_seq_len, next(w for w in WIDTHS if w >= longest))
+    assert width - longest < max(8, longest / 8)  # padding under 1/8 of the batch's longest sequence
     assert batch["input_ids"].shape == batch["loss_mask"].shape == (len(pairs), 2, width)
     assert batch["input_ids"].dtype == np.int32 and batch["loss_mask"].dtype == bool
     if "ref_logps" in batch:
@@ -631,7 +639,7 @@ def test_train_batches_are_deterministic_resumable_and_exact(dataset_dir):
     assert len(dataset) == 50 and len(list(dataset_dir.glob("part-*.parquet"))) == 3
     assert dataset.lengths.tolist() == [[r["chosen_length"], r["rejected_length"]] for r in rows]
     train, validation = data.split_indices(len(dataset), 0.2, seed=3)
-    kwargs = dict(batch_size=8, seed=7, max_seq_len=140, bucket=48, reference=REFERENCE)
+    kwargs = dict(batch_size=8, seed=7, max_seq_len=126, reference=REFERENCE)
     first = take(data.train_batches(dataset, train, **kwargs), 12)
     again = take(data.train_batches(dataset, train, **kwargs), 12)
     resumed = take(data.train_batches(dataset, train, start_step=7, **kwargs), 5)
@@ -651,9 +659,14 @@ def test_train_batches_are_deterministic_resumable_and_exact(dataset_dir):
     other = next(data.train_batches(dataset, train, **{**kwargs, "seed": 8}))
     assert batch_pairs(other, keys) != batch_pairs(first[0], keys)
     for batch in first:
-        check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=140, bucket=48)
+        check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=126)
         assert batch["weight"].tolist() == [1.0] * 8
-    assert {b["input_ids"].shape[-1] for b in first} == {96, 140}  # rounded up to the bucket, or capped
+    assert {b["input_ids"].shape[-1] for b in first} == {
+        96,
+        112,
+        120,
+        126,
+    }  # rounded up to a width, or capped
 
 
 def test_length_grouped_batches_cover_the_same_pairs_and_pad_less(dataset_dir):
@@ -661,7 +674,7 @@ def test_length_grouped_batches_cover_the_same_pairs_and_pad_less(dataset_dir):
     rows, keys = pair_keys(dataset_dir)
     longest = {k: max(r["chosen_length"], r["rejected_length"]) for k, r in enumerate(rows)}
     train, _ = data.split_indices(len(dataset), 0.2, seed=3)
-    kwargs = dict(batch_size=4, seed=5, max_seq_len=140, bucket=8)
+    kwargs = dict(batch_size=4, seed=5, max_seq_len=140)
     steps_per_epoch, window = len(train) // 4, 3  # 10 steps: runs of 3, 3, 3 and 1 batches
     plain = take(data.train_batches(dataset, train, **kwargs), 2 * steps_per_epoch)
     grouped = take(data.train_batches(dataset, train, group_by_length=True, window=window, **kwargs), 25)
@@ -683,7 +696,7 @@ def test_length_grouped_batches_cover_the_same_pairs_and_pad_less(dataset_dir):
             ascending.append(ranges == sorted(ranges))
     assert not all(ascending)  # batch order is shuffled again, not shortest first
     for batch in grouped:
-        check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=140, bucket=8)
+        check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=140)
     efficiency = lambda batches: (
         sum(b["lengths"].sum() for b in batches) / sum(b["input_ids"].size for b in batches)
     )
@@ -704,7 +717,7 @@ def test_split_is_disjoint_deterministic_and_optional():
 @pytest.mark.parametrize("process_count, group_by_length", [(2, False), (4, False), (4, True)])
 def test_process_slices_partition_the_global_batch(dataset_dir, process_count, group_by_length):
     dataset = data.PairDataset(dataset_dir)
-    kwargs = dict(batch_size=8, seed=1, max_seq_len=256, bucket=64, group_by_length=group_by_length, window=2)
+    kwargs = dict(batch_size=8, seed=1, max_seq_len=256, group_by_length=group_by_length, window=2)
     whole = take(data.train_batches(dataset, range(50), **kwargs), 4)
     slices = [
         take(
@@ -721,16 +734,14 @@ def test_eval_batches_cover_indices_in_order_with_a_weighted_tail(dataset_dir):
     dataset = data.PairDataset(dataset_dir)
     rows, keys = pair_keys(dataset_dir)
     _, validation = data.split_indices(len(dataset), 0.2, seed=3)
-    batches = list(
-        data.eval_batches(dataset, validation, batch_size=4, max_seq_len=140, bucket=32, reference=REFERENCE)
-    )
+    batches = list(data.eval_batches(dataset, validation, batch_size=4, max_seq_len=140, reference=REFERENCE))
     assert len(batches) == 3  # 10 pairs: 4 + 4 + 2 real and 2 padding
     weights = np.concatenate([b["weight"] for b in batches])
     assert weights.tolist() == [1.0] * 10 + [0.0] * 2
     order = [k for b in batches for k in batch_pairs(b, keys)]
     assert order[:10] == validation.tolist()
     for batch in batches:
-        check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=140, bucket=32)
+        check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=140)
     kwargs = dict(batch_size=4, process_count=2, max_seq_len=140)
     halves = [list(data.eval_batches(dataset, validation, process_index=p, **kwargs)) for p in (0, 1)]
     assert np.concatenate([halves[0][-1]["weight"], halves[1][-1]["weight"]]).tolist() == [1, 1, 0, 0]
