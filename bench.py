@@ -233,7 +233,9 @@ def abstract_step(cfg, config: dpo.Config, mesh, dtype, seq: int):
         )
         ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=s.sharding), state.params)
         lengths = np.full((config.train_batch_size, 2), seq)
-        return train_step.lower(state, ref, sharding.global_batch(synthetic_batch(cfg, lengths, seq), mesh))
+        return train_step.lower(
+            state, (None, ref), sharding.global_batch(synthetic_batch(cfg, lengths, seq), mesh)
+        )
 
 
 class StepRunner:
@@ -254,7 +256,8 @@ class StepRunner:
             self.step, _ = dpo.make_steps(cfg, config, optimizer)
             self.state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(load(0))
             # A tree of its own: the state's params are donated at every step.
-            self.ref = load(1, dtype) if config.reference_mode == "live" and config.uses_reference else None
+            reference = load(1, dtype) if config.reference_mode == "live" and config.uses_reference else None
+            self.frozen = (None, reference)  # (LoRA's base, the reference): see dpo.make_steps
 
     def run(self, batch: dict[str, np.ndarray]) -> float:
         """Seconds of one step; a new width is compiled and run once first, uncounted."""
@@ -265,11 +268,13 @@ class StepRunner:
             width = batch["input_ids"].shape[-1]
             if width not in self.compiled:
                 start = time.perf_counter()
-                self.compiled[width] = self.step.lower(self.state, self.ref, batch).compile()
+                self.compiled[width] = self.step.lower(self.state, self.frozen, batch).compile()
                 self.compile_seconds += time.perf_counter() - start
-                self.state, metrics = jax.block_until_ready(self.compiled[width](self.state, self.ref, batch))
+                self.state, metrics = jax.block_until_ready(
+                    self.compiled[width](self.state, self.frozen, batch)
+                )
             start = time.perf_counter()
-            self.state, metrics = jax.block_until_ready(self.compiled[width](self.state, self.ref, batch))
+            self.state, metrics = jax.block_until_ready(self.compiled[width](self.state, self.frozen, batch))
             return time.perf_counter() - start
 
 
@@ -567,12 +572,16 @@ def bench_compile(cfg, mesh, dtype, pairs: int, seq: int, depths) -> None:
 # --- memory plan: the largest per-chip batch
 
 
-def memory_plan_bytes(cfg, seq: int, chips: int, live_reference: bool, flash: bool, chunk: int = 4096):
+def memory_plan_bytes(
+    cfg, seq: int, chips: int, live_reference: bool, flash: bool, chunk: int = 4096, lora: bool = False
+):
     """(fixed bytes, bytes per pair) on one chip under FSDP over `chips`, remat "full", bf16 compute.
 
     fixed: f32 params, grads and Adam update, Adam mu and nu (20 bytes/param) and a bf16 reference (2), all
     sharded; one layer's weights gathered in bf16 twice (this one and the next) with its f32 gradient; the
-    embedding table and the LM head gathered whole in bf16, with the head's f32 gradient.
+    embedding table and the LM head gathered whole in bf16, with the head's f32 gradient. With LoRA: the
+    frozen bf16 base alone (2 bytes/param; it is the reference too), and no weight gradients (the adapters'
+    few MB left out).
     per pair (2 sequences of seq tokens, bf16): each layer's input (what remat "full" keeps); one layer's
     recomputed intermediates and their gradients; without flash attention, the [H, T, T] scores and
     probabilities and their gradients (f32); the fused LM head's chunk of `chunk` vocabulary entries: f32
@@ -588,7 +597,9 @@ def memory_plan_bytes(cfg, seq: int, chips: int, live_reference: bool, flash: bo
     )
     layer = d * q * (2 * h + 2 * k) + 3 * d * f
     params = cfg.num_layers * layer + d * v * (1 if cfg.tie_word_embeddings else 2)
-    fixed = (20 + 2 * live_reference) * params / chips + layer * (2 * 2 + 4) + d * v * (2 + 2 + 4)
+    gradients = 0 if lora else 4  # f32 bytes per parameter of the gathered layer's and the head's gradient
+    per_param = 2 if lora else 20 + 2 * live_reference
+    fixed = per_param * params / chips + layer * (2 * 2 + gradients) + d * v * (2 + 2 + gradients)
     s = 2 * seq
     per_pair = cfg.num_layers * s * d * 2 + s * (4 * d + 3 * h * q + 3 * k * q + 3 * f) * 2 * 2 + s * d * 6
     per_pair += 0 if flash else 2 * h * seq * seq * 4 * 4
@@ -610,13 +621,17 @@ def bench_memory(on_accelerator: bool, mesh) -> None:
                         )
                     ]
                     rows[-1].append(f"{fits[0]} / {fits[1]}")
+            fixed, per_pair = memory_plan_bytes(SHAPES[shape], seq, 1, True, flash=True, lora=True)
+            rows[-1].append(max(0, int((0.9 * CHIPS["H100 80GB"] - fixed) // per_pair)))
     header = "shape | seq | " + " | ".join(
         f"{chip}, {n} chip{'s' * (n > 1)}" for chip in CHIPS for n in (1, 8)
     )
+    header += " | H100 80GB, 1 chip, LoRA"
     note = (
         "COMPUTED, not measured (bench.memory_plan_bytes): pairs per chip, live / precomputed reference; "
         "FSDP over the chips, remat full, bf16 compute, 10% of memory kept free. H100 with cuDNN flash "
-        "attention; TPU with XLA attention (one layer's [H, T, T] scores live)."
+        "attention; TPU with XLA attention (one layer's [H, T, T] scores live). LoRA: the bf16 base is the "
+        "reference too."
     )
     table("Memory plan: largest per-chip batch (pairs)", header, rows, note)
     # The same from XLA's buffer assignment of the real step: on an accelerator, the largest batch that fits

@@ -89,6 +89,14 @@ class Config:
     reference_mode: Literal["live", "precompute"] = (
         "live"  # reference: run each step, or once before training
     )
+    # --- LoRA
+    lora_rank: int = (
+        0  # LoRA adapters of this rank on the frozen model, the reference its base; 0: full fine-tuning
+    )
+    lora_alpha: float | None = None  # LoRA scale alpha / rank; None: alpha = 2 * rank
+    lora_targets: tuple[Literal[tuple(model.LORA_TARGETS)], ...] = tuple(
+        model.LORA_TARGETS
+    )  # projections adapted
     # --- optimization
     train_batch_size: int = 128  # preference pairs per optimizer step (global, over all devices)
     microbatch_size: int | None = None  # pairs per forward/backward; gradients accumulate up to the batch
@@ -147,6 +155,11 @@ class Config:
         need(frac is None or 0 < frac < 1, f"validation_split_fraction must be in (0, 1) or None, got {frac}")
         need(frac is not None or self.validation_data, "validation_split_fraction None needs validation_data")
         need(self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}")
+        need(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
+        need(
+            0 < len(self.lora_targets) == len(set(self.lora_targets)),
+            "lora_targets: name each projection once",
+        )
         need(self.model_name_or_path == "demo" or self.train_data is not None, "train_data is required")
         need(0 < len(losses) == len(set(losses)), f"loss_type {losses}: name each loss once")
         weights = self.loss_weights
@@ -164,6 +177,10 @@ class Config:
     @property
     def cooldown_steps(self) -> int:
         return int(self.cooldown * self.num_train_steps) if self.cooldown < 1 else int(self.cooldown)
+
+    @property
+    def lora_scale(self) -> float:
+        return (self.lora_alpha or 2 * self.lora_rank) / max(self.lora_rank, 1)
 
     @property
     def uses_reference(self) -> bool:
@@ -331,8 +348,11 @@ def batch_reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, *[None] * (len(shape) - 1)))
 
 
-def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config) -> tuple[jax.Array, jax.Array]:
-    """([b, 2] summed log-probs, [b, 2, 3] token stats) of chosen (column 0) and rejected (column 1)."""
+def pair_logps(
+    params, batch: dict, arch: model.LlamaConfig, config: Config, lora=None
+) -> tuple[jax.Array, jax.Array]:
+    """([b, 2] summed log-probs, [b, 2, 3] token stats) of chosen (column 0) and rejected (column 1) under
+    `params` (and, with LoRA, the adapters `lora` on them)."""
     b, _, t = batch["input_ids"].shape
     # [b, 2, T] -> [2b, T]: rows 2i and 2i+1 are pair i's chosen and rejected, so one forward pass
     # serves both and a batch-sharded array keeps each pair on one device.
@@ -342,15 +362,18 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config) -> 
     dtype = dtype_of(config.compute_dtype)
     # forward casts each layer's weights to the compute dtype as it gathers them: no full-model copy.
     attention = None if config.attention_impl == "auto" else config.attention_impl
+    adapters = dict(lora=lora, lora_scale=config.lora_scale)
     hidden = model.forward(
         params,
         tokens,
         arch,
         lengths=lengths,
+        **adapters,
         compute_dtype=dtype,
         remat=config.remat,
         attention_impl=attention,
     )
+
     # Position t predicts token t + 1: shift targets and mask left instead of slicing the hidden states.
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
@@ -517,7 +540,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
 @dataclasses.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: dict  # f32 master weights, sharded as model.param_specs says
+    params: dict  # f32 master weights (with LoRA: the adapters), sharded as declared in model.py
     opt_state: optax.OptState  # sharded like params
     skipped: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
 
@@ -530,28 +553,36 @@ class TrainState:
 # --- the train and eval steps
 
 
-def step_flops(arch: model.LlamaConfig, lengths, live_reference: bool):
+def step_flops(arch: model.LlamaConfig, lengths, live_reference: bool, lora: bool = False):
     """Model FLOPs of one DPO step over the real tokens (`lengths` [b, 2], numpy or traced): 6N per token
-    for the policy's forward and backward, 2N for a live reference's forward, plus causal attention
-    (QK^T and PV over half the T x T square: 2 * 2 * T^2 / 2 * H * Q per layer for a forward pass)."""
-    passes = 6 + (2 if live_reference else 0)
+    for the policy's forward and backward (4N with LoRA: frozen weights get no gradient), 2N for a live
+    reference's forward, plus causal attention (QK^T and PV over half the T x T square: 2 * 2 * T^2 / 2 *
+    H * Q per layer for a forward pass)."""
+    passes = (4 if lora else 6) + (2 if live_reference else 0)
     lengths = lengths.astype(np.float32)
     attention = 2 * arch.num_layers * arch.num_heads * arch.head_dim * (lengths**2).sum()
     return passes * arch.num_matmul_params * lengths.sum() + passes / 2 * attention
 
 
 def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
-    """The jitted train step (state donated) and eval step. The reference log-probs come from the batch
-    when precomputed ("ref_logps" [b, 2]), else from a forward pass of the frozen reference."""
+    """The jitted train step (state donated) and eval step, both taking the frozen weights as (base,
+    reference): the base is what LoRA's adapters sit on (None without LoRA), the reference the frozen model
+    whose log-probs the loss compares with (with LoRA by default the base itself; None when precomputed,
+    then "ref_logps" [b, 2] come in the batch, or for a reference-free loss)."""
     num_micro = config.train_batch_size // (config.microbatch_size or config.train_batch_size)
     live = config.uses_reference and config.reference_mode == "live"
     scored = lambda batch: batch["loss_mask"].sum(-1)  # [..., 2] scored tokens of chosen and rejected
 
-    def logps(params, reference_params, batch):  # policy [b, 2], reference [b, 2] (or None), stats
-        policy, stats = pair_logps(params, batch, arch, config)
+    def policy_logps(params, base, batch):  # the trained weights: the whole model, or LoRA's adapters
+        if config.lora_rank:
+            return pair_logps(base, batch, arch, config, lora=params)
+        return pair_logps(params, batch, arch, config)
+
+    def logps(params, frozen, batch):  # policy [b, 2], reference [b, 2] (or None), stats
+        policy, stats = policy_logps(params, frozen[0], batch)
         reference = batch.get("ref_logps") if config.uses_reference else None
         if live:
-            reference = jax.lax.stop_gradient(pair_logps(reference_params, batch, arch, config)[0])
+            reference = jax.lax.stop_gradient(pair_logps(frozen[1], batch, arch, config)[0])
         return policy, reference, stats
 
     def loss_and_sums(outputs, tokens, weight, totals=None):  # on replicated arrays: the loss may sort them
@@ -561,12 +592,12 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
         pairs = jnp.sum(weight) if totals is None else totals[0]
         return loss, metric_sums(policy, rewards, stats, tokens, weight) | {"loss": loss * pairs}
 
-    def batch_loss(params, reference_params, batch, totals=None):
-        return loss_and_sums(logps(params, reference_params, batch), scored(batch), batch["weight"], totals)
+    def batch_loss(params, frozen, batch, totals=None):
+        return loss_and_sums(logps(params, frozen, batch), scored(batch), batch["weight"], totals)
 
-    def grads_and_sums(params, reference_params, batch):
+    def grads_and_sums(params, frozen, batch):
         if num_micro == 1:
-            return jax.grad(batch_loss, has_aux=True)(params, reference_params, batch)
+            return jax.grad(batch_loss, has_aux=True)(params, frozen, batch)
         # Microbatch m takes rows m, m + M, m + 2M, ...: splitting the batch axis this way leaves every
         # microbatch spread over all devices. The loss is the whole batch's, never one microbatch's.
         micro = jax.tree.map(
@@ -574,7 +605,7 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
         )
         if not BATCH_LOSSES & set(config.loss_type):  # a sum over pairs: add up the microbatches' gradients
             totals = jnp.sum(batch["weight"]), jnp.sum(batch["weight"] * scored(batch)[:, 0])
-            grad = lambda m: jax.grad(batch_loss, has_aux=True)(params, reference_params, m, totals)
+            grad = lambda m: jax.grad(batch_loss, has_aux=True)(params, frozen, m, totals)
             sums = jax.eval_shape(grad, jax.tree.map(lambda x: x[0], micro))[1]
             zero = (
                 jax.tree.map(jnp.zeros_like, params),
@@ -584,26 +615,26 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
             return jax.lax.scan(add, zero, micro)[0]
         # A loss over the whole batch (aot sorts it): its gradient with respect to every pair's log-probs
         # first, then each microbatch's backward pass with its share of that gradient.
-        policy, *rest = jax.lax.map(lambda m: logps(params, reference_params, m), micro)
+        policy, *rest = jax.lax.map(lambda m: logps(params, frozen, m), micro)
         whole = lambda x: None if x is None else jax.sharding.reshard(x, P()).reshape(-1, *x.shape[2:])
         loss_of = lambda p: loss_and_sums(
             (p, *map(whole, rest)), whole(scored(micro)), whole(micro["weight"])
         )
         d_policy, sums = jax.grad(loss_of, has_aux=True)(whole(policy))
         d_policy = jax.sharding.reshard(d_policy.reshape(policy.shape), P(None, sharding.BATCH_AXES, None))
-        vjp = lambda m, d: jax.grad(lambda p: jnp.sum(pair_logps(p, m, arch, config)[0] * d))(params)
+        vjp = lambda m, d: jax.grad(lambda p: jnp.sum(policy_logps(p, frozen[0], m)[0] * d))(params)
         add = lambda acc, m_d: (jax.tree.map(jnp.add, acc, vjp(*m_d)), None)
         return jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), (micro, d_policy))[0], sums
 
     @partial(jax.jit, donate_argnums=0)
-    def train_step(state: TrainState, reference_params, batch):
+    def train_step(state: TrainState, frozen, batch):
         with jax.named_scope("forward_backward"):
-            grads, sums = grads_and_sums(state.params, reference_params, batch)
+            grads, sums = grads_and_sums(state.params, frozen, batch)
         metrics = normalize(sums)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = lr_schedule(config)(state.step)
         metrics["tokens"] = jnp.sum(batch["lengths"])  # for throughput, counted where the batch already is
-        metrics["flops"] = step_flops(arch, batch["lengths"], live)
+        metrics["flops"] = step_flops(arch, batch["lengths"], live, lora=config.lora_rank > 0)
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -617,8 +648,8 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
         ), metrics
 
     @jax.jit
-    def eval_step(params, reference_params, batch):
-        return batch_loss(params, reference_params, batch)[1]
+    def eval_step(params, frozen, batch):
+        return batch_loss(params, frozen, batch)[1]
 
     return train_step, eval_step
 
@@ -1012,13 +1043,14 @@ def check_vocabulary(dataset: data.PairDataset, arch: model.LlamaConfig, tokeniz
         say(f"warning: {dataset.path} was tokenized with {made_with.get('source')}, not this run's tokenizer")
 
 
-def evaluate(eval_step, params, reference_params, batches, mesh) -> dict[str, float]:
-    """The eval/ metrics over every batch: their sums added up, then divided once."""
+def evaluate(eval_step, params, frozen, batches, mesh, widths: set) -> dict[str, float]:
+    """The eval/ metrics over every batch: their sums added up, then divided once. Adds the batch widths
+    met (each is one compiled shape) to `widths`."""
     totals = {}
     for batch in batches:
-        for k, v in jax.device_get(
-            eval_step(params, reference_params, sharding.global_batch(batch, mesh))
-        ).items():
+        widths.add(batch["input_ids"].shape[-1])
+        sums = eval_step(params, frozen, sharding.global_batch(batch, mesh))
+        for k, v in jax.device_get(sums).items():
             totals[k] = totals.get(k, 0.0) + float(v)
     return {f"eval/{k}": float(v) for k, v in normalize(totals).items()}
 
@@ -1032,25 +1064,34 @@ TOKENIZER_FILES = (
 )
 
 
-def exporter(run: Path, config: Config, inputs: Inputs, say):
-    """export(state): hf/step-N. What every export carries beside the weights is found once, here: a Hub
-    tokenizer is not looked up again mid-run, where a network hiccup would fail an export."""
+def exporter(run: Path, config: Config, inputs: Inputs, base, say):
+    """export(state): hf/step-N, with LoRA the base with its adapters merged in and, in hf/step-N/adapter, a
+    PEFT adapter. What every export carries beside the weights is found once, here: a Hub tokenizer is not
+    looked up again mid-run, where a network hiccup would fail an export."""
     generation = inputs.model_dir / "generation_config.json"  # keeps the end-of-turn ids the model was given
     generation = json.loads(generation.read_text()) if generation.exists() else None
     files = [
         inputs.tokenizer_dir / name for name in TOKENIZER_FILES if (inputs.tokenizer_dir / name).exists()
     ]
+    merge = jax.jit(partial(model.merge_lora, scale=config.lora_scale))
 
     def export(state: TrainState) -> None:
-        out = run / "hf" / f"step-{int(state.step)}"
-        model.save_hf(
-            state.params,
-            inputs.arch,
-            out,
-            dtype=config.hf_save_dtype,
-            generation_config=generation,
-            extra_files=files,
-        )
+        out, params, extra = run / "hf" / f"step-{int(state.step)}", state.params, files
+        with tempfile.TemporaryDirectory() as tmp:
+            if config.lora_rank:
+                alpha, adapter = config.lora_rank * config.lora_scale, Path(tmp) / "adapter"
+                model.save_peft_adapter(
+                    params, inputs.arch, config.lora_rank, alpha, adapter, config.model_name_or_path
+                )
+                params, extra = merge(base, params), files + [adapter]
+            model.save_hf(
+                params,
+                inputs.arch,
+                out,
+                dtype=config.hf_save_dtype,
+                generation_config=generation,
+                extra_files=extra,
+            )
         say(f"step {int(state.step)} | exported {out}")
 
     return export
@@ -1098,26 +1139,35 @@ def main(config: Config) -> Path:
     inputs = load_inputs(run, config, say)
     start_run_dir(run, config)
 
-    # --- state: the policy, resumed from the newest checkpoint that loads; the reference, live or once
+    # --- state: what trains (the model, or LoRA's adapters), resumed from the newest checkpoint that loads;
+    # the frozen weights: LoRA's base, and the reference (live: its weights; precompute: its log-probs, once)
     arch, mesh, optimizer = inputs.arch, inputs.mesh, make_optimizer(config)
     create = partial(TrainState.create, optimizer=optimizer)
+    lora = model.lora_weights(config.lora_rank, config.lora_targets) if config.lora_rank else None
+    compute, reference_dtype = dtype_of(config.compute_dtype), dtype_of(config.reference_dtype)
     with jax.set_mesh(mesh):
         train_step, eval_step = make_steps(arch, config, optimizer)
-        state = restore_checkpoint(run, jax.eval_shape(create, model.abstract_params(arch, mesh)), mesh, say)
+        base = model.load_params(inputs.model_dir, arch, mesh, dtype=compute) if lora else None
+        state = restore_checkpoint(
+            run, jax.eval_shape(create, model.abstract_params(arch, mesh, lora)), mesh, say
+        )
         resume_step = None if state is None else int(state.step)
-        if state is None:
+        if state is None and lora:
+            state = jax.jit(create)(model.init_params(arch, jax.random.key(config.seed), mesh, lora))
+        elif state is None:
             state = jax.jit(create)(model.load_params(inputs.model_dir, arch, mesh))
-        reference_params, tables = None, (None, None)
+        reference, tables = None, (None, None)
         if config.uses_reference and config.reference_mode == "live":
-            reference_params = model.load_params(
-                inputs.reference_dir, arch, mesh, dtype=dtype_of(config.reference_dtype)
+            same = lora and inputs.reference_dir == inputs.model_dir  # the base without its adapters
+            reference = (
+                base if same else model.load_params(inputs.reference_dir, arch, mesh, dtype=reference_dtype)
             )
         elif (
             config.uses_reference
         ):  # once over every pair, cached beside the data; no reference model in training
-            tables = precompute_reference_logps(
-                [inputs.train_set, inputs.val_set], inputs.reference_dir, arch, config, mesh
-            )
+            datasets = [inputs.train_set, inputs.val_set]
+            tables = precompute_reference_logps(datasets, inputs.reference_dir, arch, config, mesh)
+    frozen = base, reference
 
     # --- batches
     start = resume_step or 0
@@ -1148,8 +1198,9 @@ def main(config: Config) -> Path:
         reference=tables[1],
         **loader,
     )
-    eval_metrics = lambda state: evaluate(eval_step, state.params, reference_params, val_batches(), mesh)
-    export = exporter(run, config, inputs, say)
+    widths = {"training": set(), "evaluation": set()}  # batch widths met: each is one compiled shape
+    eval_metrics = lambda s: evaluate(eval_step, s.params, frozen, val_batches(), mesh, widths["evaluation"])
+    export = exporter(run, config, inputs, base, say)
 
     # --- the loop
     with (
@@ -1166,7 +1217,8 @@ def main(config: Config) -> Path:
         )
         upcoming = next(train_batches)
         for step in range(start + 1, config.num_train_steps + 1):
-            state, metrics = train_step(state, reference_params, sharding.global_batch(upcoming, mesh))
+            widths["training"].add(upcoming["input_ids"].shape[-1])
+            state, metrics = train_step(state, frozen, sharding.global_batch(upcoming, mesh))
             if step < config.num_train_steps:  # dispatch is async: read the next batch while the step runs
                 upcoming = next(train_batches)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -1194,6 +1246,10 @@ def main(config: Config) -> Path:
                 save_checkpoint(run, state, config.keep_checkpoints)
             if step % config.steps_per_hf_export == 0 or last:
                 export(state)
+    compiled = "; ".join(
+        f"{len(w)} for {k} ({', '.join(map(str, sorted(w)))})" for k, w in widths.items() if w
+    )
+    say(f"batch widths compiled: {compiled}")
     say(
         f"done. run directory {run.resolve()}: config.json, metrics.jsonl, checkpoints/, hf/ "
         "(transformers loads hf/step-N as it is)"

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, reshard
@@ -188,33 +189,38 @@ class LlamaConfig:
 
 @dataclass(frozen=True)
 class Weight:
-    axes: str  # one dimension letter per axis (conventions header)
+    axes: str  # one dimension letter per axis (conventions header; R: a LoRA adapter's rank)
     spec: P  # where each axis lives on the mesh
-    init: str  # "normal" (std initializer_range) or "ones" (norm scales)
+    init: str  # "normal" (std initializer_range), "ones" (norm scales), "kaiming" or "zeros" (LoRA's A, B)
+    rank: int = 0  # R, for adapters
+
+
+F, T = "fsdp", "tensor"
+# One decoder layer's weights, stacked on a leading L axis.
+_LAYER = {
+    "attn_norm": Weight("LD", P(None, None), "ones"),
+    "wq": Weight("LDHQ", P(None, F, T, None), "normal"),
+    "wk": Weight("LDKQ", P(None, F, T, None), "normal"),
+    "wv": Weight("LDKQ", P(None, F, T, None), "normal"),
+    "wo": Weight("LHQD", P(None, T, None, F), "normal"),
+    "mlp_norm": Weight("LD", P(None, None), "ones"),
+    "w_gate": Weight("LDF", P(None, F, T), "normal"),
+    "w_up": Weight("LDF", P(None, F, T), "normal"),
+    "w_down": Weight("LFD", P(None, T, F), "normal"),
+}
 
 
 def _weights(arch: LlamaConfig) -> dict:
     """Every weight, once. FSDP shards one non-tensor axis; tensor splits heads (q, k, v on their head
     axis, o on its input heads) and F (gate, up on their output, down on its input), Megatron-style, so
     attention and the MLP each need one all-reduce over tensor."""
-    f, t = "fsdp", "tensor"
     weights = {
-        "embed": Weight("VD", P(t, f), "normal"),  # = lm_head.T when tied, so laid out as its transpose
-        "layers": {
-            "attn_norm": Weight("LD", P(None, None), "ones"),
-            "wq": Weight("LDHQ", P(None, f, t, None), "normal"),
-            "wk": Weight("LDKQ", P(None, f, t, None), "normal"),
-            "wv": Weight("LDKQ", P(None, f, t, None), "normal"),
-            "wo": Weight("LHQD", P(None, t, None, f), "normal"),
-            "mlp_norm": Weight("LD", P(None, None), "ones"),
-            "w_gate": Weight("LDF", P(None, f, t), "normal"),
-            "w_up": Weight("LDF", P(None, f, t), "normal"),
-            "w_down": Weight("LFD", P(None, t, f), "normal"),
-        },
+        "embed": Weight("VD", P(T, F), "normal"),  # = lm_head.T when tied, so laid out as its transpose
+        "layers": _LAYER,
         "final_norm": Weight("D", P(None), "ones"),
     }
     if not arch.tie_word_embeddings:
-        weights["lm_head"] = Weight("DV", P(f, t), "normal")
+        weights["lm_head"] = Weight("DV", P(F, T), "normal")
     return weights
 
 
@@ -223,7 +229,27 @@ _SIZE_FIELDS |= dict(F="intermediate_size", V="vocab_size")
 
 
 def _shape(arch: LlamaConfig, w: Weight) -> tuple[int, ...]:
-    return tuple(getattr(arch, _SIZE_FIELDS[a]) for a in w.axes)
+    return tuple(w.rank if a == "R" else getattr(arch, _SIZE_FIELDS[a]) for a in w.axes)
+
+
+# LoRA's names for the projections, and ours.
+LORA_TARGETS = dict(q="wq", k="wk", v="wv", o="wo", gate="w_gate", up="w_up", down="w_down")
+
+
+def lora_weights(rank: int, targets) -> dict:
+    """The LoRA adapters of `targets` (LORA_TARGETS' names), declared beside their base weights: W [in, out]
+    becomes W + (alpha / rank) A B with A [L, in, R] sharded like W's input axes and B [L, R, out] like its
+    output axes, so the low-rank path splits as the weight does. A is Kaiming-uniform and B zero, as in
+    PEFT: at step 0 the adapted model is the base."""
+    adapters = {}
+    for target in targets:
+        name = LORA_TARGETS[target]
+        w, n_in = _LAYER[name], _HF_NAMES[name][1]
+        inputs, outputs = slice(1, 1 + n_in), slice(1 + n_in, None)
+        a = Weight(f"L{w.axes[inputs]}R", P(None, *w.spec[inputs], None), "kaiming", rank)
+        b = Weight(f"LR{w.axes[outputs]}", P(None, None, *w.spec[outputs]), "zeros", rank)
+        adapters[name] = {"a": a, "b": b}
+    return adapters
 
 
 # Fields that change nothing the forward pass computes (a reference model may differ in them).
@@ -261,29 +287,34 @@ def param_specs(arch: LlamaConfig) -> dict:
     return jax.tree.map(lambda w: w.spec, _weights(arch))
 
 
-def abstract_params(arch: LlamaConfig, mesh) -> dict:
-    """Shape, dtype and sharding of every f32 weight, building nothing (to restore into)."""
+def abstract_params(arch: LlamaConfig, mesh, weights: dict | None = None) -> dict:
+    """Shape, dtype and sharding of every f32 weight (of `weights`, e.g. lora_weights; default the model's),
+    building nothing (to restore into)."""
     shaped = lambda w: jax.ShapeDtypeStruct(
         _shape(arch, w), jnp.float32, sharding=NamedSharding(mesh, w.spec)
     )
-    return jax.tree.map(shaped, _weights(arch))
+    return jax.tree.map(shaped, weights or _weights(arch))
 
 
-def init_params(arch: LlamaConfig, key: jax.Array, mesh) -> dict:
-    """Random f32 params (transformers' init: normal(0, initializer_range), norm scales 1), each built
-    directly in its shards."""
-    weights, treedef = jax.tree.flatten(_weights(arch))
+def init_params(arch: LlamaConfig, key: jax.Array, mesh, weights: dict | None = None) -> dict:
+    """Random f32 params (transformers' init: normal(0, initializer_range), norm scales 1; adapters as PEFT's)
+    of `weights` (default the model's), each built directly in its shards."""
+    weights, treedef = jax.tree.flatten(weights or _weights(arch))
 
     def one(w: Weight, key):
-        if w.init == "ones":
-            return jnp.ones(_shape(arch, w))
-        return arch.initializer_range * jax.random.normal(key, _shape(arch, w), out_sharding=w.spec)
+        shape = _shape(arch, w)
+        if w.init in ("ones", "zeros"):
+            return (jnp.ones if w.init == "ones" else jnp.zeros)(shape)
+        if w.init == "kaiming":  # PEFT: kaiming_uniform_(a=sqrt(5)), a bound of 1 / sqrt(fan_in)
+            bound = 1 / math.sqrt(math.prod(shape[1:-1]))
+            return jax.random.uniform(key, shape, minval=-bound, maxval=bound, out_sharding=w.spec)
+        return arch.initializer_range * jax.random.normal(key, shape, out_sharding=w.spec)
 
     def build(key):
         keys = jax.random.split(key, len(weights))
         return treedef.unflatten([one(w, k) for w, k in zip(weights, keys, strict=True)])
 
-    shardings = jax.tree.map(lambda a: a.sharding, abstract_params(arch, mesh))
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_params(arch, mesh, treedef.unflatten(weights)))
     with jax.set_mesh(mesh):
         return jax.jit(build, out_shardings=shardings)(key)
 
@@ -366,22 +397,38 @@ def _gathered(w: jax.Array, dtype) -> jax.Array:
     return reshard(w.astype(dtype), P(*(None if a == "fsdp" else a for a in spec)))
 
 
-def _decoder_layer(x, w, cos, sin, lengths, arch: LlamaConfig, impl: str):
-    dtype = x.dtype
+def _weights_axes(name: str) -> tuple[str, int]:
+    """A layer weight's axes without L, as einsum letters, and how many lead ones make its input."""
+    return _LAYER[name].axes[1:].lower(), _HF_NAMES[name][1]
+
+
+def _project(x, w: dict, adapters: dict | None, name: str, scale: float, out_sharding=None):
+    """x times one layer's weight `name`, spelled from its declared axes (e.g. "btd,dhq->bthq" for wq), plus
+    with LoRA the low-rank path scale * (x A) B beside it. out_sharding, for a sum over the tensor axis."""
+    axes, n_in = _weights_axes(name)
+    inputs, outputs = axes[:n_in], axes[n_in:]
+    y = jnp.einsum(
+        f"bt{inputs},{axes}->bt{outputs}", x, _gathered(w[name], x.dtype), out_sharding=out_sharding
+    )
+    if adapters is not None and name in adapters:
+        a, b = (_gathered(adapters[name][k], x.dtype) for k in "ab")
+        low = jnp.einsum(f"bt{inputs},{inputs}r->btr", x, a, out_sharding=BATCH)
+        y += scale * jnp.einsum(f"btr,r{outputs}->bt{outputs}", low, b, out_sharding=out_sharding)
+    return y
+
+
+def _decoder_layer(x, w, adapters, cos, sin, lengths, arch: LlamaConfig, impl: str, scale: float):
+    project = lambda h, name, out_sharding=None: _project(h, w, adapters, name, scale, out_sharding)
     with jax.named_scope("attention"):
         h = rms_norm(x, w["attn_norm"], arch.rms_norm_eps)
-        q = jnp.einsum("btd,dhq->bthq", h, _gathered(w["wq"], dtype))  # B over batch axes, H over tensor
-        k = jnp.einsum("btd,dkq->btkq", h, _gathered(w["wk"], dtype))
-        v = jnp.einsum("btd,dkq->btkq", h, _gathered(w["wv"], dtype))
+        q, k, v = project(h, "wq"), project(h, "wk"), project(h, "wv")  # B over batch axes, heads over tensor
         o = _attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, lengths, impl)
         # The sum over heads spans the tensor axis: out_sharding asks for the all-reduce.
-        x = x + jnp.einsum("bthq,hqd->btd", o, _gathered(w["wo"], dtype), out_sharding=BATCH)
+        x = x + project(o, "wo", BATCH)
     with jax.named_scope("mlp"):
         h = rms_norm(x, w["mlp_norm"], arch.rms_norm_eps)
-        gate = jnp.einsum("btd,df->btf", h, _gathered(w["w_gate"], dtype))  # F over tensor
-        up = jnp.einsum("btd,df->btf", h, _gathered(w["w_up"], dtype))
-        h = jax.nn.silu(gate) * up
-        x = x + jnp.einsum("btf,fd->btd", h, _gathered(w["w_down"], dtype), out_sharding=BATCH)
+        h = jax.nn.silu(project(h, "w_gate")) * project(h, "w_up")  # F over tensor
+        x = x + project(h, "w_down", BATCH)
     return x
 
 
@@ -400,6 +447,8 @@ def forward(
     arch: LlamaConfig,
     *,
     lengths: jax.Array | None = None,
+    lora: dict | None = None,
+    lora_scale: float = 1.0,
     compute_dtype=jnp.float32,
     remat: str = "full",
     attention_impl: str | None = None,
@@ -407,7 +456,8 @@ def forward(
     """Final RMS-normed hidden states [B, T, D] in compute_dtype, sharded P(("data", "fsdp"), None, None).
 
     tokens int32 [B, T], right-padded; lengths int32 [B] real tokens per row (None: all real). Positions
-    are 0..T-1. Pad positions give finite values that the caller masks out. attention_impl: None (cuDNN
+    are 0..T-1. Pad positions give finite values that the caller masks out. lora: adapters (lora_weights'
+    tree) added to their weights' projections with lora_scale (alpha / rank). attention_impl: None (cuDNN
     on GPU where it applies, else XLA), "xla" or "cudnn".
     """
     if remat not in REMAT_POLICIES:
@@ -424,13 +474,13 @@ def forward(
         # A row with no real token would attend to nothing; letting position 0 see itself keeps it finite.
         lengths = reshard(jnp.maximum(lengths, 1).astype(jnp.int32), P(sharding.BATCH_AXES))
 
-    def layer(x, w):
-        return _decoder_layer(x, w, cos, sin, lengths, arch, impl), None
+    def layer(x, weights):
+        return _decoder_layer(x, *weights, cos, sin, lengths, arch, impl, lora_scale), None
 
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
     # One traced layer, scanned over the stacked weights: compile time does not grow with depth.
-    x, _ = jax.lax.scan(layer, x, params["layers"])
+    x, _ = jax.lax.scan(layer, x, (params["layers"], lora))
     return rms_norm(x, params["final_norm"], arch.rms_norm_eps)
 
 
@@ -440,6 +490,18 @@ def logits(params: dict, tokens: jax.Array, arch: LlamaConfig, **forward_kwargs)
     head = reshard(lm_head_weight(params).astype(hidden.dtype), P(None, "tensor"))
     out = P(sharding.BATCH_AXES, None, "tensor")
     return jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32, out_sharding=out)
+
+
+def merge_lora(params: dict, lora: dict, scale: float) -> dict:
+    """The params with each adapter folded into its weight, W + scale * A B (sharded as W), for export."""
+    layers = dict(params["layers"])
+    for name, adapter in lora.items():
+        axes, n_in = _weights_axes(name)
+        inputs, outputs = axes[:n_in], axes[n_in:]
+        spec = P(*jax.typeof(layers[name]).sharding.spec)
+        delta = jnp.einsum(f"l{inputs}r,lr{outputs}->l{axes}", adapter["a"], adapter["b"], out_sharding=spec)
+        layers[name] = layers[name] + scale * delta.astype(layers[name].dtype)
+    return params | {"layers": layers}
 
 
 # --- Hugging Face checkpoints -------------------------------------------------------------------------------
@@ -589,7 +651,7 @@ def save_hf(
 ) -> None:
     """Write a directory that transformers.AutoModelForCausalLM.from_pretrained loads unchanged:
     config.json, generation_config.json, safetensors shards of about max_shard_bytes (+ index when more
-    than one), plus `extra_files` (e.g. tokenizer files) copied in.
+    than one), plus `extra_files` (tokenizer files, a LoRA adapter's folder) copied in.
 
     Every process must call it: each tensor is gathered whole, one at a time (host memory peak about
     one tensor), and only process 0 writes, atomically (sharding.atomic).
@@ -655,7 +717,42 @@ def save_hf(
                 generation["pad_token_id"] = arch.pad_token_id
             generation |= generation_config or {}
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-            for extra in extra_files:
-                shutil.copy(extra, tmp / Path(extra).name)
+            for extra in map(Path, extra_files):  # files, or folders (a LoRA adapter)
+                (shutil.copytree if extra.is_dir() else shutil.copy)(extra, tmp / extra.name)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"save_hf {out_dir}")
+
+
+def save_peft_adapter(
+    lora: dict, arch: LlamaConfig, rank: int, alpha: float, out_dir, base_model: str
+) -> None:
+    """The adapters as a PEFT LoRA adapter folder that peft.PeftModel.from_pretrained(base, out_dir) loads:
+    adapter_config.json and adapter_model.safetensors with PEFT's names, lora_A [R, in] and lora_B [out, R]
+    per layer (transformers' layout of our [in, R] and [R, out]). Every process must call it (the adapters
+    are gathered); process 0 writes, atomically."""
+    tensors = {}
+    for name, adapter in lora.items():
+        module = "base_model.model." + _HF_NAMES[name][0].removesuffix(".weight")
+        a, b = (sharding.to_host(adapter[k]).astype(np.float32) for k in "ab")
+        for i in range(arch.num_layers):
+            tensors[f"{module.format(i)}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, rank).T)
+            tensors[f"{module.format(i)}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(rank, -1).T)
+    modules = sorted({_HF_NAMES[name][0].split(".")[-2] for name in lora})  # q_proj, ...
+    config = dict(
+        peft_type="LORA",
+        task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=modules,
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=False,
+        use_rslora=False,
+        inference_mode=True,
+        base_model_name_or_path=base_model,
+    )
+    if sharding.is_writer():
+        with sharding.atomic(out_dir) as tmp:
+            tmp.mkdir(parents=True)
+            safetensors.numpy.save_file(tensors, tmp / "adapter_model.safetensors")
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))

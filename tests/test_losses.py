@@ -157,12 +157,14 @@ def demo(tmp_path_factory):
     return model_dir, data.PairDataset(root / "tokenized")
 
 
-def one_step(demo, mesh, **settings):
-    """Metrics of one train step of the demo model on its first batch of 16 pairs, and the batch."""
+def one_step(demo, mesh, batch=None, **settings):
+    """Metrics of one train step of the demo model on `batch` (default: its first batch of 16 pairs), and
+    the batch."""
     model_dir, dataset = demo
     small = dict(train_batch_size=16, max_seq_len=64, logits_chunk_size=32, learning_rate=1e-2, warmup=0)
     config = dpo.Config(model_name_or_path=str(model_dir), train_data="x", **small, **settings)
-    batch = next(data.train_batches(dataset, range(len(dataset)), batch_size=16, seed=0, max_seq_len=64))
+    if batch is None:
+        batch = next(data.train_batches(dataset, range(len(dataset)), batch_size=16, seed=0, max_seq_len=64))
     arch, optimizer = model.load_config(model_dir), dpo.make_optimizer(config)
     with jax.set_mesh(mesh):
         train_step, _ = dpo.make_steps(arch, config, optimizer)
@@ -171,7 +173,7 @@ def one_step(demo, mesh, **settings):
         )
         # A reference that differs from the policy, so that the log-ratios are not all zero.
         reference = model.init_params(arch, jax.random.key(1), mesh) if config.uses_reference else None
-        state, metrics = train_step(state, reference, sharding.global_batch(batch, mesh))
+        state, metrics = train_step(state, (None, reference), sharding.global_batch(batch, mesh))
     return jax.device_get(metrics), batch
 
 
@@ -241,3 +243,25 @@ def test_the_command_line_takes_several_losses_and_help_lists_them():
     assert dpo.parse_args(args[:6]).loss_type == ("sigmoid",)  # one name stays the simple case
     with pytest.raises(SystemExit):
         dpo.parse_args(["--help"])
+
+
+def test_the_same_pairs_give_the_same_loss_and_gradient_at_every_width(demo):
+    """A batch padded wider than it needs (what the loader's widths do) changes no number, f32."""
+    _, dataset = demo
+    batch = next(data.train_batches(dataset, range(len(dataset)), batch_size=16, seed=0, max_seq_len=64))
+    width, results = batch["input_ids"].shape[-1], []
+    for pad in (0, 8, 64 - width):
+        padded = dict(
+            batch, **{k: np.pad(batch[k], ((0, 0), (0, 0), (0, pad))) for k in ("input_ids", "loss_mask")}
+        )
+        results.append(one_step(demo, ONE_DEVICE, batch=padded, loss_type=("sigmoid", "sft"))[0])
+    for other in results[1:]:
+        for key in (
+            "loss",
+            "grad_norm",
+            "rewards/chosen",
+            "logps/rejected",
+            "entropy",
+            "mean_token_accuracy",
+        ):
+            assert float(other[key]) == pytest.approx(float(results[0][key]), rel=1e-5), key
