@@ -90,7 +90,11 @@ class NoChatTemplate(ValueError):
 
 
 class SettingsChanged(ValueError):
-    """The output holds an earlier output made from other inputs or settings (the message names them)."""
+    """The output holds an earlier output made from other inputs or settings (`changed` names them)."""
+
+    def __init__(self, message: str, changed: str):
+        super().__init__(f"{message}; pass --overwrite to replace it")
+        self.changed = changed
 
 
 class NoUsableRow(ValueError):
@@ -480,6 +484,8 @@ def _input_files(inputs: str | Sequence[str], split: str) -> list[Path]:
             files += found
         elif path.is_file() and path.suffix in (".parquet", ".jsonl", ".json"):
             files.append(path)
+        elif path.suffix in (".parquet", ".jsonl", ".json"):
+            raise ValueError(f"{item}: no such file")
         else:
             raise ValueError(f"{item}: not a .parquet/.jsonl/.json file, a directory or a Hub dataset id")
     return files
@@ -490,7 +496,7 @@ def _read_chunks(files: list[Path], fields: list[str], chunk_rows: int) -> Itera
     .jsonl file that does not decode becomes a RejectedRow naming its file and line; the rest is kept."""
     for path in files:
         if path.suffix == ".parquet":
-            parquet = pq.ParquetFile(path)
+            parquet = _parquet(path)
             columns = [field for field in fields if field in parquet.schema_arrow.names]
             yield from (batch.to_pylist() for batch in parquet.iter_batches(chunk_rows, columns=columns))
             continue
@@ -507,6 +513,13 @@ def _read_chunks(files: list[Path], fields: list[str], chunk_rows: int) -> Itera
                 yield chunk
 
 
+def _parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's errors name no file
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+
+
 def _json_line(path: Path, number: int, line: bytes):
     try:
         return json.loads(line.decode("utf-8"))
@@ -514,15 +527,23 @@ def _json_line(path: Path, number: int, line: bytes):
         return RejectedRow("invalid JSON", f"{path.name} line {number}: {e}")
 
 
-def _detect_format(columns: list[str], row: dict) -> str:
-    chosen = row.get("chosen")
+def _row_format(columns: list[str], row) -> str | None:
+    chosen = row.get("chosen") if isinstance(row, dict) else None
     if "chosen" in columns and "rejected" in columns:
         if isinstance(chosen, list):
             has_prompt_turns = any(isinstance(m, dict) and m.get("role") != "assistant" for m in chosen)
             return "prompt_completion" if "prompt" in columns and not has_prompt_turns else "conversation"
-        if isinstance(chosen, str) and "prompt" in columns:
-            return "plain" if isinstance(row.get("prompt"), str) else "prompt_completion"
-    raise ValueError(_format_help(columns, "the columns match no format"))
+        if isinstance(chosen, str) and "prompt" in columns and isinstance(row.get("prompt"), str | list):
+            return "plain" if isinstance(row["prompt"], str) else "prompt_completion"
+    return None
+
+
+def _detect_format(columns: list[str], rows: list) -> str:
+    """The format most of the first rows have: one bad row does not decide for the file."""
+    votes = Counter(fmt for row in rows if (fmt := _row_format(columns, row)))
+    if not votes:
+        raise ValueError(_format_help(columns, "the columns match no format"))
+    return votes.most_common(1)[0][0]
 
 
 def _format_help(columns: list[str], problem: str) -> str:
@@ -573,35 +594,48 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-_OUTPUT_NAMES = re.compile(
-    r"part-\d{5}\.parquet|summary\.json|rejects\.jsonl|reference"
-)  # and dpo.py's cache
+# What data.py writes into its output folder, and dpo.py's cache of reference log-probs in reference/.
+_OUTPUT_NAMES = re.compile(r"part-\d{5}\.parquet|summary\.json|rejects\.jsonl")
+_REFERENCE_NAMES = re.compile(r"[0-9a-f]{16}(\.npy|\.partial\.npz)")
 
 
 def is_tokenized(path: str | Path) -> bool:
-    """Whether `path` is a complete data.py output (summary.json appears last, atomically)."""
-    return (Path(path) / "summary.json").is_file() and any(Path(path).glob("part-*.parquet"))
+    """Whether `path` is a data.py output (summary.json appears last, atomically; PairDataset checks that
+    every shard it lists is there)."""
+    return (Path(path) / "summary.json").is_file()
 
 
 def _check_output(output: Path, files: list[Path], settings: dict, overwrite: bool) -> None:
-    """data.py replaces only what it wrote itself: never a folder that holds its input or other files."""
+    """data.py replaces only what it wrote itself: a new or empty folder, or an earlier data.py output
+    holding nothing else; never a folder that holds its input or anybody else's files."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file, not a folder")
-    if not output.exists():
+    inputs = [f.resolve() for f in files]
+    if output.with_name(f"{output.name}.rejects.jsonl").resolve() in inputs:
+        raise ValueError(f"--output {output}: the input is where this output's rejected rows would go")
+    if not output.exists() or not any(output.iterdir()):
         return
-    inside = [f for f in files if output.resolve() in f.resolve().parents]
+    inside = [f for f in inputs if output.resolve() in f.parents]
     if inside:
         raise ValueError(f"--output {output} holds the input {inside[0]}: choose another folder")
-    others = sorted(p.name for p in output.iterdir() if not _OUTPUT_NAMES.fullmatch(p.name))
-    if others:
-        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+    ours = lambda p: (
+        _OUTPUT_NAMES.fullmatch(p.name)
+        or (
+            p.name == "reference"
+            and p.is_dir()
+            and all(_REFERENCE_NAMES.fullmatch(q.name) for q in p.iterdir())
+        )
+    )
+    others = sorted(p.name for p in output.iterdir() if not ours(p))
+    saved = _read_json(output / "summary.json").get("settings") if is_tokenized(output) else None
+    if others or not isinstance(saved, dict):
+        shown = ", ".join((others or sorted(p.name for p in output.iterdir()))[:3])
         raise ValueError(
             f"--output {output} holds files data.py did not write ({shown}): choose a new folder"
         )
-    if is_tokenized(output) and not overwrite:
-        saved = _read_json(output / "summary.json").get("settings", {})
+    if not overwrite:
         changed = ", ".join(key for key in settings if saved.get(key) != settings[key])
-        raise SettingsChanged(f"{output} was tokenized with other {changed}; pass --overwrite to replace it")
+        raise SettingsChanged(f"{output} was tokenized with other {changed}", changed)
 
 
 def tokenize(
@@ -643,6 +677,11 @@ def tokenize(
         row_group_size: Pairs per Parquet row group, the loader's unit of reading.
     """
     started = time.perf_counter()
+    for name, value in dict(
+        max_seq_len=max_seq_len, rows_per_shard=rows_per_shard, row_group_size=row_group_size
+    ).items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     files, chat, output = _input_files(input, split), ChatTokenizer(tokenizer, chat_template), Path(output)
     settings = {
         "version": VERSION,
@@ -666,14 +705,17 @@ def tokenize(
         columns = list(dict.fromkeys(key for row in first_chunk if isinstance(row, dict) for key in row))
     if system_field and system_field not in columns:
         raise ValueError(f"--system-field {system_field} names no column; columns: {', '.join(columns)}")
+    if not any(isinstance(row, dict) for row in first_chunk):  # not one object among the first rows
+        problem = next(
+            (row.detail for row in first_chunk if isinstance(row, RejectedRow)), "not JSON objects"
+        )
+        raise ValueError(f"the first {len(first_chunk)} rows of {files[0]} are not usable ({problem})")
     if format == "auto":
-        example = next((row for row in first_chunk if isinstance(row, dict) and row.get("chosen")), {})
-        format = _detect_format(columns, example)
+        format = _detect_format(columns, first_chunk)
     if format != "plain" and chat.template is None:
         raise NoChatTemplate(f"{tokenizer} has no chat template: pass --chat-template FILE or --format plain")
 
     rejects = output.with_name(f"{output.name}.rejects.jsonl")  # where a run that kept no pair leaves them
-    sharding.remove(rejects)
     with sharding.atomic(output) as tmp:  # a killed run never leaves an output that looks complete
         tmp.mkdir(parents=True)
         try:
@@ -686,8 +728,8 @@ def tokenize(
         summary |= {"tokenizer": {"source": str(tokenizer), "vocab_size": chat.tokenizer.get_vocab_size()}}
         (tmp / "summary.json").write_text(json.dumps(summary | {"settings": settings}, indent=2) + "\n")
     print(
-        f"\rtokenize: {summary['rows_read']:,} rows read, {summary['rows_written']:,} pairs written, "
-        f"{summary['rows_per_second']:,.0f} rows/s -> {output}",
+        f"\rtokenize: {summary['rows_read']:,} rows read as {format}, {summary['rows_written']:,} pairs "
+        f"written, {summary['rows_per_second']:,.0f} rows/s -> {output}",
         file=sys.stderr,
     )
     return summary | {"settings": settings}
@@ -761,8 +803,15 @@ class PairDataset:
         self.path = Path(path)
         if not is_tokenized(self.path):
             raise ValueError(f"{path} is not a data.py output directory; make one with python data.py")
-        self.summary = json.loads((self.path / "summary.json").read_text())
-        files = [pq.ParquetFile(f) for f in sorted(self.path.glob("part-*.parquet"))]
+        self.summary = _read_json(self.path / "summary.json")
+        missing = sorted(
+            set(self.summary.get("shards", [])) - {f.name for f in self.path.glob("part-*.parquet")}
+        )
+        if missing:
+            raise ValueError(
+                f"{path} lacks {', '.join(missing)} (summary.json lists them): tokenize it again"
+            )
+        files = [_parquet(f) for f in sorted(self.path.glob("part-*.parquet"))]
         self._groups = [(f, g) for f in files for g in range(f.num_row_groups)]
         sizes = [f.metadata.row_group(g).num_rows for f, g in self._groups]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

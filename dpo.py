@@ -141,29 +141,36 @@ class Config:
                 raise ValueError(message)
 
         micro, frac = self.microbatch_size, self.validation_split_fraction
-        ls, losses, size = self.label_smoothing, self.loss_type, self.train_batch_size
-        for name in "beta train_batch_size logits_chunk_size steps_per_eval steps_per_checkpoint".split():
+        ls, losses, size, weights = (
+            self.label_smoothing,
+            self.loss_type,
+            self.train_batch_size,
+            self.loss_weights,
+        )
+        fields = dataclasses.asdict(self) | {"loss_weights": min(weights or (0.0,), key=math.isfinite)}
+        for name, value in fields.items():
+            need(not isinstance(value, float) or math.isfinite(value), f"{name} must be finite, got {value}")
+        positive = (
+            "beta train_batch_size logits_chunk_size steps_per_eval steps_per_checkpoint keep_checkpoints"
+        )
+        for name in (positive + " steps_per_hf_export log_every discopop_tau").split():
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        for name in "keep_checkpoints steps_per_hf_export log_every discopop_tau".split():
-            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_grad_norm", "max_eval_batches"):
+            need(getattr(self, name) is None or getattr(self, name) > 0, f"{name} must be > 0 or None")
         divides = micro is None or micro > 0 and size % micro == 0
         need(divides, f"microbatch_size {micro} must divide train_batch_size {size}")
-        need(self.num_train_steps >= 0, f"num_train_steps must be >= 0, got {self.num_train_steps}")
-        need(self.learning_rate >= 0, f"learning_rate must be >= 0, got {self.learning_rate}")
-        need(self.warmup >= 0 and self.cooldown >= 0, "warmup and cooldown must be >= 0")
+        for name in "num_train_steps learning_rate warmup cooldown weight_decay lora_rank".split():
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(0 <= self.adam_b1 < 1 and 0 <= self.adam_b2 < 1, "adam_b1 and adam_b2 must be in [0, 1)")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(frac is None or 0 < frac < 1, f"validation_split_fraction must be in (0, 1) or None, got {frac}")
         need(frac is not None or self.validation_data, "validation_split_fraction None needs validation_data")
         need(self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}")
-        need(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
-        need(
-            0 < len(self.lora_targets) == len(set(self.lora_targets)),
-            "lora_targets: name each projection once",
-        )
+        need(0 < len(self.lora_targets) == len(set(self.lora_targets)), "lora_targets: name each one once")
         need(self.model_name_or_path == "demo" or self.train_data is not None, "train_data is required")
         need(0 < len(losses) == len(set(losses)), f"loss_type {losses}: name each loss once")
-        weights = self.loss_weights
         need(weights is None or len(weights) == len(losses), "loss_weights needs one weight per loss_type")
+        need(weights is None or min(weights) >= 0, f"loss_weights must be >= 0, got {weights}")
         need(
             ls == 0 or set(losses) <= set(SMOOTHED), f"label_smoothing is used by {', '.join(SMOOTHED)} only"
         )
@@ -666,10 +673,11 @@ def saved_steps(run: Path) -> list[int]:
     return sorted(int(d.name[5:]) for d in (run / "checkpoints").glob("step-*") if (d / "done.json").exists())
 
 
-def save_checkpoint(run: Path, state: TrainState, keep: int) -> None:
+def save_checkpoint(run: Path, state: TrainState, keep: int, data_id: str | None = None) -> None:
     """Write checkpoints/step-N through a temporary directory renamed into place, then the done.json marker.
     Only a directory with the marker counts, so a crash at any moment leaves the newest complete checkpoint
-    in charge. Keeps the newest `keep`. Every process takes part (arrays are gathered); process 0 writes."""
+    in charge. The marker records `data_id`, what the run trains on. Keeps the newest `keep`. Every process
+    takes part (arrays are gathered); process 0 writes."""
     step, writer = int(state.step), sharding.is_writer()
     final = run / "checkpoints" / f"step-{step}"
     with sharding.atomic(final) if writer else contextlib.nullcontext() as tmp:
@@ -683,7 +691,7 @@ def save_checkpoint(run: Path, state: TrainState, keep: int) -> None:
     if writer:
         # The marker goes last, into the renamed directory: that stays safe where a directory rename
         # is not atomic (file systems over object stores copy file by file).
-        (final / "done.json").write_text(json.dumps({"step": step}))
+        (final / "done.json").write_text(json.dumps({"step": step, "data": data_id}))
         os.sync()
         kept = {f"step-{s}" for s in saved_steps(run)[-keep:]}
         for old in (run / "checkpoints").iterdir():
@@ -707,9 +715,12 @@ def _unreadable(folder: Path, abstract: TrainState) -> str | None:
     return None
 
 
-def restore_checkpoint(run: Path, abstract: TrainState, mesh, say) -> TrainState | None:
+def restore_checkpoint(
+    run: Path, abstract: TrainState, mesh, say, data_id: str | None = None
+) -> TrainState | None:
     """The newest checkpoint that loads completely (None: there is none yet), each process reading through
-    a memory map only the slices its own devices hold. A damaged newer one is skipped, saying why."""
+    a memory map only the slices its own devices hold. A damaged newer one is skipped, saying why; one
+    written for other data than `data_id` is refused."""
     skipped = []
     for step in reversed(saved_steps(run)):
         folder = run / "checkpoints" / f"step-{step}"
@@ -718,6 +729,11 @@ def restore_checkpoint(run: Path, abstract: TrainState, mesh, say) -> TrainState
             continue
         if skipped:
             say(f"skipped {'; '.join(skipped)}: it does not load completely")
+        if json.loads((folder / "done.json").read_text()).get("data", data_id) != data_id:
+            raise ValueError(
+                f"the training or validation data changed since {folder} was written (tokenized anew): use "
+                "another output_dir, or --config.overwrite to start afresh"
+            )
 
         def load(path, like, folder=folder):
             array = np.load(folder / f"{_leaf_name(path)}.npy", mmap_mode="r")
@@ -738,18 +754,31 @@ def restore_checkpoint(run: Path, abstract: TrainState, mesh, say) -> TrainState
 
 
 def check_run_dir(run: Path, config: Config) -> None:
-    """Refuse an output_dir that is (or lies under) a file, or holds a run whose config differs in anything
-    that changes what it computes (unless overwrite). Deletes and writes nothing: see start_run_dir."""
+    """Refuse an output_dir that is (or lies under) a file, that holds an input a run would overwrite or
+    delete, that holds files of no dpo.py run, or that holds a run whose config differs in anything that
+    changes what it computes (unless overwrite). Deletes and writes nothing: see start_run_dir."""
     for folder in (run, *run.parents):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"output_dir {run}: {folder} is a file, not a directory")
-    if config.overwrite or not (run / "config.json").exists():
+    inputs = ["model_name_or_path", "reference_model_path", "tokenizer", "train_data", "validation_data"]
+    for name in (name for name in inputs if getattr(config, name) and Path(getattr(config, name)).exists()):
+        where = Path(getattr(config, name)).resolve()
+        if where == run.resolve() or {run.resolve() / "checkpoints", run.resolve() / "hf"} & set(
+            where.parents
+        ):
+            raise ValueError(f"output_dir {run} holds the {name} {where}, which a run would overwrite")
+    if not (run / "config.json").exists():  # a run writes config.json before anything else it keeps
+        foreign = [n for n in ("metrics.jsonl", "checkpoints", "hf", "wandb-id") if (run / n).exists()]
+        if foreign:
+            raise ValueError(
+                f"output_dir {run} holds {', '.join(foreign)} but no dpo.py run: use another one"
+            )
         return
-    # Compared as JSON: a tuple in the config reads back from config.json as a list.
-    saved, now = (
-        json.loads((run / "config.json").read_text()),
-        json.loads(json.dumps(dataclasses.asdict(config))),
-    )
+    if config.overwrite:
+        return
+    # Compared as JSON (a tuple reads back as a list); a field newer than the saved run counts as its default.
+    defaults, now = (json.loads(json.dumps(dataclasses.asdict(c))) for c in (Config(), config))
+    saved = defaults | json.loads((run / "config.json").read_text())
     changed = sorted(k for k in now if k not in OPERATIONAL_FIELDS and saved.get(k) != now[k])
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
@@ -957,18 +986,25 @@ class Inputs(NamedTuple):
     val_set: data.PairDataset
     train_idx: np.ndarray
     val_idx: np.ndarray
+    data_id: str  # a hash of the tokenized data's summaries: checkpoints record it
 
 
 def load_inputs(run: Path, config: Config, say) -> Inputs:
     """Everything a run reads, checked before anything is written: the model and reference configs, the mesh,
     the tokenizer and the data (tokenized into the run's data/ when raw)."""
-    model_dir = model.resolve_path(config.model_name_or_path)
+
+    def resolved(name: str) -> Path:  # which option a path came from goes into the error
+        try:
+            return model.resolve_path(getattr(config, name))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{name}: {e}") from None
+
+    model_dir = resolved("model_name_or_path")
     arch = model.load_config(model_dir)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
     model.check_fits(arch, mesh, config.microbatch_size or config.train_batch_size)
-    reference_dir = (
-        model.resolve_path(config.reference_model_path) if config.reference_model_path else model_dir
-    )
+    model.check_weights(model_dir, arch)  # from the file headers: no weight is read yet
+    reference_dir = resolved("reference_model_path") if config.reference_model_path else model_dir
     reference_arch = model.load_config(reference_dir)
     for field in dataclasses.fields(arch):
         ours, theirs = getattr(arch, field.name), getattr(reference_arch, field.name)
@@ -977,16 +1013,20 @@ def load_inputs(run: Path, config: Config, say) -> Inputs:
                 f"reference model {reference_dir} differs from the policy in {field.name} "
                 f"({theirs} vs {ours})"
             )
-    if config.warmup_steps > config.num_train_steps:
-        say(
-            f"warning: warmup ({config.warmup_steps} steps) is longer than the run: the peak learning "
-            "rate is never reached"
-        )
+    if reference_dir != model_dir and config.uses_reference:
+        model.check_weights(reference_dir, arch)
+    for name, steps in (("warmup", config.warmup_steps), ("cooldown", config.cooldown_steps)):
+        if steps > config.num_train_steps:
+            say(f"warning: {name} ({steps} steps) is longer than the run ({config.num_train_steps} steps)")
+    if config.validation_data == config.train_data:
+        say("warning: validation_data is train_data: evaluation is on the training pairs")
     tokenizer = config.tokenizer or str(model_dir)
-    tokenizer_dir = model.resolve_path(tokenizer, allow_patterns=("*.json", "*.jinja"))
-    train_set = prepare_data(config.train_data, config.train_split, tokenizer, run, config)
+    tokenizer_dir = resolved("tokenizer") if config.tokenizer else model_dir
+    train_set = prepare_data("train", config.train_data, config.train_split, tokenizer, run, config)
     if config.validation_data is not None:
-        val_set = prepare_data(config.validation_data, config.validation_split, tokenizer, run, config)
+        val_set = prepare_data(
+            "validation", config.validation_data, config.validation_split, tokenizer, run, config
+        )
         train_idx, val_idx = np.arange(len(train_set)), np.arange(len(val_set))
         if config.validation_split_fraction is not None:
             say(f"validation: {config.validation_data} (so validation_split_fraction is not used)")
@@ -996,15 +1036,21 @@ def load_inputs(run: Path, config: Config, say) -> Inputs:
     for dataset in {train_set.path: train_set, val_set.path: val_set}.values():
         check_vocabulary(dataset, arch, tokenizer_dir, say)
     say(f"data: {len(train_idx)} training pairs, {len(val_idx)} validation pairs")
-    return Inputs(model_dir, reference_dir, arch, mesh, tokenizer_dir, train_set, val_set, train_idx, val_idx)
+    summaries = b"".join((dataset.path / "summary.json").read_bytes() for dataset in (train_set, val_set))
+    data_id = hashlib.sha256(summaries).hexdigest()[:16]
+    return Inputs(
+        model_dir, reference_dir, arch, mesh, tokenizer_dir, train_set, val_set, train_idx, val_idx, data_id
+    )
 
 
-def prepare_data(source: str, split: str, tokenizer: str, run: Path, config: Config) -> data.PairDataset:
+def prepare_data(
+    role: str, source: str, split: str, tokenizer: str, run: Path, config: Config
+) -> data.PairDataset:
     """A data.py output dir as it is; raw data is tokenized once into the run's data/ (process 0). That copy
     is made again when the raw data or its settings change, unless the run has checkpoints to resume."""
     if data.is_tokenized(source):
         return data.PairDataset(source)
-    out = run / "data" / f"{Path(source).name or 'data'}-{split}"
+    out = run / "data" / f"{role}-{Path(source).name or 'data'}-{split}"  # training and validation apart
     replace = config.overwrite or not saved_steps(run)
     if sharding.is_writer():
         try:
@@ -1019,7 +1065,7 @@ def prepare_data(source: str, split: str, tokenizer: str, run: Path, config: Con
             ) from None
         except data.SettingsChanged as e:
             raise ValueError(
-                f"{source} changed since this run started ({e}); use another output_dir, or "
+                f"{source} changed since this run started (other {e.changed}): use another output_dir, or "
                 "--config.overwrite to start afresh"
             ) from None
     multihost_utils.sync_global_devices(f"tokenized {out}")
@@ -1148,9 +1194,8 @@ def main(config: Config) -> Path:
     with jax.set_mesh(mesh):
         train_step, eval_step = make_steps(arch, config, optimizer)
         base = model.load_params(inputs.model_dir, arch, mesh, dtype=compute) if lora else None
-        state = restore_checkpoint(
-            run, jax.eval_shape(create, model.abstract_params(arch, mesh, lora)), mesh, say
-        )
+        abstract = jax.eval_shape(create, model.abstract_params(arch, mesh, lora))
+        state = restore_checkpoint(run, abstract, mesh, say, inputs.data_id)
         resume_step = None if state is None else int(state.step)
         if state is None and lora:
             state = jax.jit(create)(model.init_params(arch, jax.random.key(config.seed), mesh, lora))
@@ -1210,11 +1255,10 @@ def main(config: Config) -> Path:
     ):
         if start == 0:
             log.eval(0, eval_metrics(state))
-        dtype = jnp.dtype(dtype_of(config.compute_dtype)).name
-        say(
-            f"training steps {start + 1}..{config.num_train_steps} on {mesh.devices.size} device(s), batch "
-            f"{config.train_batch_size} pairs, compute {dtype}"
-        )
+        dtype, devices = jnp.dtype(dtype_of(config.compute_dtype)).name, mesh.devices.size
+        if start < config.num_train_steps:
+            steps = f"{start + 1}..{config.num_train_steps} on {devices} device(s)"
+            say(f"training steps {steps}, batch {config.train_batch_size} pairs, compute {dtype}")
         upcoming = next(train_batches)
         for step in range(start + 1, config.num_train_steps + 1):
             widths["training"].add(upcoming["input_ids"].shape[-1])
@@ -1232,28 +1276,31 @@ def main(config: Config) -> Path:
                 )
             if nonfinite:
                 say(f"step {step}: non-finite loss or gradient, update skipped")
+            if nonfinite and metrics["skipped_updates"] == step >= 10:  # skipping everything trains nothing
+                raise FloatingPointError(
+                    f"every update of steps 1..{step} was non-finite, so the run trains on nothing: check "
+                    "learning_rate, beta and the loss settings"
+                )
             log.train(step, metrics)
             last = step == config.num_train_steps
             # A preempted job has seconds: on a stop request only the checkpoint is written, and the
             # eval or export due at this step is skipped (the last step finishes the run as usual).
             if not last and stop_requested():
-                save_checkpoint(run, state, config.keep_checkpoints)
+                save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
                 say(f"stopped at step {step} on request; checkpoint written. Run the same command to resume.")
                 return run
             if step % config.steps_per_eval == 0 or last:
                 log.eval(step, eval_metrics(state))
             if step % config.steps_per_checkpoint == 0 or last:
-                save_checkpoint(run, state, config.keep_checkpoints)
+                save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
             if step % config.steps_per_hf_export == 0 or last:
                 export(state)
     compiled = "; ".join(
         f"{len(w)} for {k} ({', '.join(map(str, sorted(w)))})" for k, w in widths.items() if w
     )
     say(f"batch widths compiled: {compiled}")
-    say(
-        f"done. run directory {run.resolve()}: config.json, metrics.jsonl, checkpoints/, hf/ "
-        "(transformers loads hf/step-N as it is)"
-    )
+    made = [name for name in ("config.json", "metrics.jsonl", "checkpoints/", "hf/") if (run / name).exists()]
+    say(f"done. run directory {run.resolve()}: {', '.join(made)} (transformers loads hf/step-N as it is)")
     return run
 
 
@@ -1374,6 +1421,9 @@ def cli() -> None:
     """`python dpo.py`: a user's mistake, a full disk or a lost file is one line on stderr and exit code 2."""
     try:
         main(parse_args())
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training: nothing half-written stays
+        print("error: interrupted; run the same command to go on from the newest checkpoint", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("DPO_TRACEBACK"):
             raise

@@ -525,7 +525,7 @@ _HF_NAMES = {
 }
 
 
-def resolve_path(name_or_path: str, allow_patterns=("*.json", "*.safetensors")) -> Path:
+def resolve_path(name_or_path: str, allow_patterns=("*.json", "*.safetensors", "*.jinja")) -> Path:
     """A local directory as is; otherwise a Hub id, fetched (or found in the cache) with
     huggingface_hub.snapshot_download, only the files matching allow_patterns."""
     path = Path(name_or_path).expanduser()
@@ -544,7 +544,11 @@ def resolve_path(name_or_path: str, allow_patterns=("*.json", "*.safetensors")) 
 
 
 def load_config(path) -> LlamaConfig:
-    return LlamaConfig.from_hf(json.loads((resolve_path(path) / "config.json").read_text()))
+    file = resolve_path(path) / "config.json"
+    try:
+        return LlamaConfig.from_hf(json.loads(file.read_text()))
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, a field missing or of the wrong kind
+        raise ValueError(f"{file}: {e if isinstance(e, ValueError) else f'no usable {e}'}") from None
 
 
 def _read_part(tensor, index: tuple[slice, ...], shape: tuple[int, ...], n_in: int) -> np.ndarray:
@@ -564,15 +568,16 @@ def _read_part(tensor, index: tuple[slice, ...], shape: tuple[int, ...], n_in: i
     return tensor[rows, cols].T.reshape(*lead_in, *lead_out)[(*pick_in, *pick_out)]
 
 
-def load_params(path, arch: LlamaConfig, mesh, dtype=jnp.float32) -> dict:
-    """Weights from a transformers safetensors checkpoint (one file or sharded with an index), each put
-    straight into its NamedSharding. Every host reads only the slices its own devices hold."""
-    path = resolve_path(path)
-    index_file = path / "model.safetensors.index.json"
+@contextlib.contextmanager
+def _checkpoint(path: Path):
+    """tensor(key, layer): a lazy slice of our weight `key` (of one layer, when stacked) in the transformers
+    checkpoint at `path` (one file or sharded with an index), checked against the shape we expect. Missing
+    tensors, other shapes and files that are not safetensors (a pickle, a cut-short download) are refused,
+    naming the file."""
     with contextlib.ExitStack() as stack:
         files = {}
 
-        def opened(file: str):  # a pickle or a truncated download under a weight file's name is refused
+        def opened(file: str):
             if file not in files:
                 try:
                     files[file] = stack.enter_context(safe_open(path / file, "numpy"))
@@ -580,36 +585,64 @@ def load_params(path, arch: LlamaConfig, mesh, dtype=jnp.float32) -> dict:
                     raise ValueError(f"{path / file}: not a readable safetensors file ({e})") from None
             return files[file]
 
+        index_file = path / "model.safetensors.index.json"
         if index_file.exists():
             file_of = json.loads(index_file.read_text())["weight_map"]
         elif (path / "model.safetensors").exists():
             file_of = dict.fromkeys(opened("model.safetensors").keys(), "model.safetensors")
         else:
             raise ValueError(f"{path} has no model.safetensors or model.safetensors.index.json")
-        np_dtype = np.dtype(dtype)
 
-        def hf_tensor(name, expected_shape):
+        def tensor(name: str, expected_shape: tuple[int, ...]):
             if name not in file_of:
                 raise ValueError(f"{path} has no tensor {name}")
-            tensor = opened(file_of[name]).get_slice(name)
-            if tuple(tensor.get_shape()) != expected_shape:
-                raise ValueError(f"{name} has shape {tensor.get_shape()}, not {list(expected_shape)}")
-            return tensor
+            part = opened(file_of[name]).get_slice(name)
+            if tuple(part.get_shape()) != expected_shape:
+                raise ValueError(f"{path}: {name} has shape {part.get_shape()}, not {list(expected_shape)}")
+            return part
+
+        yield tensor
+
+
+def _layout(key: str, w: Weight, arch: LlamaConfig):
+    """(transformers' name pattern, input axes count, our shape, one layer's shape, transformers' shape)."""
+    name, n_in = _HF_NAMES[key]
+    shape = _shape(arch, w)
+    per_layer = shape[1:] if w.axes[0] == "L" else shape
+    return (
+        name,
+        n_in,
+        shape,
+        per_layer,
+        (math.prod(per_layer[n_in:]), math.prod(per_layer[:n_in])) if n_in else per_layer,
+    )
+
+
+def check_weights(path, arch: LlamaConfig) -> None:
+    """Every tensor the model needs is in the checkpoint at `path`, with its shape, in files that open: from
+    the headers alone, so that a run can check it before it writes anything."""
+    with _checkpoint(resolve_path(path)) as tensor:
+        for key_path, w in jax.tree_util.tree_leaves_with_path(_weights(arch)):
+            name, _, _, _, hf_shape = _layout(key_path[-1].key, w, arch)
+            for layer in range(arch.num_layers) if w.axes[0] == "L" else [None]:
+                tensor(name.format(layer), hf_shape)
+
+
+def load_params(path, arch: LlamaConfig, mesh, dtype=jnp.float32) -> dict:
+    """Weights from a transformers safetensors checkpoint (one file or sharded with an index), each put
+    straight into its NamedSharding. Every host reads only the slices its own devices hold."""
+    np_dtype = np.dtype(dtype)
+    with _checkpoint(resolve_path(path)) as tensor:
 
         def load(key_path, w: Weight):
-            key = key_path[-1].key
-            name, n_in = _HF_NAMES[key]
-            shape = _shape(arch, w)
-            stacked = w.axes[0] == "L"
-            per_layer = shape[1:] if stacked else shape
-            hf_shape = (math.prod(per_layer[n_in:]), math.prod(per_layer[:n_in])) if n_in else per_layer
+            name, n_in, shape, per_layer, hf_shape = _layout(key_path[-1].key, w, arch)
 
             @functools.cache  # devices holding the same slice (replicas) share one read
             def read_block(bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
                 index = tuple(slice(*b) for b in bounds)
-                if not stacked:
-                    return _read_part(hf_tensor(name, hf_shape), index, shape, n_in).astype(np_dtype)
-                parts = [hf_tensor(name.format(i), hf_shape) for i in range(*bounds[0])]
+                if w.axes[0] != "L":
+                    return _read_part(tensor(name, hf_shape), index, shape, n_in).astype(np_dtype)
+                parts = [tensor(name.format(i), hf_shape) for i in range(*bounds[0])]
                 return np.stack([_read_part(p, index[1:], per_layer, n_in) for p in parts]).astype(np_dtype)
 
             def read(index):

@@ -89,13 +89,14 @@ def remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic(path: str | Path):
-    """Write `path`, a file or a directory, through the temporary sibling `.tmp-NAME` that this yields;
-    on success the sibling replaces `path` in one rename. A directory cannot be renamed over another, so
-    an old one is first moved aside to `.old-NAME` and deleted after. A leftover sibling from a killed
-    write is removed first; on an error the sibling goes, `path` is untouched, and an OSError without a
-    file name (a full disk) gets `path`'s."""
+    """Write `path`, a file or a directory, through the temporary sibling `.STEM.dpo-tmp.SUFFIX` that this
+    yields; on success the sibling replaces `path` in one rename. A directory cannot be renamed over another,
+    so an old one is first moved aside to `.STEM.dpo-old.SUFFIX` and deleted after. A leftover sibling from a
+    killed write is removed first; on an error the sibling goes, `path` is untouched, and an OSError without
+    a file name (a full disk) gets `path`'s."""
     path = Path(path)
-    tmp, old = path.with_name(f".tmp-{path.name}"), path.with_name(f".old-{path.name}")
+    # The suffix stays last: np.save would add ".npy" to a name that does not end with it.
+    tmp, old = (path.with_name(f".{path.stem}.dpo-{kind}{path.suffix}") for kind in ("tmp", "old"))
     remove(tmp)
     try:
         yield tmp

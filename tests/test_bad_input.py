@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.numpy
 from _data_templates import build_tokenizer
 
+import data
 import dpo
+import model
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(train_batch_size=8, max_seq_len=64, logits_chunk_size=32, max_eval_batches=1, num_train_steps=2)
@@ -157,7 +160,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(demo, trained, tm
         "data.py", "--input", demo[1], "--output", tmp_path / "e", "--tokenizer", demo[0], file_size_limit=4
     )
     one_line_error(result, str(tmp_path / "e"), "--output is left as it was")
-    assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".*.dpo-tmp"))
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_and_named(demo, trained, tmp_path):
@@ -271,3 +274,141 @@ def test_wandb_offline_continues_the_same_run_on_resume_and_ids_differ_per_direc
     assert len(offline) == 2 and all(name.endswith(ids[1]) for name in offline)
     steps = [json.loads(line)["step"] for line in (runs[1] / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 1, 2, 2]  # eval at 0, then training and eval lines at 1 and 2, each once
+
+
+def test_what_a_run_must_never_overwrite_is_refused_before_anything_is_written(demo, trained, tmp_path):
+    model_dir, pairs = demo
+    # The output_dir is the model's own folder: refused, --config.overwrite or not; the model intact.
+    own = tmp_path / "model"
+    shutil.copytree(model_dir, own)
+    before = listing(own)
+    for extra in ([], ["--config.overwrite"]):
+        one_line_error(dpo_cli(own, pairs, own, *extra), f"holds the model_name_or_path {own}")
+    assert listing(own) == before
+    # A model with a tensor missing, with --config.overwrite: found from the headers, before the old run goes.
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    tensors = safetensors.numpy.load_file(broken / "model.safetensors")
+    del tensors["model.norm.weight"]
+    safetensors.numpy.save_file(tensors, broken / "model.safetensors")
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = listing(run)
+    one_line_error(dpo_cli(broken, pairs, run, "--config.overwrite"), "has no tensor model.norm.weight")
+    assert listing(run) == before
+    # A folder with someone's metrics.jsonl and no dpo.py run in it.
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "metrics.jsonl").write_text('{"mine": 1}\n')
+    one_line_error(dpo_cli(*demo, tmp_path / "theirs"), "holds metrics.jsonl but no dpo.py run")
+    assert (tmp_path / "theirs" / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+
+
+def test_data_that_changes_under_a_run_is_refused_and_training_and_validation_never_share_a_copy(
+    demo, tmp_path
+):
+    model_dir, pairs = demo
+    tokenized = tmp_path / "tokenized"
+    assert (
+        run_cli("data.py", "--input", pairs, "--output", tokenized, "--tokenizer", model_dir).returncode == 0
+    )
+    run = tmp_path / "run"
+    assert dpo_cli(model_dir, tokenized, run, steps_per_checkpoint=1).returncode == 0
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(pairs.read_text().splitlines(keepends=True)[:100]))
+    result = run_cli(
+        "data.py", "--input", few, "--output", tokenized, "--tokenizer", model_dir, "--overwrite"
+    )
+    assert result.returncode == 0
+    one_line_error(dpo_cli(model_dir, tokenized, run, num_train_steps=4), "data changed since", "step-2")
+    # A shard gone from a tokenized folder: refused, not trained on what is left.
+    shutil.copytree(tokenized, tmp_path / "cut")
+    (tmp_path / "cut" / "part-00000.parquet").unlink()
+    one_line_error(dpo_cli(model_dir, tmp_path / "cut", tmp_path / "run2"), "lacks part-00000.parquet")
+    # The same file for training and validation: two copies, and the run resumes.
+    run = tmp_path / "run3"
+    settings = dict(validation_data=pairs, validation_split="train", max_eval_batches=1)
+    result = dpo_cli(model_dir, pairs, run, **settings, steps_per_checkpoint=1)
+    assert result.returncode == 0 and "validation_data is train_data" in result.stdout
+    copies = sorted(p.name for p in (run / "data").iterdir() if p.is_dir())
+    assert copies == ["train-pairs.jsonl-train", "validation-pairs.jsonl-train"]
+    assert dpo_cli(model_dir, pairs, run, **settings, num_train_steps=3).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(max_grad_norm=-1.0), "max_grad_norm must be > 0"),  # it trained uphill
+        (dict(beta=float("nan")), "beta must be finite"),
+        (dict(loss_type=("sigmoid", "sft"), loss_weights=(1.0, float("inf"))), "loss_weights must be finite"),
+        (dict(loss_type=("sigmoid", "sft"), loss_weights=(1.0, -1.0)), "loss_weights must be >= 0"),
+        (dict(adam_b2=1.0), "adam_b1 and adam_b2 must be in [0, 1)"),
+        (dict(max_eval_batches=0), "max_eval_batches must be > 0"),
+        (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+    ],
+)
+def test_nonsense_numbers_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        dpo.Config(**settings)
+
+
+def test_a_run_saved_before_a_field_existed_resumes(demo, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    saved = json.loads((run / "config.json").read_text())
+    for name in ("lora_rank", "lora_alpha", "lora_targets", "simpo_gamma"):  # as an older dpo.py wrote it
+        del saved[name]
+    (run / "config.json").write_text(json.dumps(saved))
+    result = dpo_cli(*demo, run, num_train_steps=3)
+    assert result.returncode == 0 and f"resumed from {run}/checkpoints/step-2" in result.stdout
+
+
+def test_broken_files_are_named(demo, tmp_path):
+    model_dir, pairs = demo
+    for name, text in [("bad-json", "{not json"), ("no-width", json.dumps({"num_hidden_layers": 2}))]:
+        shutil.copytree(model_dir, tmp_path / name)
+        (tmp_path / name / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=f"^{tmp_path / name / 'config.json'}: "):
+            model.load_config(tmp_path / name)
+    (tmp_path / "bytes.parquet").write_bytes(b"PAR1 not really")
+    (tmp_path / "noise.jsonl").write_bytes(bytes(range(256)) * 8)
+    cases = [
+        ("bytes.parquet", "bytes.parquet: not a readable Parquet file"),
+        ("noise.jsonl", "are not usable (noise.jsonl line 1"),
+        ("missing.jsonl", "missing.jsonl: no such file"),
+    ]
+    for file, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            data.tokenize(str(tmp_path / file), str(model_dir), str(tmp_path / "out"))
+    for size in ("rows_per_shard", "row_group_size"):  # 0 once wrote empty shards without end
+        with pytest.raises(ValueError, match=f"--{size.replace('_', '-')} must be >= 1"):
+            data.tokenize(str(pairs), str(model_dir), str(tmp_path / "out"), **{size: 0})
+
+
+def test_data_py_replaces_only_its_own_complete_outputs(demo, tmp_path):
+    model_dir, pairs = demo
+    tokenize = lambda output, **kw: data.tokenize(
+        str(pairs), str(model_dir), str(output), overwrite=True, **kw
+    )
+    only_summary, reference = tmp_path / "only-summary", tmp_path / "reference"
+    only_summary.mkdir()
+    (only_summary / "summary.json").write_text('{"mine": true}')
+    tokenize(reference)
+    (reference / "reference").mkdir()
+    (reference / "reference" / "model.safetensors").write_text("mine")
+    for folder in (only_summary, reference):
+        before = listing(folder)
+        with pytest.raises(ValueError, match="holds files data.py did not write"):
+            tokenize(folder, max_seq_len=40)
+        assert listing(folder) == before
+    rejects = tmp_path / "out.rejects.jsonl"  # the file a failed run would leave its reasons in
+    shutil.copy(pairs, rejects)
+    with pytest.raises(ValueError, match="the input is where this output's rejected rows would go"):
+        data.tokenize(str(rejects), str(model_dir), str(tmp_path / "out"))
+    # The format is what most rows have: a first row without a prompt string does not decide it.
+    rows = [{"prompt": None, "chosen": "red", "rejected": "cat"}] + [
+        json.loads(line) for line in pairs.open()
+    ]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert (
+        data.tokenize(str(tmp_path / "rows.jsonl"), str(model_dir), str(tmp_path / "o"))["format"] == "plain"
+    )

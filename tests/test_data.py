@@ -356,7 +356,7 @@ def test_a_prompt_field_is_never_dropped_and_identical_tokens_are_rejected(token
 
 
 def test_a_killed_run_leaves_nothing_behind_and_outputs_get_the_usual_permissions(tokenizers_dir, tmp_path):
-    leftover = tmp_path / ".tmp-out"  # what a kill during tokenization leaves
+    leftover = tmp_path / ".out.dpo-tmp"  # what a kill during tokenization leaves
     leftover.mkdir()
     (leftover / "part-00000.parquet").write_text("half")
     inputs = write_jsonl(tmp_path / "rows.jsonl", conversation_rows())
@@ -454,7 +454,7 @@ def test_interrupted_write_never_looks_complete(tokenizers_dir, tmp_path, monkey
             assert json.loads((output / "summary.json").read_text()) == before
         else:
             assert not target.exists()
-        assert [data.is_tokenized(p) for p in tmp_path.glob(f".tmp-{target.name}")] == [False]
+        assert [data.is_tokenized(p) for p in tmp_path.glob(f".{target.name}.dpo-tmp")] == [False]
         calls.append(table.num_rows)
         if len(calls) == 2:
             raise KeyboardInterrupt
@@ -467,7 +467,7 @@ def test_interrupted_write_never_looks_complete(tokenizers_dir, tmp_path, monkey
             data.tokenize(inputs, tokenizer, str(target), row_group_size=2, overwrite=True)
     assert json.loads((output / "summary.json").read_text()) == before
     assert not (tmp_path / "fresh").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith((".dpo-tmp", ".dpo-old"))] == []
 
 
 # --- Hub-layout inputs and the CLI -------------------------------------------------------------------------

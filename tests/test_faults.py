@@ -88,10 +88,10 @@ def test_kill_9_even_mid_checkpoint_resumes_from_the_newest_complete_one(demo, u
     assert newest < STEPS
 
     # Whatever moment the kill hit, this is the worst a crash in save_checkpoint leaves: a half-written
-    # .tmp-step-N, a renamed step-N still without its done.json marker (newer than any complete one,
+    # .step-N.dpo-tmp, a renamed step-N still without its done.json marker (newer than any complete one,
     # with a cut-short file), and a metrics line cut short.
     folder = run / "checkpoints"
-    for name in (f".tmp-step-{newest + 1}", f"step-{newest + 2}"):
+    for name in (f".step-{newest + 1}.dpo-tmp", f"step-{newest + 2}"):
         shutil.rmtree(folder / name, ignore_errors=True)
         shutil.copytree(folder / f"step-{newest}", folder / name)
         (folder / name / "done.json").unlink()
