@@ -10,7 +10,8 @@ a reason, never stopping the run. Output: Parquet shards (one row per pair), sum
 written atomically; a folder holding anything data.py did not write is never replaced. The loader reads
 the shards a row group at a time, shuffles per epoch from the seed (optionally grouping pairs of like
 length), resumes at any step and hands each process its slice of the global batch, padded to a width
-that follows the batch (padded_width).
+that follows the batch (padded_width): a pair's two sequences side by side, or, with prefix sharing or
+packing (Layout), rows of several sequences with the views the model's attention needs (_packed).
 
 Tokenizers: tokenizer.json files are used as they are (transformers does the same for Llama 3's), except
 for the LlamaTokenizer class (Llama 2, Mistral and Zephyr tokenizers), whose pre-tokenizer transformers
@@ -23,6 +24,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import re
 import sys
 import time
@@ -50,11 +52,13 @@ FORMATS = {
 ROLES = ("system", "user", "assistant", "tool")
 SIDES = ("chosen", "rejected")
 SETTINGS_KEY = b"dpo_jax.settings"  # Parquet metadata key of the settings (summary.json repeats them)
-VERSION = 2  # of the output format: 2 records max_token_id and the tokenizer's name and vocabulary size
+VERSION = 3  # of the output format: 2 records max_token_id and the tokenizer, 3 shared_length
 SCHEMA = pa.schema(
     [
         ("source_index", pa.int64()),  # row number in the input, files concatenated in order
         ("prompt_length", pa.int32()),  # tokens before the response's first scored token
+        # leading tokens both sides share, ids and mask: what prefix sharing runs once
+        ("shared_length", pa.int32()),
         ("chosen_length", pa.int32()),
         ("rejected_length", pa.int32()),
         ("chosen_input_ids", pa.list_(pa.int32())),
@@ -67,6 +71,7 @@ _SPECIAL_TOKEN_NAMES = "bos_token eos_token unk_token sep_token pad_token cls_to
 _TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
 _SPLIT_PATTERNS = ("data/{split}-*.parquet", "data/{split}/*.parquet")  # Hub dataset repos' split layout
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name; anything else is a local path
+_SUFFIXES = (".parquet", ".jsonl", ".json")  # the input files read
 _SPLIT_STREAM, _SHUFFLE_STREAM = 0, 1  # independent random streams from one seed
 
 
@@ -115,7 +120,7 @@ class Pair(NamedTuple):
 
 class _GenerationTags(jinja2.ext.Extension):
     """Parses transformers' `{% generation %}` markers and renders their body as is: masks come from
-    prefix renders (_render_pair), so templates with and without markers work alike."""
+    prefix renders (_render_turns), so templates with and without markers work alike."""
 
     tags = {"generation"}
 
@@ -158,9 +163,8 @@ def _compile_template(source: str) -> jinja2.Template:
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # no HTML escapes
-        return json.dumps(
-            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
+        options = dict(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(value, **options)
 
     extensions = [_GenerationTags, jinja2.ext.loopcontrols]
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
@@ -191,12 +195,13 @@ class ChatTokenizer:
             if not _HUB_ID.fullmatch(name_or_path):
                 raise ValueError(f"tokenizer {name_or_path}: no such directory")
             directory = _snapshot(name_or_path, "model", _TOKENIZER_FILES)
-        if not (directory / "tokenizer.json").is_file():
+        tokenizer_json = directory / "tokenizer.json"
+        if not tokenizer_json.is_file():
             raise ValueError(f"tokenizer {name_or_path}: no tokenizer.json in {directory}")
         try:
-            self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
         except Exception as e:
-            raise ValueError(f"{directory / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+            raise ValueError(f"{tokenizer_json}: not a readable tokenizer ({e})") from None
         config = _read_json(directory / "tokenizer_config.json")
         prepend = None
         if config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast"):  # Llama 2, Mistral
@@ -208,12 +213,10 @@ class ChatTokenizer:
             prepend = "never" if add_prefix_space is False else "always" if legacy else "first"
             self.tokenizer.normalizer = None
             self.tokenizer.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme=prepend, split=False)
-        self.special_tokens = {}  # bos_token, eos_token, ...
-        for name in _SPECIAL_TOKEN_NAMES:
-            value = config.get(name)
-            value = value.get("content") if isinstance(value, dict) else value  # a dict in older configs
-            if isinstance(value, str):
-                self.special_tokens[name] = value
+        # bos_token, eos_token, ...: strings, or {"content": ...} dicts in older configs
+        content = lambda value: value.get("content") if isinstance(value, dict) else value
+        tokens = {name: content(config.get(name)) for name in _SPECIAL_TOKEN_NAMES}
+        self.special_tokens = {name: t for name, t in tokens.items() if isinstance(t, str)}
         eos = self.special_tokens.get("eos_token")
         self.eos_id = self.tokenizer.token_to_id(eos) if eos else None
         self.special_ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
@@ -234,21 +237,16 @@ class ChatTokenizer:
             source = named.get("default") if isinstance(named, dict) else named
         self.template = _compile_template(source) if source else None
         self.fingerprint = {  # what the token ids depend on, for the no-op re-run check
-            "tokenizer.json": hashlib.sha256((directory / "tokenizer.json").read_bytes()).hexdigest(),
+            "tokenizer.json": hashlib.sha256(tokenizer_json.read_bytes()).hexdigest(),
             "chat_template": hashlib.sha256((source or "").encode()).hexdigest(),
             **self.special_tokens,
             **({"metaspace_prepend": prepend} if prepend else {}),
         }
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], generation: bool = False) -> str:
+        variables = dict(messages=messages, tools=None, documents=None, add_generation_prompt=generation)
         try:
-            return self.template.render(
-                messages=messages,
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self.special_tokens,
-            )
+            return self.template.render(**variables, **self.special_tokens)
         except Exception as e:  # a template is arbitrary code: whatever it raises rejects this row only
             raise RejectedRow("template error", f"{type(e).__name__}: {e}") from None
 
@@ -326,46 +324,39 @@ def _parse_row(row, fmt: str, system_field: str | None) -> tuple:
 def _check_prompt_field(field, turns: list[dict]) -> None:
     """A conversation row may also carry its prompt in a `prompt` field (UltraFeedback does): that prompt
     must be among the turns before the replies, or it would silently be left out of the tokens."""
-    if field is None or field == "" or field == []:
-        return
+    pick = lambda messages: [(m.get("role"), m.get("content")) for m in messages if isinstance(m, dict)]
     if isinstance(field, str):
-        found = any(field.strip() in m["content"] for m in turns)
-    else:
-        pick = lambda messages: [(m.get("role"), m.get("content")) for m in messages if isinstance(m, dict)]
-        found = isinstance(field, list) and pick(turns[: len(field)]) == pick(field)
+        found = not field or any(field.strip() in m["content"] for m in turns)
+    else:  # None or [] leave nothing to check
+        found = field is None or isinstance(field, list) and pick(turns[: len(field)]) == pick(field)
     if not found:
         raise RejectedRow(
             "prompt not in conversation", "the prompt field is not among the turns before the replies"
         )
 
 
-def _render_pair(chat: ChatTokenizer, prompt: list[dict], completions: list[list[dict]]):
-    """Both sides' texts, and per side the (turn start, content end, turn end) characters of each assistant
+def _render_turns(chat: ChatTokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int, int]]]:
+    """The conversation's text, and the (turn start, content end, turn end) characters of each assistant
     turn. A turn runs from the render of the messages before it with the generation prompt to the render
     including it, so templates without {% generation %} markers (Llama 3.1's) work. Its text may open with
     template text before the content (Llama 2's " " after [/INST]): the model writes that too."""
-    texts, spans = [], []
-    for completion in completions:
-        messages = prompt + completion
-        full, turns = chat.render(messages), []
-        for a, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start = chat.render(messages[:a], add_generation_prompt=True)
-            end = full if a + 1 == len(messages) else chat.render(messages[: a + 1])
-            if not (end.startswith(start) and full.startswith(end)):
-                raise RejectedRow("template not prefix-stable", f"the render up to turn {a} is not a prefix")
-            content = message["content"]
+    full, turns = chat.render(messages), []
+    for a, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = chat.render(messages[:a], generation=True)
+        end = full if a + 1 == len(messages) else chat.render(messages[: a + 1])
+        if not (end.startswith(start) and full.startswith(end)):
+            raise RejectedRow("template not prefix-stable", f"the render up to turn {a} is not a prefix")
+        content = message["content"]
+        at = full.find(content, len(start), len(end))
+        if at < 0:  # templates often trim the content
+            content = content.strip()
             at = full.find(content, len(start), len(end))
-            if at < 0:  # templates often trim the content
-                content = content.strip()
-                at = full.find(content, len(start), len(end))
-            if at < 0:
-                raise RejectedRow("template error", f"turn {a}'s content is not in its rendered turn")
-            turns.append((len(start), at + len(content), len(end)))
-        texts.append(full)
-        spans.append(turns)
-    return texts, spans
+        if at < 0:
+            raise RejectedRow("template error", f"turn {a}'s content is not in its rendered turn")
+        turns.append((len(start), at + len(content), len(end)))
+    return full, turns
 
 
 def _scored(encoding, turns, special_ids) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -404,7 +395,8 @@ def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]]
             if fmt == "plain":
                 parsed.append((index, (prompt, chosen, rejected), None))
             else:
-                texts, spans = _render_pair(chat, prompt, [chosen, rejected])
+                rendered = [_render_turns(chat, prompt + side) for side in (chosen, rejected)]
+                texts, spans = zip(*rendered, strict=True)  # both sides' texts, both sides' turns
                 parsed.append((index, texts, (spans, sum(m["role"] == "assistant" for m in prompt))))
         except RejectedRow as e:
             rejects.append((index, e.reason, e.detail))
@@ -419,32 +411,22 @@ def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]]
                 ids = np.array(prompt_ids + response.ids + eos, np.int32)
                 sides += [ids, (np.arange(len(ids)) >= len(prompt_ids)).astype(np.int8)]
             pairs.append(Pair(index, *sides, len(prompt_ids)))
-        return _drop_identical(pairs, rejects)
-    encodings = encode([text for _, texts, _ in parsed for text in texts], add_special_tokens=False)
-    for k, (index, _, (spans, prompt_turns)) in enumerate(parsed):
-        try:
-            chosen = _scored(encodings[2 * k], spans[0], chat.special_ids)
-            rejected = _scored(encodings[2 * k + 1], spans[1], chat.special_ids)
-        except RejectedRow as e:
-            rejects.append((index, e.reason, e.detail))
-            continue
-        prompt_length = max(chosen[2][prompt_turns], rejected[2][prompt_turns])
-        pairs.append(Pair(index, chosen[0], chosen[1], rejected[0], rejected[1], prompt_length))
-    return _drop_identical(pairs, rejects)
-
-
-def _drop_identical(pairs: list[Pair], rejects: list) -> tuple[list[Pair], list]:
-    """Templates trim whitespace, so replies that differ as text ("Paris." and "Paris. ") can become the
-    same tokens: such a pair teaches nothing."""
-    kept = []
+    else:
+        encodings = encode([text for _, texts, _ in parsed for text in texts], add_special_tokens=False)
+        for k, (index, _, (spans, prompt_turns)) in enumerate(parsed):
+            try:
+                chosen, rejected = (_scored(encodings[2 * k + s], spans[s], chat.special_ids) for s in (0, 1))
+            except RejectedRow as e:
+                rejects.append((index, e.reason, e.detail))
+                continue
+            prompt_length = max(chosen[2][prompt_turns], rejected[2][prompt_turns])
+            pairs.append(Pair(index, chosen[0], chosen[1], rejected[0], rejected[1], prompt_length))
+    # Templates trim whitespace, so replies that differ as text ("Paris." and "Paris. ") can become the
+    # same tokens: such a pair teaches nothing.
+    kept, identical = [], ("identical after tokenization", "chosen and rejected have the same tokens")
     for pair in pairs:
-        same = np.array_equal(pair.chosen_ids, pair.rejected_ids) and np.array_equal(
-            pair.chosen_mask, pair.rejected_mask
-        )
-        if same:
-            rejects.append(
-                (pair.index, "identical after tokenization", "chosen and rejected have the same tokens")
-            )
+        if len(pair.chosen_ids) == len(pair.rejected_ids) == _shared_length(pair):
+            rejects.append((pair.index, *identical))
         else:
             kept.append(pair)
     return kept, rejects
@@ -471,20 +453,16 @@ def _input_files(inputs: str | Sequence[str], split: str) -> list[Path]:
     patterns, files = [pattern.format(split=split) for pattern in _SPLIT_PATTERNS], []
     for item in [inputs] if isinstance(inputs, str) else inputs:
         path = Path(item)
-        if (
-            not path.exists()
-            and _HUB_ID.fullmatch(item)
-            and path.suffix not in (".parquet", ".jsonl", ".json")
-        ):
+        if not path.exists() and _HUB_ID.fullmatch(item) and path.suffix not in _SUFFIXES:
             path = _snapshot(item, "dataset", patterns)  # downloads only this split's Parquet files
         if path.is_dir():
             found = sorted(f for pattern in patterns for f in path.glob(pattern))
             if not found:
                 raise ValueError(f"{item}: no Parquet files for split {split!r} ({', '.join(patterns)})")
             files += found
-        elif path.is_file() and path.suffix in (".parquet", ".jsonl", ".json"):
+        elif path.is_file() and path.suffix in _SUFFIXES:
             files.append(path)
-        elif path.suffix in (".parquet", ".jsonl", ".json"):
+        elif path.suffix in _SUFFIXES:
             raise ValueError(f"{item}: no such file")
         else:
             raise ValueError(f"{item}: not a .parquet/.jsonl/.json file, a directory or a Hub dataset id")
@@ -538,12 +516,29 @@ def _row_format(columns: list[str], row) -> str | None:
     return None
 
 
-def _detect_format(columns: list[str], rows: list) -> str:
-    """The format most of the first rows have: one bad row does not decide for the file."""
-    votes = Counter(fmt for row in rows if (fmt := _row_format(columns, row)))
-    if not votes:
-        raise ValueError(_format_help(columns, "the columns match no format"))
-    return votes.most_common(1)[0][0]
+def _open_input(files: list[Path], fmt: str, system_field: str | None, chunk_rows: int):
+    """(chunks of rows, the input's columns, its format): `fmt`, or for auto the format most of the first
+    rows have (one bad row does not decide for the file)."""
+    fields = ["prompt", "chosen", "rejected"] + ([system_field] if system_field else [])
+    chunks = _read_chunks(files, fields, chunk_rows)
+    first = next(chunks, [])
+    if not first:
+        raise ValueError(f"{', '.join(map(str, files))} has no rows")
+    if files[0].suffix == ".parquet":
+        columns = pq.read_schema(files[0]).names
+    else:
+        columns = list(dict.fromkeys(key for row in first if isinstance(row, dict) for key in row))
+    if system_field and system_field not in columns:
+        raise ValueError(f"--system-field {system_field} names no column; columns: {', '.join(columns)}")
+    if not any(isinstance(row, dict) for row in first):  # not one object among the first rows
+        problem = next((row.detail for row in first if isinstance(row, RejectedRow)), "not JSON objects")
+        raise ValueError(f"the first {len(first)} rows of {files[0]} are not usable ({problem})")
+    if fmt == "auto":
+        votes = Counter(guess for row in first if (guess := _row_format(columns, row)))
+        if not votes:
+            raise ValueError(_format_help(columns, "the columns match no format"))
+        fmt = votes.most_common(1)[0][0]
+    return itertools.chain([first], chunks), columns, fmt
 
 
 def _format_help(columns: list[str], problem: str) -> str:
@@ -566,17 +561,16 @@ class _ShardWriter:
             return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays)))
 
         columns = Pair(*zip(*pairs, strict=True))
-        lengths = [pa.array([len(ids) for ids in side], pa.int32()) for side in (columns[1], columns[3])]
-        scalars = [pa.array(columns.index, pa.int64()), pa.array(columns.prompt_length, pa.int32()), *lengths]
-        table = pa.Table.from_arrays(
-            [*scalars, *(lists(arrays) for arrays in columns[1:5])], schema=self.schema
-        )
+        lengths = ([len(ids) for ids in side] for side in (columns.chosen_ids, columns.rejected_ids))
+        scalars = [columns.index, columns.prompt_length, [_shared_length(pair) for pair in pairs], *lengths]
+        # the first columns of SCHEMA, then the four token lists
+        arrays = [pa.array(values, kind) for values, kind in zip(scalars, SCHEMA.types, strict=False)]
+        table = pa.Table.from_arrays([*arrays, *map(lists, columns[1:5])], schema=self.schema)
         while table.num_rows:
             if self._writer is None:
-                self.names.append(f"part-{len(self.names):05d}.parquet")
-                self._writer = pq.ParquetWriter(
-                    self.directory / self.names[-1], self.schema, compression="zstd"
-                )
+                path = self.directory / f"part-{len(self.names):05d}.parquet"
+                self.names.append(path.name)
+                self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
             room = self.settings["rows_per_shard"] - self._rows
             self._writer.write_table(table.slice(0, room), row_group_size=self.settings["row_group_size"])
             self._rows, table = self._rows + min(room, table.num_rows), table.slice(room)
@@ -587,6 +581,13 @@ class _ShardWriter:
         if self._writer is not None:
             self._writer.close()
         self._writer, self._rows = None, 0
+
+
+def _shared_length(pair: Pair) -> int:
+    """How many leading tokens the two sides share, in ids and in loss mask."""
+    n = min(len(pair.chosen_ids), len(pair.rejected_ids))
+    same = (pair.chosen_ids[:n] == pair.rejected_ids[:n]) & (pair.chosen_mask[:n] == pair.rejected_mask[:n])
+    return int(n if same.all() else same.argmin())
 
 
 def _sha256(path: Path) -> str:
@@ -618,14 +619,12 @@ def _check_output(output: Path, files: list[Path], settings: dict, overwrite: bo
     inside = [f for f in inputs if output.resolve() in f.parents]
     if inside:
         raise ValueError(f"--output {output} holds the input {inside[0]}: choose another folder")
-    ours = lambda p: (
-        _OUTPUT_NAMES.fullmatch(p.name)
-        or (
-            p.name == "reference"
-            and p.is_dir()
-            and all(_REFERENCE_NAMES.fullmatch(q.name) for q in p.iterdir())
-        )
-    )
+
+    def ours(p: Path) -> bool:
+        if p.name == "reference" and p.is_dir():
+            return all(_REFERENCE_NAMES.fullmatch(q.name) for q in p.iterdir())
+        return bool(_OUTPUT_NAMES.fullmatch(p.name))
+
     others = sorted(p.name for p in output.iterdir() if not ours(p))
     saved = _read_json(output / "summary.json").get("settings") if is_tokenized(output) else None
     if others or not isinstance(saved, dict):
@@ -677,41 +676,20 @@ def tokenize(
         row_group_size: Pairs per Parquet row group, the loader's unit of reading.
     """
     started = time.perf_counter()
-    for name, value in dict(
-        max_seq_len=max_seq_len, rows_per_shard=rows_per_shard, row_group_size=row_group_size
-    ).items():
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    options = dict(split=split, max_seq_len=max_seq_len, overflow=overflow, format=format)
+    options |= dict(system_field=system_field, rows_per_shard=rows_per_shard, row_group_size=row_group_size)
+    for name in ("max_seq_len", "rows_per_shard", "row_group_size"):
+        if options[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
     files, chat, output = _input_files(input, split), ChatTokenizer(tokenizer, chat_template), Path(output)
-    settings = {
-        "version": VERSION,
-        "inputs": [{"file": f.name, "sha256": _sha256(f)} for f in files],
-        "tokenizer": chat.fingerprint,
-        **dict(split=split, max_seq_len=max_seq_len, overflow=overflow, format=format),
-        **dict(system_field=system_field, rows_per_shard=rows_per_shard, row_group_size=row_group_size),
-    }
-    if is_tokenized(output) and _read_json(output / "summary.json").get("settings") == settings:
-        return _read_json(output / "summary.json")  # the same inputs and settings: nothing to do
+    inputs = [{"file": f.name, "sha256": _sha256(f)} for f in files]
+    settings = {"version": VERSION, "inputs": inputs, "tokenizer": chat.fingerprint, **options}
+    previous = _read_json(output / "summary.json")  # {} if there is none
+    if previous.get("settings") == settings:
+        return previous  # the same inputs and settings: nothing to do
     _check_output(output, files, settings, overwrite)
 
-    fields = ["prompt", "chosen", "rejected"] + ([system_field] if system_field else [])
-    chunks = _read_chunks(files, fields, 8 * row_group_size)
-    first_chunk = next(chunks, [])
-    if not first_chunk:
-        raise ValueError(f"{', '.join(map(str, files))} has no rows")
-    if files[0].suffix == ".parquet":
-        columns = pq.read_schema(files[0]).names
-    else:
-        columns = list(dict.fromkeys(key for row in first_chunk if isinstance(row, dict) for key in row))
-    if system_field and system_field not in columns:
-        raise ValueError(f"--system-field {system_field} names no column; columns: {', '.join(columns)}")
-    if not any(isinstance(row, dict) for row in first_chunk):  # not one object among the first rows
-        problem = next(
-            (row.detail for row in first_chunk if isinstance(row, RejectedRow)), "not JSON objects"
-        )
-        raise ValueError(f"the first {len(first_chunk)} rows of {files[0]} are not usable ({problem})")
-    if format == "auto":
-        format = _detect_format(columns, first_chunk)
+    chunks, columns, format = _open_input(files, format, system_field, 8 * row_group_size)
     if format != "plain" and chat.template is None:
         raise NoChatTemplate(f"{tokenizer} has no chat template: pass --chat-template FILE or --format plain")
 
@@ -719,7 +697,7 @@ def tokenize(
     with sharding.atomic(output) as tmp:  # a killed run never leaves an output that looks complete
         tmp.mkdir(parents=True)
         try:
-            summary = _write_pairs(tmp, itertools.chain([first_chunk], chunks), chat, format, settings)
+            summary = _write_pairs(tmp, chunks, chat, format, settings)
         except NoUsableRow as e:  # keep the reasons where the user can read them
             (tmp / "rejects.jsonl").replace(rejects)
             raise NoUsableRow(_format_help(columns, f"{e}; every reason is in {rejects}")) from None
@@ -744,9 +722,8 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
             rows = list(enumerate(chunk, rows_read))
             pairs, rejects = _tokenize_rows(chat, fmt, rows, settings["system_field"])
             rows_read += len(chunk)
-            lengths.append(
-                np.array([(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs], np.int32).reshape(-1, 2)
-            )
+            sides = [(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+            lengths.append(np.array(sides, np.int32).reshape(-1, 2))
             kept = []
             for pair in pairs:
                 try:
@@ -795,7 +772,8 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
 
 class PairDataset:
     """Lazy reader over data.py's shards. Only the lengths are read up front (`lengths`, [n, 2] int32:
-    chosen, rejected); token lists are decoded a row group at a time, when asked for."""
+    chosen, rejected; `shared`, [n], the tokens both share); token lists are decoded a row group at a time,
+    when asked for."""
 
     _LISTS = ["chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"]
 
@@ -804,19 +782,20 @@ class PairDataset:
         if not is_tokenized(self.path):
             raise ValueError(f"{path} is not a data.py output directory; make one with python data.py")
         self.summary = _read_json(self.path / "summary.json")
-        missing = sorted(
-            set(self.summary.get("shards", [])) - {f.name for f in self.path.glob("part-*.parquet")}
-        )
+        if self.summary.get("settings", {}).get("version") != VERSION:
+            raise ValueError(f"{path} was made by an older data.py: tokenize it again")
+        shards = sorted(self.path.glob("part-*.parquet"))
+        missing = ", ".join(sorted(set(self.summary.get("shards", [])) - {f.name for f in shards}))
         if missing:
-            raise ValueError(
-                f"{path} lacks {', '.join(missing)} (summary.json lists them): tokenize it again"
-            )
-        files = [_parquet(f) for f in sorted(self.path.glob("part-*.parquet"))]
+            raise ValueError(f"{path} lacks {missing} (summary.json lists them): tokenize it again")
+        files = [_parquet(f) for f in shards]
         self._groups = [(f, g) for f in files for g in range(f.num_row_groups)]
         sizes = [f.metadata.row_group(g).num_rows for f, g in self._groups]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        table = pa.concat_tables([f.read(columns=["chosen_length", "rejected_length"]) for f in files])
-        self.lengths = np.stack([table[name].to_numpy() for name in table.column_names], axis=1)
+        columns = ["chosen_length", "rejected_length", "shared_length"]
+        table = pa.concat_tables([f.read(columns=columns) for f in files])
+        self.lengths = np.stack([table[name].to_numpy() for name in table.column_names[:2]], axis=1)
+        self.shared = table["shared_length"].to_numpy()
         self._cache = {}  # the last few decoded row groups: sequential reads hit it
 
     def __len__(self) -> int:
@@ -854,31 +833,120 @@ def split_indices(n: int, validation_fraction: float | None, seed: int) -> tuple
     return np.sort(order[n_validation:]), np.sort(order[:n_validation])
 
 
-def _batches(dataset, indices, batch_size, process_index, process_count, max_seq_len, steps, reference):
-    """This process's slice of each (global pair indices, weights) batch from `steps`, as the contract's batch
-    dict; with a `reference` table ([len(dataset), 2], precomputed reference log-probs), also its rows."""
+class Layout(NamedTuple):
+    """How the loader lays pairs out: prefix_sharing, one sequence a pair (its shared prefix once); packing,
+    several pairs to a row. Rows come in multiples of row_multiple (devices x microbatches x processes)."""
+
+    prefix_sharing: bool = False
+    packing: bool = False
+    row_multiple: int = 1
+
+
+def _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count):
+    """This process's share of each (global pair indices, weights) batch from `steps`, as the contract's batch
+    dict; with a `reference` table ([len(dataset), 2], precomputed reference log-probs), also its rows. One
+    pair a row (_padded), or with a `layout` that shares prefixes or packs, rows of several sequences
+    (_packed)."""
     longest = int(dataset.lengths[indices].max()) if len(indices) else 0
     if longest > max_seq_len:
         raise ValueError(f"{dataset.path} has pairs of {longest} tokens, over max_seq_len {max_seq_len}")
-    size = batch_size // process_count
+    packed = layout is not None and (layout.prefix_sharing or layout.packing)
+    make = functools.partial(_packed, layout=layout) if packed else _padded
+    args = (reference, max_seq_len, process_index, process_count)
+    return (make(dataset, pairs, weight, *args) for pairs, weight in steps)
+
+
+def _padded(dataset, pairs, weight, reference, max_seq_len, process_index, process_count):
+    """This process's pairs, one a row: input_ids [b, 2, T] right-padded with 0, loss_mask [b, 2, T] with
+    False, lengths [b, 2], weight [b] (and ref_logps [b, 2])."""
+    size = len(pairs) // process_count
     mine = slice(process_index * size, (process_index + 1) * size)
+    # T from the whole global batch, so every process agrees.
+    width = padded_width(int(dataset.lengths[pairs].max()), max_seq_len)
+    # [b, 2, T], not [2b, T]: sharding the leading dim keeps both sequences of a pair on one device.
+    input_ids, loss_mask = np.zeros((size, 2, width), np.int32), np.zeros((size, 2, width), bool)
+    for i, sides in enumerate(dataset.read(pairs[mine])):
+        for s, (ids, mask) in enumerate(sides):
+            input_ids[i, s, : len(ids)], loss_mask[i, s, : len(ids)] = ids, mask
+    batch = dict(input_ids=input_ids, loss_mask=loss_mask, lengths=dataset.lengths[pairs[mine]])
+    batch["weight"] = weight[mine]
+    if reference is not None:
+        batch["ref_logps"] = reference[pairs[mine]]
+    return batch
 
-    def batches():
-        for pairs, weight in steps:
-            # T from the whole global batch, so every process agrees.
-            width = padded_width(int(dataset.lengths[pairs].max()), max_seq_len)
-            # [b, 2, T], not [2b, T]: sharding the leading dim keeps both sequences of a pair on one device.
-            input_ids, loss_mask = np.zeros((size, 2, width), np.int32), np.zeros((size, 2, width), bool)
-            for i, sides in enumerate(dataset.read(pairs[mine])):
-                for s, (ids, mask) in enumerate(sides):  # right-padded with 0 / False
-                    input_ids[i, s, : len(ids)], loss_mask[i, s, : len(ids)] = ids, mask
-            batch = dict(input_ids=input_ids, loss_mask=loss_mask, lengths=dataset.lengths[pairs[mine]])
-            batch["weight"] = weight[mine]
+
+def _packed(dataset, pairs, weight, reference, max_seq_len, process_index, process_count, layout: Layout):
+    """The pairs as rows of sequences. A pair's sequence is [shared | chosen tail | rejected tail] with
+    prefix sharing: the first `shared - 1` tokens once, then each side from there on, so that the last
+    shared token starts both tails and every position has one next token; without it, [chosen | rejected].
+    With packing, pairs go first-fit, longest first, into rows wide enough for the longest pair and a fair
+    share of the batch; else one pair a row. The plan depends only on the global batch's lengths, so every
+    process makes the same and fills only its own rows. Per row (R rows of W tokens, up to K pairs):
+      input_ids, positions (within each side's sequence), targets, target_mask (scored) [R, W];
+      pair [R, W] (the token's pair slot, -1 for padding), side [R, W] (0 both, 1 chosen, 2 rejected);
+      views [R, 2K, S]: the row positions of pair k's chosen (view 2k) and rejected (2k + 1) sequences,
+      view_lengths [R, 2K], slot [R, W]: the flat view position each token takes its attention output from;
+      weight [R, K], lengths [R, K, 2] (and ref_logps [R, K, 2]) for each pair slot."""
+    lengths, count = dataset.lengths[pairs], len(pairs)
+    once = np.maximum(dataset.shared[pairs] - 1, 0) if layout.prefix_sharing else np.zeros(count, np.int64)
+    units = lengths.sum(1) - once
+    if layout.packing:
+        # As few rows as hold everything at up to 2 * max_seq_len tokens, in whole row_multiples.
+        least = -(-int(units.sum()) // (2 * max_seq_len * layout.row_multiple)) * layout.row_multiple
+        width = padded_width(max(int(units.max()), -(-int(units.sum()) // least)), 2 * max_seq_len)
+        rows, free = [], []
+        for k in np.argsort(-units, kind="stable"):
+            fits = next((r for r, room in enumerate(free) if units[k] <= room), len(rows))
+            if fits == len(rows):
+                rows.append([])
+                free.append(width)
+            rows[fits].append(k)
+            free[fits] -= units[k]
+    else:
+        width, rows = padded_width(int(units.max()), 2 * max_seq_len), [[k] for k in range(count)]
+    multiple = math.lcm(layout.row_multiple, process_count)
+    total, per_row = -(-len(rows) // multiple) * multiple, 1 << (max(map(len, rows)) - 1).bit_length()
+    rows += [[] for _ in range(total - len(rows))]
+    rows = rows[process_index * total // process_count : (process_index + 1) * total // process_count]
+    view_width = padded_width(int(lengths.max()), max_seq_len)
+    r = len(rows)
+    out = {k: np.zeros((r, width), np.int32) for k in ("input_ids", "positions", "targets", "slot")}
+    out |= dict(
+        target_mask=np.zeros((r, width), bool),
+        pair=np.full((r, width), -1, np.int32),
+        side=np.zeros((r, width), np.int32),
+        views=np.zeros((r, 2 * per_row, view_width), np.int32),
+        view_lengths=np.zeros((r, 2 * per_row), np.int32),
+        weight=np.zeros((r, per_row), np.float32),
+        lengths=np.zeros((r, per_row, 2), np.int32),
+    )
+    if reference is not None:
+        out["ref_logps"] = np.zeros((r, per_row, 2), np.float32)
+    order = [k for row in rows for k in row]
+    read = dict(zip(order, dataset.read(pairs[order]), strict=True))
+    for i, row in enumerate(rows):
+        at = 0  # where the next pair starts in the row
+        for j, k in enumerate(row):
+            ((chosen, chosen_mask), (rejected, rejected_mask)), q = read[k], once[k]
+            c, n = len(chosen), len(chosen) + len(rejected) - q
+            row_span = slice(at, at + n)
+            out["input_ids"][i, row_span] = np.r_[chosen, rejected[q:]]
+            positions = np.r_[np.arange(c), np.arange(q, len(rejected))]
+            out["positions"][i, row_span] = positions
+            out["targets"][i, row_span] = np.r_[chosen[1:], 0, rejected[q + 1 :], 0]
+            out["target_mask"][i, row_span] = np.r_[chosen_mask[1:], 0, rejected_mask[q + 1 :], 0]
+            out["pair"][i, row_span] = j
+            out["side"][i, row_span] = np.r_[np.zeros(q), np.ones(c - q), np.full(n - c, 2)]  # 0: both sides
+            # chosen tokens read view 2j, the rejected tail view 2j + 1
+            out["slot"][i, row_span] = positions + view_width * (2 * j + (np.arange(n) >= c))
+            out["views"][i, 2 * j, :c] = at + np.arange(c)
+            out["views"][i, 2 * j + 1, : len(rejected)] = np.r_[at + np.arange(q), at + np.arange(c, n)]
+            out["view_lengths"][i, 2 * j : 2 * j + 2] = c, len(rejected)
+            out["weight"][i, j], out["lengths"][i, j] = weight[k], lengths[k]
             if reference is not None:
-                batch["ref_logps"] = reference[pairs[mine]]
-            yield batch
-
-    return batches()
+                out["ref_logps"][i, j] = reference[pairs[k]]
+            at += n
+    return out
 
 
 def padded_width(longest: int, max_seq_len: int) -> int:
@@ -912,6 +980,7 @@ def train_batches(
     group_by_length: bool = False,
     window: int = 64,
     reference: np.ndarray | None = None,
+    layout: Layout | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches of batch_size pairs (global), reshuffled each epoch from (seed, epoch). Step s is
     computed, not reached by reading steps before it, so a resumed run continues exactly. Each epoch
@@ -933,14 +1002,11 @@ def train_batches(
             run = window * batch_size
             sorted_runs = (by_length(dataset, pairs[at : at + run]) for at in range(0, len(pairs), run))
             pairs = np.concatenate([rng.permutation(r.reshape(-1, batch_size)) for r in sorted_runs])
-        return pairs.reshape(-1)
+        return pairs.reshape(-1, batch_size)  # [steps_per_epoch, batch_size]
 
     weight = np.ones(batch_size, np.float32)
-    steps = (
-        (order(step // steps_per_epoch)[step % steps_per_epoch * batch_size :][:batch_size], weight)
-        for step in itertools.count(start_step)
-    )
-    return _batches(dataset, indices, batch_size, process_index, process_count, max_seq_len, steps, reference)
+    steps = ((order(s // steps_per_epoch)[s % steps_per_epoch], weight) for s in itertools.count(start_step))
+    return _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count)
 
 
 def eval_batches(
@@ -952,17 +1018,16 @@ def eval_batches(
     process_count: int = 1,
     max_seq_len: int,
     reference: np.ndarray | None = None,
+    layout: Layout | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over `indices` in order. The last batch is filled up with copies of a real pair at weight 0
     (copies, not empty rows, so padding never feeds the model a sequence of length 0)."""
     indices = np.asarray(indices, np.int64)
     chunks = (indices[at : at + batch_size] for at in range(0, len(indices), batch_size))
-    padded = (
+    steps = (
         (np.resize(pairs, batch_size), np.float32(np.arange(batch_size) < len(pairs))) for pairs in chunks
     )
-    return _batches(
-        dataset, indices, batch_size, process_index, process_count, max_seq_len, padded, reference
-    )
+    return _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count)
 
 
 def main():

@@ -7,6 +7,7 @@
         --config.validation-data HuggingFaceH4/ultrafeedback_binarized --config.validation-split test_prefs
     python dpo.py ... --config.reference-mode precompute     # the reference runs once, before training
     python dpo.py ... --config.loss-type sigmoid bco_pair sft --config.loss-weights 0.8 0.2 1.0
+    python dpo.py ... --config.lora-rank 16 --config.prefix-sharing      # adapters; each prompt runs once
     python dpo.py --help                           # every field, with its meaning
 
 The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected y_l) is
@@ -18,7 +19,9 @@ that never builds the [2B, T, V] logits, and takes one AdamW step (accumulated o
 they are set; an update whose loss or gradient is not finite is not applied). Around the step:
 evaluation, atomic checkpoints with exact resume, SIGTERM-safe stopping, Hugging Face export,
 metrics.jsonl and Weights & Biases. The reference's log-probs can instead be computed once before
-training and cached beside the data (`reference_mode precompute`).
+training and cached beside the data (`reference_mode precompute`). With `lora_rank` only LoRA adapters
+train and the reference is the base without them; `prefix_sharing` runs each pair's prompt once and
+`packing` puts several pairs in a row (data._packed lays the rows out, pair_logps sums them back per pair).
 
 Left out on purpose: generation, KV caches, quantization, pipeline parallelism.
 model.py holds the Llama, sharding.py the mesh and file writing, data.py the tokenizer and loader.
@@ -61,6 +64,7 @@ LOSS_TYPES = (
 LOSS_TYPES = (*LOSS_TYPES.split(), "simpo", "aot", "aot_unpaired", "sft")
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")  # they use label_smoothing
 BATCH_LOSSES = {"aot", "aot_unpaired"}  # losses over the whole batch, not sums over its pairs
+LORA_TARGETS = tuple(model.LORA_TARGETS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,22 +85,14 @@ class Config:
     beta: float = 0.1  # strength of the pull toward the reference (0.01-0.05 free, 0.1-0.5 close)
     loss_type: tuple[Literal[LOSS_TYPES], ...] = ("sigmoid",)  # one or more losses, summed with loss_weights
     loss_weights: tuple[float, ...] | None = None  # one weight per loss_type; None: 1 each
-    label_smoothing: float = (
-        0.0  # assumed share of flipped labels (sigmoid: cDPO, robust, exo_pair, aot, simpo)
-    )
+    label_smoothing: float = 0.0  # assumed share of flipped labels (sigmoid, robust, exo_pair, aot, simpo)
     discopop_tau: float = 0.05  # discopop's temperature
     simpo_gamma: float = 0.5  # simpo's target reward margin
-    reference_mode: Literal["live", "precompute"] = (
-        "live"  # reference: run each step, or once before training
-    )
+    reference_mode: Literal["live", "precompute"] = "live"  # reference: each step, or once before training
     # --- LoRA
-    lora_rank: int = (
-        0  # LoRA adapters of this rank on the frozen model, the reference its base; 0: full fine-tuning
-    )
+    lora_rank: int = 0  # adapters of this rank on the frozen model, the reference its base; 0: full tuning
     lora_alpha: float | None = None  # LoRA scale alpha / rank; None: alpha = 2 * rank
-    lora_targets: tuple[Literal[tuple(model.LORA_TARGETS)], ...] = tuple(
-        model.LORA_TARGETS
-    )  # projections adapted
+    lora_targets: tuple[Literal[LORA_TARGETS], ...] = LORA_TARGETS  # the projections adapted
     # --- optimization
     train_batch_size: int = 128  # preference pairs per optimizer step (global, over all devices)
     microbatch_size: int | None = None  # pairs per forward/backward; gradients accumulate up to the batch
@@ -112,6 +108,8 @@ class Config:
     adam_b2: float = 0.95  # AdamW beta2
     seed: int = 0  # data order and validation split
     group_by_length: bool = False  # pairs of like length share a batch (sorted in runs of 64): less padding
+    prefix_sharing: bool = False  # one sequence a pair, [prompt | chosen | rejected]: the prompt runs once
+    packing: bool = False  # several pairs a row, each attending within itself (exact): little padding
     # --- compute and parallelism
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU/TPU, f32 on CPU
     reference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # frozen reference weights, as above
@@ -141,12 +139,7 @@ class Config:
                 raise ValueError(message)
 
         micro, frac = self.microbatch_size, self.validation_split_fraction
-        ls, losses, size, weights = (
-            self.label_smoothing,
-            self.loss_type,
-            self.train_batch_size,
-            self.loss_weights,
-        )
+        ls, losses, weights = self.label_smoothing, self.loss_type, self.loss_weights
         fields = dataclasses.asdict(self) | {"loss_weights": min(weights or (0.0,), key=math.isfinite)}
         for name, value in fields.items():
             need(not isinstance(value, float) or math.isfinite(value), f"{name} must be finite, got {value}")
@@ -157,8 +150,8 @@ class Config:
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_grad_norm", "max_eval_batches"):
             need(getattr(self, name) is None or getattr(self, name) > 0, f"{name} must be > 0 or None")
-        divides = micro is None or micro > 0 and size % micro == 0
-        need(divides, f"microbatch_size {micro} must divide train_batch_size {size}")
+        divides = micro is None or micro > 0 and self.train_batch_size % micro == 0
+        need(divides, f"microbatch_size {micro} must divide train_batch_size {self.train_batch_size}")
         for name in "num_train_steps learning_rate warmup cooldown weight_decay lora_rank".split():
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(0 <= self.adam_b1 < 1 and 0 <= self.adam_b2 < 1, "adam_b1 and adam_b2 must be in [0, 1)")
@@ -186,6 +179,10 @@ class Config:
         return int(self.cooldown * self.num_train_steps) if self.cooldown < 1 else int(self.cooldown)
 
     @property
+    def num_microbatches(self) -> int:
+        return self.train_batch_size // (self.microbatch_size or self.train_batch_size)
+
+    @property
     def lora_scale(self) -> float:
         return (self.lora_alpha or 2 * self.lora_rank) / max(self.lora_rank, 1)
 
@@ -203,21 +200,11 @@ OPERATIONAL_FIELDS = set(
 
 # What the demo uses for the fields not given on the command line (a tiny model from scratch learns at a
 # far higher rate than a pretrained 8B model tolerates). See parse_args.
-DEMO_SETTINGS = dict(
-    train_batch_size=32,
-    num_train_steps=120,
-    learning_rate=3e-3,
-    warmup=0.05,
-    cooldown=0.2,
-    adam_b2=0.99,
-    max_seq_len=64,
-    logits_chunk_size=32,
-    steps_per_eval=30,
-    steps_per_checkpoint=60,
-    steps_per_hf_export=120,
-    log_every=10,
-    output_dir="runs/demo",
+DEMO_SETTINGS = dict(train_batch_size=32, num_train_steps=120, learning_rate=3e-3, warmup=0.05, cooldown=0.2)
+DEMO_SETTINGS |= dict(
+    adam_b2=0.99, max_seq_len=64, logits_chunk_size=32, log_every=10, output_dir="runs/demo"
 )
+DEMO_SETTINGS |= dict(steps_per_eval=30, steps_per_checkpoint=60, steps_per_hf_export=120)
 
 
 def dtype_of(name: str):
@@ -306,7 +293,7 @@ def dpo_loss(policy, reference, tokens, weight, config: Config, totals=None) -> 
 def metric_sums(policy, rewards, stats, tokens, weight) -> dict[str, jax.Array]:
     """Weighted sums over a batch's pairs of everything logged (TRL's keys and definitions): each metric is
     sums[key] / sums[DENOMINATORS.get(key, "pairs")], so sums of several batches add up. stats [B, 2, 3]:
-    the scored tokens' summed mean logit, entropy and argmax hits (sequence_logps)."""
+    the scored tokens' summed mean logit, entropy and argmax hits (token_logps)."""
     w, stats = weight[:, None], weight[:, None, None] * stats
     chosen, rejected = rewards[:, 0], rewards[:, 1]
     return {
@@ -355,53 +342,76 @@ def batch_reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, *[None] * (len(shape) - 1)))
 
 
-def pair_logps(
-    params, batch: dict, arch: model.LlamaConfig, config: Config, lora=None
-) -> tuple[jax.Array, jax.Array]:
+def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lora=None):
     """([b, 2] summed log-probs, [b, 2, 3] token stats) of chosen (column 0) and rejected (column 1) under
-    `params` (and, with LoRA, the adapters `lora` on them)."""
-    b, _, t = batch["input_ids"].shape
-    # [b, 2, T] -> [2b, T]: rows 2i and 2i+1 are pair i's chosen and rejected, so one forward pass
-    # serves both and a batch-sharded array keeps each pair on one device.
-    tokens = batch_reshape(batch["input_ids"], (2 * b, t))
-    mask = batch_reshape(batch["loss_mask"], (2 * b, t))
-    lengths = batch_reshape(batch["lengths"], (2 * b,))
+    `params` (and, with LoRA, the adapters `lora` on them), in the order of pair_counts. A batch of rows
+    holding several sequences (data._packed: prefix sharing, packing) runs each token once."""
     dtype = dtype_of(config.compute_dtype)
     # forward casts each layer's weights to the compute dtype as it gathers them: no full-model copy.
     attention = None if config.attention_impl == "auto" else config.attention_impl
-    adapters = dict(lora=lora, lora_scale=config.lora_scale)
-    hidden = model.forward(
-        params,
-        tokens,
-        arch,
-        lengths=lengths,
-        **adapters,
+    run = partial(
+        model.forward,
+        arch=arch,
+        lora=lora,
+        lora_scale=config.lora_scale,
         compute_dtype=dtype,
         remat=config.remat,
         attention_impl=attention,
     )
-
+    # Gather the FSDP shards of the LM head once; its vocabulary stays split over the tensor axis.
+    lm_head = jax.sharding.reshard(model.lm_head_weight(params).astype(dtype), P(None, "tensor"))
+    if "views" in batch:
+        views = batch["views"], batch["view_lengths"], batch["slot"]
+        hidden = run(params, batch["input_ids"], positions=batch["positions"], views=views)
+        logps, stats = token_logps(
+            hidden, lm_head, batch["targets"], batch["target_mask"], config.logits_chunk_size
+        )
+        return _per_pair_side(batch, logps), _per_pair_side(batch, stats)
+    b, _, t = batch["input_ids"].shape
+    # [b, 2, T] -> [2b, T]: rows 2i and 2i+1 are pair i's chosen and rejected, so one forward pass
+    # serves both and a batch-sharded array keeps each pair on one device.
+    tokens, mask = (batch_reshape(batch[k], (2 * b, t)) for k in ("input_ids", "loss_mask"))
+    hidden = run(params, tokens, lengths=batch_reshape(batch["lengths"], (2 * b,)))
     # Position t predicts token t + 1: shift targets and mask left instead of slicing the hidden states.
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
-    # Gather the FSDP shards of the LM head once; its vocabulary stays split over the tensor axis.
-    lm_head = jax.sharding.reshard(model.lm_head_weight(params).astype(dtype), P(None, "tensor"))
-    logps, stats = sequence_logps(hidden, lm_head, targets, mask, config.logits_chunk_size)
-    return batch_reshape(logps, (b, 2)), batch_reshape(stats, (b, 2, 3))
+    logps, stats = token_logps(hidden, lm_head, targets, mask, config.logits_chunk_size)
+    return batch_reshape(logps.sum(-1), (b, 2)), batch_reshape(stats.sum(-2), (b, 2, 3))
+
+
+def _per_pair_side(batch: dict, x: jax.Array) -> jax.Array:
+    """Per-token values of rows of several pairs ([R, W, ...]) summed per pair slot and side, [R * K, 2, ...]:
+    a shared token (side 0) counts for both sides."""
+    slots = jax.nn.one_hot(batch["pair"], batch["weight"].shape[1], dtype=jnp.float32)  # [R, W, K]; -1: none
+    sides = jnp.stack([batch["side"] != 2, batch["side"] != 1], -1).astype(jnp.float32)  # [R, W, 2]
+    summed = jnp.einsum("rt...,rtk,rts->rks...", x.astype(jnp.float32), slots, sides)
+    return batch_reshape(summed, (-1, *summed.shape[2:]))
+
+
+def per_pair(batch: dict, key: str) -> jax.Array:
+    """batch[key] (weight, lengths, ref_logps) as [b, ...] in pair_logps' order, rows of pairs flattened."""
+    return batch_reshape(batch[key], (-1, *batch[key].shape[2:])) if "views" in batch else batch[key]
+
+
+def pair_counts(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(scored tokens [b, 2], weight [b]) of the batch's pairs, in pair_logps' order."""
+    if "views" in batch:
+        return _per_pair_side(batch, batch["target_mask"]), per_pair(batch, "weight")
+    return batch["loss_mask"].sum(-1), batch["weight"]
 
 
 # --- the fused LM head and log-softmax
 
 
-def sequence_logps(hidden, lm_head, targets, mask, chunk_size: int = 4096) -> tuple[jax.Array, jax.Array]:
-    """Summed log-probs of the scored targets, without ever materialising [N, T, V] logits.
+def token_logps(hidden, lm_head, targets, mask, chunk_size: int = 4096) -> tuple[jax.Array, jax.Array]:
+    """Log-probs of the scored targets, without ever materialising [N, T, V] logits.
 
     hidden [N, T, D] final hidden states; lm_head [D, V]; targets [N, T] int (targets[n, t] is the
-    token after position t); mask [N, T] bool (True: targets[n, t] is scored). Returns [N] f32:
-        sum_t mask[n, t] * log_softmax(hidden[n, t] @ lm_head)[targets[n, t]]
-    and, gradient-free, [N, 3] sums over the same tokens of the mean logit over the vocabulary, the
-    next-token distribution's entropy, and 1 where the target is the argmax (TRL's logit, entropy and
-    token-accuracy metrics). Computed over chunks of about `chunk_size` vocabulary entries: the forward
+    token after position t); mask [N, T] bool (True: targets[n, t] is scored). Returns [N, T] f32:
+        mask[n, t] * log_softmax(hidden[n, t] @ lm_head)[targets[n, t]]
+    and, gradient-free, [N, T, 3] of the mean logit over the vocabulary, the next-token distribution's
+    entropy, and 1 where the target is the argmax (TRL's logit, entropy and token-accuracy metrics), 0
+    where the mask is. Computed over chunks of about `chunk_size` vocabulary entries: the forward
     pass keeps a running log-sum-exp (f32) and the target's logit; the backward pass (a custom VJP)
     recomputes one chunk's logits at a time, writes that chunk's LM-head gradient columns in place and
     adds its share of the hidden-state gradient. Only one chunk's [N, T, C] logits are alive at any
@@ -462,15 +472,14 @@ def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
     (high, total, weighted, target, plain), _ = jax.lax.scan(step, init, jnp.arange(count))
     logsumexp = high + jnp.log(total)
     stats = [plain / lm_head.shape[1], logsumexp - weighted / total, (target >= high).astype(jnp.float32)]
-    stats = jax.lax.stop_gradient(jnp.stack([jnp.sum(jnp.where(mask, x, 0.0), -1) for x in stats], -1))
-    logps = jnp.sum(jnp.where(mask, target - logsumexp, 0.0), -1)
-    return (logps, stats), (hidden, lm_head, targets, mask, logsumexp)
+    stats = jax.lax.stop_gradient(jnp.stack([jnp.where(mask, x, 0.0) for x in stats], -1))
+    return (jnp.where(mask, target - logsumexp, 0.0), stats), (hidden, lm_head, targets, mask, logsumexp)
 
 
 def _logps_backward(chunk_size, residuals, grads):
     hidden, lm_head, targets, mask, logsumexp = residuals
     (d, v), (shards, count, width) = lm_head.shape, _chunking(lm_head, chunk_size)
-    scale = jnp.where(mask, grads[0][:, None], 0.0)[..., None, None]  # d loss / d log p(target)
+    scale = jnp.where(mask, grads[0], 0.0)[..., None, None]  # d loss / d log p(target)
     head_spec = P(*_spec(lm_head), None)
 
     def step(carry, i):
@@ -497,8 +506,8 @@ def _logps_backward(chunk_size, residuals, grads):
     return d_hidden.astype(hidden.dtype), d_head, None, None
 
 
-sequence_logps = jax.custom_vjp(sequence_logps, nondiff_argnums=(4,))
-sequence_logps.defvjp(_logps_forward, _logps_backward)
+token_logps = jax.custom_vjp(token_logps, nondiff_argnums=(4,))
+token_logps.defvjp(_logps_forward, _logps_backward)
 
 
 # --- optimizer and learning-rate schedule
@@ -560,15 +569,17 @@ class TrainState:
 # --- the train and eval steps
 
 
-def step_flops(arch: model.LlamaConfig, lengths, live_reference: bool, lora: bool = False):
-    """Model FLOPs of one DPO step over the real tokens (`lengths` [b, 2], numpy or traced): 6N per token
-    for the policy's forward and backward (4N with LoRA: frozen weights get no gradient), 2N for a live
-    reference's forward, plus causal attention (QK^T and PV over half the T x T square: 2 * 2 * T^2 / 2 *
-    H * Q per layer for a forward pass)."""
+def step_flops(arch: model.LlamaConfig, lengths, live_reference: bool, lora: bool = False, tokens=None):
+    """Model FLOPs of one DPO step over the real tokens, numpy or traced: 6N per token for the policy's
+    forward and backward (4N with LoRA: frozen weights get no gradient), 2N for a live reference's forward,
+    plus causal attention (QK^T and PV over half the T x T square: 2 * 2 * T^2 / 2 * H * Q per layer for a
+    forward pass) over each sequence of `lengths`. `tokens`: how many ran, when not their sum (a shared
+    prompt runs once)."""
     passes = (4 if lora else 6) + (2 if live_reference else 0)
     lengths = lengths.astype(np.float32)
+    tokens = lengths.sum() if tokens is None else tokens
     attention = 2 * arch.num_layers * arch.num_heads * arch.head_dim * (lengths**2).sum()
-    return passes * arch.num_matmul_params * lengths.sum() + passes / 2 * attention
+    return passes * arch.num_matmul_params * tokens + passes / 2 * attention
 
 
 def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
@@ -576,9 +587,8 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
     reference): the base is what LoRA's adapters sit on (None without LoRA), the reference the frozen model
     whose log-probs the loss compares with (with LoRA by default the base itself; None when precomputed,
     then "ref_logps" [b, 2] come in the batch, or for a reference-free loss)."""
-    num_micro = config.train_batch_size // (config.microbatch_size or config.train_batch_size)
+    num_micro = config.num_microbatches
     live = config.uses_reference and config.reference_mode == "live"
-    scored = lambda batch: batch["loss_mask"].sum(-1)  # [..., 2] scored tokens of chosen and rejected
 
     def policy_logps(params, base, batch):  # the trained weights: the whole model, or LoRA's adapters
         if config.lora_rank:
@@ -587,7 +597,7 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
 
     def logps(params, frozen, batch):  # policy [b, 2], reference [b, 2] (or None), stats
         policy, stats = policy_logps(params, frozen[0], batch)
-        reference = batch.get("ref_logps") if config.uses_reference else None
+        reference = per_pair(batch, "ref_logps") if config.uses_reference and "ref_logps" in batch else None
         if live:
             reference = jax.lax.stop_gradient(pair_logps(frozen[1], batch, arch, config)[0])
         return policy, reference, stats
@@ -600,7 +610,7 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
         return loss, metric_sums(policy, rewards, stats, tokens, weight) | {"loss": loss * pairs}
 
     def batch_loss(params, frozen, batch, totals=None):
-        return loss_and_sums(logps(params, frozen, batch), scored(batch), batch["weight"], totals)
+        return loss_and_sums(logps(params, frozen, batch), *pair_counts(batch), totals)
 
     def grads_and_sums(params, frozen, batch):
         if num_micro == 1:
@@ -611,7 +621,8 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
             lambda x: jnp.swapaxes(batch_reshape(x, (-1, num_micro, *x.shape[1:])), 0, 1), batch
         )
         if not BATCH_LOSSES & set(config.loss_type):  # a sum over pairs: add up the microbatches' gradients
-            totals = jnp.sum(batch["weight"]), jnp.sum(batch["weight"] * scored(batch)[:, 0])
+            tokens, weight = pair_counts(batch)
+            totals = jnp.sum(weight), jnp.sum(weight * tokens[:, 0])
             grad = lambda m: jax.grad(batch_loss, has_aux=True)(params, frozen, m, totals)
             sums = jax.eval_shape(grad, jax.tree.map(lambda x: x[0], micro))[1]
             zero = (
@@ -624,9 +635,8 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
         # first, then each microbatch's backward pass with its share of that gradient.
         policy, *rest = jax.lax.map(lambda m: logps(params, frozen, m), micro)
         whole = lambda x: None if x is None else jax.sharding.reshard(x, P()).reshape(-1, *x.shape[2:])
-        loss_of = lambda p: loss_and_sums(
-            (p, *map(whole, rest)), whole(scored(micro)), whole(micro["weight"])
-        )
+        counts = jax.lax.map(pair_counts, micro)
+        loss_of = lambda p: loss_and_sums((p, *map(whole, rest)), *map(whole, counts))
         d_policy, sums = jax.grad(loss_of, has_aux=True)(whole(policy))
         d_policy = jax.sharding.reshard(d_policy.reshape(policy.shape), P(None, sharding.BATCH_AXES, None))
         vjp = lambda m, d: jax.grad(lambda p: jnp.sum(policy_logps(p, frozen[0], m)[0] * d))(params)
@@ -641,7 +651,10 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = lr_schedule(config)(state.step)
         metrics["tokens"] = jnp.sum(batch["lengths"])  # for throughput, counted where the batch already is
-        metrics["flops"] = step_flops(arch, batch["lengths"], live, lora=config.lora_rank > 0)
+        # Rows of several sequences: attention per view; a shared prompt ran once, so count what ran.
+        lengths = batch["view_lengths"] if "views" in batch else batch["lengths"]
+        ran = jnp.sum(batch["pair"] >= 0) if "views" in batch else None
+        metrics["flops"] = step_flops(arch, lengths, live, lora=config.lora_rank > 0, tokens=ran)
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -760,12 +773,11 @@ def check_run_dir(run: Path, config: Config) -> None:
     for folder in (run, *run.parents):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"output_dir {run}: {folder} is a file, not a directory")
-    inputs = ["model_name_or_path", "reference_model_path", "tokenizer", "train_data", "validation_data"]
-    for name in (name for name in inputs if getattr(config, name) and Path(getattr(config, name)).exists()):
-        where = Path(getattr(config, name)).resolve()
-        if where == run.resolve() or {run.resolve() / "checkpoints", run.resolve() / "hf"} & set(
-            where.parents
-        ):
+    own = run.resolve()
+    for name in ["model_name_or_path", "reference_model_path", "tokenizer", "train_data", "validation_data"]:
+        value = getattr(config, name)
+        where = Path(value).resolve() if value and Path(value).exists() else None
+        if where and (where == own or {own / "checkpoints", own / "hf"} & set(where.parents)):
             raise ValueError(f"output_dir {run} holds the {name} {where}, which a run would overwrite")
     if not (run / "config.json").exists():  # a run writes config.json before anything else it keeps
         foreign = [n for n in ("metrics.jsonl", "checkpoints", "hf", "wandb-id") if (run / n).exists()]
@@ -828,19 +840,12 @@ class MetricsLog:
                 import wandb
             except ImportError as e:
                 raise ValueError("wandb_project is set but wandb is not installed: pip install wandb") from e
-            id_file = (
-                run / "wandb-id"
-            )  # one W&B run per run directory, made at its fresh start, continued after
+            # One W&B run per run directory, made at its fresh start, continued after.
+            id_file, settings = run / "wandb-id", dataclasses.asdict(config)
             if resume_step is None or not id_file.exists():
                 id_file.write_text(uuid.uuid4().hex[:16])
-            self.wandb = wandb.init(
-                project=config.wandb_project,
-                config=dataclasses.asdict(config),
-                dir=str(run),
-                id=id_file.read_text(),
-                resume="allow",
-                name=run.resolve().name,
-            )
+            where = dict(dir=str(run), id=id_file.read_text(), resume="allow", name=run.resolve().name)
+            self.wandb = wandb.init(project=config.wandb_project, config=settings, **where)
 
     def __enter__(self) -> MetricsLog:
         return self
@@ -879,16 +884,8 @@ class MetricsLog:
         )
 
 
-PEAK_BF16_FLOPS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5e": 197e12}
+PEAK_BF16_FLOPS |= {"TPU v5 lite": 197e12, "TPU v6e": 918e12, "TPU v6 lite": 918e12}
 
 
 def peak_flops(device: jax.Device) -> float | None:
@@ -907,12 +904,8 @@ def _reference_key(reference_dir: Path, dataset: data.PairDataset, config: Confi
     files = [reference_dir / "config.json", *sorted(reference_dir.glob("*.safetensors"))]
     files += sorted(dataset.path.glob("part-*.parquet"))
     identity = [[os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    identity += [
-        dataset.summary.get("settings"),
-        config.reference_dtype,
-        config.compute_dtype,
-        config.attention_impl,
-    ]
+    identity += [dataset.summary.get("settings"), config.reference_dtype, config.compute_dtype]
+    identity += [config.attention_impl]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -926,51 +919,47 @@ def precompute_reference_logps(
     resumes where it stopped; the .npy is renamed into place only when complete. Process 0 writes.
     The reference weights are loaded only when something is left to compute, and freed on return.
     """
-    writer, reference_params, tables = sharding.is_writer(), None, []
-    batch_size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
-    logps_fn = jax.jit(lambda p, b: jax.sharding.reshard(pair_logps(p, b, arch, config)[0], P()))
+    params, tables = None, []
     for dataset in datasets:
         final = dataset.path / "reference" / f"{_reference_key(reference_dir, dataset, config)}.npy"
-        progress = final.with_suffix(".partial.npz")
         multihost_utils.sync_global_devices(f"reference {final}")
         if not final.exists():
-            logps = np.full((len(dataset), 2), np.nan, np.float32)
-            if progress.exists():
-                with np.load(progress) as saved:
-                    logps = saved["logps"]
-            # What is left (rows still NaN), shortest first: batches of like length pad little.
-            todo = data.by_length(dataset, np.flatnonzero(np.isnan(logps).any(axis=1)))
-            if reference_params is None:
-                reference_params = model.load_params(
-                    reference_dir, arch, mesh, dtype=dtype_of(config.reference_dtype)
-                )
-            if writer:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                print(
-                    f"reference log-probs: {len(todo)} of {len(dataset)} pairs to compute -> {final}",
-                    flush=True,
-                )
-            loader = dict(process_index=jax.process_index(), process_count=jax.process_count())
-            batches = data.eval_batches(
-                dataset, todo, batch_size=batch_size, max_seq_len=config.max_seq_len, **loader
-            )
-            saved_at = time.time()
-            for at, batch in zip(range(0, len(todo), batch_size), batches, strict=True):
-                rows = todo[at : at + batch_size]
-                logps[rows] = np.asarray(logps_fn(reference_params, sharding.global_batch(batch, mesh)))[
-                    : len(rows)
-                ]
-                if writer and time.time() - saved_at > 60:  # a kill loses at most a minute of work
-                    with sharding.atomic(progress) as tmp:
-                        np.savez(tmp, logps=logps)
-                    saved_at = time.time()
-            if writer:
-                with sharding.atomic(final) as tmp:
-                    np.save(tmp, logps)
-                progress.unlink(missing_ok=True)
+            dtype = dtype_of(config.reference_dtype)
+            params = params or model.load_params(reference_dir, arch, mesh, dtype=dtype)
+            _fill_reference(final, dataset, params, arch, config, mesh)
             multihost_utils.sync_global_devices(f"reference done {final}")
         tables.append(np.load(final))
     return tables
+
+
+def _fill_reference(final: Path, dataset: data.PairDataset, params, arch, config: Config, mesh) -> None:
+    """Compute the rows `final`'s progress file lacks (all, at first) and write `final` when complete."""
+    progress, writer = final.with_suffix(".partial.npz"), sharding.is_writer()
+    logps = np.full((len(dataset), 2), np.nan, np.float32)
+    if progress.exists():
+        with np.load(progress) as saved:
+            logps = saved["logps"]
+    # What is left (rows still NaN), shortest first: batches of like length pad little.
+    todo = data.by_length(dataset, np.flatnonzero(np.isnan(logps).any(axis=1)))
+    if writer:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        print(f"reference log-probs: {len(todo)} of {len(dataset)} pairs to compute -> {final}", flush=True)
+    size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
+    loader = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    batches = data.eval_batches(dataset, todo, batch_size=size, max_seq_len=config.max_seq_len, **loader)
+    logps_of = jax.jit(lambda p, b: jax.sharding.reshard(pair_logps(p, b, arch, config)[0], P()))
+    saved_at = time.time()
+    for at, batch in zip(range(0, len(todo), size), batches, strict=True):
+        rows = todo[at : at + size]
+        logps[rows] = np.asarray(logps_of(params, sharding.global_batch(batch, mesh)))[: len(rows)]
+        if writer and time.time() - saved_at > 60:  # a kill loses at most a minute of work
+            with sharding.atomic(progress) as tmp:
+                np.savez(tmp, logps=logps)
+            saved_at = time.time()
+    if writer:
+        with sharding.atomic(final) as tmp:
+            np.save(tmp, logps)
+        progress.unlink(missing_ok=True)
 
 
 # --- main: the inputs, the state, the batches and the loop, top to bottom
@@ -1075,8 +1064,6 @@ def prepare_data(
 def check_vocabulary(dataset: data.PairDataset, arch: model.LlamaConfig, tokenizer_dir: Path, say) -> None:
     """Token ids must be the model's: data tokenized for a larger vocabulary would train on nothing."""
     summary, made_with = dataset.summary, dataset.summary.get("tokenizer", {})
-    if "max_token_id" not in summary:
-        raise ValueError(f"{dataset.path} was made by an older data.py: tokenize it again")
     if summary["max_token_id"] >= arch.vocab_size:
         raise ValueError(
             f"{dataset.path} holds token id {summary['max_token_id']}, but the model's vocabulary has "
@@ -1116,9 +1103,7 @@ def exporter(run: Path, config: Config, inputs: Inputs, base, say):
     looked up again mid-run, where a network hiccup would fail an export."""
     generation = inputs.model_dir / "generation_config.json"  # keeps the end-of-turn ids the model was given
     generation = json.loads(generation.read_text()) if generation.exists() else None
-    files = [
-        inputs.tokenizer_dir / name for name in TOKENIZER_FILES if (inputs.tokenizer_dir / name).exists()
-    ]
+    files = [path for name in TOKENIZER_FILES if (path := inputs.tokenizer_dir / name).exists()]
     merge = jax.jit(partial(model.merge_lora, scale=config.lora_scale))
 
     def export(state: TrainState) -> None:
@@ -1130,14 +1115,8 @@ def exporter(run: Path, config: Config, inputs: Inputs, base, say):
                     params, inputs.arch, config.lora_rank, alpha, adapter, config.model_name_or_path
                 )
                 params, extra = merge(base, params), files + [adapter]
-            model.save_hf(
-                params,
-                inputs.arch,
-                out,
-                dtype=config.hf_save_dtype,
-                generation_config=generation,
-                extra_files=extra,
-            )
+            saved = dict(dtype=config.hf_save_dtype, generation_config=generation, extra_files=extra)
+            model.save_hf(params, inputs.arch, out, **saved)
         say(f"step {int(state.step)} | exported {out}")
 
     return export
@@ -1169,6 +1148,74 @@ def stop_requests():
             signal.signal(sig, handler)
 
 
+def start_state(run: Path, config: Config, inputs: Inputs, optimizer, say):
+    """(state, resume step or None, frozen weights, reference log-prob tables). What trains (the model, or
+    LoRA's adapters) resumes from the newest checkpoint that loads; the frozen weights are LoRA's base and
+    the reference (live: its weights; precompute: its log-probs, computed once, and no weights)."""
+    arch, mesh = inputs.arch, inputs.mesh
+    create = partial(TrainState.create, optimizer=optimizer)
+    lora = model.lora_weights(config.lora_rank, config.lora_targets) if config.lora_rank else None
+    base = (
+        model.load_params(inputs.model_dir, arch, mesh, dtype=dtype_of(config.compute_dtype))
+        if lora
+        else None
+    )
+    abstract = jax.eval_shape(create, model.abstract_params(arch, mesh, lora))
+    state = restore_checkpoint(run, abstract, mesh, say, inputs.data_id)
+    resume_step = None if state is None else int(state.step)
+    if state is None and lora:
+        state = jax.jit(create)(model.init_params(arch, jax.random.key(config.seed), mesh, lora))
+    elif state is None:
+        state = jax.jit(create)(model.load_params(inputs.model_dir, arch, mesh))
+    reference, tables = None, (None, None)
+    if config.uses_reference and config.reference_mode == "live":
+        if lora and inputs.reference_dir == inputs.model_dir:  # the base without its adapters
+            reference = base
+        else:
+            reference_dtype = dtype_of(config.reference_dtype)
+            reference = model.load_params(inputs.reference_dir, arch, mesh, dtype=reference_dtype)
+    elif config.uses_reference:  # once over every pair, cached beside the data
+        datasets = [inputs.train_set, inputs.val_set]
+        tables = precompute_reference_logps(datasets, inputs.reference_dir, arch, config, mesh)
+    return state, resume_step, (base, reference), tables
+
+
+def loaders(config: Config, inputs: Inputs, start: int, tables):
+    """The training batches from step `start` on, and a function that starts a pass over the validation
+    pairs (the first max_eval_batches batches' worth, shortest first: the sums do not care about order,
+    and like lengths pad less)."""
+    mesh = inputs.mesh
+    rows = mesh.shape["data"] * mesh.shape["fsdp"] * config.num_microbatches  # packed rows split evenly
+    layout = data.Layout(config.prefix_sharing, config.packing, row_multiple=rows)
+    common = dict(batch_size=config.train_batch_size, max_seq_len=config.max_seq_len, layout=layout)
+    common |= dict(process_index=jax.process_index(), process_count=jax.process_count())
+    order = dict(seed=config.seed, start_step=start, group_by_length=config.group_by_length)
+    train = data.train_batches(inputs.train_set, inputs.train_idx, reference=tables[0], **order, **common)
+    cap = None if config.max_eval_batches is None else config.max_eval_batches * config.train_batch_size
+    val_idx = data.by_length(inputs.val_set, inputs.val_idx[:cap])
+    return train, partial(data.eval_batches, inputs.val_set, val_idx, reference=tables[1], **common)
+
+
+def check_update(step: int, metrics: dict, config: Config, run: Path, say) -> None:
+    """A non-finite loss or gradient (the step left the weights as they were): stop, or say it was skipped;
+    stop too when every update so far was skipped, which trains on nothing."""
+    if not metrics.pop("nonfinite"):
+        return
+    if config.on_nonfinite == "stop":
+        good = ([f"step-{s}" for s in saved_steps(run)] or ["none"])[-1]
+        raise FloatingPointError(
+            f"step {step}: non-finite loss or gradient (loss {metrics['loss']}, grad_norm "
+            f"{metrics['grad_norm']}); the update was not applied; newest good checkpoint: {good}. "
+            "Rerun with --config.on-nonfinite skip to resume from it and skip such updates"
+        )
+    say(f"step {step}: non-finite loss or gradient, update skipped")
+    if metrics["skipped_updates"] == step >= 10:
+        raise FloatingPointError(
+            f"every update of steps 1..{step} was non-finite, so the run trains on nothing: check "
+            "learning_rate, beta and the loss settings"
+        )
+
+
 def main(config: Config) -> Path:
     sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
     run = Path(config.output_dir)
@@ -1185,80 +1232,27 @@ def main(config: Config) -> Path:
     inputs = load_inputs(run, config, say)
     start_run_dir(run, config)
 
-    # --- state: what trains (the model, or LoRA's adapters), resumed from the newest checkpoint that loads;
-    # the frozen weights: LoRA's base, and the reference (live: its weights; precompute: its log-probs, once)
-    arch, mesh, optimizer = inputs.arch, inputs.mesh, make_optimizer(config)
-    create = partial(TrainState.create, optimizer=optimizer)
-    lora = model.lora_weights(config.lora_rank, config.lora_targets) if config.lora_rank else None
-    compute, reference_dtype = dtype_of(config.compute_dtype), dtype_of(config.reference_dtype)
+    # --- state, then the batches from where it stands
+    mesh, optimizer = inputs.mesh, make_optimizer(config)
     with jax.set_mesh(mesh):
-        train_step, eval_step = make_steps(arch, config, optimizer)
-        base = model.load_params(inputs.model_dir, arch, mesh, dtype=compute) if lora else None
-        abstract = jax.eval_shape(create, model.abstract_params(arch, mesh, lora))
-        state = restore_checkpoint(run, abstract, mesh, say, inputs.data_id)
-        resume_step = None if state is None else int(state.step)
-        if state is None and lora:
-            state = jax.jit(create)(model.init_params(arch, jax.random.key(config.seed), mesh, lora))
-        elif state is None:
-            state = jax.jit(create)(model.load_params(inputs.model_dir, arch, mesh))
-        reference, tables = None, (None, None)
-        if config.uses_reference and config.reference_mode == "live":
-            same = lora and inputs.reference_dir == inputs.model_dir  # the base without its adapters
-            reference = (
-                base if same else model.load_params(inputs.reference_dir, arch, mesh, dtype=reference_dtype)
-            )
-        elif (
-            config.uses_reference
-        ):  # once over every pair, cached beside the data; no reference model in training
-            datasets = [inputs.train_set, inputs.val_set]
-            tables = precompute_reference_logps(datasets, inputs.reference_dir, arch, config, mesh)
-    frozen = base, reference
-
-    # --- batches
+        train_step, eval_step = make_steps(inputs.arch, config, optimizer)
+        state, resume_step, frozen, tables = start_state(run, config, inputs, optimizer, say)
     start = resume_step or 0
-    loader = dict(
-        process_index=jax.process_index(), process_count=jax.process_count(), max_seq_len=config.max_seq_len
-    )
-    train_batches = data.train_batches(
-        inputs.train_set,
-        inputs.train_idx,
-        batch_size=config.train_batch_size,
-        seed=config.seed,
-        start_step=start,
-        group_by_length=config.group_by_length,
-        reference=tables[0],
-        **loader,
-    )
-    val_idx = inputs.val_idx[
-        : None if config.max_eval_batches is None else config.max_eval_batches * config.train_batch_size
-    ]
-    val_idx = data.by_length(
-        inputs.val_set, val_idx
-    )  # the sums do not care about order; like lengths pad less
-    val_batches = partial(
-        data.eval_batches,
-        inputs.val_set,
-        val_idx,
-        batch_size=config.train_batch_size,
-        reference=tables[1],
-        **loader,
-    )
+    train_batches, val_batches = loaders(config, inputs, start, tables)
     widths = {"training": set(), "evaluation": set()}  # batch widths met: each is one compiled shape
     eval_metrics = lambda s: evaluate(eval_step, s.params, frozen, val_batches(), mesh, widths["evaluation"])
-    export = exporter(run, config, inputs, base, say)
+    export = exporter(run, config, inputs, frozen[0], say)
 
     # --- the loop
-    with (
-        MetricsLog(run, config, resume_step, say) as log,
-        jax.set_mesh(mesh),
-        stop_requests() as stop_requested,
-    ):
+    with MetricsLog(run, config, resume_step, say) as log, jax.set_mesh(mesh), stop_requests() as stop_asked:
         if start == 0:
             log.eval(0, eval_metrics(state))
-        dtype, devices = jnp.dtype(dtype_of(config.compute_dtype)).name, mesh.devices.size
         if start < config.num_train_steps:
-            steps = f"{start + 1}..{config.num_train_steps} on {devices} device(s)"
-            say(f"training steps {steps}, batch {config.train_batch_size} pairs, compute {dtype}")
+            steps, dtype = f"{start + 1}..{config.num_train_steps}", jnp.dtype(dtype_of(config.compute_dtype))
+            say(
+                f"training steps {steps} on {mesh.devices.size} device(s), batch {config.train_batch_size} "
+                f"pairs, compute {dtype.name}"
+            )
         upcoming = next(train_batches)
         for step in range(start + 1, config.num_train_steps + 1):
             widths["training"].add(upcoming["input_ids"].shape[-1])
@@ -1266,26 +1260,12 @@ def main(config: Config) -> Path:
             if step < config.num_train_steps:  # dispatch is async: read the next batch while the step runs
                 upcoming = next(train_batches)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            nonfinite = metrics.pop("nonfinite")
-            if nonfinite and config.on_nonfinite == "stop":
-                good = ([f"step-{s}" for s in saved_steps(run)] or ["none"])[-1]
-                raise FloatingPointError(
-                    f"step {step}: non-finite loss or gradient (loss {metrics['loss']}, grad_norm "
-                    f"{metrics['grad_norm']}); the update was not applied; newest good checkpoint: {good}. "
-                    "Rerun with --config.on-nonfinite skip to resume from it and skip such updates"
-                )
-            if nonfinite:
-                say(f"step {step}: non-finite loss or gradient, update skipped")
-            if nonfinite and metrics["skipped_updates"] == step >= 10:  # skipping everything trains nothing
-                raise FloatingPointError(
-                    f"every update of steps 1..{step} was non-finite, so the run trains on nothing: check "
-                    "learning_rate, beta and the loss settings"
-                )
+            check_update(step, metrics, config, run, say)
             log.train(step, metrics)
             last = step == config.num_train_steps
             # A preempted job has seconds: on a stop request only the checkpoint is written, and the
             # eval or export due at this step is skipped (the last step finishes the run as usual).
-            if not last and stop_requested():
+            if not last and stop_asked():
                 save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
                 say(f"stopped at step {step} on request; checkpoint written. Run the same command to resume.")
                 return run
@@ -1329,26 +1309,13 @@ def make_demo(root: Path, seed: int) -> tuple[Path, Path]:
     model_dir, data_file = root / "model", root / "pairs.jsonl"
     if model_dir.exists() and data_file.exists():
         return model_dir, data_file
-    specials = (
-        "<|pad|> <|begin_of_text|> <|end_of_text|> <|start_header_id|> <|end_header_id|> <|eot_id|>".split()
-    )
+    specials = "<|pad|> <|begin_of_text|> <|end_of_text|> <|start_header_id|> <|end_header_id|> <|eot_id|>"
+    specials = specials.split()
     words = {w for ws in DEMO_TOPICS.values() for w in ws.split()} | set(DEMO_TOPICS)
     words |= {"user", "assistant", "system", "tell", "me", "some", "please", "[UNK]"}
     vocab = {token: i for i, token in enumerate(specials + sorted(words))}
-    arch = model.LlamaConfig(
-        len(vocab),
-        64,
-        192,
-        2,
-        4,
-        2,
-        16,
-        rope_theta=10000.0,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=(5,),
-        pad_token_id=0,
-    )
+    ids = dict(bos_token_id=1, eos_token_id=(5,), pad_token_id=0, max_position_embeddings=256)
+    arch = model.LlamaConfig(len(vocab), 64, 192, 2, 4, 2, 16, rope_theta=10000.0, **ids)
     writer = sharding.is_writer()
     with tempfile.TemporaryDirectory() as tmp:
         if writer:
@@ -1358,30 +1325,20 @@ def make_demo(root: Path, seed: int) -> tuple[Path, Path]:
             tokenizer.save(f"{tmp}/tokenizer.json")
             names = dict(bos_token=specials[1], eos_token=specials[5], pad_token=specials[0])
             settings = dict(tokenizer_class="PreTrainedTokenizerFast", **names, chat_template=DEMO_TEMPLATE)
-            Path(tmp, "tokenizer_config.json").write_text(
-                json.dumps(settings | {"model_max_length": 4096}, indent=2)
-            )
+            settings["model_max_length"] = 4096
+            Path(tmp, "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
         mesh = sharding.make_mesh(-1, 1, 1)  # replicated: every process can take part in the export
         with jax.set_mesh(mesh):
             files = [Path(tmp, "tokenizer.json"), Path(tmp, "tokenizer_config.json")] if writer else []
-            model.save_hf(
-                model.init_params(arch, jax.random.key(seed), mesh),
-                arch,
-                model_dir,
-                dtype="float32",
-                extra_files=files,
-            )
+            params = model.init_params(arch, jax.random.key(seed), mesh)
+            model.save_hf(params, arch, model_dir, dtype="float32", extra_files=files)
     if writer:
         rng = np.random.default_rng(seed)
         with sharding.atomic(data_file) as tmp, open(tmp, "w") as f:
             for _ in range(640):
                 topic, other = rng.choice(list(DEMO_TOPICS), size=2, replace=False)
                 pick = lambda t: " ".join(rng.choice(DEMO_TOPICS[t].split(), size=rng.integers(3, 7)))
-                pair = {
-                    "prompt": f"please tell me some {topic}",
-                    "chosen": pick(topic),
-                    "rejected": pick(other),
-                }
+                pair = dict(prompt=f"please tell me some {topic}", chosen=pick(topic), rejected=pick(other))
                 f.write(json.dumps(pair) + "\n")
     multihost_utils.sync_global_devices("demo ready")
     return model_dir, data_file

@@ -1,8 +1,8 @@
 """Llama as pure functions over a pytree of jax.Arrays, with Hugging Face weights in and out.
 
 Here: `LlamaConfig` from a transformers config.json, one table declaring every weight (axes, mesh
-placement, initializer), sharded random init, `forward` -> final normed hidden states, loading
-safetensors straight into shards, and an export that `transformers` loads unchanged. It reproduces
+placement, initializer, transformers' name), sharded random init, `forward` -> final normed hidden states,
+loading safetensors straight into shards, and an export that `transformers` loads unchanged. It reproduces
 `LlamaForCausalLM` checkpoints: Llama 2 and TinyLlama (rope_type default), Llama 3, 3.1 and 3.2
 (rope_type llama3), grouped-query attention and tied embeddings. Anything in a config.json it could not
 reproduce exactly is refused in one line: other model types (Mistral's sliding window, Qwen's biases),
@@ -30,6 +30,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -63,6 +64,11 @@ class Llama3RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+# transformers' names for the config fields it spells differently.
+_HF_KEYS = dict(num_layers="num_hidden_layers", num_heads="num_attention_heads")
+_HF_KEYS["num_kv_heads"] = "num_key_value_heads"
 
 
 @dataclass(frozen=True)
@@ -103,13 +109,12 @@ class LlamaConfig:
         def refuse(key, value):
             raise ValueError(f"config.json has {key}={value!r}, which this Llama code cannot reproduce")
 
-        if hf.get("model_type", "llama") != "llama":
-            refuse("model_type", hf["model_type"])
+        supported = dict(model_type="llama", attention_bias=False, mlp_bias=False, hidden_act="silu")
+        for key, value in supported.items():
+            if hf.get(key, value) != value:
+                refuse(key, hf[key])
         if (hf.get("architectures") or ["LlamaForCausalLM"]) != ["LlamaForCausalLM"]:
             refuse("architectures", hf["architectures"])
-        for key, supported in [("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")]:
-            if hf.get(key, supported) != supported:
-                refuse(key, hf[key])
         # The Hub's Llama 3.x config.json has rope_theta and rope_scaling at the top level; transformers 5
         # writes rope_parameters = {rope_type, rope_theta, scaling...}. Same precedence as transformers 5.
         rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
@@ -118,18 +123,14 @@ class LlamaConfig:
         if partial_rotary_factor != 1.0:
             refuse("partial_rotary_factor", partial_rotary_factor)
         if rope_type == "llama3":
-            scaling = Llama3RopeScaling(
-                float(rope["factor"]),
-                float(rope["low_freq_factor"]),
-                float(rope["high_freq_factor"]),
-                int(rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))),
-            )
+            factors = (float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+            original = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
+            scaling = Llama3RopeScaling(*factors, int(original))
         elif rope_type == "default":
             scaling = None
         else:
             refuse("rope_type", rope_type)
-        eos = hf.get("eos_token_id")
-        heads = hf["num_attention_heads"]
+        eos, heads = hf.get("eos_token_id"), hf["num_attention_heads"]
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -153,35 +154,16 @@ class LlamaConfig:
         scaling = {} if self.rope_scaling is None else vars(self.rope_scaling)
         rope_type = "default" if self.rope_scaling is None else "llama3"
         eos = list(self.eos_token_id)
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "rms_norm_eps": self.rms_norm_eps,
-            "max_position_embeddings": self.max_position_embeddings,
-            "initializer_range": self.initializer_range,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-            "pad_token_id": self.pad_token_id,
-            # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling, which 5 also
-            # accepts (rope_scaling first): both spell the same values.
-            "rope_parameters": {"rope_type": rope_type, "rope_theta": self.rope_theta, **scaling},
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None if self.rope_scaling is None else {"rope_type": "llama3", **scaling},
-            "dtype": torch_dtype,
-            "torch_dtype": torch_dtype,
-            "use_cache": True,
-        }
+        hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", use_cache=True)
+        # Every field under transformers' name for it; eos_token_id and rope_scaling are respelled below.
+        hf |= {_HF_KEYS.get(k, k): v for k, v in vars(self).items()}
+        hf |= dict(attention_bias=False, mlp_bias=False, dtype=torch_dtype, torch_dtype=torch_dtype)
+        hf["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling, which 5 also
+        # accepts (rope_scaling first): both spell the same values.
+        hf["rope_parameters"] = {"rope_type": rope_type, "rope_theta": self.rope_theta, **scaling}
+        hf["rope_scaling"] = None if self.rope_scaling is None else {"rope_type": "llama3", **scaling}
+        return hf
 
 
 # --- parameters -----------------------------------------------------------------------------------------
@@ -192,36 +174,38 @@ class Weight:
     axes: str  # one dimension letter per axis (conventions header; R: a LoRA adapter's rank)
     spec: P  # where each axis lives on the mesh
     init: str  # "normal" (std initializer_range), "ones" (norm scales), "kaiming" or "zeros" (LoRA's A, B)
+    hf: str = ""  # the tensor's name in transformers' Llama; a layer's weights are one tensor per layer ({})
+    n_in: int = 0  # how many axes (after L) make up nn.Linear's input axis; 0: transformers' layout
     rank: int = 0  # R, for adapters
 
 
 F, T = "fsdp", "tensor"
-# One decoder layer's weights, stacked on a leading L axis.
+# One decoder layer's weights, stacked on a leading L axis. nn.Linear stores [out, in]; we store [in, out]
+# split into named axes, so ours = hf.T reshaped.
 _LAYER = {
-    "attn_norm": Weight("LD", P(None, None), "ones"),
-    "wq": Weight("LDHQ", P(None, F, T, None), "normal"),
-    "wk": Weight("LDKQ", P(None, F, T, None), "normal"),
-    "wv": Weight("LDKQ", P(None, F, T, None), "normal"),
-    "wo": Weight("LHQD", P(None, T, None, F), "normal"),
-    "mlp_norm": Weight("LD", P(None, None), "ones"),
-    "w_gate": Weight("LDF", P(None, F, T), "normal"),
-    "w_up": Weight("LDF", P(None, F, T), "normal"),
-    "w_down": Weight("LFD", P(None, T, F), "normal"),
+    "attn_norm": Weight("LD", P(None, None), "ones", "model.layers.{}.input_layernorm.weight"),
+    "wq": Weight("LDHQ", P(None, F, T, None), "normal", "model.layers.{}.self_attn.q_proj.weight", 1),
+    "wk": Weight("LDKQ", P(None, F, T, None), "normal", "model.layers.{}.self_attn.k_proj.weight", 1),
+    "wv": Weight("LDKQ", P(None, F, T, None), "normal", "model.layers.{}.self_attn.v_proj.weight", 1),
+    "wo": Weight("LHQD", P(None, T, None, F), "normal", "model.layers.{}.self_attn.o_proj.weight", 2),
+    "mlp_norm": Weight("LD", P(None, None), "ones", "model.layers.{}.post_attention_layernorm.weight"),
+    "w_gate": Weight("LDF", P(None, F, T), "normal", "model.layers.{}.mlp.gate_proj.weight", 1),
+    "w_up": Weight("LDF", P(None, F, T), "normal", "model.layers.{}.mlp.up_proj.weight", 1),
+    "w_down": Weight("LFD", P(None, T, F), "normal", "model.layers.{}.mlp.down_proj.weight", 1),
+}
+_WEIGHTS = {  # in transformers' order; embed = lm_head.T when tied, so it is laid out as its transpose
+    "embed": Weight("VD", P(T, F), "normal", "model.embed_tokens.weight"),
+    "layers": _LAYER,
+    "final_norm": Weight("D", P(None), "ones", "model.norm.weight"),
+    "lm_head": Weight("DV", P(F, T), "normal", "lm_head.weight", 1),
 }
 
 
 def _weights(arch: LlamaConfig) -> dict:
-    """Every weight, once. FSDP shards one non-tensor axis; tensor splits heads (q, k, v on their head
-    axis, o on its input heads) and F (gate, up on their output, down on its input), Megatron-style, so
-    attention and the MLP each need one all-reduce over tensor."""
-    weights = {
-        "embed": Weight("VD", P(T, F), "normal"),  # = lm_head.T when tied, so laid out as its transpose
-        "layers": _LAYER,
-        "final_norm": Weight("D", P(None), "ones"),
-    }
-    if not arch.tie_word_embeddings:
-        weights["lm_head"] = Weight("DV", P(F, T), "normal")
-    return weights
+    """Every weight, once (no lm_head when tied). FSDP shards one non-tensor axis; tensor splits heads (q,
+    k, v on their head axis, o on its input heads) and F (gate, up on their output, down on its input),
+    Megatron-style, so attention and the MLP each need one all-reduce over tensor."""
+    return {k: w for k, w in _WEIGHTS.items() if k != "lm_head" or not arch.tie_word_embeddings}
 
 
 _SIZE_FIELDS = dict(L="num_layers", D="hidden_size", H="num_heads", K="num_kv_heads", Q="head_dim")
@@ -244,22 +228,17 @@ def lora_weights(rank: int, targets) -> dict:
     adapters = {}
     for target in targets:
         name = LORA_TARGETS[target]
-        w, n_in = _LAYER[name], _HF_NAMES[name][1]
-        inputs, outputs = slice(1, 1 + n_in), slice(1 + n_in, None)
-        a = Weight(f"L{w.axes[inputs]}R", P(None, *w.spec[inputs], None), "kaiming", rank)
-        b = Weight(f"LR{w.axes[outputs]}", P(None, None, *w.spec[outputs]), "zeros", rank)
+        w = _LAYER[name]
+        inputs, outputs = slice(1, 1 + w.n_in), slice(1 + w.n_in, None)
+        a = Weight(f"L{w.axes[inputs]}R", P(None, *w.spec[inputs], None), "kaiming", rank=rank)
+        b = Weight(f"LR{w.axes[outputs]}", P(None, None, *w.spec[outputs]), "zeros", rank=rank)
         adapters[name] = {"a": a, "b": b}
     return adapters
 
 
 # Fields that change nothing the forward pass computes (a reference model may differ in them).
-NOT_COMPUTED = (
-    "max_position_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "initializer_range",
-)
+NOT_COMPUTED = ("max_position_embeddings", "bos_token_id", "eos_token_id")
+NOT_COMPUTED += ("pad_token_id", "initializer_range")
 
 
 def check_fits(arch: LlamaConfig, mesh, batch_size: int) -> None:
@@ -268,10 +247,7 @@ def check_fits(arch: LlamaConfig, mesh, batch_size: int) -> None:
     pass) over data x fsdp and over the processes, which each load their own rows. A one-line error."""
     splits = [("batch size", batch_size, sharding.BATCH_AXES)]
     for w in jax.tree.leaves(_weights(arch)):
-        splits += [
-            (_SIZE_FIELDS[a], getattr(arch, _SIZE_FIELDS[a]), axes)
-            for a, axes in zip(w.axes, w.spec, strict=True)
-        ]
+        splits += zip([_SIZE_FIELDS[a] for a in w.axes], _shape(arch, w), w.spec, strict=True)
     for what, size, axes in splits:
         axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
         n = math.prod(mesh.shape[a] for a in axes)
@@ -290,10 +266,8 @@ def param_specs(arch: LlamaConfig) -> dict:
 def abstract_params(arch: LlamaConfig, mesh, weights: dict | None = None) -> dict:
     """Shape, dtype and sharding of every f32 weight (of `weights`, e.g. lora_weights; default the model's),
     building nothing (to restore into)."""
-    shaped = lambda w: jax.ShapeDtypeStruct(
-        _shape(arch, w), jnp.float32, sharding=NamedSharding(mesh, w.spec)
-    )
-    return jax.tree.map(shaped, weights or _weights(arch))
+    one = lambda w: jax.ShapeDtypeStruct(_shape(arch, w), jnp.float32, sharding=NamedSharding(mesh, w.spec))
+    return jax.tree.map(one, weights or _weights(arch))
 
 
 def init_params(arch: LlamaConfig, key: jax.Array, mesh, weights: dict | None = None) -> dict:
@@ -357,7 +331,7 @@ def rope_inverse_frequencies(arch: LlamaConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, heads, Q]; cos, sin [T, Q/2].
+    """x [B, T, heads, Q]; cos, sin [T, Q/2], or [B, T, Q/2] for positions of each row's own.
 
     Rotate-half layout: dimension i pairs with i + Q/2 (not 2i with 2i + 1 as in Meta's original code).
     transformers' conversion script permuted the rows of q_proj and k_proj into this layout once and
@@ -365,19 +339,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     weights load and export with no permutation and match transformers exactly.
     """
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = cos[..., None, :], sin[..., None, :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _attention_impl(requested: str | None, dtype, head_dim: int) -> str:
-    if requested is not None:
-        return requested
-    # jax picks XLA everywhere by default; on GPU cuDNN's fused kernel is far faster, where it applies.
-    fits_cudnn = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
-    return "cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "xla"
-
-
 def _attention(q, k, v, lengths, impl):
+    """Causal attention within each row's first `lengths` tokens; with `lengths` a tuple of views, within
+    each view (_view_attention)."""
+    if isinstance(lengths, tuple):
+        return _view_attention(q, k, v, *lengths, impl)
+
     def attend(q, k, v, lengths):
         masks = dict(is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
         return jax.nn.dot_product_attention(q, k, v, implementation=impl, **masks)
@@ -390,6 +361,21 @@ def _attention(q, k, v, lengths, impl):
     return attend(q, k, v, lengths)
 
 
+def _view_attention(q, k, v, index, lengths, slot, impl):
+    """Attention over views of the rows (packing, prefix sharing): view j of row b is the sequence of the
+    row's positions index[b, j] ([B, J, S]), e.g. [prompt | chosen] and [prompt | rejected] of a pair. Each
+    view gathers its tokens' q, k, v (already rotated at their positions), attends causally within its
+    first lengths[b, j] tokens with the same kernel rows use, and every token of a row takes its output
+    from the flat view position slot[b, t]. Gathers along a row stay on its device."""
+    (b, n, s), heads = index.shape, (*jax.typeof(q).sharding.spec, None, None, None)[2:4]
+    split = lambda x, shape: jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, None, *heads))
+    flat = index.reshape(b, n * s)[..., None, None]
+    views = lambda x: split(jnp.take_along_axis(x, flat, axis=1), (b * n, s, *x.shape[2:]))
+    lengths = jnp.reshape(lengths, (b * n,), out_sharding=P(sharding.BATCH_AXES))
+    out = split(_attention(views(q), views(k), views(v), lengths, impl), (b, n * s, *q.shape[2:]))
+    return jnp.take_along_axis(out, slot[..., None, None], axis=1)
+
+
 def _gathered(w: jax.Array, dtype) -> jax.Array:
     """FSDP: one layer's weight cast to the compute dtype (halving the traffic in bf16) and gathered
     whole over "fsdp" right before use; the tensor split stays. Only one layer is whole at a time."""
@@ -399,26 +385,24 @@ def _gathered(w: jax.Array, dtype) -> jax.Array:
 
 def _weights_axes(name: str) -> tuple[str, int]:
     """A layer weight's axes without L, as einsum letters, and how many lead ones make its input."""
-    return _LAYER[name].axes[1:].lower(), _HF_NAMES[name][1]
+    return _LAYER[name].axes[1:].lower(), _LAYER[name].n_in
 
 
-def _project(x, w: dict, adapters: dict | None, name: str, scale: float, out_sharding=None):
+def _project(x, w: dict, adapters: dict | None, name: str, scale: float, out=None):
     """x times one layer's weight `name`, spelled from its declared axes (e.g. "btd,dhq->bthq" for wq), plus
-    with LoRA the low-rank path scale * (x A) B beside it. out_sharding, for a sum over the tensor axis."""
+    with LoRA the low-rank path scale * (x A) B beside it. out: the sharding of a sum over the tensor axis."""
     axes, n_in = _weights_axes(name)
     inputs, outputs = axes[:n_in], axes[n_in:]
-    y = jnp.einsum(
-        f"bt{inputs},{axes}->bt{outputs}", x, _gathered(w[name], x.dtype), out_sharding=out_sharding
-    )
+    y = jnp.einsum(f"bt{inputs},{axes}->bt{outputs}", x, _gathered(w[name], x.dtype), out_sharding=out)
     if adapters is not None and name in adapters:
         a, b = (_gathered(adapters[name][k], x.dtype) for k in "ab")
         low = jnp.einsum(f"bt{inputs},{inputs}r->btr", x, a, out_sharding=BATCH)
-        y += scale * jnp.einsum(f"btr,r{outputs}->bt{outputs}", low, b, out_sharding=out_sharding)
+        y += scale * jnp.einsum(f"btr,r{outputs}->bt{outputs}", low, b, out_sharding=out)
     return y
 
 
 def _decoder_layer(x, w, adapters, cos, sin, lengths, arch: LlamaConfig, impl: str, scale: float):
-    project = lambda h, name, out_sharding=None: _project(h, w, adapters, name, scale, out_sharding)
+    project = lambda h, name, out=None: _project(h, w, adapters, name, scale, out)
     with jax.named_scope("attention"):
         h = rms_norm(x, w["attn_norm"], arch.rms_norm_eps)
         q, k, v = project(h, "wq"), project(h, "wk"), project(h, "wv")  # B over batch axes, heads over tensor
@@ -447,6 +431,8 @@ def forward(
     arch: LlamaConfig,
     *,
     lengths: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    views: tuple | None = None,
     lora: dict | None = None,
     lora_scale: float = 1.0,
     compute_dtype=jnp.float32,
@@ -456,22 +442,31 @@ def forward(
     """Final RMS-normed hidden states [B, T, D] in compute_dtype, sharded P(("data", "fsdp"), None, None).
 
     tokens int32 [B, T], right-padded; lengths int32 [B] real tokens per row (None: all real). Positions
-    are 0..T-1. Pad positions give finite values that the caller masks out. lora: adapters (lora_weights'
-    tree) added to their weights' projections with lora_scale (alpha / rank). attention_impl: None (cuDNN
-    on GPU where it applies, else XLA), "xla" or "cudnn".
+    are 0..T-1, or `positions` [B, T]. With `views` (index [B, J, S], lengths [B, J], slot [B, T]; see
+    _view_attention) a row holds several sequences, each attending within its views. Pad positions give
+    finite values that the caller masks out. lora: adapters (lora_weights' tree) added to their weights'
+    projections with lora_scale (alpha / rank). attention_impl: None (cuDNN on GPU where it applies, else
+    XLA), "xla" or "cudnn".
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; expected one of {list(REMAT_POLICIES)}")
-    impl = _attention_impl(attention_impl, compute_dtype, arch.head_dim)
+    impl = attention_impl
+    if impl is None:  # jax picks XLA everywhere by default; on GPU cuDNN's fused kernel is far faster
+        Q = arch.head_dim
+        fits_cudnn = jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16) and Q % 8 == 0 and Q <= 128
+        impl = "cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "xla"
     with jax.named_scope("embed"):
         # Gather the table whole first: a lookup into a vocab/fsdp-sharded table makes XLA replicate it
         # through an inefficient path anyway; this way it is one all-gather (a reduce-scatter backward).
         table = reshard(params["embed"].astype(compute_dtype), P(None, None))
         x = table.at[tokens].get(out_sharding=BATCH)
-    angles = jnp.arange(tokens.shape[1], dtype=jnp.float32)[:, None] * rope_inverse_frequencies(arch)
+    positions = jnp.arange(tokens.shape[1]) if positions is None else positions
+    angles = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(arch)
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    if lengths is not None:
-        # A row with no real token would attend to nothing; letting position 0 see itself keeps it finite.
+    # A row (view) with no real token would attend to nothing; letting position 0 see itself keeps it finite.
+    if views is not None:
+        lengths = (views[0], jnp.maximum(views[1], 1).astype(jnp.int32), views[2])
+    elif lengths is not None:
         lengths = reshard(jnp.maximum(lengths, 1).astype(jnp.int32), P(sharding.BATCH_AXES))
 
     def layer(x, weights):
@@ -505,24 +500,6 @@ def merge_lora(params: dict, lora: dict, scale: float) -> dict:
 
 
 # --- Hugging Face checkpoints -------------------------------------------------------------------------------
-
-# Each weight's tensor name in transformers' Llama and how many of our leading axes make up its input
-# axis: nn.Linear stores [out, in], we store [in, out] split into named axes, so ours = hf.T reshaped
-# (0: same layout as transformers). Layer weights are one tensor per layer ({} = layer index).
-_HF_NAMES = {
-    "embed": ("model.embed_tokens.weight", 0),
-    "attn_norm": ("model.layers.{}.input_layernorm.weight", 0),
-    "wq": ("model.layers.{}.self_attn.q_proj.weight", 1),
-    "wk": ("model.layers.{}.self_attn.k_proj.weight", 1),
-    "wv": ("model.layers.{}.self_attn.v_proj.weight", 1),
-    "wo": ("model.layers.{}.self_attn.o_proj.weight", 2),
-    "mlp_norm": ("model.layers.{}.post_attention_layernorm.weight", 0),
-    "w_gate": ("model.layers.{}.mlp.gate_proj.weight", 1),
-    "w_up": ("model.layers.{}.mlp.up_proj.weight", 1),
-    "w_down": ("model.layers.{}.mlp.down_proj.weight", 1),
-    "final_norm": ("model.norm.weight", 0),
-    "lm_head": ("lm_head.weight", 1),
-}
 
 
 def resolve_path(name_or_path: str, allow_patterns=("*.json", "*.safetensors", "*.jinja")) -> Path:
@@ -570,20 +547,17 @@ def _read_part(tensor, index: tuple[slice, ...], shape: tuple[int, ...], n_in: i
 
 @contextlib.contextmanager
 def _checkpoint(path: Path):
-    """tensor(key, layer): a lazy slice of our weight `key` (of one layer, when stacked) in the transformers
-    checkpoint at `path` (one file or sharded with an index), checked against the shape we expect. Missing
-    tensors, other shapes and files that are not safetensors (a pickle, a cut-short download) are refused,
-    naming the file."""
+    """tensor(name, shape): a lazy slice of transformers' tensor `name` in the checkpoint at `path` (one file
+    or sharded with an index), checked against `shape`. Missing tensors, other shapes and files that are not
+    safetensors (a pickle, a cut-short download) are refused, naming the file."""
     with contextlib.ExitStack() as stack:
-        files = {}
 
+        @functools.cache  # each file opened once
         def opened(file: str):
-            if file not in files:
-                try:
-                    files[file] = stack.enter_context(safe_open(path / file, "numpy"))
-                except Exception as e:
-                    raise ValueError(f"{path / file}: not a readable safetensors file ({e})") from None
-            return files[file]
+            try:
+                return stack.enter_context(safe_open(path / file, "numpy"))
+            except Exception as e:
+                raise ValueError(f"{path / file}: not a readable safetensors file ({e})") from None
 
         index_file = path / "model.safetensors.index.json"
         if index_file.exists():
@@ -604,28 +578,19 @@ def _checkpoint(path: Path):
         yield tensor
 
 
-def _layout(key: str, w: Weight, arch: LlamaConfig):
-    """(transformers' name pattern, input axes count, our shape, one layer's shape, transformers' shape)."""
-    name, n_in = _HF_NAMES[key]
-    shape = _shape(arch, w)
-    per_layer = shape[1:] if w.axes[0] == "L" else shape
-    return (
-        name,
-        n_in,
-        shape,
-        per_layer,
-        (math.prod(per_layer[n_in:]), math.prod(per_layer[:n_in])) if n_in else per_layer,
-    )
+def _hf_shape(w: Weight, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """transformers' shape of one layer of `w` given our `shape`: nn.Linear's [out, in], else the same."""
+    one = shape[1:] if w.axes[0] == "L" else shape
+    return (math.prod(one[w.n_in :]), math.prod(one[: w.n_in])) if w.n_in else tuple(one)
 
 
 def check_weights(path, arch: LlamaConfig) -> None:
     """Every tensor the model needs is in the checkpoint at `path`, with its shape, in files that open: from
     the headers alone, so that a run can check it before it writes anything."""
     with _checkpoint(resolve_path(path)) as tensor:
-        for key_path, w in jax.tree_util.tree_leaves_with_path(_weights(arch)):
-            name, _, _, _, hf_shape = _layout(key_path[-1].key, w, arch)
+        for w in jax.tree.leaves(_weights(arch)):
             for layer in range(arch.num_layers) if w.axes[0] == "L" else [None]:
-                tensor(name.format(layer), hf_shape)
+                tensor(w.hf.format(layer), _hf_shape(w, _shape(arch, w)))
 
 
 def load_params(path, arch: LlamaConfig, mesh, dtype=jnp.float32) -> dict:
@@ -634,23 +599,24 @@ def load_params(path, arch: LlamaConfig, mesh, dtype=jnp.float32) -> dict:
     np_dtype = np.dtype(dtype)
     with _checkpoint(resolve_path(path)) as tensor:
 
-        def load(key_path, w: Weight):
-            name, n_in, shape, per_layer, hf_shape = _layout(key_path[-1].key, w, arch)
+        def load(w: Weight):
+            shape = _shape(arch, w)
+            hf_shape = _hf_shape(w, shape)
 
             @functools.cache  # devices holding the same slice (replicas) share one read
             def read_block(bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
                 index = tuple(slice(*b) for b in bounds)
                 if w.axes[0] != "L":
-                    return _read_part(tensor(name, hf_shape), index, shape, n_in).astype(np_dtype)
-                parts = [tensor(name.format(i), hf_shape) for i in range(*bounds[0])]
-                return np.stack([_read_part(p, index[1:], per_layer, n_in) for p in parts]).astype(np_dtype)
+                    return _read_part(tensor(w.hf, hf_shape), index, shape, w.n_in).astype(np_dtype)
+                parts = [tensor(w.hf.format(i), hf_shape) for i in range(*bounds[0])]
+                return np.stack([_read_part(p, index[1:], shape[1:], w.n_in) for p in parts]).astype(np_dtype)
 
             def read(index):
                 return read_block(tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True)))
 
             return jax.make_array_from_callback(shape, NamedSharding(mesh, w.spec), read, dtype=np_dtype)
 
-        return jax.tree_util.tree_map_with_path(load, _weights(arch))
+        return jax.tree.map(load, _weights(arch))
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
@@ -697,51 +663,41 @@ def save_hf(
 
     # Every tensor in transformers' order: (name, shape, fetch), planned into shards before any is read.
     def entry(key, array, layer=None):
-        name, n_in = _HF_NAMES[key]
-        shape = array.shape[1:] if layer is not None else array.shape
-        hf_shape = (math.prod(shape[n_in:]), math.prod(shape[:n_in])) if n_in else shape
+        w = _WEIGHTS[key] if layer is None else _LAYER[key]
+        hf_shape = _hf_shape(w, array.shape)
 
         def fetch():
-            x = _export_cast(array, layer, np_dtype)
-            x = sharding.to_host(x)  # whole on every host
-            return x.reshape(hf_shape[1], hf_shape[0]).T if n_in else x
+            x = sharding.to_host(_export_cast(array, layer, np_dtype))  # whole on every host
+            return x.reshape(hf_shape[1], hf_shape[0]).T if w.n_in else x
 
-        return name.format(layer), tuple(hf_shape), fetch
+        return w.hf.format(layer), hf_shape, fetch
 
-    entries = [entry("embed", params["embed"])]
-    for i in range(arch.num_layers):
-        entries += [entry(key, array, i) for key, array in params["layers"].items()]
-    entries += [entry("final_norm", params["final_norm"])]
-    if "lm_head" in params:
-        entries += [entry("lm_head", params["lm_head"])]
+    layers = [entry(key, array, i) for i in range(arch.num_layers) for key, array in params["layers"].items()]
+    tail = [entry(key, params[key]) for key in ("final_norm", "lm_head") if key in params]
+    entries = [entry("embed", params["embed"]), *layers, *tail]
+    nbytes = lambda shape: math.prod(shape) * itemsize
     shards = [[]]
     for e in entries:
-        shard_bytes = sum(math.prod(s) * itemsize for _, s, _ in shards[-1])
-        if shards[-1] and shard_bytes + math.prod(e[1]) * itemsize > max_shard_bytes:
+        if shards[-1] and sum(nbytes(s) for _, s, _ in shards[-1]) + nbytes(e[1]) > max_shard_bytes:
             shards.append([])
         shards[-1].append(e)
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = names if len(shards) > 1 else ["model.safetensors"]
 
     writer = sharding.is_writer()
     with sharding.atomic(out_dir) if writer else contextlib.nullcontext() as tmp:
         if writer:
             tmp.mkdir(parents=True)
         for shard, file_name in zip(shards, names, strict=True):
-            with open(tmp / file_name, "wb") if writer else contextlib.nullcontext() as f:
-                if writer:
-                    _write_safetensors_header(f, [(n, s) for n, s, _ in shard], st_dtype, itemsize)
+            # Every process takes part in each gather; only the writer's bytes land in a file.
+            with open(tmp / file_name if writer else os.devnull, "wb") as f:
+                _write_safetensors_header(f, [(n, s) for n, s, _ in shard], st_dtype, itemsize)
                 for _, _, fetch in shard:
-                    data = np.ascontiguousarray(fetch())  # every process takes part in the gather
-                    if writer:
-                        f.write(data.tobytes())
+                    f.write(np.ascontiguousarray(fetch()).tobytes())
         if writer:
             if len(shards) > 1:
                 weight_map = {n: file for shard, file in zip(shards, names, strict=True) for n, _, _ in shard}
-                total_size = sum(math.prod(s) * itemsize for _, s, _ in entries)
+                total_size = sum(nbytes(s) for _, s, _ in entries)
                 index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
             (tmp / "config.json").write_text(json.dumps(arch.to_hf(dtype), indent=2))
@@ -765,25 +721,15 @@ def save_peft_adapter(
     are gathered); process 0 writes, atomically."""
     tensors = {}
     for name, adapter in lora.items():
-        module = "base_model.model." + _HF_NAMES[name][0].removesuffix(".weight")
+        module = "base_model.model." + _LAYER[name].hf.removesuffix(".weight")
         a, b = (sharding.to_host(adapter[k]).astype(np.float32) for k in "ab")
         for i in range(arch.num_layers):
             tensors[f"{module.format(i)}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, rank).T)
             tensors[f"{module.format(i)}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(rank, -1).T)
-    modules = sorted({_HF_NAMES[name][0].split(".")[-2] for name in lora})  # q_proj, ...
-    config = dict(
-        peft_type="LORA",
-        task_type="CAUSAL_LM",
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=modules,
-        lora_dropout=0.0,
-        bias="none",
-        fan_in_fan_out=False,
-        use_rslora=False,
-        inference_mode=True,
-        base_model_name_or_path=base_model,
-    )
+    modules = sorted({_LAYER[name].hf.split(".")[-2] for name in lora})  # q_proj, ...
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=rank, lora_alpha=alpha, target_modules=modules)
+    config |= dict(lora_dropout=0.0, bias="none", fan_in_fan_out=False, use_rslora=False, inference_mode=True)
+    config["base_model_name_or_path"] = base_model
     if sharding.is_writer():
         with sharding.atomic(out_dir) as tmp:
             tmp.mkdir(parents=True)

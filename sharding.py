@@ -20,10 +20,10 @@ collectives; XLA derives every collective from the specs.
 """
 
 import contextlib
-import importlib.util
 import math
 import os
 import shutil
+from importlib.util import find_spec
 from pathlib import Path
 
 import jax
@@ -124,10 +124,7 @@ def _launched_as_several_processes(env) -> bool:
         or "MEGASCALE_COORDINATOR_ADDRESS" in env  # multi-slice TPU
         # A Cloud TPU VM (libtpu installed, chips at /dev/accel* or vfio): jax asks the metadata server
         # for the slice's workers; on a single-host slice that makes a harmless one-process job.
-        or (
-            importlib.util.find_spec("libtpu") is not None
-            and (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"))
-        )
+        or (find_spec("libtpu") is not None and any(map(os.path.exists, ("/dev/accel0", "/dev/vfio/0"))))
     )
 
 

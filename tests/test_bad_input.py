@@ -412,3 +412,14 @@ def test_data_py_replaces_only_its_own_complete_outputs(demo, tmp_path):
     assert (
         data.tokenize(str(tmp_path / "rows.jsonl"), str(model_dir), str(tmp_path / "o"))["format"] == "plain"
     )
+
+
+def test_data_from_an_older_data_py_is_refused_in_one_line(demo, tmp_path):
+    model_dir, pairs = demo
+    out = tmp_path / "old"
+    data.tokenize(str(pairs), str(model_dir), str(out))
+    summary = json.loads((out / "summary.json").read_text())
+    summary["settings"]["version"] = 2  # before shared_length, which prefix sharing reads
+    (out / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="made by an older data.py: tokenize it again"):
+        data.PairDataset(out)

@@ -120,7 +120,8 @@ def test_token_metrics_match_full_logits():
     targets = np.where(rng.random((n, t)) < 0.4, logits.argmax(-1), rng.integers(0, v, (n, t)))  # some hits
     mask = rng.random((n, t)) < 0.7
     with jax.set_mesh(ONE_DEVICE):
-        logps, stats = dpo.sequence_logps(hidden, lm_head, targets.astype(np.int32), mask, chunk_size=16)
+        logps, stats = dpo.token_logps(hidden, lm_head, targets.astype(np.int32), mask, chunk_size=16)
+    logps, stats = logps.sum(-1), stats.sum(-2)  # per token, 0 where not scored: summed per row
     for row in range(n):  # the kernel's per-row sums over the scored tokens, divided by their count
         one = lambda fn, *args, row=row: fn(*(x[row : row + 1] for x in args))
         count = mask[row].sum()

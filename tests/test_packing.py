@@ -1,0 +1,182 @@
+"""Prefix sharing and packing against the plain layout, the reference: the same sequences rebuilt from the
+rows, and the same loss, gradients and metrics (f32, rel 1e-5) with multi-turn rows and system prompts, the
+reference live and precomputed, on one device and on 8, over microbatches."""
+
+import itertools
+import json
+
+import jax
+import numpy as np
+import pytest
+from _data_templates import WORDS, build_tokenizer
+
+import data
+import dpo
+import model
+import sharding
+
+ONE_DEVICE = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+LAYOUTS = {"sharing": (True, False), "packing": (False, True), "both": (True, True)}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """Multi-turn conversations with system prompts and earlier assistant turns (scored on both sides, in
+    the shared prefix), and one-turn ones of varied lengths, tokenized with a ChatML template."""
+    root = tmp_path_factory.mktemp("packing")
+    tokenizer = build_tokenizer(root / "chatml", "chatml")
+    rng, rows = np.random.default_rng(0), []
+    say = lambda n: " ".join(rng.choice(WORDS, n))
+    for i in range(24):
+        turns = [{"role": "system", "content": say(3)}] if i % 3 == 0 else []
+        for _ in range(i % 3):  # earlier turns
+            turns += [{"role": "user", "content": say(4)}, {"role": "assistant", "content": say(5)}]
+        turns += [{"role": "user", "content": say(2 + i % 7)}]
+        reply = lambda: [{"role": "assistant", "content": say(int(rng.integers(1, 12)))}]
+        rows.append({"chosen": turns + reply(), "rejected": turns + reply()})
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.tokenize(str(root / "rows.jsonl"), str(tokenizer), str(root / "out"), max_seq_len=256)
+    dataset = data.PairDataset(root / "out")
+    arch = model.LlamaConfig(
+        vocab_size=448,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        initializer_range=0.1,
+    )
+    assert dataset.summary["max_token_id"] < arch.vocab_size and (dataset.shared > 20).any()
+    return dataset, arch
+
+
+def batch_of(dataset, layout=None, row_multiple=1, reference=None, size=8):
+    loader = data.train_batches(
+        dataset,
+        range(len(dataset)),
+        batch_size=size,
+        seed=0,
+        max_seq_len=256,
+        layout=data.Layout(*LAYOUTS[layout], row_multiple) if layout else None,
+        reference=reference,
+    )
+    return next(loader)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rows_hold_exactly_the_plain_sequences(pairs, layout):
+    dataset, _ = pairs
+    plain, packed = batch_of(dataset, size=16), batch_of(dataset, layout, row_multiple=2, size=16)
+    want = {}  # (chosen tokens, rejected tokens) -> masks, from the plain batch
+    for i in range(16):
+        sides = [
+            (plain["input_ids"][i, s, :n], plain["loss_mask"][i, s, :n])
+            for s, n in enumerate(plain["lengths"][i])
+        ]
+        want[tuple(map(tuple, (sides[0][0], sides[1][0])))] = sides
+    got = set()
+    for r, j in itertools.product(range(len(packed["weight"])), range(packed["weight"].shape[1])):
+        if not packed["weight"][r, j]:
+            continue
+        sides = []
+        for s in range(2):  # each view rebuilt from the row: its tokens, its positions, its scored targets
+            at = packed["views"][r, 2 * j + s, : packed["view_lengths"][r, 2 * j + s]]
+            ids = packed["input_ids"][r, at]
+            assert packed["positions"][r, at].tolist() == list(range(len(at)))
+            assert (packed["pair"][r, at] == j).all()
+            sides.append(ids)
+        key = tuple(map(tuple, sides))
+        (chosen, chosen_mask), (rejected, rejected_mask) = want[key]
+        got.add(key)
+        # A token is scored for a side when its target is, and it is on that side or shared.
+        side, mask = packed["side"][r], packed["target_mask"][r]
+        for s, plain_mask in enumerate((chosen_mask, rejected_mask)):
+            mine = (packed["pair"][r] == j) & ((side == 0) | (side == s + 1))
+            assert mask[mine].sum() == plain_mask[1:].sum()
+        # Every token reads its attention output from a view slot that holds that very token.
+        slots = packed["slot"][r][packed["pair"][r] == j]
+        flat = packed["views"][r].reshape(-1)
+        assert (packed["input_ids"][r, flat[slots]] == packed["input_ids"][r][packed["pair"][r] == j]).all()
+    assert got == set(want)  # every pair once
+    if LAYOUTS[layout][0]:  # the shared prompts ran once
+        assert (packed["pair"] >= 0).sum() < plain["lengths"].sum()
+
+
+def loss_and_grads(params, batch, arch, config, reference):
+    """The DPO loss of the batch and its gradient, from dpo.py's pieces."""
+
+    def loss(params):
+        policy, _ = dpo.pair_logps(params, batch, arch, config)
+        ref = (
+            dpo.per_pair(batch, "ref_logps")
+            if "ref_logps" in batch
+            else dpo.pair_logps(reference, batch, arch, config)[0]
+        )
+        tokens, weight = dpo.pair_counts(batch)
+        return dpo.dpo_loss(policy, jax.lax.stop_gradient(ref), tokens, weight, config)[0]
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("layout, mesh_shape", [("sharing", None), ("packing", None), ("both", (2, 2, 2))])
+def test_the_same_loss_and_gradients_as_the_plain_layout(pairs, layout, mesh_shape):
+    dataset, arch = pairs
+    mesh = ONE_DEVICE if mesh_shape is None else sharding.make_mesh(*mesh_shape)
+    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    config = dpo.Config(loss_type=("sigmoid", "sft", "ipo"), logits_chunk_size=64, train_data="x")
+    with jax.set_mesh(mesh):
+        params, reference = (model.init_params(arch, jax.random.key(seed), mesh) for seed in (0, 1))
+        results = []
+        for kind in (None, layout):
+            batch = sharding.global_batch(batch_of(dataset, kind, row_multiple=devices), mesh)
+            results.append(jax.device_get(loss_and_grads(params, batch, arch, config, reference)))
+    (plain_loss, plain_grads), (loss, grads) = results
+    assert float(loss) == pytest.approx(float(plain_loss), rel=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_train_and_eval_steps_match_with_microbatches_and_a_precomputed_reference(pairs, layout="both"):
+    dataset, arch = pairs
+    mesh = sharding.make_mesh(1, 4, 2)
+    table = np.random.default_rng(2).normal(-40, 5, (len(dataset), 2)).astype(np.float32)  # stands in for one
+    runs = []
+    for kind, micro in ((None, None), (layout, None), (layout, 4)):
+        config = dpo.Config(
+            train_data="x",
+            train_batch_size=8,
+            microbatch_size=micro,
+            loss_type=("aot", "sigmoid"),
+            logits_chunk_size=64,
+            reference_mode="precompute",
+            learning_rate=1e-3,
+            warmup=0,
+        )
+        optimizer = dpo.make_optimizer(config)
+        with jax.set_mesh(mesh):
+            train_step, eval_step = dpo.make_steps(arch, config, optimizer)
+            state = jax.jit(lambda p, o=optimizer: dpo.TrainState.create(p, o))(
+                model.init_params(arch, jax.random.key(0), mesh)
+            )
+            rows = 4 * (micro and config.train_batch_size // micro or 1)
+            batch = sharding.global_batch(batch_of(dataset, kind, row_multiple=rows, reference=table), mesh)
+            sums = jax.device_get(eval_step(state.params, (None, None), batch))
+            _, metrics = train_step(state, (None, None), batch)
+            runs.append((dpo.normalize(sums), jax.device_get(metrics)))
+    for (sums, metrics), (plain_sums, plain_metrics) in zip(runs[1:], [runs[0]] * 2, strict=True):
+        for key in (
+            "loss",
+            "rewards/margins",
+            "logps/chosen",
+            "entropy",
+            "mean_token_accuracy",
+            "logits/rejected",
+        ):
+            assert float(sums[key]) == pytest.approx(float(plain_sums[key]), rel=1e-5), key
+            assert float(metrics[key]) == pytest.approx(float(plain_metrics[key]), rel=1e-5), key
+        assert float(metrics["grad_norm"]) == pytest.approx(float(plain_metrics["grad_norm"]), rel=1e-5)
+        assert float(metrics["tokens"]) == float(
+            plain_metrics["tokens"]
+        )  # the pairs' tokens, as plain counts them
+        assert float(metrics["flops"]) < float(plain_metrics["flops"])  # but fewer ran: the prompts once
