@@ -266,7 +266,7 @@ class StepRunner:
     def run(self, batch: dict[str, np.ndarray]) -> float:
         """Seconds of one step; a new shape is compiled and run once first, uncounted."""
         if self.config.reference_mode == "precompute":  # their values do not change the speed
-            batch = batch | {"ref_logps": np.zeros((len(batch["weight"]), 2), np.float32)}
+            batch = batch | {"ref_logps": np.zeros((*batch["weight"].shape, 2), np.float32)}
         with jax.set_mesh(self.mesh):
             batch = sharding.global_batch(batch, self.mesh)
             width = tuple(

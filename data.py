@@ -794,7 +794,7 @@ class PairDataset:
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         columns = ["chosen_length", "rejected_length", "shared_length"]
         table = pa.concat_tables([f.read(columns=columns) for f in files])
-        self.lengths = np.stack([table[name].to_numpy() for name in table.column_names[:2]], axis=1)
+        self.lengths = np.stack([table[name].to_numpy() for name in columns[:2]], axis=1)
         self.shared = table["shared_length"].to_numpy()
         self._cache = {}  # the last few decoded row groups: sequential reads hit it
 
@@ -835,7 +835,8 @@ def split_indices(n: int, validation_fraction: float | None, seed: int) -> tuple
 
 class Layout(NamedTuple):
     """How the loader lays pairs out: prefix_sharing, one sequence a pair (its shared prefix once); packing,
-    several pairs to a row. Rows come in multiples of row_multiple (devices x microbatches x processes)."""
+    several pairs to a row. Rows per step come in multiples of row_multiple (dpo.py: the batch axes' devices
+    times the microbatches) and of the process count."""
 
     prefix_sharing: bool = False
     packing: bool = False
@@ -852,8 +853,8 @@ def _batches(dataset, indices, steps, max_seq_len, reference, layout, process_in
         raise ValueError(f"{dataset.path} has pairs of {longest} tokens, over max_seq_len {max_seq_len}")
     packed = layout is not None and (layout.prefix_sharing or layout.packing)
     make = functools.partial(_packed, layout=layout) if packed else _padded
-    args = (reference, max_seq_len, process_index, process_count)
-    return (make(dataset, pairs, weight, *args) for pairs, weight in steps)
+    where = dict(reference=reference, max_seq_len=max_seq_len, process_index=process_index)
+    return (make(dataset, pairs, weight, process_count=process_count, **where) for pairs, weight in steps)
 
 
 def _padded(dataset, pairs, weight, reference, max_seq_len, process_index, process_count):
@@ -890,21 +891,17 @@ def _packed(dataset, pairs, weight, reference, max_seq_len, process_index, proce
     lengths, count = dataset.lengths[pairs], len(pairs)
     once = np.maximum(dataset.shared[pairs] - 1, 0) if layout.prefix_sharing else np.zeros(count, np.int64)
     units = lengths.sum(1) - once
+    multiple = math.lcm(layout.row_multiple, process_count)
     if layout.packing:
-        # As few rows as hold everything at up to 2 * max_seq_len tokens, in whole row_multiples.
-        least = -(-int(units.sum()) // (2 * max_seq_len * layout.row_multiple)) * layout.row_multiple
-        width = padded_width(max(int(units.max()), -(-int(units.sum()) // least)), 2 * max_seq_len)
-        rows, free = [], []
-        for k in np.argsort(-units, kind="stable"):
-            fits = next((r for r, room in enumerate(free) if units[k] <= room), len(rows))
-            if fits == len(rows):
-                rows.append([])
-                free.append(width)
-            rows[fits].append(k)
-            free[fits] -= units[k]
+        # As few rows as hold everything at up to 2 * max_seq_len tokens, in whole multiples; the rows widen
+        # a step at a time while first-fit spills into more (a spilled row would cost a whole multiple).
+        tokens, cap = int(units.sum()), 2 * max_seq_len
+        least = -(-tokens // (cap * multiple)) * multiple
+        width = padded_width(max(int(units.max()), -(-tokens // least)), cap)
+        while len(rows := _first_fit(units, width)) > least and width < cap:
+            width = padded_width(width + 1, cap)
     else:
         width, rows = padded_width(int(units.max()), 2 * max_seq_len), [[k] for k in range(count)]
-    multiple = math.lcm(layout.row_multiple, process_count)
     total, per_row = -(-len(rows) // multiple) * multiple, 1 << (max(map(len, rows)) - 1).bit_length()
     rows += [[] for _ in range(total - len(rows))]
     rows = rows[process_index * total // process_count : (process_index + 1) * total // process_count]
@@ -947,6 +944,19 @@ def _packed(dataset, pairs, weight, reference, max_seq_len, process_index, proce
                 out["ref_logps"][i, j] = reference[pairs[k]]
             at += n
     return out
+
+
+def _first_fit(units: np.ndarray, width: int) -> list[list[int]]:
+    """Sequences of `units` tokens into rows of `width`: longest first, each into the first row it fits."""
+    rows, free = [], []
+    for k in np.argsort(-units, kind="stable"):
+        fits = next((r for r, room in enumerate(free) if units[k] <= room), len(rows))
+        if fits == len(rows):
+            rows.append([])
+            free.append(width)
+        rows[fits].append(k)
+        free[fits] -= units[k]
+    return rows
 
 
 def padded_width(longest: int, max_seq_len: int) -> int:

@@ -64,7 +64,7 @@ LOSS_TYPES = (
 LOSS_TYPES = (*LOSS_TYPES.split(), "simpo", "aot", "aot_unpaired", "sft")
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")  # they use label_smoothing
 BATCH_LOSSES = {"aot", "aot_unpaired"}  # losses over the whole batch, not sums over its pairs
-LORA_TARGETS = tuple(model.LORA_TARGETS)
+ADAPTABLE = tuple(model.LORA_TARGETS)  # lora_targets' choices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,7 @@ class Config:
     # --- LoRA
     lora_rank: int = 0  # adapters of this rank on the frozen model, the reference its base; 0: full tuning
     lora_alpha: float | None = None  # LoRA scale alpha / rank; None: alpha = 2 * rank
-    lora_targets: tuple[Literal[LORA_TARGETS], ...] = LORA_TARGETS  # the projections adapted
+    lora_targets: tuple[Literal[ADAPTABLE], ...] = ADAPTABLE  # the projections adapted
     # --- optimization
     train_batch_size: int = 128  # preference pairs per optimizer step (global, over all devices)
     microbatch_size: int | None = None  # pairs per forward/backward; gradients accumulate up to the batch
@@ -345,7 +345,7 @@ def batch_reshape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lora=None):
     """([b, 2] summed log-probs, [b, 2, 3] token stats) of chosen (column 0) and rejected (column 1) under
     `params` (and, with LoRA, the adapters `lora` on them), in the order of pair_counts. A batch of rows
-    holding several sequences (data._packed: prefix sharing, packing) runs each token once."""
+    holding several sequences (data._packed: prefix sharing, packing) runs a shared prompt once."""
     dtype = dtype_of(config.compute_dtype)
     # forward casts each layer's weights to the compute dtype as it gathers them: no full-model copy.
     attention = None if config.attention_impl == "auto" else config.attention_impl
@@ -384,7 +384,8 @@ def _per_pair_side(batch: dict, x: jax.Array) -> jax.Array:
     a shared token (side 0) counts for both sides."""
     slots = jax.nn.one_hot(batch["pair"], batch["weight"].shape[1], dtype=jnp.float32)  # [R, W, K]; -1: none
     sides = jnp.stack([batch["side"] != 2, batch["side"] != 1], -1).astype(jnp.float32)  # [R, W, 2]
-    summed = jnp.einsum("rt...,rtk,rts->rks...", x.astype(jnp.float32), slots, sides)
+    # HIGHEST: default precision multiplies f32 in bf16 on TPU (TF32 on GPU), which would round each log-prob.
+    summed = jnp.einsum("rt...,rtk,rts->rks...", x.astype(jnp.float32), slots, sides, precision="highest")
     return batch_reshape(summed, (-1, *summed.shape[2:]))
 
 
@@ -579,14 +580,14 @@ def step_flops(arch: model.LlamaConfig, lengths, live_reference: bool, lora: boo
     lengths = lengths.astype(np.float32)
     tokens = lengths.sum() if tokens is None else tokens
     attention = 2 * arch.num_layers * arch.num_heads * arch.head_dim * (lengths**2).sum()
-    return passes * arch.num_matmul_params * tokens + passes / 2 * attention
+    return passes * float(arch.num_matmul_params) * tokens + passes / 2 * attention  # float: no int32 wrap
 
 
 def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
     """The jitted train step (state donated) and eval step, both taking the frozen weights as (base,
     reference): the base is what LoRA's adapters sit on (None without LoRA), the reference the frozen model
     whose log-probs the loss compares with (with LoRA by default the base itself; None when precomputed,
-    then "ref_logps" [b, 2] come in the batch, or for a reference-free loss)."""
+    then "ref_logps" ([b, 2]; [R, K, 2] in rows of pairs) come in the batch, or for a reference-free loss)."""
     num_micro = config.num_microbatches
     live = config.uses_reference and config.reference_mode == "live"
 
@@ -653,7 +654,7 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
         metrics["tokens"] = jnp.sum(batch["lengths"])  # for throughput, counted where the batch already is
         # Rows of several sequences: attention per view; a shared prompt ran once, so count what ran.
         lengths = batch["view_lengths"] if "views" in batch else batch["lengths"]
-        ran = jnp.sum(batch["pair"] >= 0) if "views" in batch else None
+        ran = jnp.sum(batch["pair"] >= 0, dtype=jnp.float32) if "views" in batch else None
         metrics["flops"] = step_flops(arch, lengths, live, lora=config.lora_rank > 0, tokens=ran)
         with jax.named_scope("optimizer"):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -920,20 +921,22 @@ def precompute_reference_logps(
     The reference weights are loaded only when something is left to compute, and freed on return.
     """
     params, tables = None, []
+    logps_of = jax.jit(lambda p, b: jax.sharding.reshard(pair_logps(p, b, arch, config)[0], P()))
     for dataset in datasets:
         final = dataset.path / "reference" / f"{_reference_key(reference_dir, dataset, config)}.npy"
         multihost_utils.sync_global_devices(f"reference {final}")
         if not final.exists():
             dtype = dtype_of(config.reference_dtype)
             params = params or model.load_params(reference_dir, arch, mesh, dtype=dtype)
-            _fill_reference(final, dataset, params, arch, config, mesh)
+            _fill_reference(final, dataset, partial(logps_of, params), config, mesh)
             multihost_utils.sync_global_devices(f"reference done {final}")
         tables.append(np.load(final))
     return tables
 
 
-def _fill_reference(final: Path, dataset: data.PairDataset, params, arch, config: Config, mesh) -> None:
-    """Compute the rows `final`'s progress file lacks (all, at first) and write `final` when complete."""
+def _fill_reference(final: Path, dataset: data.PairDataset, logps_of, config: Config, mesh) -> None:
+    """Compute with `logps_of(batch)` the rows `final`'s progress file lacks (all, at first) and write
+    `final` when complete."""
     progress, writer = final.with_suffix(".partial.npz"), sharding.is_writer()
     logps = np.full((len(dataset), 2), np.nan, np.float32)
     if progress.exists():
@@ -947,11 +950,10 @@ def _fill_reference(final: Path, dataset: data.PairDataset, params, arch, config
     size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
     loader = dict(process_index=jax.process_index(), process_count=jax.process_count())
     batches = data.eval_batches(dataset, todo, batch_size=size, max_seq_len=config.max_seq_len, **loader)
-    logps_of = jax.jit(lambda p, b: jax.sharding.reshard(pair_logps(p, b, arch, config)[0], P()))
     saved_at = time.time()
     for at, batch in zip(range(0, len(todo), size), batches, strict=True):
         rows = todo[at : at + size]
-        logps[rows] = np.asarray(logps_of(params, sharding.global_batch(batch, mesh)))[: len(rows)]
+        logps[rows] = np.asarray(logps_of(sharding.global_batch(batch, mesh)))[: len(rows)]
         if writer and time.time() - saved_at > 60:  # a kill loses at most a minute of work
             with sharding.atomic(progress) as tmp:
                 np.savez(tmp, logps=logps)
@@ -1076,12 +1078,21 @@ def check_vocabulary(dataset: data.PairDataset, arch: model.LlamaConfig, tokeniz
         say(f"warning: {dataset.path} was tokenized with {made_with.get('source')}, not this run's tokenizer")
 
 
-def evaluate(eval_step, params, frozen, batches, mesh, widths: set) -> dict[str, float]:
-    """The eval/ metrics over every batch: their sums added up, then divided once. Adds the batch widths
-    met (each is one compiled shape) to `widths`."""
+def batch_shape(batch: dict) -> int | str:
+    """What one compiled program serves: the width T of one-pair rows; for rows of several sequences, rows x
+    width x pair slots a row x view width."""
+    if "views" not in batch:
+        return batch["input_ids"].shape[-1]
+    (rows, width), (_, views, view_width) = batch["input_ids"].shape, batch["views"].shape
+    return f"{rows}x{width}x{views // 2}x{view_width}"
+
+
+def evaluate(eval_step, params, frozen, batches, mesh, shapes: set) -> dict[str, float]:
+    """The eval/ metrics over every batch: their sums added up, then divided once. Adds the batch shapes
+    met (each is one compiled program) to `shapes`."""
     totals = {}
     for batch in batches:
-        widths.add(batch["input_ids"].shape[-1])
+        shapes.add(batch_shape(batch))
         sums = eval_step(params, frozen, sharding.global_batch(batch, mesh))
         for k, v in jax.device_get(sums).items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -1184,16 +1195,20 @@ def loaders(config: Config, inputs: Inputs, start: int, tables):
     """The training batches from step `start` on, and a function that starts a pass over the validation
     pairs (the first max_eval_batches batches' worth, shortest first: the sums do not care about order,
     and like lengths pad less)."""
-    mesh = inputs.mesh
-    rows = mesh.shape["data"] * mesh.shape["fsdp"] * config.num_microbatches  # packed rows split evenly
-    layout = data.Layout(config.prefix_sharing, config.packing, row_multiple=rows)
-    common = dict(batch_size=config.train_batch_size, max_seq_len=config.max_seq_len, layout=layout)
+    # Packed rows split evenly over the batch axes' devices and, in training, over the microbatches.
+    devices = math.prod(inputs.mesh.shape[axis] for axis in sharding.BATCH_AXES)
+    layout = data.Layout(config.prefix_sharing, config.packing, row_multiple=devices)
+    common = dict(batch_size=config.train_batch_size, max_seq_len=config.max_seq_len)
     common |= dict(process_index=jax.process_index(), process_count=jax.process_count())
     order = dict(seed=config.seed, start_step=start, group_by_length=config.group_by_length)
-    train = data.train_batches(inputs.train_set, inputs.train_idx, reference=tables[0], **order, **common)
+    micro = layout._replace(row_multiple=devices * config.num_microbatches)
+    train = data.train_batches(
+        inputs.train_set, inputs.train_idx, reference=tables[0], layout=micro, **order, **common
+    )
     cap = None if config.max_eval_batches is None else config.max_eval_batches * config.train_batch_size
     val_idx = data.by_length(inputs.val_set, inputs.val_idx[:cap])
-    return train, partial(data.eval_batches, inputs.val_set, val_idx, reference=tables[1], **common)
+    evaluation = dict(reference=tables[1], layout=layout, **common)
+    return train, partial(data.eval_batches, inputs.val_set, val_idx, **evaluation)
 
 
 def check_update(step: int, metrics: dict, config: Config, run: Path, say) -> None:
@@ -1239,8 +1254,8 @@ def main(config: Config) -> Path:
         state, resume_step, frozen, tables = start_state(run, config, inputs, optimizer, say)
     start = resume_step or 0
     train_batches, val_batches = loaders(config, inputs, start, tables)
-    widths = {"training": set(), "evaluation": set()}  # batch widths met: each is one compiled shape
-    eval_metrics = lambda s: evaluate(eval_step, s.params, frozen, val_batches(), mesh, widths["evaluation"])
+    shapes = {"training": set(), "evaluation": set()}  # batch shapes met: each is one compiled program
+    eval_metrics = lambda s: evaluate(eval_step, s.params, frozen, val_batches(), mesh, shapes["evaluation"])
     export = exporter(run, config, inputs, frozen[0], say)
 
     # --- the loop
@@ -1255,7 +1270,7 @@ def main(config: Config) -> Path:
             )
         upcoming = next(train_batches)
         for step in range(start + 1, config.num_train_steps + 1):
-            widths["training"].add(upcoming["input_ids"].shape[-1])
+            shapes["training"].add(batch_shape(upcoming))
             state, metrics = train_step(state, frozen, sharding.global_batch(upcoming, mesh))
             if step < config.num_train_steps:  # dispatch is async: read the next batch while the step runs
                 upcoming = next(train_batches)
@@ -1276,9 +1291,9 @@ def main(config: Config) -> Path:
             if step % config.steps_per_hf_export == 0 or last:
                 export(state)
     compiled = "; ".join(
-        f"{len(w)} for {k} ({', '.join(map(str, sorted(w)))})" for k, w in widths.items() if w
+        f"{len(s)} for {k} ({', '.join(map(str, sorted(s)))})" for k, s in shapes.items() if s
     )
-    say(f"batch widths compiled: {compiled}")
+    say(f"batch shapes compiled: {compiled}")
     made = [name for name in ("config.json", "metrics.jsonl", "checkpoints/", "hf/") if (run / name).exists()]
     say(f"done. run directory {run.resolve()}: {', '.join(made)} (transformers loads hf/step-N as it is)")
     return run

@@ -367,7 +367,8 @@ def _view_attention(q, k, v, index, lengths, slot, impl):
     view gathers its tokens' q, k, v (already rotated at their positions), attends causally within its
     first lengths[b, j] tokens with the same kernel rows use, and every token of a row takes its output
     from the flat view position slot[b, t]. Gathers along a row stay on its device."""
-    (b, n, s), heads = index.shape, (*jax.typeof(q).sharding.spec, None, None, None)[2:4]
+    spec = (*jax.typeof(q).sharding.spec, None, None)  # a spec may leave out trailing unsplit axes
+    (b, n, s), heads = index.shape, spec[2:4]  # how q's heads and head dim are split
     split = lambda x, shape: jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, None, *heads))
     flat = index.reshape(b, n * s)[..., None, None]
     views = lambda x: split(jnp.take_along_axis(x, flat, axis=1), (b * n, s, *x.shape[2:]))

@@ -6,6 +6,7 @@ import itertools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _data_templates import WORDS, build_tokenizer
@@ -101,6 +102,30 @@ def test_rows_hold_exactly_the_plain_sequences(pairs, layout):
     assert got == set(want)  # every pair once
     if LAYOUTS[layout][0]:  # the shared prompts ran once
         assert (packed["pair"] >= 0).sum() < plain["lengths"].sum()
+
+
+def test_each_process_loads_its_own_rows_of_the_same_plan(pairs):
+    """Two processes' rows, stacked, are the one process's rows: every process plans the same rows from the
+    global batch's lengths and fills only its own."""
+    dataset, _ = pairs
+    kwargs = dict(batch_size=16, seed=0, max_seq_len=256, layout=data.Layout(True, True, row_multiple=2))
+    whole = next(data.train_batches(dataset, range(len(dataset)), **kwargs))
+    halves = [
+        next(data.train_batches(dataset, range(len(dataset)), process_index=i, process_count=2, **kwargs))
+        for i in range(2)
+    ]
+    assert set(whole) == set(halves[0])
+    for key, value in whole.items():
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), value, err_msg=key)
+
+
+def test_the_flop_count_of_rows_does_not_wrap_at_a_real_model_size():
+    """Rows count the tokens that ran as a traced integer; at Llama 3.1 8B's size the product is ~1e15."""
+    arch = model.LlamaConfig(128256, 4096, 14336, 32, 32, 8, 128)
+    lengths = np.array([[900, 700], [300, 0]], np.int32)
+    flops = jax.jit(lambda t: dpo.step_flops(arch, lengths, True, tokens=t))(jnp.int32(1500))
+    attention = 2 * 32 * 32 * 128 * float((lengths.astype(np.float64) ** 2).sum())
+    assert float(flops) == pytest.approx(8 * arch.num_matmul_params * 1500 + 4 * attention, rel=1e-6)
 
 
 def loss_and_grads(params, batch, arch, config, reference):
