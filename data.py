@@ -423,10 +423,12 @@ def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]]
             pairs.append(Pair(index, chosen[0], chosen[1], rejected[0], rejected[1], prompt_length))
     # Templates trim whitespace, so replies that differ as text ("Paris." and "Paris. ") can become the
     # same tokens: such a pair teaches nothing.
-    kept, identical = [], ("identical after tokenization", "chosen and rejected have the same tokens")
+    kept = []
     for pair in pairs:
         if len(pair.chosen_ids) == len(pair.rejected_ids) == _shared_length(pair):
-            rejects.append((pair.index, *identical))
+            rejects.append(
+                (pair.index, "identical after tokenization", "chosen and rejected have the same tokens")
+            )
         else:
             kept.append(pair)
     return kept, rejects

@@ -7,7 +7,7 @@
         --config.validation-data HuggingFaceH4/ultrafeedback_binarized --config.validation-split test_prefs
     python dpo.py ... --config.reference-mode precompute     # the reference runs once, before training
     python dpo.py ... --config.loss-type sigmoid bco_pair sft --config.loss-weights 0.8 0.2 1.0
-    python dpo.py ... --config.lora-rank 16 --config.prefix-sharing      # adapters; each prompt runs once
+    python dpo.py ... --config.lora-rank 16 --config.packing      # adapters; several pairs a row
     python dpo.py --help                           # every field, with its meaning
 
 The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected y_l) is
@@ -20,8 +20,8 @@ they are set; an update whose loss or gradient is not finite is not applied). Ar
 evaluation, atomic checkpoints with exact resume, SIGTERM-safe stopping, Hugging Face export,
 metrics.jsonl and Weights & Biases. The reference's log-probs can instead be computed once before
 training and cached beside the data (`reference_mode precompute`). With `lora_rank` only LoRA adapters
-train and the reference is the base without them; `prefix_sharing` runs each pair's prompt once and
-`packing` puts several pairs in a row (data._packed lays the rows out, pair_logps sums them back per pair).
+train and the reference is the base without them; `prefix_sharing` (the default) runs each pair's prompt
+once and `packing` puts several pairs in a row (data._packed lays the rows out, pair_logps sums per pair).
 
 Left out on purpose: generation, KV caches, quantization, pipeline parallelism.
 model.py holds the Llama, sharding.py the mesh and file writing, data.py the tokenizer and loader.
@@ -108,7 +108,7 @@ class Config:
     adam_b2: float = 0.95  # AdamW beta2
     seed: int = 0  # data order and validation split
     group_by_length: bool = False  # pairs of like length share a batch (sorted in runs of 64): less padding
-    prefix_sharing: bool = False  # one sequence a pair, [prompt | chosen | rejected]: the prompt runs once
+    prefix_sharing: bool = True  # one sequence a pair, [prompt | chosen | rejected]: the prompt runs once
     packing: bool = False  # several pairs a row, each attending within itself (exact): little padding
     # --- compute and parallelism
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU/TPU, f32 on CPU
@@ -885,8 +885,16 @@ class MetricsLog:
         )
 
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5e": 197e12}
-PEAK_BF16_FLOPS |= {"TPU v5 lite": 197e12, "TPU v6e": 918e12, "TPU v6 lite": 918e12}
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
 
 
 def peak_flops(device: jax.Device) -> float | None:

@@ -67,8 +67,11 @@ class Llama3RopeScaling:
 
 
 # transformers' names for the config fields it spells differently.
-_HF_KEYS = dict(num_layers="num_hidden_layers", num_heads="num_attention_heads")
-_HF_KEYS["num_kv_heads"] = "num_key_value_heads"
+_HF_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+}
 
 
 @dataclass(frozen=True)
@@ -237,8 +240,13 @@ def lora_weights(rank: int, targets) -> dict:
 
 
 # Fields that change nothing the forward pass computes (a reference model may differ in them).
-NOT_COMPUTED = ("max_position_embeddings", "bos_token_id", "eos_token_id")
-NOT_COMPUTED += ("pad_token_id", "initializer_range")
+NOT_COMPUTED = {
+    "max_position_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+}
 
 
 def check_fits(arch: LlamaConfig, mesh, batch_size: int) -> None:
