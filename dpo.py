@@ -1301,7 +1301,8 @@ def main(config: Config) -> Path:
     compiled = "; ".join(
         f"{len(s)} for {k} ({', '.join(map(str, sorted(s)))})" for k, s in shapes.items() if s
     )
-    say(f"batch shapes compiled: {compiled}")
+    legend = " (rows x width x pair slots x view width)" if config.prefix_sharing or config.packing else ""
+    say(f"batch shapes compiled{legend}: {compiled}")
     made = [name for name in ("config.json", "metrics.jsonl", "checkpoints/", "hf/") if (run / name).exists()]
     say(f"done. run directory {run.resolve()}: {', '.join(made)} (transformers loads hf/step-N as it is)")
     return run
