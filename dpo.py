@@ -140,9 +140,9 @@ class Config:
 
         micro, frac = self.microbatch_size, self.validation_split_fraction
         ls, losses, weights = self.label_smoothing, self.loss_type, self.loss_weights
-        fields = dataclasses.asdict(self) | {"loss_weights": min(weights or (0.0,), key=math.isfinite)}
-        for name, value in fields.items():
+        for name, value in dataclasses.asdict(self).items():
             need(not isinstance(value, float) or math.isfinite(value), f"{name} must be finite, got {value}")
+        need(all(map(math.isfinite, weights or ())), f"loss_weights must be finite, got {weights}")
         positive = (
             "beta train_batch_size logits_chunk_size steps_per_eval steps_per_checkpoint keep_checkpoints"
         )
@@ -200,11 +200,21 @@ OPERATIONAL_FIELDS = set(
 
 # What the demo uses for the fields not given on the command line (a tiny model from scratch learns at a
 # far higher rate than a pretrained 8B model tolerates). See parse_args.
-DEMO_SETTINGS = dict(train_batch_size=32, num_train_steps=120, learning_rate=3e-3, warmup=0.05, cooldown=0.2)
-DEMO_SETTINGS |= dict(
-    adam_b2=0.99, max_seq_len=64, logits_chunk_size=32, log_every=10, output_dir="runs/demo"
-)
-DEMO_SETTINGS |= dict(steps_per_eval=30, steps_per_checkpoint=60, steps_per_hf_export=120)
+DEMO_SETTINGS = {
+    "train_batch_size": 32,
+    "num_train_steps": 120,
+    "learning_rate": 3e-3,
+    "warmup": 0.05,
+    "cooldown": 0.2,
+    "adam_b2": 0.99,
+    "max_seq_len": 64,
+    "logits_chunk_size": 32,
+    "steps_per_eval": 30,
+    "steps_per_checkpoint": 60,
+    "steps_per_hf_export": 120,
+    "log_every": 10,
+    "output_dir": "runs/demo",
+}
 
 
 def dtype_of(name: str):
@@ -913,8 +923,8 @@ def _reference_key(reference_dir: Path, dataset: data.PairDataset, config: Confi
     files = [reference_dir / "config.json", *sorted(reference_dir.glob("*.safetensors"))]
     files += sorted(dataset.path.glob("part-*.parquet"))
     identity = [[os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    identity += [dataset.summary.get("settings"), config.reference_dtype, config.compute_dtype]
-    identity += [config.attention_impl]
+    settings = [config.reference_dtype, config.compute_dtype, config.attention_impl]
+    identity += [dataset.summary.get("settings"), *settings]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -1174,11 +1184,8 @@ def start_state(run: Path, config: Config, inputs: Inputs, optimizer, say):
     arch, mesh = inputs.arch, inputs.mesh
     create = partial(TrainState.create, optimizer=optimizer)
     lora = model.lora_weights(config.lora_rank, config.lora_targets) if config.lora_rank else None
-    base = (
-        model.load_params(inputs.model_dir, arch, mesh, dtype=dtype_of(config.compute_dtype))
-        if lora
-        else None
-    )
+    compute_dtype = dtype_of(config.compute_dtype)
+    base = model.load_params(inputs.model_dir, arch, mesh, dtype=compute_dtype) if lora else None
     abstract = jax.eval_shape(create, model.abstract_params(arch, mesh, lora))
     state = restore_checkpoint(run, abstract, mesh, say, inputs.data_id)
     resume_step = None if state is None else int(state.step)
