@@ -170,13 +170,9 @@ class Config:
         need("exo_pair" not in losses or 0 < ls < 1, f"exo_pair needs 0 < label_smoothing < 1, got {ls}")
         need(0 <= ls < 0.5 or losses == ("exo_pair",), f"label_smoothing must be in [0, 0.5), got {ls}")
 
-    @property
-    def warmup_steps(self) -> int:
-        return int(self.warmup * self.num_train_steps) if self.warmup < 1 else int(self.warmup)
-
-    @property
-    def cooldown_steps(self) -> int:
-        return int(self.cooldown * self.num_train_steps) if self.cooldown < 1 else int(self.cooldown)
+    def steps(self, length: float) -> int:
+        """warmup or cooldown in steps: a fraction of the run when < 1, else steps."""
+        return int(length * self.num_train_steps) if length < 1 else int(length)
 
     @property
     def num_microbatches(self) -> int:
@@ -359,15 +355,8 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lor
     dtype = dtype_of(config.compute_dtype)
     # forward casts each layer's weights to the compute dtype as it gathers them: no full-model copy.
     attention = None if config.attention_impl == "auto" else config.attention_impl
-    run = partial(
-        model.forward,
-        arch=arch,
-        lora=lora,
-        lora_scale=config.lora_scale,
-        compute_dtype=dtype,
-        remat=config.remat,
-        attention_impl=attention,
-    )
+    options = dict(lora=lora, lora_scale=config.lora_scale, remat=config.remat, attention_impl=attention)
+    run = partial(model.forward, arch=arch, compute_dtype=dtype, **options)
     # Gather the FSDP shards of the LM head once; its vocabulary stays split over the tensor axis.
     lm_head = jax.sharding.reshard(model.lm_head_weight(params).astype(dtype), P(None, "tensor"))
     if "views" in batch:
@@ -529,7 +518,7 @@ def lr_schedule(config: Config):
     rest of the run, with the last `cooldown` steps annealing linearly to min_lr from wherever the
     shape stands (for `constant` this is warmup-stable-decay)."""
     peak_lr, total = config.learning_rate, max(config.num_train_steps, 1)
-    warm, cool = config.warmup_steps, min(config.cooldown_steps, total)
+    warm, cool = config.steps(config.warmup), min(config.steps(config.cooldown), total)
     low = peak_lr * config.min_lr_ratio
 
     def shape(step):
@@ -636,12 +625,8 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
             totals = jnp.sum(weight), jnp.sum(weight * tokens[:, 0])
             grad = lambda m: jax.grad(batch_loss, has_aux=True)(params, frozen, m, totals)
             sums = jax.eval_shape(grad, jax.tree.map(lambda x: x[0], micro))[1]
-            zero = (
-                jax.tree.map(jnp.zeros_like, params),
-                jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums),
-            )
             add = lambda acc, m: (jax.tree.map(jnp.add, acc, grad(m)), None)
-            return jax.lax.scan(add, zero, micro)[0]
+            return jax.lax.scan(add, jax.tree.map(jnp.zeros_like, (params, sums)), micro)[0]
         # A loss over the whole batch (aot sorts it): its gradient with respect to every pair's log-probs
         # first, then each microbatch's backward pass with its share of that gradient.
         policy, *rest = jax.lax.map(lambda m: logps(params, frozen, m), micro)
@@ -697,7 +682,7 @@ def saved_steps(run: Path) -> list[int]:
     return sorted(int(d.name[5:]) for d in (run / "checkpoints").glob("step-*") if (d / "done.json").exists())
 
 
-def save_checkpoint(run: Path, state: TrainState, keep: int, data_id: str | None = None) -> None:
+def save_checkpoint(run: Path, state: TrainState, keep: int, data_id: str) -> None:
     """Write checkpoints/step-N through a temporary directory renamed into place, then the done.json marker.
     Only a directory with the marker counts, so a crash at any moment leaves the newest complete checkpoint
     in charge. The marker records `data_id`, what the run trains on. Keeps the newest `keep`. Every process
@@ -739,9 +724,7 @@ def _unreadable(folder: Path, abstract: TrainState) -> str | None:
     return None
 
 
-def restore_checkpoint(
-    run: Path, abstract: TrainState, mesh, say, data_id: str | None = None
-) -> TrainState | None:
+def restore_checkpoint(run: Path, abstract: TrainState, mesh, say, data_id: str) -> TrainState | None:
     """The newest checkpoint that loads completely (None: there is none yet), each process reading through
     a memory map only the slices its own devices hold. A damaged newer one is skipped, saying why; one
     written for other data than `data_id` is refused."""
@@ -1024,18 +1007,16 @@ def load_inputs(run: Path, config: Config, say) -> Inputs:
             )
     if reference_dir != model_dir and config.uses_reference:
         model.check_weights(reference_dir, arch)
-    for name, steps in (("warmup", config.warmup_steps), ("cooldown", config.cooldown_steps)):
-        if steps > config.num_train_steps:
+    for name in ("warmup", "cooldown"):
+        if (steps := config.steps(getattr(config, name))) > config.num_train_steps:
             say(f"warning: {name} ({steps} steps) is longer than the run ({config.num_train_steps} steps)")
     if config.validation_data == config.train_data:
         say("warning: validation_data is train_data: evaluation is on the training pairs")
     tokenizer = config.tokenizer or str(model_dir)
     tokenizer_dir = resolved("tokenizer") if config.tokenizer else model_dir
-    train_set = prepare_data("train", config.train_data, config.train_split, tokenizer, run, config)
+    train_set = prepare_data("train", tokenizer, run, config)
     if config.validation_data is not None:
-        val_set = prepare_data(
-            "validation", config.validation_data, config.validation_split, tokenizer, run, config
-        )
+        val_set = prepare_data("validation", tokenizer, run, config)
         train_idx, val_idx = np.arange(len(train_set)), np.arange(len(val_set))
         if config.validation_split_fraction is not None:
             say(f"validation: {config.validation_data} (so validation_split_fraction is not used)")
@@ -1052,11 +1033,11 @@ def load_inputs(run: Path, config: Config, say) -> Inputs:
     )
 
 
-def prepare_data(
-    role: str, source: str, split: str, tokenizer: str, run: Path, config: Config
-) -> data.PairDataset:
-    """A data.py output dir as it is; raw data is tokenized once into the run's data/ (process 0). That copy
-    is made again when the raw data or its settings change, unless the run has checkpoints to resume."""
+def prepare_data(role: str, tokenizer: str, run: Path, config: Config) -> data.PairDataset:
+    """config's {role}_data ("train", "validation"): a data.py output dir as it is; raw data is tokenized
+    once into the run's data/ (process 0). That copy is made again when the raw data or its settings change,
+    unless the run has checkpoints to resume."""
+    source, split = getattr(config, f"{role}_data"), getattr(config, f"{role}_split")
     if data.is_tokenized(source):
         return data.PairDataset(source)
     out = run / "data" / f"{role}-{Path(source).name or 'data'}-{split}"  # training and validation apart
@@ -1392,16 +1373,11 @@ def parse_args(args: list[str] | None = None) -> Config:
     if config.model_name_or_path != "demo":
         return config
     demo, default = parse(Config(**DEMO_SETTINGS)), Config()
-    given = [
-        k
-        for k, v in DEMO_SETTINGS.items()
-        if getattr(config, k) == getattr(default, k) and getattr(demo, k) == v
-    ]
-    if given:
-        print(
-            f"demo: {', '.join(f'{k}={DEMO_SETTINGS[k]}' for k in given)} "
-            "(change any with --config.FIELD VALUE)"
-        )
+    # Not on the command line: the field parses to each default it was given.
+    left = lambda k: getattr(config, k) == getattr(default, k) and getattr(demo, k) == DEMO_SETTINGS[k]
+    applied = ", ".join(f"{k}={v}" for k, v in DEMO_SETTINGS.items() if left(k))
+    if applied:
+        print(f"demo: {applied} (change any with --config.FIELD VALUE)")
     return demo
 
 
