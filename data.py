@@ -388,12 +388,12 @@ def _scored(encoding, turns, special_ids) -> tuple[np.ndarray, np.ndarray, list[
 def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]], system_field: str | None):
     """(index, row)s -> (pairs, rejects as (index, reason, detail)). All texts of the chunk go through one
     encode_batch call, which the tokenizers library spreads over its Rust threads."""
-    parsed, rejects, pairs = [], [], []
+    parsed, rejects, pairs = [], [], []  # parsed: index, both sides' texts, the prompt (plain) or turns
     for index, row in rows:
         try:
             prompt, chosen, rejected = _parse_row(row, fmt, system_field)
             if fmt == "plain":
-                parsed.append((index, (prompt, chosen, rejected), None))
+                parsed.append((index, (chosen, rejected), prompt))
             else:
                 rendered = [_render_turns(chat, prompt + side) for side in (chosen, rejected)]
                 texts, spans = zip(*rendered, strict=True)  # both sides' texts, both sides' turns
@@ -401,37 +401,31 @@ def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]]
         except RejectedRow as e:
             rejects.append((index, e.reason, e.detail))
     encode = chat.tokenizer.encode_batch
+    encodings = encode([text for _, texts, _ in parsed for text in texts], add_special_tokens=False)
     if fmt == "plain":  # the prompt gets the tokenizer's own special tokens (BOS), responses end with EOS
-        prompts = encode([texts[0] for _, texts, _ in parsed], add_special_tokens=True)
-        responses = encode([text for _, texts, _ in parsed for text in texts[1:]], add_special_tokens=False)
+        prompts = encode([prompt for _, _, prompt in parsed], add_special_tokens=True)
         eos = [] if chat.eos_id is None else [chat.eos_id]
-        for k, (index, _, _) in enumerate(parsed):
-            prompt_ids, sides = prompts[k].ids, []
-            for response in responses[2 * k : 2 * k + 2]:
-                ids = np.array(prompt_ids + response.ids + eos, np.int32)
-                sides += [ids, (np.arange(len(ids)) >= len(prompt_ids)).astype(np.int8)]
-            pairs.append(Pair(index, *sides, len(prompt_ids)))
-    else:
-        encodings = encode([text for _, texts, _ in parsed for text in texts], add_special_tokens=False)
-        for k, (index, _, (spans, prompt_turns)) in enumerate(parsed):
-            try:
+    for k, (index, _, extra) in enumerate(parsed):
+        try:
+            if fmt == "plain":
+                prompt_ids, sides = prompts[k].ids, []
+                for response in encodings[2 * k : 2 * k + 2]:
+                    ids = np.array(prompt_ids + response.ids + eos, np.int32)
+                    sides += [ids, (np.arange(len(ids)) >= len(prompt_ids)).astype(np.int8)]
+                pair = Pair(index, *sides, len(prompt_ids))
+            else:
+                spans, prompt_turns = extra
                 chosen, rejected = (_scored(encodings[2 * k + s], spans[s], chat.special_ids) for s in (0, 1))
-            except RejectedRow as e:
-                rejects.append((index, e.reason, e.detail))
-                continue
-            prompt_length = max(chosen[2][prompt_turns], rejected[2][prompt_turns])
-            pairs.append(Pair(index, chosen[0], chosen[1], rejected[0], rejected[1], prompt_length))
-    # Templates trim whitespace, so replies that differ as text ("Paris." and "Paris. ") can become the
-    # same tokens: such a pair teaches nothing.
-    kept = []
-    for pair in pairs:
-        if len(pair.chosen_ids) == len(pair.rejected_ids) == _shared_length(pair):
-            rejects.append(
-                (pair.index, "identical after tokenization", "chosen and rejected have the same tokens")
-            )
-        else:
-            kept.append(pair)
-    return kept, rejects
+                prompt_length = max(chosen[2][prompt_turns], rejected[2][prompt_turns])
+                pair = Pair(index, *chosen[:2], *rejected[:2], prompt_length)
+            # Templates trim whitespace, so replies that differ as text ("Paris." and "Paris. ") can become
+            # the same tokens: such a pair teaches nothing.
+            if len(pair.chosen_ids) == len(pair.rejected_ids) == _shared_length(pair):
+                raise RejectedRow("identical after tokenization", "chosen and rejected have the same tokens")
+            pairs.append(pair)
+        except RejectedRow as e:
+            rejects.append((index, e.reason, e.detail))
+    return pairs, rejects
 
 
 def _fit(pair: Pair, max_seq_len: int, overflow: str) -> tuple[Pair, bool]:
@@ -555,7 +549,7 @@ class _ShardWriter:
     def __init__(self, directory: Path, settings: dict):
         self.directory, self.settings = directory, settings
         self.schema = SCHEMA.with_metadata({SETTINGS_KEY: json.dumps(settings)})
-        self.names, self._writer, self._rows = [], None, 0
+        self.names, self.rows, self._writer = [], 0, None  # rows: pairs written so far, in all shards
 
     def write(self, pairs: list[Pair]):
         def lists(arrays):  # one Arrow list column from numpy arrays, no Python ints in between
@@ -568,21 +562,21 @@ class _ShardWriter:
         # the first columns of SCHEMA, then the four token lists
         arrays = [pa.array(values, kind) for values, kind in zip(scalars, SCHEMA.types, strict=False)]
         table = pa.Table.from_arrays([*arrays, *map(lists, columns[1:5])], schema=self.schema)
+        per_shard = self.settings["rows_per_shard"]
         while table.num_rows:
-            if self._writer is None:
+            room = per_shard - self.rows % per_shard
+            if room == per_shard:  # the shard is full, or there is none yet: start the next
+                self.close()
                 path = self.directory / f"part-{len(self.names):05d}.parquet"
                 self.names.append(path.name)
                 self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
-            room = self.settings["rows_per_shard"] - self._rows
             self._writer.write_table(table.slice(0, room), row_group_size=self.settings["row_group_size"])
-            self._rows, table = self._rows + min(room, table.num_rows), table.slice(room)
-            if self._rows == self.settings["rows_per_shard"]:
-                self.close()
+            self.rows += min(room, table.num_rows)
+            table = table.slice(room)
 
     def close(self):
         if self._writer is not None:
-            self._writer.close()
-        self._writer, self._rows = None, 0
+            self._writer.close()  # closing twice does nothing
 
 
 def _shared_length(pair: Pair) -> int:
@@ -608,9 +602,9 @@ def is_tokenized(path: str | Path) -> bool:
     return (Path(path) / "summary.json").is_file()
 
 
-def _check_output(output: Path, files: list[Path], settings: dict, overwrite: bool) -> None:
-    """data.py replaces only what it wrote itself: a new or empty folder, or an earlier data.py output
-    holding nothing else; never a folder that holds its input or anybody else's files."""
+def _check_output(output: Path, files: list[Path], settings: dict, saved, overwrite: bool) -> None:
+    """data.py replaces only what it wrote itself: a new or empty folder, or an earlier data.py output (made
+    with the `saved` settings) holding nothing else; never a folder that holds its input or others' files."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file, not a folder")
     inputs = [f.resolve() for f in files]
@@ -628,7 +622,6 @@ def _check_output(output: Path, files: list[Path], settings: dict, overwrite: bo
         return bool(_OUTPUT_NAMES.fullmatch(p.name))
 
     others = sorted(p.name for p in output.iterdir() if not ours(p))
-    saved = _read_json(output / "summary.json").get("settings") if is_tokenized(output) else None
     if others or not isinstance(saved, dict):
         shown = ", ".join((others or sorted(p.name for p in output.iterdir()))[:3])
         raise ValueError(
@@ -689,7 +682,7 @@ def tokenize(
     previous = _read_json(output / "summary.json")  # {} if there is none
     if previous.get("settings") == settings:
         return previous  # the same inputs and settings: nothing to do
-    _check_output(output, files, settings, overwrite)
+    _check_output(output, files, settings, previous.get("settings"), overwrite)
 
     chunks, columns, format = _open_input(files, format, system_field, 8 * row_group_size)
     if format != "plain" and chat.template is None:
@@ -717,7 +710,7 @@ def tokenize(
 
 def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, settings: dict) -> dict:
     """Tokenize chunk by chunk into shards and rejects.jsonl; return the counts for the summary."""
-    started, rows_read, written, truncated, scored, tokens, max_id = time.perf_counter(), 0, 0, 0, 0, 0, -1
+    started, rows_read, truncated, scored, tokens, max_id = time.perf_counter(), 0, 0, 0, 0, -1
     dropped, lengths, shards, first = Counter(), [], _ShardWriter(directory, settings), []
     with (directory / "rejects.jsonl").open("w") as rejects_file:
         for chunk in chunks:
@@ -745,12 +738,11 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
                     first.append(f"row {index}: {reason} ({detail})")
             if kept:
                 shards.write(kept)
-            written += len(kept)
             if sys.stderr.isatty():  # a progress line, without a dependency
                 rate = rows_read / (time.perf_counter() - started)
                 print(f"\rtokenize: {rows_read:,} rows, {rate:,.0f} rows/s", end="", file=sys.stderr)
     shards.close()
-    if not written:
+    if not shards.rows:
         reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.most_common())
         raise NoUsableRow(f"no usable row in {rows_read} rows read as {fmt} ({reasons}): {'; '.join(first)}")
     lengths = np.concatenate(lengths)
@@ -758,7 +750,7 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
     return {
         "format": fmt,
         "rows_read": rows_read,
-        "rows_written": written,
+        "rows_written": shards.rows,
         "rows_truncated": truncated,
         "rows_dropped": dict(dropped.most_common()),  # per reason: bad rows and the length rule alike
         # of every pair that tokenized, before --max-seq-len (what a longer limit would keep)
@@ -845,11 +837,13 @@ class Layout(NamedTuple):
     row_multiple: int = 1
 
 
-def _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count):
+def _batches(
+    dataset, indices, steps, *, max_seq_len, reference=None, layout=None, process_index=0, process_count=1
+):
     """This process's share of each (global pair indices, weights) batch from `steps`, as the contract's batch
     dict; with a `reference` table ([len(dataset), 2], precomputed reference log-probs), also its rows. One
     pair a row (_padded), or with a `layout` that shares prefixes or packs, rows of several sequences
-    (_packed)."""
+    (_packed). Its keyword arguments are the `loader` ones of train_batches and eval_batches."""
     longest = int(dataset.lengths[indices].max()) if len(indices) else 0
     if longest > max_seq_len:
         raise ValueError(f"{dataset.path} has pairs of {longest} tokens, over max_seq_len {max_seq_len}")
@@ -890,6 +884,8 @@ def _packed(dataset, pairs, weight, reference, max_seq_len, process_index, proce
       views [R, 2K, S]: the row positions of pair k's chosen (view 2k) and rejected (2k + 1) sequences,
       view_lengths [R, 2K], slot [R, W]: the flat view position each token takes its attention output from;
       weight [R, K], lengths [R, K, 2] (and ref_logps [R, K, 2]) for each pair slot."""
+    if layout.packing:  # the weight-0 copies that fill up an eval batch would only take room
+        pairs, weight = pairs[weight > 0], weight[weight > 0]
     lengths, count = dataset.lengths[pairs], len(pairs)
     once = np.maximum(dataset.shared[pairs] - 1, 0) if layout.prefix_sharing else np.zeros(count, np.int64)
     units = lengths.sum(1) - once
@@ -909,11 +905,10 @@ def _packed(dataset, pairs, weight, reference, max_seq_len, process_index, proce
     rows = rows[process_index * total // process_count : (process_index + 1) * total // process_count]
     view_width = padded_width(int(lengths.max()), max_seq_len)
     r = len(rows)
-    out = {k: np.zeros((r, width), np.int32) for k in ("input_ids", "positions", "targets", "slot")}
+    out = {k: np.zeros((r, width), np.int32) for k in ("input_ids", "positions", "targets", "side", "slot")}
     out |= dict(
         target_mask=np.zeros((r, width), bool),
         pair=np.full((r, width), -1, np.int32),
-        side=np.zeros((r, width), np.int32),
         views=np.zeros((r, 2 * per_row, view_width), np.int32),
         view_lengths=np.zeros((r, 2 * per_row), np.int32),
         weight=np.zeros((r, per_row), np.float32),
@@ -986,17 +981,14 @@ def train_batches(
     batch_size: int,
     seed: int,
     start_step: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    max_seq_len: int,
     group_by_length: bool = False,
     window: int = 64,
-    reference: np.ndarray | None = None,
-    layout: Layout | None = None,
+    **loader,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches of batch_size pairs (global), reshuffled each epoch from (seed, epoch). Step s is
     computed, not reached by reading steps before it, so a resumed run continues exactly. Each epoch
-    leaves out its last partial batch (a different remainder each epoch).
+    leaves out its last partial batch (a different remainder each epoch). `loader`: max_seq_len, and
+    reference, layout, process_index, process_count as _batches takes them.
 
     group_by_length: each epoch's shuffled pairs are sorted by length within runs of `window` batches, cut
     into batches, and those batches shuffled again. A batch then holds pairs of like length and pads far
@@ -1018,28 +1010,21 @@ def train_batches(
 
     weight = np.ones(batch_size, np.float32)
     steps = ((order(s // steps_per_epoch)[s % steps_per_epoch], weight) for s in itertools.count(start_step))
-    return _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count)
+    return _batches(dataset, indices, steps, **loader)
 
 
 def eval_batches(
-    dataset: PairDataset,
-    indices: Sequence[int],
-    *,
-    batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    max_seq_len: int,
-    reference: np.ndarray | None = None,
-    layout: Layout | None = None,
+    dataset: PairDataset, indices: Sequence[int], *, batch_size: int, **loader
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over `indices` in order. The last batch is filled up with copies of a real pair at weight 0
-    (copies, not empty rows, so padding never feeds the model a sequence of length 0)."""
+    """One pass over `indices` in order (`loader` as train_batches'). The last batch is filled up with
+    copies of a real pair at weight 0 (copies, not empty rows, so padding never feeds the model a sequence of
+    length 0)."""
     indices = np.asarray(indices, np.int64)
     chunks = (indices[at : at + batch_size] for at in range(0, len(indices), batch_size))
     steps = (
         (np.resize(pairs, batch_size), np.float32(np.arange(batch_size) < len(pairs))) for pairs in chunks
     )
-    return _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count)
+    return _batches(dataset, indices, steps, **loader)
 
 
 def main():

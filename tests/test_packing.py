@@ -205,3 +205,24 @@ def test_train_and_eval_steps_match_with_microbatches_and_a_precomputed_referenc
             plain_metrics["tokens"]
         )  # the pairs' tokens, as plain counts them
         assert float(metrics["flops"]) < float(plain_metrics["flops"])  # but fewer ran: the prompts once
+
+
+def test_packed_evaluation_leaves_out_the_fill_up_copies_and_sums_the_same(pairs):
+    """An eval pass whose last batch is filled up with weight-0 copies: packed rows hold only the real pairs
+    of it, and the eval metrics equal the plain layout's."""
+    dataset, arch = pairs
+    config = dpo.Config(logits_chunk_size=64, train_data="x", train_batch_size=8)
+    batches = lambda layout: data.eval_batches(
+        dataset, range(11), batch_size=8, max_seq_len=256, layout=layout
+    )
+    with jax.set_mesh(ONE_DEVICE):
+        params, reference = (model.init_params(arch, jax.random.key(seed), ONE_DEVICE) for seed in (0, 1))
+        _, eval_step = dpo.make_steps(arch, config, dpo.make_optimizer(config))
+        plain, packed = (
+            dpo.evaluate(eval_step, params, (None, reference), batches(layout), ONE_DEVICE, set())
+            for layout in (None, data.Layout(True, True))
+        )
+    last = list(batches(data.Layout(True, True)))[-1]
+    assert (last["view_lengths"] > 0).sum() == 2 * 3  # the tail's 3 real pairs, chosen and rejected
+    for key, value in plain.items():
+        assert packed[key] == pytest.approx(value, rel=1e-5), key
