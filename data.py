@@ -68,7 +68,8 @@ SCHEMA = pa.schema(
     ]
 )
 _SPECIAL_TOKEN_NAMES = "bos_token eos_token unk_token sep_token pad_token cls_token mask_token".split()
-_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+# A tokenizer's files: what data.py fetches from the Hub, and what dpo.py copies into every export.
+TOKENIZER_FILES = "tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja".split()
 _SPLIT_PATTERNS = ("data/{split}-*.parquet", "data/{split}/*.parquet")  # Hub dataset repos' split layout
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name; anything else is a local path
 _SUFFIXES = (".parquet", ".jsonl", ".json")  # the input files read
@@ -194,7 +195,7 @@ class ChatTokenizer:
         if not directory.is_dir():
             if not _HUB_ID.fullmatch(name_or_path):
                 raise ValueError(f"tokenizer {name_or_path}: no such directory")
-            directory = _snapshot(name_or_path, "model", _TOKENIZER_FILES)
+            directory = _snapshot(name_or_path, "model", TOKENIZER_FILES)
         tokenizer_json = directory / "tokenizer.json"
         if not tokenizer_json.is_file():
             raise ValueError(f"tokenizer {name_or_path}: no tokenizer.json in {directory}")

@@ -1098,22 +1098,14 @@ def evaluate(eval_step, params, frozen, batches, mesh, shapes: set) -> dict[str,
     return {f"eval/{k}": float(v) for k, v in normalize(totals).items()}
 
 
-# Copied into every export beside the weights, so transformers loads the tokenizer from it too.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
-
-
 def exporter(run: Path, config: Config, inputs: Inputs, base, say):
     """export(state): hf/step-N, with LoRA the base with its adapters merged in and, in hf/step-N/adapter, a
     PEFT adapter. What every export carries beside the weights is found once, here: a Hub tokenizer is not
     looked up again mid-run, where a network hiccup would fail an export."""
     generation = inputs.model_dir / "generation_config.json"  # keeps the end-of-turn ids the model was given
     generation = json.loads(generation.read_text()) if generation.exists() else None
-    files = [path for name in TOKENIZER_FILES if (path := inputs.tokenizer_dir / name).exists()]
+    # The tokenizer goes beside the weights, so that transformers loads it from the export too.
+    files = [path for name in data.TOKENIZER_FILES if (path := inputs.tokenizer_dir / name).exists()]
     merge = jax.jit(partial(model.merge_lora, scale=config.lora_scale))
 
     def export(state: TrainState) -> None:
