@@ -39,7 +39,6 @@ from pathlib import Path
 import huggingface_hub
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import safetensors.numpy
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -125,14 +124,13 @@ class LlamaConfig:
         partial_rotary_factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         if partial_rotary_factor != 1.0:
             refuse("partial_rotary_factor", partial_rotary_factor)
+        if rope_type not in ("default", "llama3"):
+            refuse("rope_type", rope_type)
+        scaling = None
         if rope_type == "llama3":
             factors = (float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
             original = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
             scaling = Llama3RopeScaling(*factors, int(original))
-        elif rope_type == "default":
-            scaling = None
-        else:
-            refuse("rope_type", rope_type)
         eos, heads = hf.get("eos_token_id"), hf["num_attention_heads"]
         return cls(
             vocab_size=hf["vocab_size"],
@@ -154,8 +152,7 @@ class LlamaConfig:
         )
 
     def to_hf(self, torch_dtype: str = "bfloat16") -> dict:
-        scaling = {} if self.rope_scaling is None else vars(self.rope_scaling)
-        rope_type = "default" if self.rope_scaling is None else "llama3"
+        llama3 = {} if self.rope_scaling is None else {"rope_type": "llama3", **vars(self.rope_scaling)}
         eos = list(self.eos_token_id)
         hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", use_cache=True)
         # Every field under transformers' name for it; eos_token_id and rope_scaling are respelled below.
@@ -164,8 +161,8 @@ class LlamaConfig:
         hf["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
         # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling, which 5 also
         # accepts (rope_scaling first): both spell the same values.
-        hf["rope_parameters"] = {"rope_type": rope_type, "rope_theta": self.rope_theta, **scaling}
-        hf["rope_scaling"] = None if self.rope_scaling is None else {"rope_type": "llama3", **scaling}
+        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta, **llama3}
+        hf["rope_scaling"] = llama3 or None
         return hf
 
 
@@ -296,7 +293,7 @@ def init_params(arch: LlamaConfig, key: jax.Array, mesh, weights: dict | None = 
         keys = jax.random.split(key, len(weights))
         return treedef.unflatten([one(w, k) for w, k in zip(weights, keys, strict=True)])
 
-    shardings = jax.tree.map(lambda a: a.sharding, abstract_params(arch, mesh, treedef.unflatten(weights)))
+    shardings = treedef.unflatten([NamedSharding(mesh, w.spec) for w in weights])
     with jax.set_mesh(mesh):
         return jax.jit(build, out_shardings=shardings)(key)
 
@@ -329,9 +326,8 @@ def rope_inverse_frequencies(arch: LlamaConfig) -> np.ndarray:
     # context / high_freq_factor are kept, and the band between is interpolated smoothly.
     # torch computes `scalar / tensor` as (1 / tensor) * scalar; written the same way to match bit for bit.
     wavelen = (1 / inv_freq) * np.float32(2 * math.pi)
-    context = s.original_max_position_embeddings
-    scaled = np.where(wavelen > context / s.low_freq_factor, inv_freq / np.float32(s.factor), inv_freq)
-    low, high = s.low_freq_factor, s.high_freq_factor
+    context, low, high = s.original_max_position_embeddings, s.low_freq_factor, s.high_freq_factor
+    scaled = np.where(wavelen > context / low, inv_freq / np.float32(s.factor), inv_freq)
     smooth = ((1 / wavelen) * np.float32(context) - low) / (high - low)
     smoothed = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
     medium = (wavelen >= context / high) & (wavelen <= context / low)
@@ -410,21 +406,6 @@ def _project(x, w: dict, adapters: dict | None, name: str, scale: float, out=Non
     return y
 
 
-def _decoder_layer(x, w, adapters, cos, sin, lengths, arch: LlamaConfig, impl: str, scale: float):
-    project = lambda h, name, out=None: _project(h, w, adapters, name, scale, out)
-    with jax.named_scope("attention"):
-        h = rms_norm(x, w["attn_norm"], arch.rms_norm_eps)
-        q, k, v = project(h, "wq"), project(h, "wk"), project(h, "wv")  # B over batch axes, heads over tensor
-        o = _attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, lengths, impl)
-        # The sum over heads spans the tensor axis: out_sharding asks for the all-reduce.
-        x = x + project(o, "wo", BATCH)
-    with jax.named_scope("mlp"):
-        h = rms_norm(x, w["mlp_norm"], arch.rms_norm_eps)
-        h = jax.nn.silu(project(h, "w_gate")) * project(h, "w_up")  # F over tensor
-        x = x + project(h, "w_down", BATCH)
-    return x
-
-
 # Per-layer activation checkpointing: "full" keeps only each layer's input; "save_matmuls" also keeps the
 # projections' outputs (dots without batch dims, so not the [B, H, T, T] attention scores).
 REMAT_POLICIES = {
@@ -459,11 +440,10 @@ def forward(
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; expected one of {list(REMAT_POLICIES)}")
-    impl = attention_impl
-    if impl is None:  # jax picks XLA everywhere by default; on GPU cuDNN's fused kernel is far faster
+    if attention_impl is None:  # jax's default is XLA everywhere; on GPU cuDNN's fused kernel is far faster
         Q = arch.head_dim
         fits_cudnn = jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16) and Q % 8 == 0 and Q <= 128
-        impl = "cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "xla"
+        attention_impl = "cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "xla"
     with jax.named_scope("embed"):
         # Gather the table whole first: a lookup into a vocab/fsdp-sharded table makes XLA replicate it
         # through an inefficient path anyway; this way it is one all-gather (a reduce-scatter backward).
@@ -478,8 +458,20 @@ def forward(
     elif lengths is not None:
         lengths = reshard(jnp.maximum(lengths, 1).astype(jnp.int32), P(sharding.BATCH_AXES))
 
-    def layer(x, weights):
-        return _decoder_layer(x, *weights, cos, sin, lengths, arch, impl, lora_scale), None
+    def layer(x, weights):  # one decoder layer
+        w, adapters = weights
+        project = lambda h, name, out=None: _project(h, w, adapters, name, lora_scale, out)
+        with jax.named_scope("attention"):
+            h = rms_norm(x, w["attn_norm"], arch.rms_norm_eps)
+            q, k, v = (project(h, n) for n in ("wq", "wk", "wv"))  # B over batch axes, heads over tensor
+            o = _attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, lengths, attention_impl)
+            # The sum over heads spans the tensor axis: out_sharding asks for the all-reduce.
+            x = x + project(o, "wo", BATCH)
+        with jax.named_scope("mlp"):
+            h = rms_norm(x, w["mlp_norm"], arch.rms_norm_eps)
+            h = jax.nn.silu(project(h, "w_gate")) * project(h, "w_up")  # F over tensor
+            x = x + project(h, "w_down", BATCH)
+        return x, None
 
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
@@ -634,19 +626,6 @@ def _export_cast(x, layer, dtype):
     return (x if layer is None else x[layer]).astype(dtype)
 
 
-def _write_safetensors_header(file, entries: list[tuple[str, tuple[int, ...]]], st_dtype: str, itemsize: int):
-    """The safetensors header for tensors that will follow in this order, so that they can be written one
-    at a time: u64 little-endian header length, JSON, padded to 8 bytes, then the raw row-major data."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in entries:
-        size = math.prod(shape) * itemsize
-        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    file.write(struct.pack("<Q", len(blob)) + blob)
-
-
 def save_hf(
     params: dict,
     arch: LlamaConfig,
@@ -664,11 +643,10 @@ def save_hf(
     Every process must call it: each tensor is gathered whole, one at a time (host memory peak about
     one tensor), and only process 0 writes, atomically (sharding.atomic).
     """
-    formats = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16")}
-    if dtype not in formats:
-        raise ValueError(f"dtype={dtype!r}; expected one of {list(formats)}")
-    np_dtype, st_dtype = formats[dtype]
-    itemsize = np.dtype(np_dtype).itemsize
+    st_dtypes = {"float32": "F32", "bfloat16": "BF16"}  # safetensors' names
+    if dtype not in st_dtypes:
+        raise ValueError(f"dtype={dtype!r}; expected one of {list(st_dtypes)}")
+    np_dtype, st_dtype = jnp.dtype(dtype), st_dtypes[dtype]
 
     # Every tensor in transformers' order: (name, shape, fetch), planned into shards before any is read.
     def entry(key, array, layer=None):
@@ -684,29 +662,37 @@ def save_hf(
     layers = [entry(key, array, i) for i in range(arch.num_layers) for key, array in params["layers"].items()]
     tail = [entry(key, params[key]) for key in ("final_norm", "lm_head") if key in params]
     entries = [entry("embed", params["embed"]), *layers, *tail]
-    nbytes = lambda shape: math.prod(shape) * itemsize
-    shards = [[]]
-    for e in entries:
-        if shards[-1] and sum(nbytes(s) for _, s, _ in shards[-1]) + nbytes(e[1]) > max_shard_bytes:
-            shards.append([])
-        shards[-1].append(e)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    names = names if len(shards) > 1 else ["model.safetensors"]
+    # Shards of consecutive tensors up to max_shard_bytes, each planned as its safetensors header (where each
+    # tensor's raw row-major bytes lie), so that the tensors can then be fetched and written one at a time.
+    headers, fetches, end = [{}], {}, 0
+    for name, shape, fetch in entries:
+        size = math.prod(shape) * np_dtype.itemsize
+        if headers[-1] and end + size > max_shard_bytes:
+            headers.append({})
+            end = 0
+        headers[-1][name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [end, end + size]}
+        fetches[name] = fetch
+        end += size
+    names = [f"model-{i + 1:05d}-of-{len(headers):05d}.safetensors" for i in range(len(headers))]
+    names = names if len(headers) > 1 else ["model.safetensors"]
 
     writer = sharding.is_writer()
     with sharding.atomic(out_dir) if writer else contextlib.nullcontext() as tmp:
         if writer:
             tmp.mkdir(parents=True)
-        for shard, file_name in zip(shards, names, strict=True):
+        for header, file_name in zip(headers, names, strict=True):
             # Every process takes part in each gather; only the writer's bytes land in a file.
             with open(tmp / file_name if writer else os.devnull, "wb") as f:
-                _write_safetensors_header(f, [(n, s) for n, s, _ in shard], st_dtype, itemsize)
-                for _, _, fetch in shard:
-                    f.write(np.ascontiguousarray(fetch()).tobytes())
+                # safetensors: header length (u64 little-endian), JSON header padded to 8 bytes, the data.
+                blob = json.dumps({"__metadata__": {"format": "pt"}} | header, separators=(",", ":")).encode()
+                blob += b" " * (-len(blob) % 8)
+                f.write(struct.pack("<Q", len(blob)) + blob)
+                for name in header:
+                    f.write(np.ascontiguousarray(fetches[name]()).tobytes())
         if writer:
-            if len(shards) > 1:
-                weight_map = {n: file for shard, file in zip(shards, names, strict=True) for n, _, _ in shard}
-                total_size = sum(nbytes(s) for _, s, _ in entries)
+            if len(headers) > 1:
+                weight_map = {n: file for header, file in zip(headers, names, strict=True) for n in header}
+                total_size = sum(math.prod(s) for _, s, _ in entries) * np_dtype.itemsize
                 index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
             (tmp / "config.json").write_text(json.dumps(arch.to_hf(dtype), indent=2))
