@@ -421,7 +421,7 @@ def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]]
                 pair = Pair(index, *chosen[:2], *rejected[:2], prompt_length)
             # Templates trim whitespace, so replies that differ as text ("Paris." and "Paris. ") can become
             # the same tokens: such a pair teaches nothing.
-            if len(pair.chosen_ids) == len(pair.rejected_ids) == _shared_length(pair):
+            if _identical(pair):
                 raise RejectedRow("identical after tokenization", "chosen and rejected have the same tokens")
             pairs.append(pair)
         except RejectedRow as e:
@@ -440,7 +440,10 @@ def _fit(pair: Pair, max_seq_len: int, overflow: str) -> tuple[Pair, bool]:
         raise RejectedRow("longer than max_seq_len", f"{longest} tokens")
     if pair.prompt_length >= max_seq_len:  # truncate keeps the whole prompt and at least one scored token
         raise RejectedRow("prompt longer than max_seq_len", f"the prompt is {pair.prompt_length} tokens")
-    return pair._replace(**{name: getattr(pair, name)[:max_seq_len] for name in Pair._fields[1:5]}), True
+    cut = pair._replace(**{name: getattr(pair, name)[:max_seq_len] for name in Pair._fields[1:5]})
+    if _identical(cut):  # replies that differ only past max_seq_len
+        raise RejectedRow("identical after truncation", f"the sides differ only after token {max_seq_len}")
+    return cut, True
 
 
 # --- inputs and output files -------------------------------------------------------------------------------
@@ -578,6 +581,10 @@ class _ShardWriter:
     def close(self):
         if self._writer is not None:
             self._writer.close()  # closing twice does nothing
+
+
+def _identical(pair: Pair) -> bool:
+    return len(pair.chosen_ids) == len(pair.rejected_ids) == _shared_length(pair)
 
 
 def _shared_length(pair: Pair) -> int:

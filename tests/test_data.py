@@ -419,6 +419,21 @@ def test_overflow_drop_truncate_raise(tokenizers_dir, tmp_path):
     assert not (tmp_path / "raise").exists()
 
 
+def test_truncation_that_leaves_the_sides_identical_drops_the_pair(tokenizers_dir, tmp_path):
+    """Two long replies that differ only past max_seq_len become the same tokens once truncated: such a
+    pair teaches nothing, so it is dropped with its reason, not written."""
+    user = {"role": "user", "content": "Say something."}
+    reply = lambda *words: [user, {"role": "assistant", "content": " ".join(words)}]
+    rows = [
+        {"chosen": reply(*WORDS[:60], WORDS[61]), "rejected": reply(*WORDS[:60], WORDS[62])},
+        {"chosen": reply(WORDS[1]), "rejected": reply(WORDS[2])},
+    ]
+    inputs = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = str(tmp_path / "cut")
+    summary = data.tokenize(inputs, str(tokenizers_dir / "chatml"), out, max_seq_len=40, overflow="truncate")
+    assert summary["rows_dropped"] == {"identical after truncation": 1} and summary["rows_written"] == 1
+
+
 # --- output: idempotent, refused, atomic ---------------------------------------------------------------
 
 
