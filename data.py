@@ -389,7 +389,8 @@ def _scored(encoding, turns, special_ids) -> tuple[np.ndarray, np.ndarray, list[
 def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]], system_field: str | None):
     """(index, row)s -> (pairs, rejects as (index, reason, detail)). All texts of the chunk go through one
     encode_batch call, which the tokenizers library spreads over its Rust threads."""
-    parsed, rejects, pairs = [], [], []  # parsed: index, both sides' texts, the prompt (plain) or turns
+    # parsed: (index, the sides' texts, the prompt (plain) or (the sides' turn spans, prompt assistant turns))
+    parsed, rejects, pairs = [], [], []
     for index, row in rows:
         try:
             prompt, chosen, rejected = _parse_row(row, fmt, system_field)
@@ -584,6 +585,7 @@ class _ShardWriter:
 
 
 def _identical(pair: Pair) -> bool:
+    """Whether both sides are the same tokens (and loss mask)."""
     return len(pair.chosen_ids) == len(pair.rejected_ids) == _shared_length(pair)
 
 
@@ -610,7 +612,9 @@ def is_tokenized(path: str | Path) -> bool:
     return (Path(path) / "summary.json").is_file()
 
 
-def _check_output(output: Path, files: list[Path], settings: dict, saved, overwrite: bool) -> None:
+def _check_output(
+    output: Path, files: list[Path], settings: dict, saved: dict | None, overwrite: bool
+) -> None:
     """data.py replaces only what it wrote itself: a new or empty folder, or an earlier data.py output (made
     with the `saved` settings) holding nothing else; never a folder that holds its input or others' files."""
     if output.exists() and not output.is_dir():
@@ -845,13 +849,11 @@ class Layout(NamedTuple):
     row_multiple: int = 1
 
 
-def _batches(
-    dataset, indices, steps, *, max_seq_len, reference=None, layout=None, process_index=0, process_count=1
-):
+def _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count):
     """This process's share of each (global pair indices, weights) batch from `steps`, as the contract's batch
     dict; with a `reference` table ([len(dataset), 2], precomputed reference log-probs), also its rows. One
     pair a row (_padded), or with a `layout` that shares prefixes or packs, rows of several sequences
-    (_packed). Its keyword arguments are the `loader` ones of train_batches and eval_batches."""
+    (_packed)."""
     longest = int(dataset.lengths[indices].max()) if len(indices) else 0
     if longest > max_seq_len:
         raise ValueError(f"{dataset.path} has pairs of {longest} tokens, over max_seq_len {max_seq_len}")
@@ -989,14 +991,17 @@ def train_batches(
     batch_size: int,
     seed: int,
     start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_seq_len: int,
     group_by_length: bool = False,
     window: int = 64,
-    **loader,
+    reference: np.ndarray | None = None,
+    layout: Layout | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches of batch_size pairs (global), reshuffled each epoch from (seed, epoch). Step s is
     computed, not reached by reading steps before it, so a resumed run continues exactly. Each epoch
-    leaves out its last partial batch (a different remainder each epoch). `loader`: max_seq_len, and
-    reference, layout, process_index, process_count as _batches takes them.
+    leaves out its last partial batch (a different remainder each epoch).
 
     group_by_length: each epoch's shuffled pairs are sorted by length within runs of `window` batches, cut
     into batches, and those batches shuffled again. A batch then holds pairs of like length and pads far
@@ -1018,21 +1023,29 @@ def train_batches(
 
     weight = np.ones(batch_size, np.float32)
     steps = ((order(s // steps_per_epoch)[s % steps_per_epoch], weight) for s in itertools.count(start_step))
-    return _batches(dataset, indices, steps, **loader)
+    return _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count)
 
 
 def eval_batches(
-    dataset: PairDataset, indices: Sequence[int], *, batch_size: int, **loader
+    dataset: PairDataset,
+    indices: Sequence[int],
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_seq_len: int,
+    reference: np.ndarray | None = None,
+    layout: Layout | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over `indices` in order (`loader` as train_batches'). The last batch is filled up with
-    copies of a real pair at weight 0 (copies, not empty rows, so padding never feeds the model a sequence of
-    length 0)."""
+    """One pass over `indices` in order. The last batch is filled up with copies of a real pair at weight 0
+    (copies, not empty rows, so padding never feeds the model a sequence of length 0; packed rows leave
+    them out)."""
     indices = np.asarray(indices, np.int64)
     chunks = (indices[at : at + batch_size] for at in range(0, len(indices), batch_size))
     steps = (
         (np.resize(pairs, batch_size), np.float32(np.arange(batch_size) < len(pairs))) for pairs in chunks
     )
-    return _batches(dataset, indices, steps, **loader)
+    return _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count)
 
 
 def main():

@@ -170,7 +170,7 @@ class Config:
         need("exo_pair" not in losses or 0 < ls < 1, f"exo_pair needs 0 < label_smoothing < 1, got {ls}")
         need(0 <= ls < 0.5 or losses == ("exo_pair",), f"label_smoothing must be in [0, 0.5), got {ls}")
 
-    def steps(self, length: float) -> int:
+    def in_steps(self, length: float) -> int:
         """warmup or cooldown in steps: a fraction of the run when < 1, else steps."""
         return int(length * self.num_train_steps) if length < 1 else int(length)
 
@@ -518,7 +518,7 @@ def lr_schedule(config: Config):
     rest of the run, with the last `cooldown` steps annealing linearly to min_lr from wherever the
     shape stands (for `constant` this is warmup-stable-decay)."""
     peak_lr, total = config.learning_rate, max(config.num_train_steps, 1)
-    warm, cool = config.steps(config.warmup), min(config.steps(config.cooldown), total)
+    warm, cool = config.in_steps(config.warmup), min(config.in_steps(config.cooldown), total)
     low = peak_lr * config.min_lr_ratio
 
     def shape(step):
@@ -1007,8 +1007,8 @@ def load_inputs(run: Path, config: Config, say) -> Inputs:
             )
     if reference_dir != model_dir and config.uses_reference:
         model.check_weights(reference_dir, arch)
-    for name in ("warmup", "cooldown"):
-        if (steps := config.steps(getattr(config, name))) > config.num_train_steps:
+    for name, length in (("warmup", config.warmup), ("cooldown", config.cooldown)):
+        if (steps := config.in_steps(length)) > config.num_train_steps:
             say(f"warning: {name} ({steps} steps) is longer than the run ({config.num_train_steps} steps)")
     if config.validation_data == config.train_data:
         say("warning: validation_data is train_data: evaluation is on the training pairs")
@@ -1034,9 +1034,9 @@ def load_inputs(run: Path, config: Config, say) -> Inputs:
 
 
 def prepare_data(role: str, tokenizer: str, run: Path, config: Config) -> data.PairDataset:
-    """config's {role}_data ("train", "validation"): a data.py output dir as it is; raw data is tokenized
-    once into the run's data/ (process 0). That copy is made again when the raw data or its settings change,
-    unless the run has checkpoints to resume."""
+    """train_data or validation_data (with train_split or validation_split), as `role` says: a data.py
+    output dir as it is; raw data is tokenized once into the run's data/ (process 0). That copy is made
+    again when the raw data or its settings change, unless the run has checkpoints to resume."""
     source, split = getattr(config, f"{role}_data"), getattr(config, f"{role}_split")
     if data.is_tokenized(source):
         return data.PairDataset(source)
@@ -1365,9 +1365,9 @@ def parse_args(args: list[str] | None = None) -> Config:
     if config.model_name_or_path != "demo":
         return config
     demo, default = parse(Config(**DEMO_SETTINGS)), Config()
-    # Not on the command line: the field parses to each default it was given.
-    left = lambda k: getattr(config, k) == getattr(default, k) and getattr(demo, k) == DEMO_SETTINGS[k]
-    applied = ", ".join(f"{k}={v}" for k, v in DEMO_SETTINGS.items() if left(k))
+    # A field not on the command line parses to whichever default it is given.
+    not_given = lambda k: getattr(config, k) == getattr(default, k) and getattr(demo, k) == DEMO_SETTINGS[k]
+    applied = ", ".join(f"{k}={v}" for k, v in DEMO_SETTINGS.items() if not_given(k))
     if applied:
         print(f"demo: {applied} (change any with --config.FIELD VALUE)")
     return demo

@@ -161,6 +161,7 @@ class LlamaConfig:
         hf["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
         # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling, which 5 also
         # accepts (rope_scaling first): both spell the same values.
+        # llama3's rope_type, when there is one, replaces the default.
         hf["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta, **llama3}
         hf["rope_scaling"] = llama3 or None
         return hf

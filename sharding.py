@@ -112,6 +112,20 @@ def atomic(path: str | Path):
         remove(tmp)
 
 
+def _launched_as_several_processes(env) -> bool:
+    """Whether a launcher started this program as one of several processes that form one JAX job."""
+    return (
+        "JAX_COORDINATOR_ADDRESS" in env  # set by hand (jax reads it; see initialize_distributed)
+        or int(env.get("SLURM_NTASKS", "1")) > 1  # srun with several tasks
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1  # mpirun
+        or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1  # TPU slice on GKE
+        or "MEGASCALE_COORDINATOR_ADDRESS" in env  # multi-slice TPU
+        # A Cloud TPU VM (libtpu installed, chips at /dev/accel* or vfio): jax asks the metadata server
+        # for the slice's workers; on a single-host slice that makes a harmless one-process job.
+        or (find_spec("libtpu") is not None and any(map(os.path.exists, ("/dev/accel0", "/dev/vfio/0"))))
+    )
+
+
 def initialize_distributed(
     coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> None:
@@ -123,26 +137,15 @@ def initialize_distributed(
     """
     if jax.distributed.is_initialized():
         return
-    env = os.environ
     # jax reads JAX_COORDINATOR_ADDRESS itself, but not the process count and index: read those here.
-    if num_processes is None and "JAX_NUM_PROCESSES" in env:
-        num_processes = int(env["JAX_NUM_PROCESSES"])
-    if process_id is None and "JAX_PROCESS_ID" in env:
-        process_id = int(env["JAX_PROCESS_ID"])
+    if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["JAX_PROCESS_ID"])
     # Collectives between the CPU devices of several processes go over TCP through gloo; without it a
     # multi-process CPU run (tests, or a CPU cluster) fails at its first cross-process computation.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    launched = (  # by a launcher, as one of several processes that form one JAX job
-        "JAX_COORDINATOR_ADDRESS" in env  # set by hand (jax reads it)
-        or int(env.get("SLURM_NTASKS", "1")) > 1  # srun with several tasks
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1  # mpirun
-        or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1  # TPU slice on GKE
-        or "MEGASCALE_COORDINATOR_ADDRESS" in env  # multi-slice TPU
-        # A Cloud TPU VM (libtpu installed, chips at /dev/accel* or vfio): jax asks the metadata server
-        # for the slice's workers; on a single-host slice that makes a harmless one-process job.
-        or (find_spec("libtpu") is not None and any(map(os.path.exists, ("/dev/accel0", "/dev/vfio/0"))))
-    )
     if coordinator_address is not None or num_processes is not None or process_id is not None:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif launched:
+    elif _launched_as_several_processes(os.environ):
         jax.distributed.initialize()
