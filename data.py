@@ -134,7 +134,7 @@ class _GenerationTags(jinja2.ext.Extension):
 # transformers' two additions to the sandbox, so that the same templates are refused. The sandbox hands
 # templates `dict` itself, whose unbound methods it does not guard: `dict.update(messages[0], ...)` would
 # rewrite the messages between the renders of one pair. And namespace() takes attribute names the
-# sandbox would refuse to read (underscores).
+# sandbox would refuse to read (underscores). tests/test_data.py shows both.
 class _TemplateDict:  # dict() and dict.fromkeys(), not the type
     __call__, fromkeys = staticmethod(dict), staticmethod(dict.fromkeys)
 

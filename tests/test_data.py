@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import transformers
 from _data_templates import ALTERNATING, CHATML_GENERATION, FAMILIES, WORDS, build_tokenizer
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 import data
 
@@ -181,6 +182,21 @@ def test_template_globals_and_filters_match_transformers(tokenizers_dir, tmp_pat
     (tmp_path / "escape.jinja").write_text("{% set ns = namespace(_secret=1) %}{{ messages[0].content }}")
     with pytest.raises(data.RejectedRow, match="template error"):
         data.ChatTokenizer(str(tokenizers_dir / "chatml"), str(tmp_path / "escape.jinja")).render(messages)
+
+
+def test_templates_cannot_rewrite_the_messages_through_dict(tokenizers_dir, tmp_path):
+    """The sandbox alone hands templates the dict type, whose unbound update() it does not guard, so a
+    template could rewrite the messages between the renders of one pair; data.py refuses it, as transformers
+    does (its TemplateDict)."""
+    source = "{% set _ = dict.update(messages[0], {'content': 'rewritten'}) %}{{ messages[0].content }}"
+    unguarded = [{"role": "user", "content": "original"}]
+    assert ImmutableSandboxedEnvironment().from_string(source).render(messages=unguarded) == "rewritten"
+    assert unguarded[0]["content"] == "rewritten"
+    (tmp_path / "rewrite.jinja").write_text(source)
+    messages = [{"role": "user", "content": "original"}]
+    with pytest.raises(data.RejectedRow, match="template error"):
+        data.ChatTokenizer(str(tokenizers_dir / "chatml"), str(tmp_path / "rewrite.jinja")).render(messages)
+    assert messages[0]["content"] == "original"
 
 
 def test_prompt_completion_rows(tokenizers_dir, tmp_path):
