@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from _tolerance import assert_metrics_close
 
 import data
 import dpo
@@ -87,8 +88,9 @@ def test_adapters_are_sharded_like_their_weights_and_a_mesh_equals_one_device(de
             train_step, _ = dpo.make_steps(arch, config, optimizer)
             _, metrics = train_step(state, (base, base), sharding.global_batch(batch, mesh))
             results.append(jax.device_get(metrics))
-    for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
-        assert float(results[1][key]) == pytest.approx(float(results[0][key]), rel=1e-5), key
+    # the loss and margins cancel: to the rounding floor of their log-probs (tests/_tolerance.py)
+    keys = ("loss", "grad_norm", "rewards/margins", "logps/chosen")
+    assert_metrics_close(results[1], results[0], keys, beta=0.1)
 
 
 def test_step_0_is_the_reference_and_resume_is_exact_and_peft_loads_the_export(demo, tmp_path):

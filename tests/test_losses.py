@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tolerance import assert_metrics_close
 
 import data
 import dpo
@@ -189,15 +190,10 @@ def test_whole_batch_losses_on_a_mesh_and_over_microbatches_equal_one_device(dem
         (ONE_DEVICE, 4),
     ]:
         metrics, _ = one_step(demo, mesh, loss_type=loss_type, microbatch_size=micro)
-        for key in (
-            "loss",
-            "grad_norm",
-            "rewards/margins",
-            "logps/rejected",
-            "entropy",
-            "mean_token_accuracy",
-        ):
-            assert float(metrics[key]) == pytest.approx(float(base[key]), rel=1e-5, abs=1e-7), (key, micro)
+        keys = ("loss", "grad_norm", "rewards/margins", "logps/rejected", "entropy", "mean_token_accuracy")
+        # loss and margins cancel: to the rounding floor of their log-probs (aot, aot_unpaired and sigmoid
+        # are sigmoid-shaped; sft has no cancellation and rides on the relative tolerance)
+        assert_metrics_close(metrics, base, keys, beta=0.1, atol=1e-7, losses=3)
 
 
 def test_simpo_holds_no_reference_and_counts_6n_flops(demo, tmp_path, monkeypatch):
@@ -256,13 +252,6 @@ def test_the_same_pairs_give_the_same_loss_and_gradient_at_every_width(demo):
             batch, **{k: np.pad(batch[k], ((0, 0), (0, 0), (0, pad))) for k in ("input_ids", "loss_mask")}
         )
         results.append(one_step(demo, ONE_DEVICE, batch=padded, loss_type=("sigmoid", "sft"))[0])
-    for other in results[1:]:
-        for key in (
-            "loss",
-            "grad_norm",
-            "rewards/chosen",
-            "logps/rejected",
-            "entropy",
-            "mean_token_accuracy",
-        ):
-            assert float(other[key]) == pytest.approx(float(results[0][key]), rel=1e-5), key
+    keys = ("loss", "grad_norm", "rewards/chosen", "logps/rejected", "entropy", "mean_token_accuracy")
+    for other in results[1:]:  # the loss and rewards/chosen cancel: to their log-probs' rounding floor
+        assert_metrics_close(other, results[0], keys, beta=0.1)

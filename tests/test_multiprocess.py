@@ -59,18 +59,16 @@ def assert_same_training(run, reference):
     """Each step logged once, with the single process's metrics; the same final weights (f32, CPU)."""
     ours, theirs = training_lines(run), training_lines(reference)
     assert [m["step"] for m in ours] == [m["step"] for m in theirs] == list(range(1, STEPS + 1))
-    for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+    for key in ("grad_norm", "logps/chosen", "logps/rejected"):
         np.testing.assert_allclose([m[key] for m in ours], [m[key] for m in theirs], rtol=1e-5, err_msg=key)
-    # A margin is beta * a difference of log-probs that nearly cancel: its rounding floor is that of the
-    # log-probs it is made from (f32, all-reduced in another order over two processes), not of itself.
+    # A margin is beta * a difference of log-probs that nearly cancel, and the loss a sigmoid of it: their
+    # floor is that of the log-probs they are made from (f32, all-reduced in another order over two processes
+    # and carried through 6 updates), not of themselves (tests/_tolerance.py says why).
     floor = 1e-5 * 0.1 * max(abs(m[k]) for m in theirs for k in ("logps/chosen", "logps/rejected"))
-    np.testing.assert_allclose(
-        [m["rewards/margins"] for m in ours],
-        [m["rewards/margins"] for m in theirs],
-        rtol=1e-5,
-        atol=floor,
-        err_msg="rewards/margins",
-    )
+    for key in ("loss", "rewards/margins"):
+        np.testing.assert_allclose(
+            [m[key] for m in ours], [m[key] for m in theirs], rtol=1e-5, atol=floor, err_msg=key
+        )
     final, expected = params(run, STEPS), params(reference, STEPS)
     assert final.keys() == expected.keys()
     for name in final:
