@@ -34,6 +34,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,9 +95,8 @@ CHIPS = {"H100 80GB": 79.6 * GiB, "TPU v5p": 95e9}  # memory per chip
 
 @dataclasses.dataclass
 class Args:
-    only: str = (
-        "logps,step,padding,sharing,trl,compile,memory,tokenize,flags"  # sections to run, comma-separated
-    )
+    # sections to run, comma-separated
+    only: str = "logps,step,padding,sharing,shapes,trl,compile,memory,tokenize,flags,agree"
     device: str = "auto"  # auto: what JAX finds (GPU/TPU first); cpu: the CPU even when there is more
     shapes: str | None = None  # step shapes (tiny, 1b, 3b, 8b); default tiny on CPU, else 1b,3b
     batch: int | None = None  # pairs per chip; default per shape (DEFAULT_PAIRS)
@@ -106,6 +106,10 @@ class Args:
     logps_time_tokens: int | None = None  # tokens of the timed logps run; default 8192, 1024 on CPU
     tokenize_pairs: int = 61135  # UltraFeedback's train_prefs size
     profile: str | None = None  # write a jax.profiler trace of the last step variant here (view in xprof)
+    before: str | None = (
+        None  # shapes: a folder holding an older dpo.py (and its files) to time beside this one
+    )
+    run_pairs: int = 544  # shapes: pairs of the timed dpo.py runs (32 of them held out for validation)
     json_out: str | None = None  # also write every table here as JSON
 
 
@@ -730,6 +734,162 @@ def bench_memory(on_accelerator: bool, mesh) -> None:
     )
 
 
+# --- shapes: the few batch shapes a run compiles, and what a short run spends before its first step
+
+
+def bench_shapes(shape: str, before: str | None, run_pairs: int, loader: bool) -> dict:
+    """The loader alone (lengths, no model): distinct training shapes and padding efficiency over 150 steps,
+    each batch in its own smallest shape (before: data.py at aa42811 laid every batch out so) against
+    data.plan_shapes' few; then whole `python dpo.py` runs of a random `shape` model on UltraFeedback-like
+    pairs: time to the first step, compile seconds and cache hits, with a cold and a warm compilation cache
+    (and the older dpo.py in `before`, when given)."""
+    rows, results = [], {}
+    mixes = ("UltraFeedback-like", "long prompts", "short") if loader else ()
+    for mix, batch_size in itertools.product(mixes, (32, 128)):
+        pairs = SyntheticPairs(20_000, 2048, short=mix == "short", long_prompt=mix == "long prompts")
+        order = data.train_order(pairs, np.arange(len(pairs)), batch_size=batch_size, seed=0)
+        steps = [order(s) for s in range(150)]
+        for name, layout in (
+            ("plain", None),
+            ("prefix sharing", data.Layout(True)),
+            ("packing", data.Layout(True, True)),
+        ):
+            counts = []
+            for shapes in (
+                None,
+                data.plan_shapes(pairs, steps, count=dpo.TRAIN_SHAPES, max_seq_len=2048, layout=layout),
+            ):
+                laid = list(
+                    data._batches(pairs, np.arange(len(pairs)), steps, 2048, None, layout, 0, 1, shapes)
+                )
+                ran = sum((b["pair"] >= 0).sum() if "pair" in b else b["lengths"].sum() for b in laid)
+                counts += [
+                    len({data.shape_of(b) for b in laid}),
+                    ran / sum(b["input_ids"].size for b in laid),
+                ]
+            rows.append([mix, batch_size, name, *counts])
+            results[f"{mix} {batch_size} {name}"] = counts
+    note = (
+        "150 steps of 20,000 synthetic pairs (bench.py SyntheticPairs), max_seq_len 2048; efficiency = "
+        "tokens that ran / tokens processed (padding included); before: each batch in its own smallest shape."
+    )
+    header = (
+        "mix | pairs a step | layout | shapes before | efficiency before | shapes after | efficiency after"
+    )
+    if loader:  # the same numbers on any machine: the accelerator's time is better spent below
+        table("Batch shapes over 150 steps (the loader alone)", header, rows, note)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, pairs_file = run_inputs(Path(tmp), SHAPES[shape], run_pairs)
+        runs = [("this dpo.py, cold cache", "dpo.py"), ("this dpo.py, warm cache", "dpo.py")]
+        runs = ([("before (aa42811)", str(Path(before) / "dpo.py"))] if before else []) + runs
+        rows = []
+        for label, script in runs:
+            flags = dict(
+                model_name_or_path=model_dir, train_data=pairs_file, output_dir=Path(tmp) / label.split()[0]
+            )
+            flags |= dict(
+                train_batch_size=32,
+                num_train_steps=20,
+                steps_per_eval=10,
+                validation_split_fraction=0.06,
+                max_seq_len=1024,
+            )
+            flags |= dict(
+                steps_per_checkpoint=20, steps_per_hf_export=20, compilation_cache_dir=Path(tmp) / "cache"
+            )
+            if script != "dpo.py":
+                del flags["compilation_cache_dir"]
+            shutil.rmtree(flags["output_dir"], ignore_errors=True)
+            first, total, out = timed_run(script, flags)
+            programs = next((x for x in out if x.startswith(("programs:", "batch shapes compiled"))), "?")
+            rows.append([label, first, total, programs.split(":", 1)[1].strip()])
+            results[label] = dict(first_step_s=first, total_s=total, programs=rows[-1][-1])
+    note = (
+        f"python dpo.py on a random {shape} model (bf16 on accelerators), {run_pairs} UltraFeedback-like "
+        "pairs (6% for validation), 32 pairs a step, 20 steps, evaluation every 10, checkpoint and export at "
+        f"the end; {jax.devices()[0].device_kind}. First step: seconds from launch until step 1 is logged."
+    )
+    table(f"A short run ({shape})", "run | first step s | total s | programs", rows, note)
+    return results
+
+
+def run_inputs(root: Path, cfg, count: int) -> tuple[Path, Path]:
+    """A random `cfg` model in HF layout with the demo's word-level tokenizer, and `count` pairs of demo words
+    with UltraFeedback-like lengths (prompt ~110 words, replies ~260, lognormal), one token a word."""
+    demo_model, _ = dpo.make_demo(root / "demo", seed=0)
+    words = [w for ws in dpo.DEMO_TOPICS.values() for w in ws.split()]
+    rng = np.random.default_rng(0)
+    say = lambda median, sigma: " ".join(rng.choice(words, max(1, int(rng.lognormal(np.log(median), sigma)))))
+    with open(root / "pairs.jsonl", "w") as f:
+        for _ in range(count):
+            row = dict(prompt=say(110, 0.9), chosen=say(260, 0.75), rejected=say(260, 0.75))
+            f.write(json.dumps(row) + "\n")
+    mesh = sharding.make_mesh(-1, 1, 1)
+    with jax.set_mesh(mesh):
+        params = model.init_params(cfg, jax.random.key(0), mesh)
+        files = [demo_model / name for name in ("tokenizer.json", "tokenizer_config.json")]
+        model.save_hf(params, cfg, root / "model", dtype="bfloat16", extra_files=files)
+    return root / "model", root / "pairs.jsonl"
+
+
+def timed_run(script: str, flags: dict) -> tuple[float, float, list[str]]:
+    """(seconds to the first step's line, total seconds, output lines) of `python script --config.K V ...`."""
+    command = [sys.executable, script] + [f"--config.{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    started, first, lines = time.time(), float("nan"), []
+    # This process holds a little of the accelerator (it made the weights), unreserved: the run takes most.
+    env = os.environ | dict(XLA_PYTHON_CLIENT_PREALLOCATE="true", XLA_PYTHON_CLIENT_MEM_FRACTION="0.85")
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as run:
+        for line in run.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("step 1/") and first != first:
+                first = time.time() - started
+    if run.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n" + "\n".join(lines[-20:]))
+    return first, time.time() - started, lines
+
+
+# --- agreement: the accelerator's bf16 against the CPU's f32
+
+
+def bench_agree(shape: str, pairs: int = 2, seq: int = 256) -> dict:
+    """The eval step's metrics (the train step's loss and log-probs, without the update) on the accelerator in
+    bf16 against the CPU in f32, on the same weights (made on the CPU) and batch. METHOD.md's range for bf16
+    operands: a relative difference between 1e-3 and 1e-2."""
+    cfg, cpu = SHAPES[shape], jax.devices("cpu")[0]
+    batch = synthetic_batch(cfg, np.full((pairs, 2), seq), seq)
+    with jax.default_device(cpu), jax.set_mesh(one := sharding.make_mesh(1, 1, 1, devices=[cpu])):
+        weights = [jax.device_get(model.init_params(cfg, jax.random.key(seed), one)) for seed in (0, 1)]
+    results = []
+    for device, dtype in ((cpu, jnp.float32), (jax.devices()[0], jnp.bfloat16)):
+        mesh, config = sharding.make_mesh(1, 1, 1, devices=[device]), run_config(pairs, dtype=dtype)
+        with jax.set_mesh(mesh):
+            where = [w.sharding for w in jax.tree.leaves(model.abstract_params(cfg, mesh))]
+            put = lambda tree, where=where: jax.tree.unflatten(
+                jax.tree.structure(tree), list(map(jax.device_put, jax.tree.leaves(tree), where))
+            )
+            params, reference = map(put, weights)
+            _, eval_step = dpo.make_steps(cfg, config, dpo.make_optimizer(config))
+            sums = eval_step(params, (None, reference), sharding.global_batch(batch, mesh))
+            results.append({k: float(v) for k, v in dpo.normalize(jax.device_get(sums)).items()})
+    cpu_metrics, accelerator = results
+    keys = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "entropy")
+    rows = [
+        [k, cpu_metrics[k], accelerator[k], abs(accelerator[k] - cpu_metrics[k]) / abs(cpu_metrics[k])]
+        for k in keys
+    ]
+    device = jax.devices()[0].device_kind
+    note = f"{shape}, {pairs} pairs of {seq} tokens, random weights; {device} bf16, CPU f32."
+    table(
+        "The accelerator's bf16 step against the CPU's f32",
+        "metric | CPU f32 | bf16 | relative difference",
+        rows,
+        note,
+    )
+    return {row[0]: row[-1] for row in rows}
+
+
 # --- tokenization speed
 
 
@@ -861,6 +1021,8 @@ def main(args: Args) -> None:
     if "sharing" in sections:
         pairs = (args.batch or (4 if on_cpu else 8)) * mesh.devices.size
         summary["sharing"] = bench_sharing(SHAPES[shapes[0]], mesh, dtype, pairs, 3 if on_cpu else steps)
+    if "shapes" in sections:
+        summary["shapes"] = bench_shapes(shapes[0], args.before, args.run_pairs, loader=on_cpu)
     if "trl" in sections:
         summary["trl"] = bench_vs_trl(3 if on_cpu else steps)
     if "compile" in sections:
@@ -870,6 +1032,8 @@ def main(args: Args) -> None:
         bench_memory(not on_cpu, mesh)
     if "tokenize" in sections:
         summary["tokenize"] = bench_tokenize(args.tokenize_pairs)
+    if "agree" in sections and not on_cpu:
+        summary["agree"] = bench_agree(shapes[0])
     if "flags" in sections and jax.default_backend() == "gpu":
         bench_flags(shapes[-1], args.batch, seq, steps)
     print(f"\n## Summary ({load()})\n\n" + json.dumps(summary, indent=1, default=str))

@@ -849,46 +849,168 @@ class Layout(NamedTuple):
     row_multiple: int = 1
 
 
-def _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count):
+class Shape(NamedTuple):
+    """A batch's array shape, and so one compiled program: `rows` x `width` tokens (global, over every
+    process). One pair a row (the plain layout): input_ids [rows, 2, width]. Rows of several sequences
+    (prefix sharing, packing): input_ids [rows, width], up to `slots` pairs a row, each sequence's
+    attention view `view_width` tokens wide."""
+
+    rows: int
+    width: int
+    slots: int = 0
+    view_width: int = 0
+
+    def holds(self, need: "Shape") -> bool:
+        """Whether a batch whose smallest shape is `need` fits in this one."""
+        if not self.slots:  # one pair a row: the rows are the batch's pairs
+            return self.rows == need.rows and self.width >= need.width
+        return all(ours >= theirs for ours, theirs in zip(self, need, strict=True))
+
+
+def _is_rows(layout: Layout | None) -> bool:
+    return layout is not None and (layout.prefix_sharing or layout.packing)
+
+
+def _units(dataset, pairs, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens each pair takes in a row, tokens of its shared prefix written once). With prefix sharing a
+    pair's row sequence is [shared | chosen tail | rejected tail]: the first `shared - 1` tokens once."""
+    lengths = dataset.lengths[pairs]
+    once = np.maximum(dataset.shared[pairs] - 1, 0) if layout.prefix_sharing else np.zeros(len(pairs), int)
+    return lengths.sum(1) - once, once
+
+
+def _rows_of(units, layout: Layout, max_seq_len: int, process_count: int):
+    """(each row's pair positions, the rows' width, their number rounded up to a whole multiple). Packing:
+    pairs go first-fit, longest first, into as few rows as hold everything at up to 2 * max_seq_len tokens,
+    in whole multiples, the rows widening a step at a time while first-fit spills into more (a spilled row
+    would cost a whole multiple). Without packing, one pair a row."""
+    multiple, cap = math.lcm(layout.row_multiple, process_count), 2 * max_seq_len
+    if not layout.packing:
+        rows, width = [[k] for k in range(len(units))], padded_width(int(units.max()), cap)
+    else:
+        tokens = int(units.sum())
+        least = -(-tokens // (cap * multiple)) * multiple
+        width = padded_width(max(int(units.max()), -(-tokens // least)), cap)
+        while len(rows := _first_fit(units, width)) > least and width < cap:
+            width = padded_width(width + 1, cap)
+    return rows, width, -(-len(rows) // multiple) * multiple
+
+
+def _need(dataset, pairs, weight, layout, max_seq_len, process_count) -> Shape:
+    """The smallest shape that holds this batch, each dimension rounded as padded_width rounds it."""
+    if not _is_rows(layout):
+        return Shape(len(pairs), padded_width(int(dataset.lengths[pairs].max()), max_seq_len))
+    if layout.packing:  # the weight-0 copies that fill up an eval batch would only take room
+        pairs = pairs[weight > 0]
+    rows, width, total = _rows_of(_units(dataset, pairs, layout)[0], layout, max_seq_len, process_count)
+    slots = 1 << (max(map(len, rows)) - 1).bit_length()  # a power of two: few distinct shapes
+    return Shape(total, width, slots, padded_width(int(dataset.lengths[pairs].max()), max_seq_len))
+
+
+def plan_shapes(dataset, steps, *, count: int, max_seq_len: int, layout=None, process_count=1) -> list[Shape]:
+    """At most `count` shapes that hold every batch of `steps` ((pair indices, weights) per batch), with
+    the least padding: each batch's smallest shape (_need), sorted by size, cut into at most `count` runs,
+    each run served by the envelope of its shapes (the largest of every dimension). Where to cut is chosen
+    exactly (dynamic programming over the cuts) to minimise the tokens of every batch at its run's shape.
+    Rows, widths, pair slots and view widths thus come from the same batches, not rounded apart."""
+    needs = Counter(_need(dataset, p, w, layout, max_seq_len, process_count) for p, w in steps)
+    shapes = sorted(needs, key=lambda s: (s.rows * s.width, s))
+    runs = {}  # (i, j) -> (tokens of the batches of shapes i..j at their envelope, the envelope)
+    for i in range(len(shapes)):
+        top, batches = shapes[i], 0
+        for j in range(i, len(shapes)):
+            top, batches = Shape(*map(max, top, shapes[j])), batches + needs[shapes[j]]
+            runs[i, j] = (top.rows * top.width * batches, top)
+    # best[j]: (tokens, shapes) of the cheapest plan for shapes 0..j, with one more run allowed each round
+    best = [(runs[0, j][0], [runs[0, j][1]]) for j in range(len(shapes))]
+    for _ in range(count - 1):
+        best = [
+            min(
+                [best[j]]
+                + [(best[i][0] + runs[i + 1, j][0], best[i][1] + [runs[i + 1, j][1]]) for i in range(j)]
+            )
+            for j in range(len(shapes))
+        ]
+    return best[-1][1]
+
+
+def _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count, shapes):
     """This process's share of each (global pair indices, weights) batch from `steps`, as the contract's batch
-    dict; with a `reference` table ([len(dataset), 2], precomputed reference log-probs), also its rows. One
-    pair a row (_padded), or with a `layout` that shares prefixes or packs, rows of several sequences
-    (_packed)."""
+    dict; with a `reference` table ([len(dataset), 2], precomputed reference log-probs), also its rows. Each
+    batch takes the smallest of `shapes` that holds it (without `shapes`, or where none does, its own
+    smallest shape). One pair a row (_padded), or with a `layout` that shares prefixes or packs, rows of
+    several sequences (_packed)."""
     longest = int(dataset.lengths[indices].max()) if len(indices) else 0
     if longest > max_seq_len:
         raise ValueError(f"{dataset.path} has pairs of {longest} tokens, over max_seq_len {max_seq_len}")
-    packed = layout is not None and (layout.prefix_sharing or layout.packing)
-    make = functools.partial(_packed, layout=layout) if packed else _padded
-    where = dict(reference=reference, max_seq_len=max_seq_len, process_index=process_index)
-    return (make(dataset, pairs, weight, process_count=process_count, **where) for pairs, weight in steps)
+    for pairs, weight in steps:
+        need = _need(dataset, pairs, weight, layout, max_seq_len, process_count)
+        shape = min((s for s in shapes or () if s.holds(need)), key=lambda s: s.rows * s.width, default=need)
+        where = dict(reference=reference, process_index=process_index, process_count=process_count)
+        if _is_rows(layout):
+            yield _packed(
+                dataset, pairs, weight, layout=layout, shape=shape, max_seq_len=max_seq_len, **where
+            )
+        else:
+            yield _padded(dataset, pairs, weight, shape=shape, **where)
 
 
-def _padded(dataset, pairs, weight, reference, max_seq_len, process_index, process_count):
+def blank_batch(shape: Shape, reference=False, process_count=1) -> dict[str, np.ndarray]:
+    """This process's share of a batch of `shape`, all zeros (padding): what a batch of that shape holds,
+    for compiling its program before any batch is read."""
+    r = shape.rows // process_count
+    if not shape.slots:
+        batch = dict(
+            input_ids=np.zeros((r, 2, shape.width), np.int32), loss_mask=np.zeros((r, 2, shape.width), bool)
+        )
+        batch |= dict(lengths=np.zeros((r, 2), np.int32), weight=np.zeros(r, np.float32))
+        return batch | (dict(ref_logps=np.zeros((r, 2), np.float32)) if reference else {})
+    per_row, view_width = shape.slots, shape.view_width
+    out = {
+        k: np.zeros((r, shape.width), np.int32) for k in ("input_ids", "positions", "targets", "side", "slot")
+    }
+    out |= dict(
+        target_mask=np.zeros((r, shape.width), bool),
+        pair=np.full((r, shape.width), -1, np.int32),
+        views=np.zeros((r, 2 * per_row, view_width), np.int32),
+        view_lengths=np.zeros((r, 2 * per_row), np.int32),
+        weight=np.zeros((r, per_row), np.float32),
+        lengths=np.zeros((r, per_row, 2), np.int32),
+    )
+    return out | (dict(ref_logps=np.zeros((r, per_row, 2), np.float32)) if reference else {})
+
+
+def shape_of(batch: dict) -> Shape:
+    """The Shape of a batch (of this process's share: rows are counted as given)."""
+    if "views" not in batch:
+        return Shape(*batch["input_ids"].shape[::2])
+    (rows, width), (_, views, view_width) = batch["input_ids"].shape, batch["views"].shape
+    return Shape(rows, width, views // 2, view_width)
+
+
+def _padded(dataset, pairs, weight, reference, process_index, process_count, shape: Shape):
     """This process's pairs, one a row: input_ids [b, 2, T] right-padded with 0, loss_mask [b, 2, T] with
     False, lengths [b, 2], weight [b] (and ref_logps [b, 2])."""
     size = len(pairs) // process_count
     mine = slice(process_index * size, (process_index + 1) * size)
-    # T from the whole global batch, so every process agrees.
-    width = padded_width(int(dataset.lengths[pairs].max()), max_seq_len)
     # [b, 2, T], not [2b, T]: sharding the leading dim keeps both sequences of a pair on one device.
-    input_ids, loss_mask = np.zeros((size, 2, width), np.int32), np.zeros((size, 2, width), bool)
+    batch = blank_batch(shape, reference=reference is not None, process_count=process_count)
+    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     for i, sides in enumerate(dataset.read(pairs[mine])):
         for s, (ids, mask) in enumerate(sides):
             input_ids[i, s, : len(ids)], loss_mask[i, s, : len(ids)] = ids, mask
-    batch = dict(input_ids=input_ids, loss_mask=loss_mask, lengths=dataset.lengths[pairs[mine]])
-    batch["weight"] = weight[mine]
+    batch["lengths"][:], batch["weight"][:] = dataset.lengths[pairs[mine]], weight[mine]
     if reference is not None:
-        batch["ref_logps"] = reference[pairs[mine]]
+        batch["ref_logps"][:] = reference[pairs[mine]]
     return batch
 
 
-def _packed(dataset, pairs, weight, reference, max_seq_len, process_index, process_count, layout: Layout):
-    """The pairs as rows of sequences. A pair's sequence is [shared | chosen tail | rejected tail] with
-    prefix sharing: the first `shared - 1` tokens once, then each side from there on, so that the last
-    shared token starts both tails and every position has one next token; without it, [chosen | rejected].
-    With packing, pairs go first-fit, longest first, into rows wide enough for the longest pair and a fair
-    share of the batch; else one pair a row. The plan depends only on the global batch's lengths, so every
-    process makes the same and fills only its own rows. Per row (R rows of W tokens, up to K pairs):
+def _packed(dataset, pairs, weight, reference, max_seq_len, process_index, process_count, layout, shape):
+    """The pairs as rows of sequences, laid out in `shape` (one that holds them: empty rows, slots and
+    tokens are padding). A pair's sequence is [shared | chosen tail | rejected tail] with prefix sharing,
+    without it [chosen | rejected] (_units). Packing puts several in a row (_rows_of); else one pair a row.
+    The plan depends only on the global batch's lengths, so every process makes the same and fills only its
+    own rows. Per row (R rows of W tokens, up to K pairs):
       input_ids, positions (within each side's sequence), targets, target_mask (scored) [R, W];
       pair [R, W] (the token's pair slot, -1 for padding), side [R, W] (0 both, 1 chosen, 2 rejected);
       views [R, 2K, S]: the row positions of pair k's chosen (view 2k) and rejected (2k + 1) sequences,
@@ -896,37 +1018,14 @@ def _packed(dataset, pairs, weight, reference, max_seq_len, process_index, proce
       weight [R, K], lengths [R, K, 2] (and ref_logps [R, K, 2]) for each pair slot."""
     if layout.packing:  # the weight-0 copies that fill up an eval batch would only take room
         pairs, weight = pairs[weight > 0], weight[weight > 0]
-    lengths, count = dataset.lengths[pairs], len(pairs)
-    once = np.maximum(dataset.shared[pairs] - 1, 0) if layout.prefix_sharing else np.zeros(count, np.int64)
-    units = lengths.sum(1) - once
-    multiple = math.lcm(layout.row_multiple, process_count)
-    if layout.packing:
-        # As few rows as hold everything at up to 2 * max_seq_len tokens, in whole multiples; the rows widen
-        # a step at a time while first-fit spills into more (a spilled row would cost a whole multiple).
-        tokens, cap = int(units.sum()), 2 * max_seq_len
-        least = -(-tokens // (cap * multiple)) * multiple
-        width = padded_width(max(int(units.max()), -(-tokens // least)), cap)
-        while len(rows := _first_fit(units, width)) > least and width < cap:
-            width = padded_width(width + 1, cap)
-    else:
-        width, rows = padded_width(int(units.max()), 2 * max_seq_len), [[k] for k in range(count)]
-    total, per_row = -(-len(rows) // multiple) * multiple, 1 << (max(map(len, rows)) - 1).bit_length()
-    rows += [[] for _ in range(total - len(rows))]
-    rows = rows[process_index * total // process_count : (process_index + 1) * total // process_count]
-    view_width = padded_width(int(lengths.max()), max_seq_len)
-    r = len(rows)
-    out = {k: np.zeros((r, width), np.int32) for k in ("input_ids", "positions", "targets", "side", "slot")}
-    out |= dict(
-        target_mask=np.zeros((r, width), bool),
-        pair=np.full((r, width), -1, np.int32),
-        views=np.zeros((r, 2 * per_row, view_width), np.int32),
-        view_lengths=np.zeros((r, 2 * per_row), np.int32),
-        weight=np.zeros((r, per_row), np.float32),
-        lengths=np.zeros((r, per_row, 2), np.int32),
-    )
-    if reference is not None:
-        out["ref_logps"] = np.zeros((r, per_row, 2), np.float32)
-    order = [k for row in rows for k in row]
+    lengths, (units, once) = dataset.lengths[pairs], _units(dataset, pairs, layout)
+    rows = _rows_of(units, layout, max_seq_len, process_count)[0]
+    rows += [[] for _ in range(shape.rows - len(rows))]
+    rows = rows[
+        process_index * shape.rows // process_count : (process_index + 1) * shape.rows // process_count
+    ]
+    out = blank_batch(shape, reference is not None, process_count)
+    view_width, order = shape.view_width, [k for row in rows for k in row]
     read = dict(zip(order, dataset.read(pairs[order]), strict=True))
     for i, row in enumerate(rows):
         at = 0  # where the next pair starts in the row
@@ -984,24 +1083,11 @@ def by_length(dataset: PairDataset, indices: Sequence[int]) -> np.ndarray:
     return indices[np.argsort(dataset.lengths[indices].max(axis=1), kind="stable")]
 
 
-def train_batches(
-    dataset: PairDataset,
-    indices: Sequence[int],
-    *,
-    batch_size: int,
-    seed: int,
-    start_step: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
-    max_seq_len: int,
-    group_by_length: bool = False,
-    window: int = 64,
-    reference: np.ndarray | None = None,
-    layout: Layout | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Endless batches of batch_size pairs (global), reshuffled each epoch from (seed, epoch). Step s is
-    computed, not reached by reading steps before it, so a resumed run continues exactly. Each epoch
-    leaves out its last partial batch (a different remainder each epoch).
+def train_order(dataset, indices, *, batch_size, seed, group_by_length=False, window=64):
+    """step -> (global pair indices, weights) of that step's batch of batch_size pairs, reshuffled each epoch
+    from (seed, epoch). Step s is computed, not reached by reading steps before it, so a resumed run
+    continues exactly and a run can plan its shapes before step 1. Each epoch leaves out its last partial
+    batch (a different remainder each epoch).
 
     group_by_length: each epoch's shuffled pairs are sorted by length within runs of `window` batches, cut
     into batches, and those batches shuffled again. A batch then holds pairs of like length and pads far
@@ -1022,8 +1108,44 @@ def train_batches(
         return pairs.reshape(-1, batch_size)  # [steps_per_epoch, batch_size]
 
     weight = np.ones(batch_size, np.float32)
-    steps = ((order(s // steps_per_epoch)[s % steps_per_epoch], weight) for s in itertools.count(start_step))
-    return _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count)
+    return lambda step: (order(step // steps_per_epoch)[step % steps_per_epoch], weight)
+
+
+def train_batches(
+    dataset: PairDataset,
+    indices: Sequence[int],
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    max_seq_len: int,
+    group_by_length: bool = False,
+    window: int = 64,
+    reference: np.ndarray | None = None,
+    layout: Layout | None = None,
+    shapes: Sequence[Shape] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless batches of train_order's steps from start_step on, each in the smallest of `shapes` that
+    holds it (plan_shapes; without them, each in its own smallest shape)."""
+    order = train_order(
+        dataset, indices, batch_size=batch_size, seed=seed, group_by_length=group_by_length, window=window
+    )
+    steps = map(order, itertools.count(start_step))
+    where = (reference, layout, process_index, process_count, shapes)
+    return _batches(dataset, np.asarray(indices, np.int64), steps, max_seq_len, *where)
+
+
+def eval_order(indices: Sequence[int], batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One pass over `indices` in order, as (pair indices, weights) batches. The last batch is filled up
+    with copies of a real pair at weight 0 (copies, not empty rows, so padding never feeds the model a
+    sequence of length 0; packed rows leave them out)."""
+    indices = np.asarray(indices, np.int64)
+    chunks = (indices[at : at + batch_size] for at in range(0, len(indices), batch_size))
+    return [
+        (np.resize(pairs, batch_size), np.float32(np.arange(batch_size) < len(pairs))) for pairs in chunks
+    ]
 
 
 def eval_batches(
@@ -1036,16 +1158,12 @@ def eval_batches(
     max_seq_len: int,
     reference: np.ndarray | None = None,
     layout: Layout | None = None,
+    shapes: Sequence[Shape] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over `indices` in order. The last batch is filled up with copies of a real pair at weight 0
-    (copies, not empty rows, so padding never feeds the model a sequence of length 0; packed rows leave
-    them out)."""
-    indices = np.asarray(indices, np.int64)
-    chunks = (indices[at : at + batch_size] for at in range(0, len(indices), batch_size))
-    steps = (
-        (np.resize(pairs, batch_size), np.float32(np.arange(batch_size) < len(pairs))) for pairs in chunks
-    )
-    return _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count)
+    """eval_order's batches, each in the smallest of `shapes` that holds it (as train_batches)."""
+    steps = eval_order(indices, batch_size)
+    where = (reference, layout, process_index, process_count, shapes)
+    return _batches(dataset, np.asarray(indices, np.int64), steps, max_seq_len, *where)
 
 
 def main():

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -50,6 +51,7 @@ import numpy as np
 import optax
 import tyro
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -65,6 +67,11 @@ LOSS_TYPES = (*LOSS_TYPES.split(), "simpo", "aot", "aot_unpaired", "sft")
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")  # they use label_smoothing
 BATCH_LOSSES = {"aot", "aot_unpaired"}  # losses over the whole batch, not sums over its pairs
 ADAPTABLE = tuple(model.LORA_TARGETS)  # lora_targets' choices
+# Compiled programs outlive the run here unless --config.compilation-cache-dir says otherwise.
+CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo-jax")
+# Batch shapes a run compiles (data.plan_shapes), each a program: on an accelerator a compile costs a second
+# or two of steps per billion parameters and a shape, so few shapes beat a little less padding.
+TRAIN_SHAPES, EVAL_SHAPES = 4, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +138,7 @@ class Config:
     hf_save_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # dtype of exported weights
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
     log_every: int = 1  # console line every this many steps
+    compilation_cache_dir: str | None = CACHE_DIR  # compiled programs kept for the next run; None: off
     wandb_project: str | None = None  # log to Weights & Biases too (needs `pip install wandb`)
 
     def __post_init__(self):
@@ -191,7 +199,7 @@ class Config:
 OPERATIONAL_FIELDS = set(
     "output_dir overwrite num_train_steps steps_per_eval max_eval_batches steps_per_checkpoint "
     "keep_checkpoints steps_per_hf_export hf_save_dtype log_every wandb_project coordinator_address "
-    "num_processes process_id on_nonfinite".split()
+    "num_processes process_id on_nonfinite compilation_cache_dir".split()
 )
 
 # What the demo uses for the fields not given on the command line (a tiny model from scratch learns at a
@@ -965,6 +973,69 @@ def _fill_reference(final: Path, dataset: data.PairDataset, logps_of, config: Co
         progress.unlink(missing_ok=True)
 
 
+# --- compiled programs: a few batch shapes, compiled before the first step and kept across runs
+
+_cache_hits = []  # one entry per program the persistent compilation cache served
+jax.monitoring.register_event_listener(
+    lambda event, **_: _cache_hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None
+)
+
+
+def use_compilation_cache(directory: str | None) -> None:
+    """XLA's persistent compilation cache in `directory` (None: off), every program kept however fast it
+    compiled, so a rerun, a resume or another run of the same shapes compiles nothing. Every process reads
+    it and JAX writes from process 0 only, so one directory that all hosts share is safe."""
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()  # JAX decides once per process whether to use it: decide again
+
+
+class Programs:
+    """The train and eval steps compiled for each planned batch shape (data.plan_shapes), called by the
+    shape of the batch they are given. A batch that no planned shape holds (a run extended past its plan)
+    compiles when first met, and is counted."""
+
+    def __init__(self, steps: dict, shapes: dict):
+        self.steps, self.shapes, self.compiled = steps, shapes, {}  # kind -> step; kind -> shapes
+        self.seconds, self.from_cache, self.unplanned = 0.0, 0, 0
+
+    def compile(self, arguments) -> None:
+        """Every planned program at once: traced here one after another (tracing holds the GIL), then
+        compiled on threads, which XLA runs in parallel. `arguments(kind, shape)`: the step's arguments
+        with a blank batch of that shape."""
+        started, hits = time.time(), len(_cache_hits)
+        kinds = [(kind, shape) for kind, shapes in self.shapes.items() for shape in shapes]
+        lowered = [self.steps[kind].lower(*arguments(kind, shape)) for kind, shape in kinds]
+        with ThreadPoolExecutor(max(len(lowered), 1)) as pool:
+            self.compiled |= dict(
+                zip(kinds, pool.map(lambda program: program.compile(), lowered), strict=True)
+            )
+        self.seconds, self.from_cache = time.time() - started, len(_cache_hits) - hits
+
+    def __call__(self, kind: str, *args):
+        key = (kind, data.shape_of(args[-1]))  # the batch comes last
+        if key not in self.compiled:
+            started, self.unplanned = time.time(), self.unplanned + 1
+            self.compiled[key] = self.steps[kind].lower(*args).compile()
+            self.seconds += time.time() - started
+        return self.compiled[key](*args)
+
+    def report(self) -> str:
+        planned = ", ".join(
+            f"{len(s)} {kind} ({', '.join(map(_shape_text, s))})" for kind, s in self.shapes.items()
+        )
+        extra = f" and {self.unplanned} unplanned" if self.unplanned else ""
+        return (
+            f"compiled {planned}{extra} in {self.seconds:.1f} s, {self.from_cache} of "
+            f"{len(self.compiled)} from the cache"
+        )
+
+
+def _shape_text(shape: data.Shape) -> str:
+    """A batch shape as the console shows it: pairs x width; rows x width x pair slots x view width."""
+    return "x".join(map(str, shape if shape.slots else shape[:2]))
+
+
 # --- main: the inputs, the state, the batches and the loop, top to bottom
 
 
@@ -1077,21 +1148,10 @@ def check_vocabulary(dataset: data.PairDataset, arch: model.LlamaConfig, tokeniz
         say(f"warning: {dataset.path} was tokenized with {made_with.get('source')}, not this run's tokenizer")
 
 
-def batch_shape(batch: dict) -> int | str:
-    """What one compiled program serves: the width T of one-pair rows; for rows of several sequences, rows x
-    width x pair slots a row x view width."""
-    if "views" not in batch:
-        return batch["input_ids"].shape[-1]
-    (rows, width), (_, views, view_width) = batch["input_ids"].shape, batch["views"].shape
-    return f"{rows}x{width}x{views // 2}x{view_width}"
-
-
-def evaluate(eval_step, params, frozen, batches, mesh, shapes: set) -> dict[str, float]:
-    """The eval/ metrics over every batch: their sums added up, then divided once. Adds the batch shapes
-    met (each is one compiled program) to `shapes`."""
+def evaluate(eval_step, params, frozen, batches, mesh) -> dict[str, float]:
+    """The eval/ metrics over every batch: their sums added up, then divided once."""
     totals = {}
     for batch in batches:
-        shapes.add(batch_shape(batch))
         sums = eval_step(params, frozen, sharding.global_batch(batch, mesh))
         for k, v in jax.device_get(sums).items():
             totals[k] = totals.get(k, 0.0) + float(v)
@@ -1179,24 +1239,68 @@ def start_state(run: Path, config: Config, inputs: Inputs, optimizer, say):
     return state, resume_step, (base, reference), tables
 
 
-def loaders(config: Config, inputs: Inputs, start: int, tables):
-    """The training batches from step `start` on, and a function that starts a pass over the validation
-    pairs (the first max_eval_batches batches' worth, shortest first: the sums do not care about order,
-    and like lengths pad less)."""
+class Loaders(NamedTuple):
+    train: object  # the training batches from the start step on
+    validation: object  # () -> a pass over the validation batches
+    shapes: dict  # "training", "evaluation" -> the batch shapes planned for them (data.plan_shapes)
+    blank: object  # (kind, shape) -> a batch of that shape, all padding: what its program is compiled on
+
+
+def loaders(config: Config, inputs: Inputs, start: int, tables) -> Loaders:
+    """The training batches from step `start` on, a function that starts a pass over the validation pairs
+    (the first max_eval_batches batches' worth, shortest first: the sums do not care about order, and like
+    lengths pad less), and the few batch shapes that every batch of the run is laid out in, planned over
+    all of the run's steps and its validation pass, so that they compile before the first step."""
     # Packed rows split evenly over the batch axes' devices and, in training, over the microbatches.
     devices = math.prod(inputs.mesh.shape[axis] for axis in sharding.BATCH_AXES)
-    layout = data.Layout(config.prefix_sharing, config.packing, row_multiple=devices)
-    common = dict(batch_size=config.train_batch_size, max_seq_len=config.max_seq_len)
-    common |= dict(process_index=jax.process_index(), process_count=jax.process_count())
-    order = dict(seed=config.seed, start_step=start, group_by_length=config.group_by_length)
-    micro = layout._replace(row_multiple=devices * config.num_microbatches)
-    train = data.train_batches(
-        inputs.train_set, inputs.train_idx, reference=tables[0], layout=micro, **order, **common
-    )
-    cap = None if config.max_eval_batches is None else config.max_eval_batches * config.train_batch_size
+    layouts = dict(evaluation=data.Layout(config.prefix_sharing, config.packing, row_multiple=devices))
+    layouts["training"] = layouts["evaluation"]._replace(row_multiple=devices * config.num_microbatches)
+    size, processes = config.train_batch_size, dict(process_count=jax.process_count())
+    cap = None if config.max_eval_batches is None else config.max_eval_batches * size
     val_idx = data.by_length(inputs.val_set, inputs.val_idx[:cap])
-    evaluation = dict(reference=tables[1], layout=layout, **common)
-    return train, partial(data.eval_batches, inputs.val_set, val_idx, **evaluation)
+    order = partial(
+        data.train_order, batch_size=size, seed=config.seed, group_by_length=config.group_by_length
+    )
+    steps = dict(
+        training=(
+            inputs.train_set,
+            [*map(order(inputs.train_set, inputs.train_idx), range(config.num_train_steps))],
+        ),
+        evaluation=(inputs.val_set, data.eval_order(val_idx, size)),
+    )
+    counts, plan = (
+        dict(training=TRAIN_SHAPES, evaluation=EVAL_SHAPES),
+        dict(max_seq_len=config.max_seq_len, **processes),
+    )
+    # Planned over the whole run whatever the start, so that a resumed run meets the programs it compiled
+    # before (from the cache); none when nothing is left to run.
+    left = start < config.num_train_steps
+    shapes = {
+        kind: data.plan_shapes(dataset, batches, count=counts[kind], layout=layouts[kind], **plan)
+        if batches and left
+        else []
+        for kind, (dataset, batches) in steps.items()
+    }
+    common = dict(
+        batch_size=size, max_seq_len=config.max_seq_len, process_index=jax.process_index(), **processes
+    )
+    train = data.train_batches(
+        inputs.train_set,
+        inputs.train_idx,
+        seed=config.seed,
+        start_step=start,
+        group_by_length=config.group_by_length,
+        reference=tables[0],
+        layout=layouts["training"],
+        shapes=shapes["training"],
+        **common,
+    )
+    evaluation = dict(
+        reference=tables[1], layout=layouts["evaluation"], shapes=shapes["evaluation"], **common
+    )
+    references = dict(training=tables[0] is not None, evaluation=tables[1] is not None)
+    blank = lambda kind, shape: data.blank_batch(shape, references[kind], jax.process_count())
+    return Loaders(train, partial(data.eval_batches, inputs.val_set, val_idx, **evaluation), shapes, blank)
 
 
 def check_update(step: int, metrics: dict, config: Config, run: Path, say) -> None:
@@ -1220,7 +1324,9 @@ def check_update(step: int, metrics: dict, config: Config, run: Path, say) -> No
 
 
 def main(config: Config) -> Path:
+    started = time.time()
     sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+    use_compilation_cache(config.compilation_cache_dir)
     run = Path(config.output_dir)
     say = (lambda *a: print(*a, flush=True)) if sharding.is_writer() else (lambda *a: None)
 
@@ -1241,9 +1347,17 @@ def main(config: Config) -> Path:
         train_step, eval_step = make_steps(inputs.arch, config, optimizer)
         state, resume_step, frozen, tables = start_state(run, config, inputs, optimizer, say)
     start = resume_step or 0
-    train_batches, val_batches = loaders(config, inputs, start, tables)
-    shapes = {"training": set(), "evaluation": set()}  # batch shapes met: each is one compiled program
-    eval_metrics = lambda s: evaluate(eval_step, s.params, frozen, val_batches(), mesh, shapes["evaluation"])
+    batches = loaders(config, inputs, start, tables)
+    programs = Programs(dict(training=train_step, evaluation=eval_step), batches.shapes)
+    count = sum(map(len, batches.shapes.values()))
+    say(f"compiling {count} programs (batch shapes) before the first step ...")
+    with jax.set_mesh(mesh):
+        first = dict(training=state, evaluation=state.params)  # the arguments before the batch
+        blank = lambda kind, shape: sharding.global_batch(batches.blank(kind, shape), mesh)
+        programs.compile(lambda kind, shape: (first[kind], frozen, blank(kind, shape)))
+    eval_metrics = lambda s: evaluate(
+        partial(programs, "evaluation"), s.params, frozen, batches.validation(), mesh
+    )
     export = exporter(run, config, inputs, frozen[0], say)
 
     # --- the loop
@@ -1256,13 +1370,14 @@ def main(config: Config) -> Path:
                 f"training steps {steps} on {mesh.devices.size} device(s), batch {config.train_batch_size} "
                 f"pairs, compute {dtype.name}"
             )
-        upcoming = next(train_batches)
+        upcoming = next(batches.train)
         for step in range(start + 1, config.num_train_steps + 1):
-            shapes["training"].add(batch_shape(upcoming))
-            state, metrics = train_step(state, frozen, sharding.global_batch(upcoming, mesh))
+            state, metrics = programs("training", state, frozen, sharding.global_batch(upcoming, mesh))
             if step < config.num_train_steps:  # dispatch is async: read the next batch while the step runs
-                upcoming = next(train_batches)
+                upcoming = next(batches.train)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if step == start + 1:
+                say(f"first step done {time.time() - started:.1f} s after start")
             check_update(step, metrics, config, run, say)
             log.train(step, metrics)
             last = step == config.num_train_steps
@@ -1278,11 +1393,12 @@ def main(config: Config) -> Path:
                 save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
             if step % config.steps_per_hf_export == 0 or last:
                 export(state)
-    compiled = "; ".join(
-        f"{len(s)} for {k} ({', '.join(map(str, sorted(s)))})" for k, s in shapes.items() if s
+    legend = (
+        "rows x width x pair slots x view width"
+        if config.prefix_sharing or config.packing
+        else "pairs x width"
     )
-    legend = " (rows x width x pair slots x view width)" if config.prefix_sharing or config.packing else ""
-    say(f"batch shapes compiled{legend}: {compiled}")
+    say(f"programs: {programs.report()} (batch shapes: {legend})")
     made = [name for name in ("config.json", "metrics.jsonl", "checkpoints/", "hf/") if (run / name).exists()]
     say(f"done. run directory {run.resolve()}: {', '.join(made)} (transformers loads hf/step-N as it is)")
     return run

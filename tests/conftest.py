@@ -3,6 +3,7 @@ optimisation passes are off: on these tiny shapes compiling, not running, is mos
 unoptimised CPU code compiles in about half of it (the numbers are the same ops on the same data)."""
 
 import os
+import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (
@@ -11,3 +12,5 @@ os.environ["XLA_FLAGS"] = (
 )
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# dpo.py keeps compiled programs under $XDG_CACHE_HOME/dpo-jax: the tests' own, not the user's.
+os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="dpo-tests-cache-"))
