@@ -1106,7 +1106,7 @@ def exporter(run: Path, config: Config, inputs: Inputs, base, say):
     generation = json.loads(generation.read_text()) if generation.exists() else None
     # The tokenizer goes beside the weights, so that transformers loads it from the export too.
     files = [path for name in data.TOKENIZER_FILES if (path := inputs.tokenizer_dir / name).exists()]
-    merge = jax.jit(partial(model.merge_lora, scale=config.lora_scale))
+    merge = jax.jit(partial(model.merge_lora, scale=config.lora_scale, dtype=config.hf_save_dtype))
 
     def export(state: TrainState) -> None:
         out, params, extra = run / "hf" / f"step-{int(state.step)}", state.params, files

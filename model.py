@@ -489,15 +489,18 @@ def logits(params: dict, tokens: jax.Array, arch: LlamaConfig, **forward_kwargs)
     return jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32, out_sharding=out)
 
 
-def merge_lora(params: dict, lora: dict, scale: float) -> dict:
-    """The params with each adapter folded into its weight, W + scale * A B (sharded as W), for export."""
+def merge_lora(params: dict, lora: dict, scale: float, dtype=jnp.float32) -> dict:
+    """The params with each adapter folded into its weight, W + scale * A B (sharded as W), for export. The
+    sum is taken in f32 and rounded once, to `dtype` (the export's): in the base's own dtype (bf16 when it
+    computes in bf16) a change under half its rounding step would be lost, as most of a run's are."""
     layers = dict(params["layers"])
     for name, adapter in lora.items():
         axes, n_in = _weights_axes(name)
         inputs, outputs = axes[:n_in], axes[n_in:]
         spec = P(*jax.typeof(layers[name]).sharding.spec)
-        delta = jnp.einsum(f"l{inputs}r,lr{outputs}->l{axes}", adapter["a"], adapter["b"], out_sharding=spec)
-        layers[name] = layers[name] + scale * delta.astype(layers[name].dtype)
+        f32 = dict(precision="highest", preferred_element_type=jnp.float32, out_sharding=spec)
+        delta = jnp.einsum(f"l{inputs}r,lr{outputs}->l{axes}", adapter["a"], adapter["b"], **f32)
+        layers[name] = (layers[name].astype(jnp.float32) + scale * delta).astype(dtype)
     return params | {"layers": layers}
 
 
