@@ -91,8 +91,8 @@ class Config:
     reference_mode: Literal["live", "precompute"] = "live"  # reference: each step, or once before training
     # --- LoRA
     lora_rank: int = 0  # adapters of this rank on the frozen model, the reference its base; 0: full tuning
-    lora_alpha: float | None = None  # LoRA scale alpha / rank; None: alpha = 2 * rank
-    lora_targets: tuple[Literal[ADAPTABLE], ...] = ADAPTABLE  # the projections adapted
+    lora_alpha: float | None = None  # LoRA scale alpha / rank, alpha > 0; None: alpha = 2 * rank
+    lora_targets: tuple[Literal[ADAPTABLE], ...] = ADAPTABLE  # the projections adapted (with lora_rank)
     # --- optimization
     train_batch_size: int = 128  # preference pairs per optimizer step (global, over all devices)
     microbatch_size: int | None = None  # pairs per forward/backward; gradients accumulate up to the batch
@@ -164,6 +164,11 @@ class Config:
         need(0 < len(losses) == len(set(losses)), f"loss_type {losses}: name each loss once")
         need(weights is None or len(weights) == len(losses), "loss_weights needs one weight per loss_type")
         need(weights is None or min(weights) >= 0, f"loss_weights must be >= 0, got {weights}")
+        need(weights is None or max(weights) > 0, f"loss_weights {weights} are all 0: nothing would train")
+        alpha, rank = self.lora_alpha, self.lora_rank
+        need(alpha is None or alpha > 0, f"lora_alpha must be > 0 (or None: 2 * lora_rank), got {alpha}")
+        for name, unset in [("lora_alpha", alpha is None), ("lora_targets", self.lora_targets == ADAPTABLE)]:
+            need(rank or unset, f"{name} does nothing without lora_rank (a full fine-tune would run)")
         need(
             ls == 0 or set(losses) <= set(SMOOTHED), f"label_smoothing is used by {', '.join(SMOOTHED)} only"
         )
@@ -180,7 +185,7 @@ class Config:
 
     @property
     def lora_scale(self) -> float:
-        return (self.lora_alpha or 2 * self.lora_rank) / max(self.lora_rank, 1)
+        return (2 * self.lora_rank if self.lora_alpha is None else self.lora_alpha) / max(self.lora_rank, 1)
 
     @property
     def uses_reference(self) -> bool:
@@ -995,6 +1000,7 @@ def load_inputs(run: Path, config: Config, say) -> Inputs:
     arch = model.load_config(model_dir)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
     model.check_fits(arch, mesh, config.microbatch_size or config.train_batch_size)
+    model.check_lora(arch, config.lora_rank, config.lora_targets)
     model.check_weights(model_dir, arch)  # from the file headers: no weight is read yet
     reference_dir = resolved("reference_model_path") if config.reference_model_path else model_dir
     reference_arch = model.load_config(reference_dir)

@@ -264,6 +264,23 @@ def check_fits(arch: LlamaConfig, mesh, batch_size: int) -> None:
         raise ValueError(f"batch size ({batch_size}) is not divisible by the {jax.process_count()} processes")
 
 
+def check_lora(arch: LlamaConfig, rank: int, targets) -> None:
+    """A rank above an adapted weight's smaller side (of [in, out], heads flattened) adds parameters and
+    nothing else, A B reaching at most that rank anyway: refused in one line, naming the smallest."""
+    sides = {}
+    for target in targets:
+        w = _LAYER[LORA_TARGETS[target]]
+        shape = _shape(arch, w)[1:]
+        sides[target] = math.prod(shape[: w.n_in]), math.prod(shape[w.n_in :])
+    smallest = min(sides, key=lambda target: min(sides[target]), default=None)
+    if smallest and rank > min(sides[smallest]):
+        size = " x ".join(map(str, sides[smallest]))
+        raise ValueError(
+            f"lora_rank {rank} is larger than the adapted {smallest} projection allows ({size}): "
+            f"at most {min(sides[smallest])}"
+        )
+
+
 def param_specs(arch: LlamaConfig) -> dict:
     """PartitionSpec of every weight, same tree as the params."""
     return jax.tree.map(lambda w: w.spec, _weights(arch))

@@ -3,6 +3,7 @@ each gives one clear line on stderr, loses nothing and never trains on nothing."
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -344,10 +345,17 @@ def test_data_that_changes_under_a_run_is_refused_and_training_and_validation_ne
         (dict(adam_b2=1.0), "adam_b1 and adam_b2 must be in [0, 1)"),
         (dict(max_eval_batches=0), "max_eval_batches must be > 0"),
         (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+        (dict(lora_rank=4, lora_alpha=0.0), "lora_alpha must be > 0"),  # it trained with alpha 2 * rank
+        (dict(lora_rank=4, lora_alpha=-8.0), "lora_alpha must be > 0"),  # with a negative scale
+        # Flags that did nothing: a full fine-tune ran, or nothing trained.
+        (dict(lora_alpha=8.0), "lora_alpha does nothing without lora_rank"),
+        (dict(lora_targets=("q", "v")), "lora_targets does nothing without lora_rank"),
+        (dict(loss_weights=(0.0,)), "loss_weights (0.0,) are all 0: nothing would train"),
+        (dict(loss_type=("sigmoid", "sft"), loss_weights=(0.0, 0.0)), "are all 0"),
     ],
 )
 def test_nonsense_numbers_are_refused(settings, message):
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         dpo.Config(**settings)
 
 
@@ -423,3 +431,14 @@ def test_data_from_an_older_data_py_is_refused_in_one_line(demo, tmp_path):
     (out / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(ValueError, match="made by an older data.py: tokenize it again"):
         data.PairDataset(out)
+
+
+def test_a_lora_rank_above_a_projections_size_is_one_line_before_anything_is_written(demo, tmp_path):
+    """The demo's k and v projections are 64 x 32 (2 kv heads of 16): a rank above 32 adds nothing."""
+    run = tmp_path / "run"
+    one_line_error(dpo_cli(*demo, run, lora_rank=1000), "lora_rank 1000 is larger than", "at most 32")
+    one_line_error(
+        dpo_cli(*demo, run, lora_rank=65, lora_targets="q"), "adapted q projection allows (64 x 64)"
+    )
+    assert not (run / "config.json").exists()
+    assert dpo_cli(*demo, run, lora_rank=32, num_train_steps=0).returncode == 0
