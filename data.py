@@ -386,6 +386,16 @@ def _scored(encoding, turns, special_ids) -> tuple[np.ndarray, np.ndarray, list[
     return np.array(ids, np.int32), mask, firsts
 
 
+def _check_text(text: str, what: str) -> None:
+    """Text the tokenizer can take. JSON can spell a lone UTF-16 surrogate ("\\ud800", common in scraped
+    data), which is no Unicode character: such a row is rejected, not the whole chunk it came in."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = f"{e.object[e.start : e.end]!r} at character {e.start}"
+        raise RejectedRow("invalid text", f"{what} holds {where}, a lone UTF-16 surrogate") from None
+
+
 def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]], system_field: str | None):
     """(index, row)s -> (pairs, rejects as (index, reason, detail)). All texts of the chunk go through one
     encode_batch call, which the tokenizers library spreads over its Rust threads."""
@@ -395,10 +405,14 @@ def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]]
         try:
             prompt, chosen, rejected = _parse_row(row, fmt, system_field)
             if fmt == "plain":
+                for name, text in zip(("prompt", *SIDES), (prompt, chosen, rejected), strict=True):
+                    _check_text(text, name)
                 parsed.append((index, (chosen, rejected), prompt))
             else:
                 rendered = [_render_turns(chat, prompt + side) for side in (chosen, rejected)]
                 texts, spans = zip(*rendered, strict=True)  # both sides' texts, both sides' turns
+                for name, text in zip(SIDES, texts, strict=True):
+                    _check_text(text, f"the {name} conversation")
                 parsed.append((index, texts, (spans, sum(m["role"] == "assistant" for m in prompt))))
         except RejectedRow as e:
             rejects.append((index, e.reason, e.detail))

@@ -442,3 +442,17 @@ def test_a_lora_rank_above_a_projections_size_is_one_line_before_anything_is_wri
     )
     assert not (run / "config.json").exists()
     assert dpo_cli(*demo, run, lora_rank=32, num_train_steps=0).returncode == 0
+
+
+def test_a_lone_surrogate_in_raw_training_data_is_a_rejected_row(demo, tmp_path):
+    model_dir, pairs = demo
+    rows = pairs.read_text().splitlines()
+    bad = json.dumps({"prompt": "What is 1+1?", "chosen": "2 \ud800", "rejected": "3"})
+    (tmp_path / "pairs.jsonl").write_text("\n".join([rows[0], bad, *rows[1:]]) + "\n")
+    result = dpo_cli(model_dir, tmp_path / "pairs.jsonl", tmp_path / "run", num_train_steps=0)
+    assert result.returncode == 0, result.stderr
+    (tokenized,) = (tmp_path / "run" / "data").iterdir()
+    summary = json.loads((tokenized / "summary.json").read_text())
+    assert summary["rows_written"] == len(rows) and summary["rows_dropped"] == {"invalid text": 1}
+    (reject,) = [json.loads(line) for line in (tokenized / "rejects.jsonl").read_text().splitlines()]
+    assert reject["index"] == 1 and "lone UTF-16 surrogate" in reject["detail"]

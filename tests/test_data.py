@@ -342,6 +342,30 @@ def test_unreadable_rows_and_files_are_named(tokenizers_dir, tmp_path):
             data.tokenize(str(tmp_path / name), tokenizer, str(tmp_path / "none"))
 
 
+def test_a_lone_surrogate_rejects_its_row_and_the_rest_is_tokenized(tokenizers_dir, tmp_path):
+    """JSON can spell a lone UTF-16 surrogate (scraped data has them), which is no Unicode text: that row goes
+    to rejects.jsonl with its reason, in the plain and the chat formats; the chunk's other rows are kept."""
+    tokenizer = str(tokenizers_dir / "llama31")
+    plain = [{"prompt": "What is 1+1?", "chosen": "2 \ud800", "rejected": "3"}]
+    plain += [{"prompt": "What is 1+1?", "chosen": "2", "rejected": "3"}]
+    chat = conversation_rows()
+    chat[1]["rejected"][-1]["content"] += " \udfff"
+    for name, rows, where in [("plain", plain, "chosen"), ("chat", chat, "the rejected conversation")]:
+        inputs = tmp_path / f"{name}.jsonl"
+        write_jsonl(inputs, rows)
+        assert "\\ud" in inputs.read_text()  # as JSON spells it
+        summary = data.tokenize(str(inputs), tokenizer, str(tmp_path / name))
+        assert summary["rows_written"] == len(rows) - 1 and summary["rows_dropped"] == {"invalid text": 1}
+        (reject,) = [
+            json.loads(line) for line in (tmp_path / name / "rejects.jsonl").read_text().splitlines()
+        ]
+        assert reject["index"] == (0 if name == "plain" else 1) and reject["reason"] == "invalid text"
+        assert (
+            reject["detail"].startswith(f"{where} holds '\\ud")
+            and "lone UTF-16 surrogate" in reject["detail"]
+        )
+
+
 def test_a_prompt_field_is_never_dropped_and_identical_tokens_are_rejected(tokenizers_dir, tmp_path):
     tokenizer = str(tokenizers_dir / "llama31")
     user, system = {"role": "user", "content": "What is the capital of France?"}, SYSTEM
