@@ -22,6 +22,7 @@ Left out on purpose: multimodal content, tool calls, streaming from the Hub (a s
 
 import functools
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -114,6 +115,53 @@ class Pair(NamedTuple):
     rejected_ids: np.ndarray
     rejected_mask: np.ndarray
     prompt_length: int
+
+
+def tyro_cli(function, **options):
+    """tyro.cli(function, **options) with a mistake on the command line (a bad value, an unknown flag, a
+    value the config refuses) raised as a one-line ValueError, where tyro prints a box of many lines (dpo.py
+    parses its config with it too). What `function` itself prints goes where it always does."""
+    import tyro  # only the command lines need it
+
+    stderr, shown = sys.stderr, io.StringIO()
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):  # the command line parsed: stderr is the real one again
+        sys.stderr = stderr
+        return function(*args, **kwargs)
+
+    sys.stderr = shown
+    try:
+        return tyro.cli(call, **options)
+    except SystemExit as e:
+        if sys.stderr is not shown or e.code in (0, None):  # --help, or the function's own exit
+            raise
+        raise ValueError(_one_line(shown.getvalue())) from None
+    finally:
+        sys.stderr = stderr
+
+
+def _one_line(box: str) -> str:
+    """tyro's error box as one line: the message, and the flags that a "Missing" or "Perhaps you meant" list
+    names; not the frame, the help texts or the pointer to --help."""
+    sections = [[]]
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", box).splitlines():  # without colours
+        line = line.strip()
+        body = line[1:-1] if line.startswith("│") else line  # inside the frame, indents kept
+        body = body.removeprefix(" ").rstrip()
+        if line.startswith(("╭", "╰")) or body and set(body.strip()) <= {"─"}:  # frame, rule: a new section
+            sections.append([])
+        elif body:
+            sections[-1].append(body)
+    parts = []
+    for lines in filter(None, sections):
+        if lines[0].startswith(("Argument helptext", "For full helptext")):
+            continue
+        flags = [line.split()[0] for line in lines[1:] if line.lstrip().startswith("--")]
+        parts.append(" ".join([line for line in lines if not line.startswith(" ")] + [", ".join(flags)]))
+    # tyro words a value the config refuses "Error parsing config: <the config's message>".
+    message = re.sub(r"^Error parsing \w+: ", "", " ".join("; ".join(parts).split()))
+    return message or " ".join(box.split())
 
 
 # --- chat templates, rendered the way transformers renders them --------------------------------------------
@@ -255,10 +303,15 @@ class ChatTokenizer:
 # --- one row -> one pair -----------------------------------------------------------------------------------
 
 
+def _absent(row: dict, field: str) -> RejectedRow:
+    """A field with no value: not there at all, or null."""
+    return RejectedRow("missing field", f"{field} is {'null' if field in row else 'missing'}")
+
+
 def _text(row: dict, field: str) -> str:
     value = row.get(field)
     if value is None:
-        raise RejectedRow("missing field", f"{field} is missing")
+        raise _absent(row, field)
     if not isinstance(value, str):
         raise RejectedRow("wrong type", f"{field} is {type(value).__name__}, not a string")
     if not value.strip():
@@ -270,7 +323,7 @@ def _messages(row: dict, field: str, role: str | None = None) -> list[dict]:
     """The validated message list in `field`; given a role, a plain string becomes one message of it."""
     value = row.get(field)
     if value is None:
-        raise RejectedRow("missing field", f"{field} is missing")
+        raise _absent(row, field)
     if isinstance(value, str) and role is not None:
         value = [{"role": role, "content": value}]
     if not isinstance(value, list) or not value:
@@ -551,9 +604,24 @@ def _open_input(files: list[Path], fmt: str, system_field: str | None, chunk_row
     if fmt == "auto":
         votes = Counter(guess for row in first if (guess := _row_format(columns, row)))
         if not votes:
-            raise ValueError(_format_help(columns, "the columns match no format"))
+            raise ValueError(_format_help(columns, _no_format(columns, first)))
         fmt = votes.most_common(1)[0][0]
     return itertools.chain([first], chunks), columns, fmt
+
+
+def _no_format(columns: list[str], rows: list) -> str:
+    """Why no row matched a format: a side's column is not there, or the columns hold only nulls."""
+    if missing := [side for side in SIDES if side not in columns]:
+        return f"the columns match no format: there is no {' or '.join(missing)} column"
+    null = [f for f in ("prompt", *SIDES) if f in columns and all(_no_value(row, f) for row in rows)]
+    if null:
+        null = f"{' and '.join(null)} {'is' if len(null) == 1 else 'are'}"
+        return f"the rows match no format: {null} null in all of the first {len(rows)} rows"
+    return "the columns match no format"
+
+
+def _no_value(row, field: str) -> bool:
+    return not isinstance(row, dict) or row.get(field) is None
 
 
 def _format_help(columns: list[str], problem: str) -> str:
@@ -1063,10 +1131,8 @@ def eval_batches(
 
 
 def main():
-    import tyro
-
     try:
-        summary = tyro.cli(tokenize)
+        summary = tyro_cli(tokenize)
     except (ValueError, OSError) as e:  # a user mistake, a full disk: one line, no traceback
         if isinstance(e, OSError) and e.filename:
             e = f"{e.filename}: {e.strerror or e} (a full disk? --output is left as it was)"

@@ -48,7 +48,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -159,9 +158,11 @@ class Config:
         need(frac is None or 0 < frac < 1, f"validation_split_fraction must be in (0, 1) or None, got {frac}")
         need(frac is not None or self.validation_data, "validation_split_fraction None needs validation_data")
         need(self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}")
-        need(0 < len(self.lora_targets) == len(set(self.lora_targets)), "lora_targets: name each one once")
+        need(self.lora_targets, f"lora_targets names no projection; give some of {' '.join(ADAPTABLE)}")
+        need(len(self.lora_targets) == len(set(self.lora_targets)), "lora_targets: name each one once")
         need(self.model_name_or_path == "demo" or self.train_data is not None, "train_data is required")
-        need(0 < len(losses) == len(set(losses)), f"loss_type {losses}: name each loss once")
+        need(losses, f"loss_type names no loss; give one or more of {' '.join(LOSS_TYPES)}")
+        need(len(losses) == len(set(losses)), f"loss_type {losses}: name each loss once")
         need(weights is None or len(weights) == len(losses), "loss_weights needs one weight per loss_type")
         need(weights is None or min(weights) >= 0, f"loss_weights must be >= 0, got {weights}")
         need(weights is None or max(weights) > 0, f"loss_weights {weights} are all 0: nothing would train")
@@ -1365,7 +1366,7 @@ def parse_args(args: list[str] | None = None) -> Config:
         def command(config: Config = default) -> Config:
             return config
 
-        return tyro.cli(command, args=args, description=__doc__)
+        return data.tyro_cli(command, args=args, description=__doc__)
 
     config = parse(Config())
     if config.model_name_or_path != "demo":

@@ -456,3 +456,30 @@ def test_a_lone_surrogate_in_raw_training_data_is_a_rejected_row(demo, tmp_path)
     assert summary["rows_written"] == len(rows) and summary["rows_dropped"] == {"invalid text": 1}
     (reject,) = [json.loads(line) for line in (tokenized / "rejects.jsonl").read_text().splitlines()]
     assert reject["index"] == 1 and "lone UTF-16 surrogate" in reject["detail"]
+
+
+def test_command_line_mistakes_are_one_line(demo, tmp_path):
+    """tyro's own messages (a value of the wrong type, an unknown or misspelt flag, a flag without its value,
+    a value the config refuses) come as one line, not a box of many."""
+    run = ["--config.output-dir", tmp_path / "run", "--config.num-train-steps", "0"]
+    cases = [
+        (["--config.beta", "abc"], ["--config.beta", "could not convert string to float: 'abc'"]),
+        (
+            ["--config.learning-rat", "3"],
+            ["--config.learning-rat", "Perhaps you meant: --config.learning-rate"],
+        ),
+        (["--config.lr-schedule", "steep"], ["invalid choice 'steep'", "cosine"]),
+        (["--config.loss-type"], ["loss_type names no loss; give one or more of sigmoid hinge"]),
+        (["--config.lora-rank", "4", "--config.lora-alpha", "0"], ["lora_alpha must be > 0"]),
+    ]
+    for args, fragments in cases:
+        line = one_line_error(run_cli("dpo.py", *args, *run), *fragments)
+        assert "Error parsing config" not in line
+    assert not (tmp_path / "run").exists()
+    result = run_cli("dpo.py", "--help")
+    assert result.returncode == 0 and "--config.beta" in result.stdout and not result.stderr
+    # data.py's command line too.
+    args = ["--input", demo[1], "--tokenizer", demo[0], "--output", tmp_path / "out"]
+    one_line_error(run_cli("data.py", *args, "--max-seq-len", "x"), "--max-seq-len", "'x'")
+    one_line_error(run_cli("data.py", "--input", demo[1]), "Missing from", "--tokenizer, --output")
+    assert not (tmp_path / "out").exists()

@@ -320,6 +320,30 @@ def test_unknown_columns_and_no_usable_row_name_the_formats(tokenizers_dir, tmp_
     assert str(kept) in str(error.value) and len(kept.read_text().splitlines()) == 3
 
 
+def test_null_columns_and_missing_ones_are_named(tokenizers_dir, tmp_path):
+    """Columns that are there but hold only nulls, or a side's column not there: said so (not just "match no
+    format"), from .jsonl and Parquet alike; a null prompt is "null", not "missing"."""
+    tokenizer = str(tokenizers_dir / "llama31")
+    rows = [{"prompt": "What is 1+1?", "chosen": None, "rejected": None}] * 3
+    pq.write_table(
+        pa.Table.from_pylist(rows, pa.schema([(k, pa.string()) for k in rows[0]])), tmp_path / "a.parquet"
+    )
+    for name in (write_jsonl(tmp_path / "a.jsonl", rows), str(tmp_path / "a.parquet")):
+        with pytest.raises(ValueError, match="chosen and rejected are null in all of the first 3 rows"):
+            data.tokenize(name, tokenizer, str(tmp_path / "out"))
+    pq.write_table(pa.Table.from_pylist([{"prompt": "x", "chosen": "a"}]), tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match="there is no rejected column.*Columns found: prompt, chosen$"):
+        data.tokenize(str(tmp_path / "b.parquet"), tokenizer, str(tmp_path / "out"))
+    rows = [{"prompt": None, "chosen": "2", "rejected": "3"}, {"chosen": "2", "rejected": "3"}]
+    rows.append({"prompt": "What is 1+1?", "chosen": "2", "rejected": "3"})
+    data.tokenize(write_jsonl(tmp_path / "c.jsonl", rows), tokenizer, str(tmp_path / "c"), format="plain")
+    rejects = [json.loads(line) for line in (tmp_path / "c" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["detail"]) for r in rejects] == [
+        ("missing field", "prompt is null"),
+        ("missing field", "prompt is missing"),
+    ]
+
+
 def test_unreadable_rows_and_files_are_named(tokenizers_dir, tmp_path):
     tokenizer, good = str(tokenizers_dir / "llama31"), json.dumps(conversation_rows()[0]).encode()
     # A byte that is not UTF-8 and a line cut short: those rows are rejected, naming file and line.
