@@ -4,8 +4,9 @@
       --tokenizer meta-llama/Llama-3.1-8B-Instruct --output data/uf_train --max-seq-len 2048
 
 Each conversation is rendered with the model's own chat template and tokenized exactly as transformers'
-`apply_chat_template(messages, tokenize=True)` does. The loss mask scores the assistant turns (content and
-end-of-turn token); system, user and header tokens are not scored. Unusable rows go to rejects.jsonl with
+`apply_chat_template(messages, tokenize=True)` does. The loss mask scores each side's reply (content and
+end-of-turn token), as TRL does, or with --scored-turns all every assistant turn, as Marin does; system,
+user and header tokens are not scored. Unusable rows go to rejects.jsonl with
 a reason, never stopping the run. Output: Parquet shards (one row per pair), summary.json, rejects.jsonl,
 written atomically; a folder holding anything data.py did not write is never replaced. The loader reads
 the shards a row group at a time, shuffles per epoch from the seed (optionally grouping pairs of like
@@ -53,7 +54,9 @@ FORMATS = {
 ROLES = ("system", "user", "assistant", "tool")
 SIDES = ("chosen", "rejected")
 SETTINGS_KEY = b"dpo_jax.settings"  # Parquet metadata key of the settings (summary.json repeats them)
-VERSION = 3  # of the output format: 2 records max_token_id and the tokenizer, 3 shared_length
+# Of the output format: 2 records max_token_id and the tokenizer, 3 shared_length, 4 scored_turns (whose
+# default, the reply only, scores fewer tokens than 3 did in multi-turn rows).
+VERSION = 4
 SCHEMA = pa.schema(
     [
         ("source_index", pa.int64()),  # row number in the input, files concatenated in order
@@ -389,14 +392,15 @@ def _check_prompt_field(field, turns: list[dict]) -> None:
         )
 
 
-def _render_turns(chat: ChatTokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int, int]]]:
+def _render_turns(chat: ChatTokenizer, messages: list[dict], first: int) -> tuple[str, list[tuple]]:
     """The conversation's text, and the (turn start, content end, turn end) characters of each assistant
-    turn. A turn runs from the render of the messages before it with the generation prompt to the render
-    including it, so templates without {% generation %} markers (Llama 3.1's) work. Its text may open with
-    template text before the content (Llama 2's " " after [/INST]): the model writes that too."""
+    turn from message `first` on (scored_turns: the reply's, or all). A turn runs from the render of the
+    messages before it with the generation prompt to the render including it, so templates without
+    {% generation %} markers (Llama 3.1's) work. Its text may open with template text before the content
+    (Llama 2's " " after [/INST]): the model writes that too."""
     full, turns = chat.render(messages), []
     for a, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if a < first or message["role"] != "assistant":
             continue
         start = chat.render(messages[:a], generation=True)
         end = full if a + 1 == len(messages) else chat.render(messages[: a + 1])
@@ -449,24 +453,25 @@ def _check_text(text: str, what: str) -> None:
         raise RejectedRow("invalid text", f"{what} holds {where}, a lone UTF-16 surrogate") from None
 
 
-def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]], system_field: str | None):
+def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]], settings: dict):
     """(index, row)s -> (pairs, rejects as (index, reason, detail)). All texts of the chunk go through one
     encode_batch call, which the tokenizers library spreads over its Rust threads."""
-    # parsed: (index, the sides' texts, the prompt (plain) or (the sides' turn spans, prompt assistant turns))
+    # parsed: (index, the sides' texts, the prompt (plain) or (the sides' turn spans, prompt turns scored))
     parsed, rejects, pairs = [], [], []
     for index, row in rows:
         try:
-            prompt, chosen, rejected = _parse_row(row, fmt, system_field)
+            prompt, chosen, rejected = _parse_row(row, fmt, settings["system_field"])
             if fmt == "plain":
                 for name, text in zip(("prompt", *SIDES), (prompt, chosen, rejected), strict=True):
                     _check_text(text, name)
                 parsed.append((index, (chosen, rejected), prompt))
             else:
-                rendered = [_render_turns(chat, prompt + side) for side in (chosen, rejected)]
+                first = 0 if settings["scored_turns"] == "all" else len(prompt)  # the first message scored
+                rendered = [_render_turns(chat, prompt + side, first) for side in (chosen, rejected)]
                 texts, spans = zip(*rendered, strict=True)  # both sides' texts, both sides' turns
                 for name, text in zip(SIDES, texts, strict=True):
                     _check_text(text, f"the {name} conversation")
-                parsed.append((index, texts, (spans, sum(m["role"] == "assistant" for m in prompt))))
+                parsed.append((index, texts, (spans, sum(m["role"] == "assistant" for m in prompt[first:]))))
         except RejectedRow as e:
             rejects.append((index, e.reason, e.detail))
     encode = chat.tokenizer.encode_batch
@@ -737,6 +742,7 @@ def tokenize(
     format: Literal["auto", "conversation", "prompt_completion", "plain"] = "auto",
     chat_template: str | None = None,
     system_field: str | None = None,
+    scored_turns: Literal["reply", "all"] = "reply",
     overwrite: bool = False,
     rows_per_shard: int = 100_000,
     row_group_size: int = 128,
@@ -760,13 +766,17 @@ def tokenize(
             of the tokenizer's own chat template.
         system_field: Name of a field holding each row's system prompt, added as a system turn when the
             conversation has none.
+        scored_turns: Which assistant turns the loss mask scores. reply: each side's reply only, the
+            turns after the prompt the two sides share (TRL; DPO's y given the prompt x); all: every
+            assistant turn, the prompt's earlier ones too, the same on both sides (Marin).
         overwrite: Replace an earlier data.py output made with other settings or inputs.
         rows_per_shard: Pairs per Parquet file.
         row_group_size: Pairs per Parquet row group, the loader's unit of reading.
     """
     started = time.perf_counter()
     options = dict(split=split, max_seq_len=max_seq_len, overflow=overflow, format=format)
-    options |= dict(system_field=system_field, rows_per_shard=rows_per_shard, row_group_size=row_group_size)
+    options |= dict(system_field=system_field, scored_turns=scored_turns)
+    options |= dict(rows_per_shard=rows_per_shard, row_group_size=row_group_size)
     for name in ("max_seq_len", "rows_per_shard", "row_group_size"):
         if options[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
@@ -809,7 +819,7 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
     with (directory / "rejects.jsonl").open("w") as rejects_file:
         for chunk in chunks:
             rows = list(enumerate(chunk, rows_read))
-            pairs, rejects = _tokenize_rows(chat, fmt, rows, settings["system_field"])
+            pairs, rejects = _tokenize_rows(chat, fmt, rows, settings)
             rows_read += len(chunk)
             sides = [(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
             lengths.append(np.array(sides, np.int32).reshape(-1, 2))

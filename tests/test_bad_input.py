@@ -427,10 +427,29 @@ def test_data_from_an_older_data_py_is_refused_in_one_line(demo, tmp_path):
     out = tmp_path / "old"
     data.tokenize(str(pairs), str(model_dir), str(out))
     summary = json.loads((out / "summary.json").read_text())
-    summary["settings"]["version"] = 2  # before shared_length, which prefix sharing reads
-    (out / "summary.json").write_text(json.dumps(summary))
-    with pytest.raises(ValueError, match="made by an older data.py: tokenize it again"):
-        data.PairDataset(out)
+    # 2: before shared_length, which prefix sharing reads; 3: every assistant turn scored (scored_turns)
+    for version in (2, 3):
+        summary["settings"]["version"] = version
+        (out / "summary.json").write_text(json.dumps(summary))
+        with pytest.raises(ValueError, match="made by an older data.py: tokenize it again"):
+            data.PairDataset(out)
+
+
+def test_raw_data_tokenized_by_an_older_data_py_is_tokenized_again_or_refused(demo, trained, tmp_path):
+    """A run's own copy of raw data made before scored_turns (format 3 scored every assistant turn): made
+    again while the run has no checkpoint, refused in one line naming what changed once it has."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (copy,) = (run / "data").iterdir()
+    summary = json.loads((copy / "summary.json").read_text())
+    del summary["settings"]["scored_turns"]
+    (copy / "summary.json").write_text(
+        json.dumps(summary | {"settings": summary["settings"] | {"version": 3}})
+    )
+    one_line_error(dpo_cli(*demo, run, num_train_steps=3), "changed since this run started", "scored_turns")
+    shutil.rmtree(run / "checkpoints")
+    assert dpo_cli(*demo, run, num_train_steps=0).returncode == 0
+    assert json.loads((copy / "summary.json").read_text())["settings"]["version"] == data.VERSION
 
 
 def test_a_lora_rank_above_a_projections_size_is_one_line_before_anything_is_written(demo, tmp_path):

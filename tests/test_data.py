@@ -103,14 +103,17 @@ def test_ids_match_transformers_and_masks_cover_assistant_turns(family, tokenize
             assert chat.render(prompt, generation) == expected
 
     rows = conversation_rows()
-    summary = data.tokenize(
-        write_jsonl(tmp_path / "pairs.jsonl", rows), str(directory), str(tmp_path / "out")
-    )
+    inputs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    summary = data.tokenize(inputs, str(directory), str(tmp_path / "out"))
+    every = data.tokenize(inputs, str(directory), str(tmp_path / "all"), scored_turns="all")
     assert summary["format"] == "conversation" and summary["rows_written"] == len(rows)
-    for row, out in zip(rows, read_rows(tmp_path / "out"), strict=True):
+    assert summary["settings"]["scored_turns"] == "reply" and every["settings"]["scored_turns"] == "all"
+    outputs = zip(read_rows(tmp_path / "out"), read_rows(tmp_path / "all"), strict=True)
+    for row, (out, out_all) in zip(rows, outputs, strict=True):
+        assert out_all["prompt_length"] == out["prompt_length"]
         for side in ("chosen", "rejected"):
             ids, mask = out[f"{side}_input_ids"], out[f"{side}_loss_mask"]
-            assert ids == hf_ids(hf, row[side])
+            assert ids == hf_ids(hf, row[side]) == out_all[f"{side}_input_ids"]
             assert out[f"{side}_length"] == len(ids)
             # the template's own BOS tokens (Llama 2: one a turn), and no more
             if "bos_token" in FAMILIES[family][0]:
@@ -121,6 +124,9 @@ def test_ids_match_transformers_and_masks_cover_assistant_turns(family, tokenize
             assistant = [
                 m["content"].strip() if trims else m["content"] for m in row[side] if m["role"] == "assistant"
             ]
+            assert decoded == [assistant[-1] + end_of_turn]  # by default the reply only (TRL)
+            # scored_turns all: every assistant turn, the prompt's too (Marin)
+            decoded = [hf.decode(run) for run in scored_runs(ids, out_all[f"{side}_loss_mask"])]
             assert decoded == [content + end_of_turn for content in assistant]
         # Each reply is scored from the token after the prompt rendered with the generation prompt (Llama 2:
         # from the "▁" after [/INST], a piece of its own before a digit, an emoji or a rare word).
@@ -131,23 +137,59 @@ def test_ids_match_transformers_and_masks_cover_assistant_turns(family, tokenize
 
 
 def test_mask_matches_transformers_generation_markers(tokenizers_dir, tmp_path):
-    """With {% generation %} markers around content + <|im_end|>, transformers' own assistant mask is an
-    independent reference for the prefix-render mask (which ignores the markers)."""
+    """With {% generation %} markers around content + <|im_end|>, transformers' own assistant mask (every
+    assistant turn: Marin's rule) is an independent reference for the prefix-render mask (which ignores the
+    markers) with scored_turns all; by default the same mask from the reply on."""
     template = tmp_path / "chatml_generation.jinja"
     template.write_text(CHATML_GENERATION)
     hf = transformers.AutoTokenizer.from_pretrained(tokenizers_dir / "chatml")
     rows = conversation_rows()
     inputs = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    data.tokenize(inputs, str(tokenizers_dir / "chatml"), str(tmp_path / "out"), chat_template=str(template))
-    for row, out in zip(rows, read_rows(tmp_path / "out"), strict=True):
+    tokenizer, settings = str(tokenizers_dir / "chatml"), dict(chat_template=str(template))
+    data.tokenize(inputs, tokenizer, str(tmp_path / "all"), scored_turns="all", **settings)
+    data.tokenize(inputs, tokenizer, str(tmp_path / "reply"), **settings)
+    outputs = zip(read_rows(tmp_path / "all"), read_rows(tmp_path / "reply"), strict=True)
+    for row, (every, reply) in zip(rows, outputs, strict=True):
         reference = hf.apply_chat_template(
             row["chosen"],
             chat_template=CHATML_GENERATION,
             return_dict=True,
             return_assistant_tokens_mask=True,
         )
-        assert out["chosen_input_ids"] == list(reference["input_ids"])
-        assert out["chosen_loss_mask"] == list(reference["assistant_masks"])
+        assert every["chosen_input_ids"] == reply["chosen_input_ids"] == list(reference["input_ids"])
+        assert every["chosen_loss_mask"] == list(reference["assistant_masks"])
+        n = reply["prompt_length"]
+        assert reply["chosen_loss_mask"] == [0] * n + list(reference["assistant_masks"])[n:]
+    assert any(0 < sum(r["chosen_loss_mask"][: r["prompt_length"]]) for r in read_rows(tmp_path / "all"))
+    # The setting is the output's: another one is a new tokenization, never mixed into an earlier output.
+    with pytest.raises(ValueError, match="other scored_turns; pass --overwrite"):
+        data.tokenize(inputs, tokenizer, str(tmp_path / "reply"), scored_turns="all", **settings)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_default_scores_the_reply_as_trl_does(family, tokenizers_dir, tmp_path):
+    """TRL's rule for conversational pairs, written out: the prompt is apply_chat_template(prompt,
+    add_generation_prompt=True), the completion whatever follows it in apply_chat_template(prompt + reply),
+    and the completion is what is scored. data.py's default scores the same tokens from the same position,
+    through the reply's end-of-turn token; what TRL scores past that is template text between turns (a
+    newline), which the model never has to write. Earlier assistant turns are prompt: not scored."""
+    directory = tokenizers_dir / family
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    rows = conversation_rows()
+    data.tokenize(write_jsonl(tmp_path / "pairs.jsonl", rows), str(directory), str(tmp_path / "out"))
+    for row, out in zip(rows, read_rows(tmp_path / "out"), strict=True):
+        for side in ("chosen", "rejected"):
+            prompt = hf.apply_chat_template(row[side][:-1], add_generation_prompt=True)["input_ids"]
+            full = hf_ids(hf, row[side])
+            assert full[: len(prompt)] == prompt  # TRL slices the completion off this prefix
+            completion = full[len(prompt) :]
+            ids, mask = out[f"{side}_input_ids"], out[f"{side}_loss_mask"]
+            assert ids == full and out["prompt_length"] == len(prompt)
+            assert not any(mask[: len(prompt)])
+            scored = sum(mask)
+            assert mask[len(prompt) :] == [1] * scored + [0] * (len(completion) - scored)
+            assert completion[scored - 1] in hf.all_special_ids  # through the end-of-turn token
+            assert hf.decode(completion[scored:]).strip() == ""  # and what follows is whitespace
 
 
 # Exercises the globals and filters transformers gives templates, which the model templates above do not.
@@ -632,7 +674,9 @@ def test_cli_help_and_one_line_errors(tmp_path):
     assert result.returncode == 0
     for flag in ["--input", "--tokenizer", "--output", "--split", "--max-seq-len", "--overflow", "--format"]:
         assert flag in result.stdout
-    for flag in ["--chat-template", "--system-field", "--overwrite", "--rows-per-shard", "--row-group-size"]:
+    for flag in ["--chat-template", "--system-field", "--scored-turns", "--overwrite", "--rows-per-shard"]:
+        assert flag in result.stdout
+    for flag in ["--row-group-size"]:
         assert flag in result.stdout
     result = run_cli(
         "--input",
