@@ -55,7 +55,7 @@ ROLES = ("system", "user", "assistant", "tool")
 SIDES = ("chosen", "rejected")
 SETTINGS_KEY = b"dpo_jax.settings"  # Parquet metadata key of the settings (summary.json repeats them)
 # Of the output format: 2 records max_token_id and the tokenizer, 3 shared_length, 4 scored_turns (whose
-# default, the reply only, scores fewer tokens than 3 did in multi-turn rows).
+# default, the reply only, scores fewer tokens than 3 did in multi-turn rows) and first_copy.
 VERSION = 4
 SCHEMA = pa.schema(
     [
@@ -65,6 +65,8 @@ SCHEMA = pa.schema(
         ("shared_length", pa.int32()),
         ("chosen_length", pa.int32()),
         ("rejected_length", pa.int32()),
+        # the row of the first pair with the same tokens (its own row if none came before): copies share it
+        ("first_copy", pa.int64()),
         ("chosen_input_ids", pa.list_(pa.int32())),
         ("chosen_loss_mask", pa.list_(pa.int8())),  # 1 = scored target: its log-prob given the tokens before
         ("rejected_input_ids", pa.list_(pa.int32())),
@@ -643,14 +645,15 @@ class _ShardWriter:
         self.schema = SCHEMA.with_metadata({SETTINGS_KEY: json.dumps(settings)})
         self.names, self.rows, self._writer = [], 0, None  # rows: pairs written so far, in all shards
 
-    def write(self, pairs: list[Pair]):
+    def write(self, pairs: list[Pair], first_copies: list[int]):
         def lists(arrays):  # one Arrow list column from numpy arrays, no Python ints in between
             offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
             return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays)))
 
         columns = Pair(*zip(*pairs, strict=True))
         lengths = ([len(ids) for ids in side] for side in (columns.chosen_ids, columns.rejected_ids))
-        scalars = [columns.index, columns.prompt_length, [_shared_length(pair) for pair in pairs], *lengths]
+        shared = [_shared_length(pair) for pair in pairs]
+        scalars = [columns.index, columns.prompt_length, shared, *lengths, first_copies]
         # the first columns of SCHEMA, then the four token lists
         arrays = [pa.array(values, kind) for values, kind in zip(scalars, SCHEMA.types, strict=False)]
         table = pa.Table.from_arrays([*arrays, *map(lists, columns[1:5])], schema=self.schema)
@@ -674,6 +677,12 @@ class _ShardWriter:
 def _identical(pair: Pair) -> bool:
     """Whether both sides are the same tokens (and loss mask)."""
     return len(pair.chosen_ids) == len(pair.rejected_ids) == _shared_length(pair)
+
+
+def _tokens_key(pair: Pair) -> bytes:
+    """A digest of the pair's tokens and masks, equal for copies."""
+    parts = (np.int64(len(a)).tobytes() + np.ascontiguousarray(a).tobytes() for a in pair[1:5])
+    return hashlib.blake2b(b"".join(parts), digest_size=16).digest()
 
 
 def _shared_length(pair: Pair) -> int:
@@ -816,6 +825,7 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
     """Tokenize chunk by chunk into shards and rejects.jsonl; return the counts for the summary."""
     started, rows_read, truncated, scored, tokens, max_id = time.perf_counter(), 0, 0, 0, 0, -1
     dropped, lengths, shards, first = Counter(), [], _ShardWriter(directory, settings), []
+    row_of = {}  # each distinct pair's first row (its tokens' digest): copies are counted and marked
     with (directory / "rejects.jsonl").open("w") as rejects_file:
         for chunk in chunks:
             rows = list(enumerate(chunk, rows_read))
@@ -823,13 +833,14 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
             rows_read += len(chunk)
             sides = [(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
             lengths.append(np.array(sides, np.int32).reshape(-1, 2))
-            kept = []
+            kept, copies = [], []
             for pair in pairs:
                 try:
                     pair, cut = _fit(pair, settings["max_seq_len"], settings["overflow"])
                 except RejectedRow as e:
                     rejects.append((pair.index, e.reason, e.detail))
                     continue
+                copies.append(row_of.setdefault(_tokens_key(pair), shards.rows + len(kept)))
                 kept.append(pair)
                 truncated += cut
                 scored += int(pair.chosen_mask.sum() + pair.rejected_mask.sum())
@@ -841,7 +852,7 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
                 if len(first) < 3:
                     first.append(f"row {index}: {reason} ({detail})")
             if kept:
-                shards.write(kept)
+                shards.write(kept, copies)
             if sys.stderr.isatty():  # a progress line, without a dependency
                 rate = rows_read / (time.perf_counter() - started)
                 print(f"\rtokenize: {rows_read:,} rows, {rate:,.0f} rows/s", end="", file=sys.stderr)
@@ -857,6 +868,8 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
         "rows_written": shards.rows,
         "rows_truncated": truncated,
         "rows_dropped": dict(dropped.most_common()),  # per reason: bad rows and the length rule alike
+        # pairs whose tokens repeat an earlier pair's: kept (first_copy marks them), one side of a split
+        "duplicate_pairs": shards.rows - len(row_of),
         # of every pair that tokenized, before --max-seq-len (what a longer limit would keep)
         "token_length_percentiles": {side: percentiles(lengths[:, k]) for k, side in enumerate(SIDES)},
         "scored_token_share": round(scored / tokens, 4),
@@ -870,7 +883,8 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
 
 class PairDataset:
     """Lazy reader over data.py's shards. Only the lengths are read up front (`lengths`, [n, 2] int32:
-    chosen, rejected; `shared`, [n], the tokens both share); token lists are decoded a row group at a time,
+    chosen, rejected; `shared`, [n], the tokens both share; `first_copy`, [n], the row of each pair's first
+    copy); token lists are decoded a row group at a time,
     when asked for."""
 
     _LISTS = ["chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"]
@@ -890,10 +904,10 @@ class PairDataset:
         self._groups = [(f, g) for f in files for g in range(f.num_row_groups)]
         sizes = [f.metadata.row_group(g).num_rows for f, g in self._groups]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        columns = ["chosen_length", "rejected_length", "shared_length"]
+        columns = ["chosen_length", "rejected_length", "shared_length", "first_copy"]
         table = pa.concat_tables([f.read(columns=columns) for f in files])
         self.lengths = np.stack([table[name].to_numpy() for name in columns[:2]], axis=1)
-        self.shared = table["shared_length"].to_numpy()
+        self.shared, self.first_copy = table["shared_length"].to_numpy(), table["first_copy"].to_numpy()
         self._cache = {}  # the last few decoded row groups: sequential reads hit it
 
     def __len__(self) -> int:
@@ -920,14 +934,24 @@ class PairDataset:
         return out
 
 
-def split_indices(n: int, validation_fraction: float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) pair indices, disjoint, picked from the seed; None or 0: no validation."""
+def split_indices(
+    n: int, validation_fraction: float | None, seed: int, groups: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) pair indices, disjoint, picked from the seed; None or 0: no validation. Pairs of
+    one of `groups` ([n], e.g. PairDataset.first_copy: a pair's copies) go to the same side, so that none
+    is evaluated after being trained on; without repeats the split is the same as without groups."""
     if not validation_fraction:
         return np.arange(n), np.arange(0)
     n_validation = max(1, round(n * validation_fraction))
+    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
+    if groups is not None and 0 < n_validation < n:
+        # Each pair takes its group's first place in the shuffled order; the cut moves to a group's end.
+        _, first, inverse = np.unique(np.asarray(groups)[order], return_index=True, return_inverse=True)
+        place = first[inverse]
+        order, place = order[np.argsort(place, kind="stable")], np.sort(place)
+        n_validation = int(np.searchsorted(place, place[n_validation - 1], side="right"))
     if not 0 < validation_fraction < 1 or n_validation >= n:
         raise ValueError(f"validation_split_fraction {validation_fraction} leaves no training pairs of {n}")
-    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
     return np.sort(order[n_validation:]), np.sort(order[:n_validation])
 
 

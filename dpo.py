@@ -77,14 +77,14 @@ class Config:
     validation_data: str | None = None  # separate validation data; when given, used instead of a split
     validation_split: str = "test"  # split of a raw Hub validation dataset (UltraFeedback: test_prefs)
     validation_split_fraction: float | None = 0.1  # train_data held out for eval when no validation_data
-    max_seq_len: int = 2048  # longest chosen or rejected sequence in tokens; longer pairs are dropped
+    max_seq_len: int = 2048  # longest side (tokens); raw data: longer pairs dropped; tokenized data: refused
     output_dir: str = "runs/dpo"  # run directory: config.json, metrics.jsonl, checkpoints/, hf/
-    overwrite: bool = False  # start afresh in an output_dir that holds a run with a different config
+    overwrite: bool = False  # replace a run with another config: deletes its checkpoints/, hf/, metrics.jsonl
     # --- the loss (dpo_loss has each one's formula and paper)
     beta: float = 0.1  # strength of the pull toward the reference (0.01-0.05 free, 0.1-0.5 close)
     loss_type: tuple[Literal[LOSS_TYPES], ...] = ("sigmoid",)  # one or more losses, summed with loss_weights
     loss_weights: tuple[float, ...] | None = None  # one weight per loss_type; None: 1 each
-    label_smoothing: float = 0.0  # assumed share of flipped labels (sigmoid, robust, exo_pair, aot, simpo)
+    label_smoothing: float = 0.0  # flipped-label share (sigmoid, robust, exo_pair, aot, aot_unpaired, simpo)
     discopop_tau: float = 0.05  # discopop's temperature
     simpo_gamma: float = 0.5  # simpo's target reward margin
     reference_mode: Literal["live", "precompute"] = "live"  # reference: each step, or once before training
@@ -776,6 +776,8 @@ def check_run_dir(run: Path, config: Config) -> None:
     own = run.resolve()
     for name in ["model_name_or_path", "reference_model_path", "tokenizer", "train_data", "validation_data"]:
         value = getattr(config, name)
+        if name == "model_name_or_path" and value == "demo":  # made inside the run directory, as it should be
+            continue
         where = Path(value).resolve() if value and Path(value).exists() else None
         if where and (where == own or {own / "checkpoints", own / "hf"} & set(where.parents)):
             raise ValueError(f"output_dir {run} holds the {name} {where}, which a run would overwrite")
@@ -1029,7 +1031,8 @@ def load_inputs(run: Path, config: Config, say) -> Inputs:
             say(f"validation: {config.validation_data} (so validation_split_fraction is not used)")
     else:
         val_set = train_set
-        train_idx, val_idx = data.split_indices(len(train_set), config.validation_split_fraction, config.seed)
+        fraction, copies = config.validation_split_fraction, train_set.first_copy  # copies stay on one side
+        train_idx, val_idx = data.split_indices(len(train_set), fraction, config.seed, copies)
     for dataset in {train_set.path: train_set, val_set.path: val_set}.values():
         check_vocabulary(dataset, arch, tokenizer_dir, say)
     say(f"data: {len(train_idx)} training pairs, {len(val_idx)} validation pairs")
@@ -1232,15 +1235,15 @@ def main(config: Config) -> Path:
     say = (lambda *a: print(*a, flush=True)) if sharding.is_writer() else (lambda *a: None)
 
     # --- inputs: everything is checked before anything is written or deleted
-    demo = config.model_name_or_path == "demo"
+    demo, given = config.model_name_or_path == "demo", config  # config.json records the config as given
     if demo:  # the demo's model and pairs, made in the run directory once it has passed its check
         pairs = config.train_data or str(run / "demo" / "pairs.jsonl")
         config = dataclasses.replace(config, model_name_or_path=str(run / "demo" / "model"), train_data=pairs)
-    check_run_dir(run, config)
+    check_run_dir(run, given)  # a demo run copied elsewhere resumes: its files are found under it anew
     if demo:
         make_demo(run / "demo", config.seed)
     inputs = load_inputs(run, config, say)
-    start_run_dir(run, config)
+    start_run_dir(run, given)
 
     # --- state, then the batches from where it stands
     mesh, optimizer = inputs.mesh, make_optimizer(config)
@@ -1291,7 +1294,8 @@ def main(config: Config) -> Path:
     legend = " (rows x width x pair slots x view width)" if config.prefix_sharing or config.packing else ""
     say(f"batch shapes compiled{legend}: {compiled}")
     made = [name for name in ("config.json", "metrics.jsonl", "checkpoints/", "hf/") if (run / name).exists()]
-    say(f"done. run directory {run.resolve()}: {', '.join(made)} (transformers loads hf/step-N as it is)")
+    loads = " (transformers loads hf/step-N as it is)" if "hf/" in made else ""
+    say(f"done. run directory {run.resolve()}: {', '.join(made)}{loads}")
     return run
 
 

@@ -502,3 +502,30 @@ def test_command_line_mistakes_are_one_line(demo, tmp_path):
     one_line_error(run_cli("data.py", *args, "--max-seq-len", "x"), "--max-seq-len", "'x'")
     one_line_error(run_cli("data.py", "--input", demo[1]), "Missing from", "--tokenizer, --output")
     assert not (tmp_path / "out").exists()
+
+
+def test_help_says_what_overwrite_deletes_what_max_seq_len_does_and_who_uses_label_smoothing():
+    result = run_cli("dpo.py", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.replace("│", " ").split())  # the help of a flag: up to the next flag
+    help_of = lambda flag: text.split(f"--config.{flag} ")[1].split(" --config.")[0]
+    assert all(word in help_of("overwrite,") for word in ("deletes", "checkpoints/", "hf/", "metrics.jsonl"))
+    assert "raw data: longer pairs dropped; tokenized data: refused" in help_of("max-seq-len")
+    assert all(name in help_of("label-smoothing") for name in dpo.SMOOTHED)
+
+
+def test_copies_of_a_pair_never_straddle_the_validation_split(demo, tmp_path):
+    """Each of 200 pairs three times over: the run's split keeps a pair's copies together, and the copies are
+    counted in summary.json."""
+    model_dir, pairs = demo
+    rows = pairs.read_text().splitlines()[:200] * 3
+    (tmp_path / "copies.jsonl").write_text("\n".join(rows) + "\n")
+    config = dpo.Config(
+        **SMALL | dict(model_name_or_path=str(model_dir), train_data=str(tmp_path / "copies.jsonl")),
+        output_dir=str(tmp_path / "run"),
+    )
+    inputs = dpo.load_inputs(tmp_path / "run", config, lambda *a: None)
+    assert inputs.train_set.summary["duplicate_pairs"] == 400
+    copies = inputs.train_set.first_copy
+    assert len(set(copies)) == 200 and not set(copies[inputs.train_idx]) & set(copies[inputs.val_idx])
+    assert 55 <= len(inputs.val_idx) <= 62 and len(inputs.val_idx) % 3 == 0  # whole pairs, about a tenth

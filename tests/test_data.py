@@ -827,6 +827,46 @@ def test_length_grouped_batches_cover_the_same_pairs_and_pad_less(dataset_dir):
     assert efficiency(grouped[:steps_per_epoch]) > 1.05 * efficiency(plain[:steps_per_epoch])
 
 
+def test_copies_of_a_pair_are_counted_marked_and_kept_on_one_side_of_the_split(tokenizers_dir, tmp_path):
+    """A pair whose tokens repeat an earlier one's (also as other text that tokenizes the same, and across
+    chunks and shards) is kept, counted in summary.json and marked with its first copy's row; a split
+    given those marks keeps a pair's copies on one side."""
+    user = lambda i: {"role": "user", "content": f"item {i}: {WORDS[i]}"}
+    row = lambda i, c, r: {
+        "chosen": [user(i), {"role": "assistant", "content": c}],
+        "rejected": [user(i), {"role": "assistant", "content": r}],
+    }
+    rows = [row(i, WORDS[i + 20], WORDS[i + 40]) for i in range(12)]
+    rows += [rows[0], rows[2], row(2, WORDS[22], WORDS[41]), row(0, WORDS[20] + "  ", WORDS[40]), rows[2]]
+    inputs = write_jsonl(tmp_path / "rows.jsonl", rows)
+    # chunks of 8 rows, shards of 5 pairs: copies in other chunks and other files
+    tokenizer = str(tokenizers_dir / "llama31")  # its template trims content: row 15 is row 0 as tokens
+    summary = data.tokenize(inputs, tokenizer, str(tmp_path / "out"), row_group_size=1, rows_per_shard=5)
+    assert summary["rows_written"] == 17 and summary["duplicate_pairs"] == 4
+    expected = list(range(12)) + [0, 2, 14, 0, 2]  # row 14 shares only chosen with row 2: not a copy
+    assert [r["first_copy"] for r in read_rows(tmp_path / "out")] == expected
+    dataset = data.PairDataset(tmp_path / "out")
+    assert dataset.first_copy.tolist() == expected
+
+    groups, straddled = dataset.first_copy, 0
+    for seed in range(40):
+        for fraction in (0.1, 0.3, 0.5):
+            train, validation = data.split_indices(len(dataset), fraction, seed, groups)
+            assert sorted([*train, *validation]) == list(range(17)) and len(validation) >= round(
+                17 * fraction
+            )
+            assert not set(groups[train]) & set(groups[validation])
+            plain = data.split_indices(len(dataset), fraction, seed)
+            straddled += bool(set(groups[plain[0]]) & set(groups[plain[1]]))
+    assert straddled  # what happened without the marks
+    # Without repeats the marks change nothing: the split is the one made without them.
+    for seed in range(5):
+        marked, plain = data.split_indices(50, 0.2, seed, np.arange(50)), data.split_indices(50, 0.2, seed)
+        assert all(np.array_equal(a, b) for a, b in zip(marked, plain, strict=True))
+    with pytest.raises(ValueError, match="leaves no training pairs"):
+        data.split_indices(4, 0.5, 0, [7, 7, 7, 7])  # one pair four times: no split keeps it on one side
+
+
 def test_split_is_disjoint_deterministic_and_optional():
     train, validation = data.split_indices(1000, 0.1, seed=0)
     assert len(validation) == 100 and not set(train) & set(validation)
