@@ -4,8 +4,9 @@
       --tokenizer meta-llama/Llama-3.1-8B-Instruct --output data/uf_train --max-seq-len 2048
 
 Each conversation is rendered with the model's own chat template and tokenized exactly as transformers'
-`apply_chat_template(messages, tokenize=True)` does. The loss mask scores the assistant turns (content and
-end-of-turn token); system, user and header tokens are not scored. Unusable rows go to rejects.jsonl with
+`apply_chat_template(messages, tokenize=True)` does. The loss mask scores each side's reply (content and
+end-of-turn token), as TRL does, or with --scored-turns all every assistant turn, as Marin does; system,
+user and header tokens are not scored. Unusable rows go to rejects.jsonl with
 a reason, never stopping the run. Output: Parquet shards (one row per pair), summary.json, rejects.jsonl,
 written atomically; a folder holding anything data.py did not write is never replaced. The loader reads
 the shards a row group at a time, shuffles per epoch from the seed (optionally grouping pairs of like
@@ -22,6 +23,7 @@ Left out on purpose: multimodal content, tool calls, streaming from the Hub (a s
 
 import functools
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -52,7 +54,9 @@ FORMATS = {
 ROLES = ("system", "user", "assistant", "tool")
 SIDES = ("chosen", "rejected")
 SETTINGS_KEY = b"dpo_jax.settings"  # Parquet metadata key of the settings (summary.json repeats them)
-VERSION = 3  # of the output format: 2 records max_token_id and the tokenizer, 3 shared_length
+# Of the output format: 2 records max_token_id and the tokenizer, 3 shared_length, 4 scored_turns (whose
+# default, the reply only, scores fewer tokens than 3 did in multi-turn rows) and first_copy.
+VERSION = 4
 SCHEMA = pa.schema(
     [
         ("source_index", pa.int64()),  # row number in the input, files concatenated in order
@@ -61,6 +65,8 @@ SCHEMA = pa.schema(
         ("shared_length", pa.int32()),
         ("chosen_length", pa.int32()),
         ("rejected_length", pa.int32()),
+        # the row of the first pair with the same tokens (its own row if none came before): copies share it
+        ("first_copy", pa.int64()),
         ("chosen_input_ids", pa.list_(pa.int32())),
         ("chosen_loss_mask", pa.list_(pa.int8())),  # 1 = scored target: its log-prob given the tokens before
         ("rejected_input_ids", pa.list_(pa.int32())),
@@ -114,6 +120,53 @@ class Pair(NamedTuple):
     rejected_ids: np.ndarray
     rejected_mask: np.ndarray
     prompt_length: int
+
+
+def tyro_cli(function, **options):
+    """tyro.cli(function, **options) with a mistake on the command line (a bad value, an unknown flag, a
+    value the config refuses) raised as a one-line ValueError, where tyro prints a box of many lines (dpo.py
+    parses its config with it too). What `function` itself prints goes where it always does."""
+    import tyro  # only the command lines need it
+
+    stderr, shown = sys.stderr, io.StringIO()
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):  # the command line parsed: stderr is the real one again
+        sys.stderr = stderr
+        return function(*args, **kwargs)
+
+    sys.stderr = shown
+    try:
+        return tyro.cli(call, **options)
+    except SystemExit as e:
+        if sys.stderr is not shown or e.code in (0, None):  # --help, or the function's own exit
+            raise
+        raise ValueError(_one_line(shown.getvalue())) from None
+    finally:
+        sys.stderr = stderr
+
+
+def _one_line(box: str) -> str:
+    """tyro's error box as one line: the message, and the flags that a "Missing" or "Perhaps you meant" list
+    names; not the frame, the help texts or the pointer to --help."""
+    sections = [[]]
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", box).splitlines():  # without colours
+        line = line.strip()
+        body = line[1:-1] if line.startswith("│") else line  # inside the frame, indents kept
+        body = body.removeprefix(" ").rstrip()
+        if line.startswith(("╭", "╰")) or body and set(body.strip()) <= {"─"}:  # frame, rule: a new section
+            sections.append([])
+        elif body:
+            sections[-1].append(body)
+    parts = []
+    for lines in filter(None, sections):
+        if lines[0].startswith(("Argument helptext", "For full helptext")):
+            continue
+        flags = [line.split()[0] for line in lines[1:] if line.lstrip().startswith("--")]
+        parts.append(" ".join([line for line in lines if not line.startswith(" ")] + [", ".join(flags)]))
+    # tyro words a value the config refuses "Error parsing config: <the config's message>".
+    message = re.sub(r"^Error parsing \w+: ", "", " ".join("; ".join(parts).split()))
+    return message or " ".join(box.split())
 
 
 # --- chat templates, rendered the way transformers renders them --------------------------------------------
@@ -255,10 +308,15 @@ class ChatTokenizer:
 # --- one row -> one pair -----------------------------------------------------------------------------------
 
 
+def _absent(row: dict, field: str) -> RejectedRow:
+    """A field with no value: not there at all, or null."""
+    return RejectedRow("missing field", f"{field} is {'null' if field in row else 'missing'}")
+
+
 def _text(row: dict, field: str) -> str:
     value = row.get(field)
     if value is None:
-        raise RejectedRow("missing field", f"{field} is missing")
+        raise _absent(row, field)
     if not isinstance(value, str):
         raise RejectedRow("wrong type", f"{field} is {type(value).__name__}, not a string")
     if not value.strip():
@@ -270,7 +328,7 @@ def _messages(row: dict, field: str, role: str | None = None) -> list[dict]:
     """The validated message list in `field`; given a role, a plain string becomes one message of it."""
     value = row.get(field)
     if value is None:
-        raise RejectedRow("missing field", f"{field} is missing")
+        raise _absent(row, field)
     if isinstance(value, str) and role is not None:
         value = [{"role": role, "content": value}]
     if not isinstance(value, list) or not value:
@@ -336,14 +394,15 @@ def _check_prompt_field(field, turns: list[dict]) -> None:
         )
 
 
-def _render_turns(chat: ChatTokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int, int]]]:
+def _render_turns(chat: ChatTokenizer, messages: list[dict], first: int) -> tuple[str, list[tuple]]:
     """The conversation's text, and the (turn start, content end, turn end) characters of each assistant
-    turn. A turn runs from the render of the messages before it with the generation prompt to the render
-    including it, so templates without {% generation %} markers (Llama 3.1's) work. Its text may open with
-    template text before the content (Llama 2's " " after [/INST]): the model writes that too."""
+    turn from message `first` on (scored_turns: the reply's, or all). A turn runs from the render of the
+    messages before it with the generation prompt to the render including it, so templates without
+    {% generation %} markers (Llama 3.1's) work. Its text may open with template text before the content
+    (Llama 2's " " after [/INST]): the model writes that too."""
     full, turns = chat.render(messages), []
     for a, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if a < first or message["role"] != "assistant":
             continue
         start = chat.render(messages[:a], generation=True)
         end = full if a + 1 == len(messages) else chat.render(messages[: a + 1])
@@ -386,20 +445,35 @@ def _scored(encoding, turns, special_ids) -> tuple[np.ndarray, np.ndarray, list[
     return np.array(ids, np.int32), mask, firsts
 
 
-def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]], system_field: str | None):
+def _check_text(text: str, what: str) -> None:
+    """Text the tokenizer can take. JSON can spell a lone UTF-16 surrogate ("\\ud800", common in scraped
+    data), which is no Unicode character: such a row is rejected, not the whole chunk it came in."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = f"{e.object[e.start : e.end]!r} at character {e.start}"
+        raise RejectedRow("invalid text", f"{what} holds {where}, a lone UTF-16 surrogate") from None
+
+
+def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]], settings: dict):
     """(index, row)s -> (pairs, rejects as (index, reason, detail)). All texts of the chunk go through one
     encode_batch call, which the tokenizers library spreads over its Rust threads."""
-    # parsed: (index, the sides' texts, the prompt (plain) or (the sides' turn spans, prompt assistant turns))
+    # parsed: (index, the sides' texts, the prompt (plain) or (the sides' turn spans, prompt turns scored))
     parsed, rejects, pairs = [], [], []
     for index, row in rows:
         try:
-            prompt, chosen, rejected = _parse_row(row, fmt, system_field)
+            prompt, chosen, rejected = _parse_row(row, fmt, settings["system_field"])
             if fmt == "plain":
+                for name, text in zip(("prompt", *SIDES), (prompt, chosen, rejected), strict=True):
+                    _check_text(text, name)
                 parsed.append((index, (chosen, rejected), prompt))
             else:
-                rendered = [_render_turns(chat, prompt + side) for side in (chosen, rejected)]
+                first = 0 if settings["scored_turns"] == "all" else len(prompt)  # the first message scored
+                rendered = [_render_turns(chat, prompt + side, first) for side in (chosen, rejected)]
                 texts, spans = zip(*rendered, strict=True)  # both sides' texts, both sides' turns
-                parsed.append((index, texts, (spans, sum(m["role"] == "assistant" for m in prompt))))
+                for name, text in zip(SIDES, texts, strict=True):
+                    _check_text(text, f"the {name} conversation")
+                parsed.append((index, texts, (spans, sum(m["role"] == "assistant" for m in prompt[first:]))))
         except RejectedRow as e:
             rejects.append((index, e.reason, e.detail))
     encode = chat.tokenizer.encode_batch
@@ -537,9 +611,24 @@ def _open_input(files: list[Path], fmt: str, system_field: str | None, chunk_row
     if fmt == "auto":
         votes = Counter(guess for row in first if (guess := _row_format(columns, row)))
         if not votes:
-            raise ValueError(_format_help(columns, "the columns match no format"))
+            raise ValueError(_format_help(columns, _no_format(columns, first)))
         fmt = votes.most_common(1)[0][0]
     return itertools.chain([first], chunks), columns, fmt
+
+
+def _no_format(columns: list[str], rows: list) -> str:
+    """Why no row matched a format: a side's column is not there, or the columns hold only nulls."""
+    if missing := [side for side in SIDES if side not in columns]:
+        return f"the columns match no format: there is no {' or '.join(missing)} column"
+    null = [f for f in ("prompt", *SIDES) if f in columns and all(_no_value(row, f) for row in rows)]
+    if null:
+        null = f"{' and '.join(null)} {'is' if len(null) == 1 else 'are'}"
+        return f"the rows match no format: {null} null in all of the first {len(rows)} rows"
+    return "the columns match no format"
+
+
+def _no_value(row, field: str) -> bool:
+    return not isinstance(row, dict) or row.get(field) is None
 
 
 def _format_help(columns: list[str], problem: str) -> str:
@@ -556,14 +645,15 @@ class _ShardWriter:
         self.schema = SCHEMA.with_metadata({SETTINGS_KEY: json.dumps(settings)})
         self.names, self.rows, self._writer = [], 0, None  # rows: pairs written so far, in all shards
 
-    def write(self, pairs: list[Pair]):
+    def write(self, pairs: list[Pair], first_copies: list[int]):
         def lists(arrays):  # one Arrow list column from numpy arrays, no Python ints in between
             offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
             return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays)))
 
         columns = Pair(*zip(*pairs, strict=True))
         lengths = ([len(ids) for ids in side] for side in (columns.chosen_ids, columns.rejected_ids))
-        scalars = [columns.index, columns.prompt_length, [_shared_length(pair) for pair in pairs], *lengths]
+        shared = [_shared_length(pair) for pair in pairs]
+        scalars = [columns.index, columns.prompt_length, shared, *lengths, first_copies]
         # the first columns of SCHEMA, then the four token lists
         arrays = [pa.array(values, kind) for values, kind in zip(scalars, SCHEMA.types, strict=False)]
         table = pa.Table.from_arrays([*arrays, *map(lists, columns[1:5])], schema=self.schema)
@@ -587,6 +677,12 @@ class _ShardWriter:
 def _identical(pair: Pair) -> bool:
     """Whether both sides are the same tokens (and loss mask)."""
     return len(pair.chosen_ids) == len(pair.rejected_ids) == _shared_length(pair)
+
+
+def _tokens_key(pair: Pair) -> bytes:
+    """A digest of the pair's tokens and masks, equal for copies."""
+    parts = (np.int64(len(a)).tobytes() + np.ascontiguousarray(a).tobytes() for a in pair[1:5])
+    return hashlib.blake2b(b"".join(parts), digest_size=16).digest()
 
 
 def _shared_length(pair: Pair) -> int:
@@ -655,6 +751,7 @@ def tokenize(
     format: Literal["auto", "conversation", "prompt_completion", "plain"] = "auto",
     chat_template: str | None = None,
     system_field: str | None = None,
+    scored_turns: Literal["reply", "all"] = "reply",
     overwrite: bool = False,
     rows_per_shard: int = 100_000,
     row_group_size: int = 128,
@@ -678,13 +775,17 @@ def tokenize(
             of the tokenizer's own chat template.
         system_field: Name of a field holding each row's system prompt, added as a system turn when the
             conversation has none.
+        scored_turns: Which assistant turns the loss mask scores. reply: each side's reply only, the
+            turns after the prompt the two sides share (TRL; DPO's y given the prompt x); all: every
+            assistant turn, the prompt's earlier ones too, the same on both sides (Marin).
         overwrite: Replace an earlier data.py output made with other settings or inputs.
         rows_per_shard: Pairs per Parquet file.
         row_group_size: Pairs per Parquet row group, the loader's unit of reading.
     """
     started = time.perf_counter()
     options = dict(split=split, max_seq_len=max_seq_len, overflow=overflow, format=format)
-    options |= dict(system_field=system_field, rows_per_shard=rows_per_shard, row_group_size=row_group_size)
+    options |= dict(system_field=system_field, scored_turns=scored_turns)
+    options |= dict(rows_per_shard=rows_per_shard, row_group_size=row_group_size)
     for name in ("max_seq_len", "rows_per_shard", "row_group_size"):
         if options[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
@@ -724,20 +825,22 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
     """Tokenize chunk by chunk into shards and rejects.jsonl; return the counts for the summary."""
     started, rows_read, truncated, scored, tokens, max_id = time.perf_counter(), 0, 0, 0, 0, -1
     dropped, lengths, shards, first = Counter(), [], _ShardWriter(directory, settings), []
+    row_of = {}  # each distinct pair's first row (its tokens' digest): copies are counted and marked
     with (directory / "rejects.jsonl").open("w") as rejects_file:
         for chunk in chunks:
             rows = list(enumerate(chunk, rows_read))
-            pairs, rejects = _tokenize_rows(chat, fmt, rows, settings["system_field"])
+            pairs, rejects = _tokenize_rows(chat, fmt, rows, settings)
             rows_read += len(chunk)
             sides = [(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
             lengths.append(np.array(sides, np.int32).reshape(-1, 2))
-            kept = []
+            kept, copies = [], []
             for pair in pairs:
                 try:
                     pair, cut = _fit(pair, settings["max_seq_len"], settings["overflow"])
                 except RejectedRow as e:
                     rejects.append((pair.index, e.reason, e.detail))
                     continue
+                copies.append(row_of.setdefault(_tokens_key(pair), shards.rows + len(kept)))
                 kept.append(pair)
                 truncated += cut
                 scored += int(pair.chosen_mask.sum() + pair.rejected_mask.sum())
@@ -749,7 +852,7 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
                 if len(first) < 3:
                     first.append(f"row {index}: {reason} ({detail})")
             if kept:
-                shards.write(kept)
+                shards.write(kept, copies)
             if sys.stderr.isatty():  # a progress line, without a dependency
                 rate = rows_read / (time.perf_counter() - started)
                 print(f"\rtokenize: {rows_read:,} rows, {rate:,.0f} rows/s", end="", file=sys.stderr)
@@ -765,6 +868,8 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
         "rows_written": shards.rows,
         "rows_truncated": truncated,
         "rows_dropped": dict(dropped.most_common()),  # per reason: bad rows and the length rule alike
+        # pairs whose tokens repeat an earlier pair's: kept (first_copy marks them), one side of a split
+        "duplicate_pairs": shards.rows - len(row_of),
         # of every pair that tokenized, before --max-seq-len (what a longer limit would keep)
         "token_length_percentiles": {side: percentiles(lengths[:, k]) for k, side in enumerate(SIDES)},
         "scored_token_share": round(scored / tokens, 4),
@@ -778,7 +883,8 @@ def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, setting
 
 class PairDataset:
     """Lazy reader over data.py's shards. Only the lengths are read up front (`lengths`, [n, 2] int32:
-    chosen, rejected; `shared`, [n], the tokens both share); token lists are decoded a row group at a time,
+    chosen, rejected; `shared`, [n], the tokens both share; `first_copy`, [n], the row of each pair's first
+    copy); token lists are decoded a row group at a time,
     when asked for."""
 
     _LISTS = ["chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"]
@@ -798,10 +904,10 @@ class PairDataset:
         self._groups = [(f, g) for f in files for g in range(f.num_row_groups)]
         sizes = [f.metadata.row_group(g).num_rows for f, g in self._groups]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        columns = ["chosen_length", "rejected_length", "shared_length"]
+        columns = ["chosen_length", "rejected_length", "shared_length", "first_copy"]
         table = pa.concat_tables([f.read(columns=columns) for f in files])
         self.lengths = np.stack([table[name].to_numpy() for name in columns[:2]], axis=1)
-        self.shared = table["shared_length"].to_numpy()
+        self.shared, self.first_copy = table["shared_length"].to_numpy(), table["first_copy"].to_numpy()
         self._cache = {}  # the last few decoded row groups: sequential reads hit it
 
     def __len__(self) -> int:
@@ -828,14 +934,24 @@ class PairDataset:
         return out
 
 
-def split_indices(n: int, validation_fraction: float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) pair indices, disjoint, picked from the seed; None or 0: no validation."""
+def split_indices(
+    n: int, validation_fraction: float | None, seed: int, groups: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) pair indices, disjoint, picked from the seed; None or 0: no validation. Pairs of
+    one of `groups` ([n], e.g. PairDataset.first_copy: a pair's copies) go to the same side, so that none
+    is evaluated after being trained on; without repeats the split is the same as without groups."""
     if not validation_fraction:
         return np.arange(n), np.arange(0)
     n_validation = max(1, round(n * validation_fraction))
+    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
+    if groups is not None and 0 < n_validation < n:
+        # Each pair takes its group's first place in the shuffled order; the cut moves to a group's end.
+        _, first, inverse = np.unique(np.asarray(groups)[order], return_index=True, return_inverse=True)
+        place = first[inverse]
+        order, place = order[np.argsort(place, kind="stable")], np.sort(place)
+        n_validation = int(np.searchsorted(place, place[n_validation - 1], side="right"))
     if not 0 < validation_fraction < 1 or n_validation >= n:
         raise ValueError(f"validation_split_fraction {validation_fraction} leaves no training pairs of {n}")
-    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
     return np.sort(order[n_validation:]), np.sort(order[:n_validation])
 
 
@@ -1167,10 +1283,8 @@ def eval_batches(
 
 
 def main():
-    import tyro
-
     try:
-        summary = tyro.cli(tokenize)
+        summary = tyro_cli(tokenize)
     except (ValueError, OSError) as e:  # a user mistake, a full disk: one line, no traceback
         if isinstance(e, OSError) and e.filename:
             e = f"{e.filename}: {e.strerror or e} (a full disk? --output is left as it was)"

@@ -49,7 +49,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding
@@ -85,21 +84,21 @@ class Config:
     validation_data: str | None = None  # separate validation data; when given, used instead of a split
     validation_split: str = "test"  # split of a raw Hub validation dataset (UltraFeedback: test_prefs)
     validation_split_fraction: float | None = 0.1  # train_data held out for eval when no validation_data
-    max_seq_len: int = 2048  # longest chosen or rejected sequence in tokens; longer pairs are dropped
+    max_seq_len: int = 2048  # longest side (tokens); raw data: longer pairs dropped; tokenized data: refused
     output_dir: str = "runs/dpo"  # run directory: config.json, metrics.jsonl, checkpoints/, hf/
-    overwrite: bool = False  # start afresh in an output_dir that holds a run with a different config
+    overwrite: bool = False  # replace a run with another config: deletes its checkpoints/, hf/, metrics.jsonl
     # --- the loss (dpo_loss has each one's formula and paper)
     beta: float = 0.1  # strength of the pull toward the reference (0.01-0.05 free, 0.1-0.5 close)
     loss_type: tuple[Literal[LOSS_TYPES], ...] = ("sigmoid",)  # one or more losses, summed with loss_weights
     loss_weights: tuple[float, ...] | None = None  # one weight per loss_type; None: 1 each
-    label_smoothing: float = 0.0  # assumed share of flipped labels (sigmoid, robust, exo_pair, aot, simpo)
+    label_smoothing: float = 0.0  # flipped-label share (sigmoid, robust, exo_pair, aot, aot_unpaired, simpo)
     discopop_tau: float = 0.05  # discopop's temperature
     simpo_gamma: float = 0.5  # simpo's target reward margin
     reference_mode: Literal["live", "precompute"] = "live"  # reference: each step, or once before training
     # --- LoRA
     lora_rank: int = 0  # adapters of this rank on the frozen model, the reference its base; 0: full tuning
-    lora_alpha: float | None = None  # LoRA scale alpha / rank; None: alpha = 2 * rank
-    lora_targets: tuple[Literal[ADAPTABLE], ...] = ADAPTABLE  # the projections adapted
+    lora_alpha: float | None = None  # LoRA scale alpha / rank, alpha > 0; None: alpha = 2 * rank
+    lora_targets: tuple[Literal[ADAPTABLE], ...] = ADAPTABLE  # the projections adapted (with lora_rank)
     # --- optimization
     train_batch_size: int = 128  # preference pairs per optimizer step (global, over all devices)
     microbatch_size: int | None = None  # pairs per forward/backward; gradients accumulate up to the batch
@@ -167,11 +166,18 @@ class Config:
         need(frac is None or 0 < frac < 1, f"validation_split_fraction must be in (0, 1) or None, got {frac}")
         need(frac is not None or self.validation_data, "validation_split_fraction None needs validation_data")
         need(self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}")
-        need(0 < len(self.lora_targets) == len(set(self.lora_targets)), "lora_targets: name each one once")
+        need(self.lora_targets, f"lora_targets names no projection; give some of {' '.join(ADAPTABLE)}")
+        need(len(self.lora_targets) == len(set(self.lora_targets)), "lora_targets: name each one once")
         need(self.model_name_or_path == "demo" or self.train_data is not None, "train_data is required")
-        need(0 < len(losses) == len(set(losses)), f"loss_type {losses}: name each loss once")
+        need(losses, f"loss_type names no loss; give one or more of {' '.join(LOSS_TYPES)}")
+        need(len(losses) == len(set(losses)), f"loss_type {losses}: name each loss once")
         need(weights is None or len(weights) == len(losses), "loss_weights needs one weight per loss_type")
         need(weights is None or min(weights) >= 0, f"loss_weights must be >= 0, got {weights}")
+        need(weights is None or max(weights) > 0, f"loss_weights {weights} are all 0: nothing would train")
+        alpha, rank = self.lora_alpha, self.lora_rank
+        need(alpha is None or alpha > 0, f"lora_alpha must be > 0 (or None: 2 * lora_rank), got {alpha}")
+        for name, unset in [("lora_alpha", alpha is None), ("lora_targets", self.lora_targets == ADAPTABLE)]:
+            need(rank or unset, f"{name} does nothing without lora_rank (a full fine-tune would run)")
         need(
             ls == 0 or set(losses) <= set(SMOOTHED), f"label_smoothing is used by {', '.join(SMOOTHED)} only"
         )
@@ -188,7 +194,7 @@ class Config:
 
     @property
     def lora_scale(self) -> float:
-        return (self.lora_alpha or 2 * self.lora_rank) / max(self.lora_rank, 1)
+        return (2 * self.lora_rank if self.lora_alpha is None else self.lora_alpha) / max(self.lora_rank, 1)
 
     @property
     def uses_reference(self) -> bool:
@@ -778,6 +784,8 @@ def check_run_dir(run: Path, config: Config) -> None:
     own = run.resolve()
     for name in ["model_name_or_path", "reference_model_path", "tokenizer", "train_data", "validation_data"]:
         value = getattr(config, name)
+        if name == "model_name_or_path" and value == "demo":  # made inside the run directory, as it should be
+            continue
         where = Path(value).resolve() if value and Path(value).exists() else None
         if where and (where == own or {own / "checkpoints", own / "hf"} & set(where.parents)):
             raise ValueError(f"output_dir {run} holds the {name} {where}, which a run would overwrite")
@@ -1066,6 +1074,7 @@ def load_inputs(run: Path, config: Config, say) -> Inputs:
     arch = model.load_config(model_dir)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
     model.check_fits(arch, mesh, config.microbatch_size or config.train_batch_size)
+    model.check_lora(arch, config.lora_rank, config.lora_targets)
     model.check_weights(model_dir, arch)  # from the file headers: no weight is read yet
     reference_dir = resolved("reference_model_path") if config.reference_model_path else model_dir
     reference_arch = model.load_config(reference_dir)
@@ -1093,7 +1102,8 @@ def load_inputs(run: Path, config: Config, say) -> Inputs:
             say(f"validation: {config.validation_data} (so validation_split_fraction is not used)")
     else:
         val_set = train_set
-        train_idx, val_idx = data.split_indices(len(train_set), config.validation_split_fraction, config.seed)
+        fraction, copies = config.validation_split_fraction, train_set.first_copy  # copies stay on one side
+        train_idx, val_idx = data.split_indices(len(train_set), fraction, config.seed, copies)
     for dataset in {train_set.path: train_set, val_set.path: val_set}.values():
         check_vocabulary(dataset, arch, tokenizer_dir, say)
     say(f"data: {len(train_idx)} training pairs, {len(val_idx)} validation pairs")
@@ -1166,7 +1176,7 @@ def exporter(run: Path, config: Config, inputs: Inputs, base, say):
     generation = json.loads(generation.read_text()) if generation.exists() else None
     # The tokenizer goes beside the weights, so that transformers loads it from the export too.
     files = [path for name in data.TOKENIZER_FILES if (path := inputs.tokenizer_dir / name).exists()]
-    merge = jax.jit(partial(model.merge_lora, scale=config.lora_scale))
+    merge = jax.jit(partial(model.merge_lora, scale=config.lora_scale, dtype=config.hf_save_dtype))
 
     def export(state: TrainState) -> None:
         out, params, extra = run / "hf" / f"step-{int(state.step)}", state.params, files
@@ -1331,15 +1341,15 @@ def main(config: Config) -> Path:
     say = (lambda *a: print(*a, flush=True)) if sharding.is_writer() else (lambda *a: None)
 
     # --- inputs: everything is checked before anything is written or deleted
-    demo = config.model_name_or_path == "demo"
+    demo, given = config.model_name_or_path == "demo", config  # config.json records the config as given
     if demo:  # the demo's model and pairs, made in the run directory once it has passed its check
         pairs = config.train_data or str(run / "demo" / "pairs.jsonl")
         config = dataclasses.replace(config, model_name_or_path=str(run / "demo" / "model"), train_data=pairs)
-    check_run_dir(run, config)
+    check_run_dir(run, given)  # a demo run copied elsewhere resumes: its files are found under it anew
     if demo:
         make_demo(run / "demo", config.seed)
     inputs = load_inputs(run, config, say)
-    start_run_dir(run, config)
+    start_run_dir(run, given)
 
     # --- state, then the batches from where it stands
     mesh, optimizer = inputs.mesh, make_optimizer(config)
@@ -1400,7 +1410,8 @@ def main(config: Config) -> Path:
     )
     say(f"programs: {programs.report()} (batch shapes: {legend})")
     made = [name for name in ("config.json", "metrics.jsonl", "checkpoints/", "hf/") if (run / name).exists()]
-    say(f"done. run directory {run.resolve()}: {', '.join(made)} (transformers loads hf/step-N as it is)")
+    loads = " (transformers loads hf/step-N as it is)" if "hf/" in made else ""
+    say(f"done. run directory {run.resolve()}: {', '.join(made)}{loads}")
     return run
 
 
@@ -1475,7 +1486,7 @@ def parse_args(args: list[str] | None = None) -> Config:
         def command(config: Config = default) -> Config:
             return config
 
-        return tyro.cli(command, args=args, description=__doc__)
+        return data.tyro_cli(command, args=args, description=__doc__)
 
     config = parse(Config())
     if config.model_name_or_path != "demo":

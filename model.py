@@ -264,6 +264,23 @@ def check_fits(arch: LlamaConfig, mesh, batch_size: int) -> None:
         raise ValueError(f"batch size ({batch_size}) is not divisible by the {jax.process_count()} processes")
 
 
+def check_lora(arch: LlamaConfig, rank: int, targets) -> None:
+    """A rank above an adapted weight's smaller side (of [in, out], heads flattened) adds parameters and
+    nothing else, A B reaching at most that rank anyway: refused in one line, naming the smallest."""
+    sides = {}
+    for target in targets:
+        w = _LAYER[LORA_TARGETS[target]]
+        shape = _shape(arch, w)[1:]
+        sides[target] = math.prod(shape[: w.n_in]), math.prod(shape[w.n_in :])
+    smallest = min(sides, key=lambda target: min(sides[target]), default=None)
+    if smallest and rank > min(sides[smallest]):
+        size = " x ".join(map(str, sides[smallest]))
+        raise ValueError(
+            f"lora_rank {rank} is larger than the adapted {smallest} projection allows ({size}): "
+            f"at most {min(sides[smallest])}"
+        )
+
+
 def param_specs(arch: LlamaConfig) -> dict:
     """PartitionSpec of every weight, same tree as the params."""
     return jax.tree.map(lambda w: w.spec, _weights(arch))
@@ -489,15 +506,18 @@ def logits(params: dict, tokens: jax.Array, arch: LlamaConfig, **forward_kwargs)
     return jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32, out_sharding=out)
 
 
-def merge_lora(params: dict, lora: dict, scale: float) -> dict:
-    """The params with each adapter folded into its weight, W + scale * A B (sharded as W), for export."""
+def merge_lora(params: dict, lora: dict, scale: float, dtype=jnp.float32) -> dict:
+    """The params with each adapter folded into its weight, W + scale * A B (sharded as W), for export. The
+    sum is taken in f32 and rounded once, to `dtype` (the export's): in the base's own dtype (bf16 when it
+    computes in bf16) a change under half its rounding step would be lost, as most of a run's are."""
     layers = dict(params["layers"])
     for name, adapter in lora.items():
         axes, n_in = _weights_axes(name)
         inputs, outputs = axes[:n_in], axes[n_in:]
         spec = P(*jax.typeof(layers[name]).sharding.spec)
-        delta = jnp.einsum(f"l{inputs}r,lr{outputs}->l{axes}", adapter["a"], adapter["b"], out_sharding=spec)
-        layers[name] = layers[name] + scale * delta.astype(layers[name].dtype)
+        f32 = dict(precision="highest", preferred_element_type=jnp.float32, out_sharding=spec)
+        delta = jnp.einsum(f"l{inputs}r,lr{outputs}->l{axes}", adapter["a"], adapter["b"], **f32)
+        layers[name] = (layers[name].astype(jnp.float32) + scale * delta).astype(dtype)
     return params | {"layers": layers}
 
 

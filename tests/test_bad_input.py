@@ -3,6 +3,7 @@ each gives one clear line on stderr, loses nothing and never trains on nothing."
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -344,10 +345,17 @@ def test_data_that_changes_under_a_run_is_refused_and_training_and_validation_ne
         (dict(adam_b2=1.0), "adam_b1 and adam_b2 must be in [0, 1)"),
         (dict(max_eval_batches=0), "max_eval_batches must be > 0"),
         (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+        (dict(lora_rank=4, lora_alpha=0.0), "lora_alpha must be > 0"),  # it trained with alpha 2 * rank
+        (dict(lora_rank=4, lora_alpha=-8.0), "lora_alpha must be > 0"),  # with a negative scale
+        # Flags that did nothing: a full fine-tune ran, or nothing trained.
+        (dict(lora_alpha=8.0), "lora_alpha does nothing without lora_rank"),
+        (dict(lora_targets=("q", "v")), "lora_targets does nothing without lora_rank"),
+        (dict(loss_weights=(0.0,)), "loss_weights (0.0,) are all 0: nothing would train"),
+        (dict(loss_type=("sigmoid", "sft"), loss_weights=(0.0, 0.0)), "are all 0"),
     ],
 )
 def test_nonsense_numbers_are_refused(settings, message):
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         dpo.Config(**settings)
 
 
@@ -419,7 +427,105 @@ def test_data_from_an_older_data_py_is_refused_in_one_line(demo, tmp_path):
     out = tmp_path / "old"
     data.tokenize(str(pairs), str(model_dir), str(out))
     summary = json.loads((out / "summary.json").read_text())
-    summary["settings"]["version"] = 2  # before shared_length, which prefix sharing reads
-    (out / "summary.json").write_text(json.dumps(summary))
-    with pytest.raises(ValueError, match="made by an older data.py: tokenize it again"):
-        data.PairDataset(out)
+    # 2: before shared_length, which prefix sharing reads; 3: every assistant turn scored (scored_turns)
+    for version in (2, 3):
+        summary["settings"]["version"] = version
+        (out / "summary.json").write_text(json.dumps(summary))
+        with pytest.raises(ValueError, match="made by an older data.py: tokenize it again"):
+            data.PairDataset(out)
+
+
+def test_raw_data_tokenized_by_an_older_data_py_is_tokenized_again_or_refused(demo, trained, tmp_path):
+    """A run's own copy of raw data made before scored_turns (format 3 scored every assistant turn): made
+    again while the run has no checkpoint, refused in one line naming what changed once it has."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (copy,) = (run / "data").iterdir()
+    summary = json.loads((copy / "summary.json").read_text())
+    del summary["settings"]["scored_turns"]
+    (copy / "summary.json").write_text(
+        json.dumps(summary | {"settings": summary["settings"] | {"version": 3}})
+    )
+    one_line_error(dpo_cli(*demo, run, num_train_steps=3), "changed since this run started", "scored_turns")
+    shutil.rmtree(run / "checkpoints")
+    assert dpo_cli(*demo, run, num_train_steps=0).returncode == 0
+    assert json.loads((copy / "summary.json").read_text())["settings"]["version"] == data.VERSION
+
+
+def test_a_lora_rank_above_a_projections_size_is_one_line_before_anything_is_written(demo, tmp_path):
+    """The demo's k and v projections are 64 x 32 (2 kv heads of 16): a rank above 32 adds nothing."""
+    run = tmp_path / "run"
+    one_line_error(dpo_cli(*demo, run, lora_rank=1000), "lora_rank 1000 is larger than", "at most 32")
+    one_line_error(
+        dpo_cli(*demo, run, lora_rank=65, lora_targets="q"), "adapted q projection allows (64 x 64)"
+    )
+    assert not (run / "config.json").exists()
+    assert dpo_cli(*demo, run, lora_rank=32, num_train_steps=0).returncode == 0
+
+
+def test_a_lone_surrogate_in_raw_training_data_is_a_rejected_row(demo, tmp_path):
+    model_dir, pairs = demo
+    rows = pairs.read_text().splitlines()
+    bad = json.dumps({"prompt": "What is 1+1?", "chosen": "2 \ud800", "rejected": "3"})
+    (tmp_path / "pairs.jsonl").write_text("\n".join([rows[0], bad, *rows[1:]]) + "\n")
+    result = dpo_cli(model_dir, tmp_path / "pairs.jsonl", tmp_path / "run", num_train_steps=0)
+    assert result.returncode == 0, result.stderr
+    (tokenized,) = (tmp_path / "run" / "data").iterdir()
+    summary = json.loads((tokenized / "summary.json").read_text())
+    assert summary["rows_written"] == len(rows) and summary["rows_dropped"] == {"invalid text": 1}
+    (reject,) = [json.loads(line) for line in (tokenized / "rejects.jsonl").read_text().splitlines()]
+    assert reject["index"] == 1 and "lone UTF-16 surrogate" in reject["detail"]
+
+
+def test_command_line_mistakes_are_one_line(demo, tmp_path):
+    """tyro's own messages (a value of the wrong type, an unknown or misspelt flag, a flag without its value,
+    a value the config refuses) come as one line, not a box of many."""
+    run = ["--config.output-dir", tmp_path / "run", "--config.num-train-steps", "0"]
+    cases = [
+        (["--config.beta", "abc"], ["--config.beta", "could not convert string to float: 'abc'"]),
+        (
+            ["--config.learning-rat", "3"],
+            ["--config.learning-rat", "Perhaps you meant: --config.learning-rate"],
+        ),
+        (["--config.lr-schedule", "steep"], ["invalid choice 'steep'", "cosine"]),
+        (["--config.loss-type"], ["loss_type names no loss; give one or more of sigmoid hinge"]),
+        (["--config.lora-rank", "4", "--config.lora-alpha", "0"], ["lora_alpha must be > 0"]),
+    ]
+    for args, fragments in cases:
+        line = one_line_error(run_cli("dpo.py", *args, *run), *fragments)
+        assert "Error parsing config" not in line
+    assert not (tmp_path / "run").exists()
+    result = run_cli("dpo.py", "--help")
+    assert result.returncode == 0 and "--config.beta" in result.stdout and not result.stderr
+    # data.py's command line too.
+    args = ["--input", demo[1], "--tokenizer", demo[0], "--output", tmp_path / "out"]
+    one_line_error(run_cli("data.py", *args, "--max-seq-len", "x"), "--max-seq-len", "'x'")
+    one_line_error(run_cli("data.py", "--input", demo[1]), "Missing from", "--tokenizer, --output")
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_says_what_overwrite_deletes_what_max_seq_len_does_and_who_uses_label_smoothing():
+    result = run_cli("dpo.py", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.replace("│", " ").split())  # the help of a flag: up to the next flag
+    help_of = lambda flag: text.split(f"--config.{flag} ")[1].split(" --config.")[0]
+    assert all(word in help_of("overwrite,") for word in ("deletes", "checkpoints/", "hf/", "metrics.jsonl"))
+    assert "raw data: longer pairs dropped; tokenized data: refused" in help_of("max-seq-len")
+    assert all(name in help_of("label-smoothing") for name in dpo.SMOOTHED)
+
+
+def test_copies_of_a_pair_never_straddle_the_validation_split(demo, tmp_path):
+    """Each of 200 pairs three times over: the run's split keeps a pair's copies together, and the copies are
+    counted in summary.json."""
+    model_dir, pairs = demo
+    rows = pairs.read_text().splitlines()[:200] * 3
+    (tmp_path / "copies.jsonl").write_text("\n".join(rows) + "\n")
+    config = dpo.Config(
+        **SMALL | dict(model_name_or_path=str(model_dir), train_data=str(tmp_path / "copies.jsonl")),
+        output_dir=str(tmp_path / "run"),
+    )
+    inputs = dpo.load_inputs(tmp_path / "run", config, lambda *a: None)
+    assert inputs.train_set.summary["duplicate_pairs"] == 400
+    copies = inputs.train_set.first_copy
+    assert len(set(copies)) == 200 and not set(copies[inputs.train_idx]) & set(copies[inputs.val_idx])
+    assert 55 <= len(inputs.val_idx) <= 62 and len(inputs.val_idx) % 3 == 0  # whole pairs, about a tenth

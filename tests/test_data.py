@@ -103,14 +103,17 @@ def test_ids_match_transformers_and_masks_cover_assistant_turns(family, tokenize
             assert chat.render(prompt, generation) == expected
 
     rows = conversation_rows()
-    summary = data.tokenize(
-        write_jsonl(tmp_path / "pairs.jsonl", rows), str(directory), str(tmp_path / "out")
-    )
+    inputs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    summary = data.tokenize(inputs, str(directory), str(tmp_path / "out"))
+    every = data.tokenize(inputs, str(directory), str(tmp_path / "all"), scored_turns="all")
     assert summary["format"] == "conversation" and summary["rows_written"] == len(rows)
-    for row, out in zip(rows, read_rows(tmp_path / "out"), strict=True):
+    assert summary["settings"]["scored_turns"] == "reply" and every["settings"]["scored_turns"] == "all"
+    outputs = zip(read_rows(tmp_path / "out"), read_rows(tmp_path / "all"), strict=True)
+    for row, (out, out_all) in zip(rows, outputs, strict=True):
+        assert out_all["prompt_length"] == out["prompt_length"]
         for side in ("chosen", "rejected"):
             ids, mask = out[f"{side}_input_ids"], out[f"{side}_loss_mask"]
-            assert ids == hf_ids(hf, row[side])
+            assert ids == hf_ids(hf, row[side]) == out_all[f"{side}_input_ids"]
             assert out[f"{side}_length"] == len(ids)
             # the template's own BOS tokens (Llama 2: one a turn), and no more
             if "bos_token" in FAMILIES[family][0]:
@@ -121,6 +124,9 @@ def test_ids_match_transformers_and_masks_cover_assistant_turns(family, tokenize
             assistant = [
                 m["content"].strip() if trims else m["content"] for m in row[side] if m["role"] == "assistant"
             ]
+            assert decoded == [assistant[-1] + end_of_turn]  # by default the reply only (TRL)
+            # scored_turns all: every assistant turn, the prompt's too (Marin)
+            decoded = [hf.decode(run) for run in scored_runs(ids, out_all[f"{side}_loss_mask"])]
             assert decoded == [content + end_of_turn for content in assistant]
         # Each reply is scored from the token after the prompt rendered with the generation prompt (Llama 2:
         # from the "▁" after [/INST], a piece of its own before a digit, an emoji or a rare word).
@@ -131,23 +137,59 @@ def test_ids_match_transformers_and_masks_cover_assistant_turns(family, tokenize
 
 
 def test_mask_matches_transformers_generation_markers(tokenizers_dir, tmp_path):
-    """With {% generation %} markers around content + <|im_end|>, transformers' own assistant mask is an
-    independent reference for the prefix-render mask (which ignores the markers)."""
+    """With {% generation %} markers around content + <|im_end|>, transformers' own assistant mask (every
+    assistant turn: Marin's rule) is an independent reference for the prefix-render mask (which ignores the
+    markers) with scored_turns all; by default the same mask from the reply on."""
     template = tmp_path / "chatml_generation.jinja"
     template.write_text(CHATML_GENERATION)
     hf = transformers.AutoTokenizer.from_pretrained(tokenizers_dir / "chatml")
     rows = conversation_rows()
     inputs = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    data.tokenize(inputs, str(tokenizers_dir / "chatml"), str(tmp_path / "out"), chat_template=str(template))
-    for row, out in zip(rows, read_rows(tmp_path / "out"), strict=True):
+    tokenizer, settings = str(tokenizers_dir / "chatml"), dict(chat_template=str(template))
+    data.tokenize(inputs, tokenizer, str(tmp_path / "all"), scored_turns="all", **settings)
+    data.tokenize(inputs, tokenizer, str(tmp_path / "reply"), **settings)
+    outputs = zip(read_rows(tmp_path / "all"), read_rows(tmp_path / "reply"), strict=True)
+    for row, (every, reply) in zip(rows, outputs, strict=True):
         reference = hf.apply_chat_template(
             row["chosen"],
             chat_template=CHATML_GENERATION,
             return_dict=True,
             return_assistant_tokens_mask=True,
         )
-        assert out["chosen_input_ids"] == list(reference["input_ids"])
-        assert out["chosen_loss_mask"] == list(reference["assistant_masks"])
+        assert every["chosen_input_ids"] == reply["chosen_input_ids"] == list(reference["input_ids"])
+        assert every["chosen_loss_mask"] == list(reference["assistant_masks"])
+        n = reply["prompt_length"]
+        assert reply["chosen_loss_mask"] == [0] * n + list(reference["assistant_masks"])[n:]
+    assert any(0 < sum(r["chosen_loss_mask"][: r["prompt_length"]]) for r in read_rows(tmp_path / "all"))
+    # The setting is the output's: another one is a new tokenization, never mixed into an earlier output.
+    with pytest.raises(ValueError, match="other scored_turns; pass --overwrite"):
+        data.tokenize(inputs, tokenizer, str(tmp_path / "reply"), scored_turns="all", **settings)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_default_scores_the_reply_as_trl_does(family, tokenizers_dir, tmp_path):
+    """TRL's rule for conversational pairs, written out: the prompt is apply_chat_template(prompt,
+    add_generation_prompt=True), the completion whatever follows it in apply_chat_template(prompt + reply),
+    and the completion is what is scored. data.py's default scores the same tokens from the same position,
+    through the reply's end-of-turn token; what TRL scores past that is template text between turns (a
+    newline), which the model never has to write. Earlier assistant turns are prompt: not scored."""
+    directory = tokenizers_dir / family
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    rows = conversation_rows()
+    data.tokenize(write_jsonl(tmp_path / "pairs.jsonl", rows), str(directory), str(tmp_path / "out"))
+    for row, out in zip(rows, read_rows(tmp_path / "out"), strict=True):
+        for side in ("chosen", "rejected"):
+            prompt = hf.apply_chat_template(row[side][:-1], add_generation_prompt=True)["input_ids"]
+            full = hf_ids(hf, row[side])
+            assert full[: len(prompt)] == prompt  # TRL slices the completion off this prefix
+            completion = full[len(prompt) :]
+            ids, mask = out[f"{side}_input_ids"], out[f"{side}_loss_mask"]
+            assert ids == full and out["prompt_length"] == len(prompt)
+            assert not any(mask[: len(prompt)])
+            scored = sum(mask)
+            assert mask[len(prompt) :] == [1] * scored + [0] * (len(completion) - scored)
+            assert completion[scored - 1] in hf.all_special_ids  # through the end-of-turn token
+            assert hf.decode(completion[scored:]).strip() == ""  # and what follows is whitespace
 
 
 # Exercises the globals and filters transformers gives templates, which the model templates above do not.
@@ -320,6 +362,30 @@ def test_unknown_columns_and_no_usable_row_name_the_formats(tokenizers_dir, tmp_
     assert str(kept) in str(error.value) and len(kept.read_text().splitlines()) == 3
 
 
+def test_null_columns_and_missing_ones_are_named(tokenizers_dir, tmp_path):
+    """Columns that are there but hold only nulls, or a side's column not there: said so (not just "match no
+    format"), from .jsonl and Parquet alike; a null prompt is "null", not "missing"."""
+    tokenizer = str(tokenizers_dir / "llama31")
+    rows = [{"prompt": "What is 1+1?", "chosen": None, "rejected": None}] * 3
+    pq.write_table(
+        pa.Table.from_pylist(rows, pa.schema([(k, pa.string()) for k in rows[0]])), tmp_path / "a.parquet"
+    )
+    for name in (write_jsonl(tmp_path / "a.jsonl", rows), str(tmp_path / "a.parquet")):
+        with pytest.raises(ValueError, match="chosen and rejected are null in all of the first 3 rows"):
+            data.tokenize(name, tokenizer, str(tmp_path / "out"))
+    pq.write_table(pa.Table.from_pylist([{"prompt": "x", "chosen": "a"}]), tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match="there is no rejected column.*Columns found: prompt, chosen$"):
+        data.tokenize(str(tmp_path / "b.parquet"), tokenizer, str(tmp_path / "out"))
+    rows = [{"prompt": None, "chosen": "2", "rejected": "3"}, {"chosen": "2", "rejected": "3"}]
+    rows.append({"prompt": "What is 1+1?", "chosen": "2", "rejected": "3"})
+    data.tokenize(write_jsonl(tmp_path / "c.jsonl", rows), tokenizer, str(tmp_path / "c"), format="plain")
+    rejects = [json.loads(line) for line in (tmp_path / "c" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["detail"]) for r in rejects] == [
+        ("missing field", "prompt is null"),
+        ("missing field", "prompt is missing"),
+    ]
+
+
 def test_unreadable_rows_and_files_are_named(tokenizers_dir, tmp_path):
     tokenizer, good = str(tokenizers_dir / "llama31"), json.dumps(conversation_rows()[0]).encode()
     # A byte that is not UTF-8 and a line cut short: those rows are rejected, naming file and line.
@@ -340,6 +406,30 @@ def test_unreadable_rows_and_files_are_named(tokenizers_dir, tmp_path):
     for name in ("empty.jsonl", "empty.parquet"):
         with pytest.raises(ValueError, match=f"{name} has no rows"):
             data.tokenize(str(tmp_path / name), tokenizer, str(tmp_path / "none"))
+
+
+def test_a_lone_surrogate_rejects_its_row_and_the_rest_is_tokenized(tokenizers_dir, tmp_path):
+    """JSON can spell a lone UTF-16 surrogate (scraped data has them), which is no Unicode text: that row goes
+    to rejects.jsonl with its reason, in the plain and the chat formats; the chunk's other rows are kept."""
+    tokenizer = str(tokenizers_dir / "llama31")
+    plain = [{"prompt": "What is 1+1?", "chosen": "2 \ud800", "rejected": "3"}]
+    plain += [{"prompt": "What is 1+1?", "chosen": "2", "rejected": "3"}]
+    chat = conversation_rows()
+    chat[1]["rejected"][-1]["content"] += " \udfff"
+    for name, rows, where in [("plain", plain, "chosen"), ("chat", chat, "the rejected conversation")]:
+        inputs = tmp_path / f"{name}.jsonl"
+        write_jsonl(inputs, rows)
+        assert "\\ud" in inputs.read_text()  # as JSON spells it
+        summary = data.tokenize(str(inputs), tokenizer, str(tmp_path / name))
+        assert summary["rows_written"] == len(rows) - 1 and summary["rows_dropped"] == {"invalid text": 1}
+        (reject,) = [
+            json.loads(line) for line in (tmp_path / name / "rejects.jsonl").read_text().splitlines()
+        ]
+        assert reject["index"] == (0 if name == "plain" else 1) and reject["reason"] == "invalid text"
+        assert (
+            reject["detail"].startswith(f"{where} holds '\\ud")
+            and "lone UTF-16 surrogate" in reject["detail"]
+        )
 
 
 def test_a_prompt_field_is_never_dropped_and_identical_tokens_are_rejected(tokenizers_dir, tmp_path):
@@ -584,7 +674,9 @@ def test_cli_help_and_one_line_errors(tmp_path):
     assert result.returncode == 0
     for flag in ["--input", "--tokenizer", "--output", "--split", "--max-seq-len", "--overflow", "--format"]:
         assert flag in result.stdout
-    for flag in ["--chat-template", "--system-field", "--overwrite", "--rows-per-shard", "--row-group-size"]:
+    for flag in ["--chat-template", "--system-field", "--scored-turns", "--overwrite", "--rows-per-shard"]:
+        assert flag in result.stdout
+    for flag in ["--row-group-size"]:
         assert flag in result.stdout
     result = run_cli(
         "--input",
@@ -733,6 +825,46 @@ def test_length_grouped_batches_cover_the_same_pairs_and_pad_less(dataset_dir):
     )
     # chosen sides vary, rejected ones are short: less to gain than on real data
     assert efficiency(grouped[:steps_per_epoch]) > 1.05 * efficiency(plain[:steps_per_epoch])
+
+
+def test_copies_of_a_pair_are_counted_marked_and_kept_on_one_side_of_the_split(tokenizers_dir, tmp_path):
+    """A pair whose tokens repeat an earlier one's (also as other text that tokenizes the same, and across
+    chunks and shards) is kept, counted in summary.json and marked with its first copy's row; a split
+    given those marks keeps a pair's copies on one side."""
+    user = lambda i: {"role": "user", "content": f"item {i}: {WORDS[i]}"}
+    row = lambda i, c, r: {
+        "chosen": [user(i), {"role": "assistant", "content": c}],
+        "rejected": [user(i), {"role": "assistant", "content": r}],
+    }
+    rows = [row(i, WORDS[i + 20], WORDS[i + 40]) for i in range(12)]
+    rows += [rows[0], rows[2], row(2, WORDS[22], WORDS[41]), row(0, WORDS[20] + "  ", WORDS[40]), rows[2]]
+    inputs = write_jsonl(tmp_path / "rows.jsonl", rows)
+    # chunks of 8 rows, shards of 5 pairs: copies in other chunks and other files
+    tokenizer = str(tokenizers_dir / "llama31")  # its template trims content: row 15 is row 0 as tokens
+    summary = data.tokenize(inputs, tokenizer, str(tmp_path / "out"), row_group_size=1, rows_per_shard=5)
+    assert summary["rows_written"] == 17 and summary["duplicate_pairs"] == 4
+    expected = list(range(12)) + [0, 2, 14, 0, 2]  # row 14 shares only chosen with row 2: not a copy
+    assert [r["first_copy"] for r in read_rows(tmp_path / "out")] == expected
+    dataset = data.PairDataset(tmp_path / "out")
+    assert dataset.first_copy.tolist() == expected
+
+    groups, straddled = dataset.first_copy, 0
+    for seed in range(40):
+        for fraction in (0.1, 0.3, 0.5):
+            train, validation = data.split_indices(len(dataset), fraction, seed, groups)
+            assert sorted([*train, *validation]) == list(range(17)) and len(validation) >= round(
+                17 * fraction
+            )
+            assert not set(groups[train]) & set(groups[validation])
+            plain = data.split_indices(len(dataset), fraction, seed)
+            straddled += bool(set(groups[plain[0]]) & set(groups[plain[1]]))
+    assert straddled  # what happened without the marks
+    # Without repeats the marks change nothing: the split is the one made without them.
+    for seed in range(5):
+        marked, plain = data.split_indices(50, 0.2, seed, np.arange(50)), data.split_indices(50, 0.2, seed)
+        assert all(np.array_equal(a, b) for a, b in zip(marked, plain, strict=True))
+    with pytest.raises(ValueError, match="leaves no training pairs"):
+        data.split_indices(4, 0.5, 0, [7, 7, 7, 7])  # one pair four times: no split keeps it on one side
 
 
 def test_split_is_disjoint_deterministic_and_optional():

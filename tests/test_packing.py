@@ -24,7 +24,8 @@ LAYOUTS = {"sharing": (True, False), "packing": (False, True), "both": (True, Tr
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """Multi-turn conversations with system prompts and earlier assistant turns (scored on both sides, in
-    the shared prefix), and one-turn ones of varied lengths, tokenized with a ChatML template."""
+    the shared prefix: scored_turns all), and one-turn ones of varied lengths, tokenized with a ChatML
+    template."""
     root = tmp_path_factory.mktemp("packing")
     tokenizer = build_tokenizer(root / "chatml", "chatml")
     rng, rows = np.random.default_rng(0), []
@@ -37,7 +38,9 @@ def pairs(tmp_path_factory):
         reply = lambda: [{"role": "assistant", "content": say(int(rng.integers(1, 12)))}]
         rows.append({"chosen": turns + reply(), "rejected": turns + reply()})
     (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data.tokenize(str(root / "rows.jsonl"), str(tokenizer), str(root / "out"), max_seq_len=256)
+    data.tokenize(
+        str(root / "rows.jsonl"), str(tokenizer), str(root / "out"), max_seq_len=256, scored_turns="all"
+    )
     dataset = data.PairDataset(root / "out")
     arch = model.LlamaConfig(
         vocab_size=448,
@@ -50,6 +53,10 @@ def pairs(tmp_path_factory):
         initializer_range=0.1,
     )
     assert dataset.summary["max_token_id"] < arch.vocab_size and (dataset.shared > 20).any()
+    sides = dataset.read(range(len(dataset)))
+    assert any(
+        chosen[1][: dataset.shared[k] - 1].any() for k, (chosen, _) in enumerate(sides)
+    )  # scored, shared
     return dataset, arch
 
 

@@ -90,6 +90,25 @@ def test_demo_learns_the_preference_and_exports_for_transformers(tmp_path):
         cfg.eos_token_id[0], list(cfg.eos_token_id))  # fmt: skip
 
 
+def test_a_demo_run_copied_elsewhere_resumes_and_the_last_line_names_only_what_is_there(tmp_path, capsys):
+    """The demo's model and pairs live in its run directory; config.json records the demo as given, so the
+    directory (given as an absolute path) copied elsewhere resumes there. "transformers loads hf/step-N" is
+    said only where there is an hf/."""
+    settings = dpo.DEMO_SETTINGS | dict(steps_per_eval=2, steps_per_checkpoint=2, max_eval_batches=1)
+    del settings["output_dir"], settings["num_train_steps"], settings["steps_per_hf_export"]
+    first, copy = tmp_path / "first", tmp_path / "elsewhere" / "copy"
+    dpo.main(dpo.Config(**settings, output_dir=str(first), num_train_steps=0))
+    assert "transformers loads" not in capsys.readouterr().out  # no step, no export
+    dpo.main(dpo.Config(**settings, output_dir=str(first), num_train_steps=2, steps_per_hf_export=2))
+    assert "(transformers loads hf/step-N as it is)" in capsys.readouterr().out
+    saved = json.loads((first / "config.json").read_text())
+    assert saved["model_name_or_path"] == "demo" and saved["train_data"] is None
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)  # nothing of the first place is left to lean on
+    dpo.main(dpo.Config(**settings, output_dir=str(copy), num_train_steps=3, steps_per_hf_export=2))
+    assert f"resumed from {copy}/checkpoints/step-2" in capsys.readouterr().out
+
+
 def test_stop_and_resume_equals_an_uninterrupted_run(demo, tmp_path):
     settings = dict(num_train_steps=6, steps_per_checkpoint=2, keep_checkpoints=10, steps_per_hf_export=6)
     straight = run(demo, tmp_path / "straight", **settings)
