@@ -12,6 +12,7 @@ import pytest
 import safetensors.numpy
 from _data_templates import build_tokenizer
 
+import bookkeeping
 import data
 import dpo
 import model
@@ -55,7 +56,7 @@ def listing(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return dpo.make_demo(tmp_path_factory.mktemp("demo"), seed=0)  # (model_dir, pairs.jsonl)
+    return bookkeeping.make_demo(tmp_path_factory.mktemp("demo"), seed=0)  # (model_dir, pairs.jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(demo, trained, tm
     result = dpo_cli(*demo, run, num_train_steps=3, steps_per_checkpoint=1, file_size_limit=100)
     one_line_error(result, str(run / "hf" / "step-3"), "run the same command")
     assert [p.name for p in (run / "hf").iterdir()] == ["step-2"]  # no half export
-    assert dpo.saved_steps(run)[-1] == 3
+    assert bookkeeping.saved_steps(run)[-1] == 3
     # Tokenizing: a shard does not fit in 4 kB.
     result = run_cli(
         "data.py", "--input", demo[1], "--output", tmp_path / "e", "--tokenizer", demo[0], file_size_limit=4
@@ -172,7 +173,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(demo, trained, tmp_pat
     assert result.returncode == 0, result.stderr
     assert "skipped checkpoints/step-2 (params/embed.npy: " in result.stdout
     assert f"resumed from {run}/checkpoints/step-1" in result.stdout
-    for step in dpo.saved_steps(run):  # when none loads: one line naming the file, nothing deleted
+    for step in bookkeeping.saved_steps(run):  # when none loads: one line naming the file, nothing deleted
         (run / "checkpoints" / f"step-{step}" / "params" / "embed.npy").write_bytes(b"")
     before = listing(run)
     result = dpo_cli(*demo, run, num_train_steps=4)
