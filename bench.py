@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tyro
 
+import bookkeeping
 import data
 import dpo
 import model
@@ -242,7 +243,7 @@ def abstract_step(cfg, config: dpo.Config, mesh, dtype, seq: int):
         ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=s.sharding), state.params)
         lengths = np.full((config.train_batch_size, 2), seq)
         return train_step.lower(
-            state, (None, ref), sharding.global_batch(synthetic_batch(cfg, lengths, seq), mesh)
+            state, dpo.Frozen(None, ref), sharding.global_batch(synthetic_batch(cfg, lengths, seq), mesh)
         )
 
 
@@ -265,7 +266,7 @@ class StepRunner:
             self.state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(load(0))
             # A tree of its own: the state's params are donated at every step.
             reference = load(1, dtype) if config.reference_mode == "live" and config.uses_reference else None
-            self.frozen = (None, reference)  # (LoRA's base, the reference): see dpo.make_steps
+            self.frozen = dpo.Frozen(base=None, reference=reference)
 
     def run(self, batch: dict[str, np.ndarray]) -> float:
         """Seconds of one step; a new shape is compiled and run once first, uncounted."""
@@ -292,7 +293,7 @@ def bench_step(shapes, variants, pairs, seq, steps, mesh, dtype, profile, togeth
     """together: a shape's variants are all held at once and stepped in turn, so that a change in the
     machine's load hits them alike (CPU); else one at a time (an accelerator's memory holds one)."""
     rows, results, chips = [], {}, mesh.devices.size
-    peak = dpo.peak_flops(jax.devices()[0])
+    peak = bookkeeping.peak_flops(jax.devices()[0])
     for shape in shapes:
         cfg, b = SHAPES[shape], (pairs or DEFAULT_PAIRS[shape]) * chips
         lengths = np.full((b, 2), seq)
@@ -816,8 +817,8 @@ def bench_shapes(shape: str, before: str | None, run_pairs: int, loader: bool) -
 def run_inputs(root: Path, cfg, count: int) -> tuple[Path, Path]:
     """A random `cfg` model in HF layout with the demo's word-level tokenizer, and `count` pairs of demo words
     with UltraFeedback-like lengths (prompt ~110 words, replies ~260, lognormal), one token a word."""
-    demo_model, _ = dpo.make_demo(root / "demo", seed=0)
-    words = [w for ws in dpo.DEMO_TOPICS.values() for w in ws.split()]
+    demo_model, _ = bookkeeping.make_demo(root / "demo", seed=0)
+    words = [w for ws in bookkeeping.DEMO_TOPICS.values() for w in ws.split()]
     rng = np.random.default_rng(0)
     say = lambda median, sigma: " ".join(rng.choice(words, max(1, int(rng.lognormal(np.log(median), sigma)))))
     with open(root / "pairs.jsonl", "w") as f:

@@ -12,7 +12,7 @@ written atomically; a folder holding anything data.py did not write is never rep
 the shards a row group at a time, shuffles per epoch from the seed (optionally grouping pairs of like
 length), resumes at any step and hands each process its slice of the global batch, padded to a width
 that follows the batch (padded_width): a pair's two sequences side by side, or, with prefix sharing or
-packing (Layout), rows of several sequences with the views the model's attention needs (_packed).
+packing, rows of several sequences with the views the model's attention needs (Layout describes both).
 
 Tokenizers: tokenizer.json files are used as they are (transformers does the same for Llama 3's), except
 for the LlamaTokenizer class (Llama 2, Mistral and Zephyr tokenizers), whose pre-tokenizer transformers
@@ -955,10 +955,42 @@ def split_indices(
     return np.sort(order[n_validation:]), np.sort(order[:n_validation])
 
 
+# A token's side in rows of several sequences (the batches' `side`, Layout): run once and counting for both
+# sides, or one side's own.
+SHARED, CHOSEN, REJECTED = 0, 1, 2
+
+
 class Layout(NamedTuple):
-    """How the loader lays pairs out: prefix_sharing, one sequence a pair (its shared prefix once); packing,
+    """How the loader lays pairs out, and the one description of the batches it yields (numpy, this process's
+    rows; dpo.rows_of reads them). prefix_sharing: one sequence a pair, its shared prefix once; packing:
     several pairs to a row. Rows per step come in multiples of row_multiple (dpo.py: the batch axes' devices
-    times the microbatches) and of the process count."""
+    times the microbatches) and of the process count.
+
+    One pair a row (_padded: neither prefix_sharing nor packing), b pairs of width T:
+      input_ids     [b, 2, T] int32   chosen (index 0) and rejected (1) side by side, right-padded with 0
+      loss_mask     [b, 2, T] bool    True: the token is scored (its log-prob given those before it counts)
+      lengths       [b, 2] int32      real tokens of each side
+      weight        [b] f32           1 for a pair, 0 for a copy that fills up the last eval batch
+      ref_logps     [b, 2] f32        the precomputed reference's log-probs (with a reference table only)
+    Rows of several sequences (_packed: prefix_sharing, packing or both), R rows of W tokens, up to K pairs a
+    row. With prefix sharing a pair's sequence is [shared | chosen tail | rejected tail]: its first shared
+    length - 1 tokens once, then each side from there on (the last shared token starts both tails, so every
+    position has one next token); without it, [chosen | rejected]:
+      input_ids     [R, W] int32      the rows' tokens, 0 after the last pair
+      positions     [R, W] int32      each token's position within its side's sequence
+      targets       [R, W] int32      the next token in that sequence (0 at its end)
+      target_mask   [R, W] bool       True: that target is scored
+      pair          [R, W] int32      the token's pair slot in its row, -1 for padding
+      side          [R, W] int32      SHARED (run once, counts for both sides), CHOSEN or REJECTED
+      views         [R, 2K, S] int32  the row positions of pair k's chosen (view 2k) and rejected (view
+                                      2k + 1) sequences, S wide: what attention runs over
+      view_lengths  [R, 2K] int32     real tokens of each view
+      slot          [R, W] int32      the flat view position (view * S + position) each token takes its
+                                      attention output from
+      weight        [R, K] f32        1 for a pair, 0 for an empty slot or a fill-up copy
+      lengths       [R, K, 2] int32   real tokens of each pair's chosen and rejected sequences
+      ref_logps     [R, K, 2] f32     the precomputed reference's log-probs (with a reference table only)
+    """
 
     prefix_sharing: bool = False
     packing: bool = False
@@ -1105,8 +1137,7 @@ def shape_of(batch: dict) -> Shape:
 
 
 def _padded(dataset, pairs, weight, reference, process_index, process_count, shape: Shape):
-    """This process's pairs, one a row: input_ids [b, 2, T] right-padded with 0, loss_mask [b, 2, T] with
-    False, lengths [b, 2], weight [b] (and ref_logps [b, 2])."""
+    """This process's pairs, one a row, in `shape` (Layout describes the arrays)."""
     size = len(pairs) // process_count
     mine = slice(process_index * size, (process_index + 1) * size)
     # [b, 2, T], not [2b, T]: sharding the leading dim keeps both sequences of a pair on one device.
@@ -1122,19 +1153,13 @@ def _padded(dataset, pairs, weight, reference, process_index, process_count, sha
 
 
 def _packed(dataset, pairs, weight, reference, max_seq_len, process_index, process_count, layout, shape):
-    """The pairs as rows of sequences, laid out in `shape` (one that holds them: empty rows, slots and
-    tokens are padding). A pair's sequence is [shared | chosen tail | rejected tail] with prefix sharing,
-    without it [chosen | rejected] (_units). Packing puts several in a row (_rows_of); else one pair a row.
-    The plan depends only on the global batch's lengths, so every process makes the same and fills only its
-    own rows. Per row (R rows of W tokens, up to K pairs):
-      input_ids, positions (within each side's sequence), targets, target_mask (scored) [R, W];
-      pair [R, W] (the token's pair slot, -1 for padding), side [R, W] (0 both, 1 chosen, 2 rejected);
-      views [R, 2K, S]: the row positions of pair k's chosen (view 2k) and rejected (2k + 1) sequences,
-      view_lengths [R, 2K], slot [R, W]: the flat view position each token takes its attention output from;
-      weight [R, K], lengths [R, K, 2] (and ref_logps [R, K, 2]) for each pair slot."""
+    """The pairs as rows of sequences (Layout describes the arrays), laid out in `shape`, one that holds them:
+    empty rows, slots and tokens are padding. Packing puts several pairs in a row (_rows_of); else one pair a
+    row. The plan depends only on the global batch's lengths, so every process makes the same and fills only
+    its own rows."""
     if layout.packing:  # the weight-0 copies that fill up an eval batch would only take room
         pairs, weight = pairs[weight > 0], weight[weight > 0]
-    lengths, (units, once) = dataset.lengths[pairs], _units(dataset, pairs, layout)
+    lengths, (units, prefixes) = dataset.lengths[pairs], _units(dataset, pairs, layout)
     rows = _rows_of(units, layout, max_seq_len, process_count)[0]
     rows += [[] for _ in range(shape.rows - len(rows))]
     rows = rows[
@@ -1146,20 +1171,22 @@ def _packed(dataset, pairs, weight, reference, max_seq_len, process_index, proce
     for i, row in enumerate(rows):
         at = 0  # where the next pair starts in the row
         for j, k in enumerate(row):
-            ((chosen, chosen_mask), (rejected, rejected_mask)), q = read[k], once[k]
-            c, n = len(chosen), len(chosen) + len(rejected) - q
+            # prefix: the tokens that run once (the shared length - 1; 0 without prefix sharing)
+            ((chosen, chosen_mask), (rejected, rejected_mask)), prefix = read[k], prefixes[k]
+            c, n = len(chosen), len(chosen) + len(rejected) - prefix
             row_span = slice(at, at + n)
-            out["input_ids"][i, row_span] = np.r_[chosen, rejected[q:]]
-            positions = np.r_[np.arange(c), np.arange(q, len(rejected))]
+            out["input_ids"][i, row_span] = np.r_[chosen, rejected[prefix:]]
+            positions = np.r_[np.arange(c), np.arange(prefix, len(rejected))]
             out["positions"][i, row_span] = positions
-            out["targets"][i, row_span] = np.r_[chosen[1:], 0, rejected[q + 1 :], 0]
-            out["target_mask"][i, row_span] = np.r_[chosen_mask[1:], 0, rejected_mask[q + 1 :], 0]
+            out["targets"][i, row_span] = np.r_[chosen[1:], 0, rejected[prefix + 1 :], 0]
+            out["target_mask"][i, row_span] = np.r_[chosen_mask[1:], 0, rejected_mask[prefix + 1 :], 0]
             out["pair"][i, row_span] = j
-            out["side"][i, row_span] = np.r_[np.zeros(q), np.ones(c - q), np.full(n - c, 2)]  # 0: both sides
+            sides = np.full(prefix, SHARED), np.full(c - prefix, CHOSEN), np.full(n - c, REJECTED)
+            out["side"][i, row_span] = np.concatenate(sides)
             # chosen tokens read view 2j, the rejected tail view 2j + 1
             out["slot"][i, row_span] = positions + view_width * (2 * j + (np.arange(n) >= c))
             out["views"][i, 2 * j, :c] = at + np.arange(c)
-            out["views"][i, 2 * j + 1, : len(rejected)] = np.r_[at + np.arange(q), at + np.arange(c, n)]
+            out["views"][i, 2 * j + 1, : len(rejected)] = np.r_[at + np.arange(prefix), at + np.arange(c, n)]
             out["view_lengths"][i, 2 * j : 2 * j + 2] = c, len(rejected)
             out["weight"][i, j], out["lengths"][i, j] = weight[k], lengths[k]
             if reference is not None:

@@ -13,7 +13,9 @@ Conventions
   Mesh axes (sharding.py): data = replicas, fsdp = batch split and params sharded (gathered one layer
   at a time), tensor = heads and MLP hidden split Megatron-style.
   Dimension letters: B batch, T sequence, D model, H query heads, K kv heads, Q head dim,
-  F MLP hidden, V vocab, L layers. Einsum subscripts use the same letters in lower case.
+  F MLP hidden, V vocab, L layers (R: a LoRA adapter's rank). Einsum subscripts use the same letters in
+  lower case: forward writes each projection out, e.g. "btd,dhq->bthq" for wq, on the axes the weight
+  table declares (tests/test_model.py holds the two equal).
   `arch` is always a LlamaConfig (the model's shape); params are f32, layers stacked on a leading L
   axis; `_weights` lists each one's axes and spec.
   Activations between blocks are [B, T, D] in the compute dtype, B split over ("data", "fsdp").
@@ -24,6 +26,7 @@ What the DPO step gets (call inside `jax.set_mesh(mesh)`, under jit):
                           embed.T). Gather it over fsdp before the matmul, e.g.
                           reshard(w.astype(dt), P(None, "tensor")); the logits then come out
                           P(("data", "fsdp"), None, "tensor"), vocab split, as in `logits` below.
+  dtype_of(name)          the compute dtype a setting names ("auto": f32 on CPU, bf16 on accelerators).
 """
 
 import contextlib
@@ -411,17 +414,19 @@ def _weights_axes(name: str) -> tuple[str, int]:
     return _LAYER[name].axes[1:].lower(), _LAYER[name].n_in
 
 
-def _project(x, w: dict, adapters: dict | None, name: str, scale: float, out=None):
-    """x times one layer's weight `name`, spelled from its declared axes (e.g. "btd,dhq->bthq" for wq), plus
-    with LoRA the low-rank path scale * (x A) B beside it. out: the sharding of a sum over the tensor axis."""
-    axes, n_in = _weights_axes(name)
-    inputs, outputs = axes[:n_in], axes[n_in:]
-    y = jnp.einsum(f"bt{inputs},{axes}->bt{outputs}", x, _gathered(w[name], x.dtype), out_sharding=out)
-    if adapters is not None and name in adapters:
-        a, b = (_gathered(adapters[name][k], x.dtype) for k in "ab")
-        low = jnp.einsum(f"bt{inputs},{inputs}r->btr", x, a, out_sharding=BATCH)
-        y += scale * jnp.einsum(f"btr,r{outputs}->bt{outputs}", low, b, out_sharding=out)
-    return y
+def _linear(spec: str, x, w: jax.Array, adapter: dict | None, scale: float, out=None) -> jax.Array:
+    """jnp.einsum(spec, x, w) for one layer's weight w, e.g. "btd,dhq->bthq" for wq [D, H, Q] (the weight
+    table's axes; tests/test_model.py holds the two equal), plus with a LoRA adapter the low-rank path
+    scale * (x A) B beside it: A [inputs, R] takes w's input axes (those x has) to the rank, B [R, outputs]
+    the rank to its output axes. out: the sharding of a sum over the tensor axis."""
+    y = jnp.einsum(spec, x, _gathered(w, x.dtype), out_sharding=out)
+    if adapter is None:
+        return y
+    x_axes, w_axes, y_axes = spec.replace("->", ",").split(",")
+    inputs, outputs = ("".join(a for a in w_axes if a in axes) for axes in (x_axes, y_axes))
+    a, b = (_gathered(adapter[k], x.dtype) for k in "ab")
+    low = jnp.einsum(f"{x_axes},{inputs}r->btr", x, a, out_sharding=BATCH)
+    return y + scale * jnp.einsum(f"btr,r{outputs}->{y_axes}", low, b, out_sharding=out)
 
 
 # Per-layer activation checkpointing: "full" keeps only each layer's input; "save_matmuls" also keeps the
@@ -431,6 +436,14 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def dtype_of(name: str):
+    """A dtype setting (dpo.Config's compute_dtype, reference_dtype) as a jnp dtype: "auto" is f32 on CPU,
+    bf16 on accelerators."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
 
 
 def forward(
@@ -478,17 +491,23 @@ def forward(
 
     def layer(x, weights):  # one decoder layer
         w, adapters = weights
-        project = lambda h, name, out=None: _project(h, w, adapters, name, lora_scale, out)
+
+        def project(spec, h, name, out=None):  # h times the weight `name`, and its LoRA adapter if any
+            adapter = None if adapters is None else adapters.get(name)
+            return _linear(spec, h, w[name], adapter, lora_scale, out)
+
         with jax.named_scope("attention"):
             h = rms_norm(x, w["attn_norm"], arch.rms_norm_eps)
-            q, k, v = (project(h, n) for n in ("wq", "wk", "wv"))  # B over batch axes, heads over tensor
+            q = project("btd,dhq->bthq", h, "wq")  # B over the batch axes, heads over tensor
+            k = project("btd,dkq->btkq", h, "wk")
+            v = project("btd,dkq->btkq", h, "wv")
             o = _attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, lengths, attention_impl)
             # The sum over heads spans the tensor axis: out_sharding asks for the all-reduce.
-            x = x + project(o, "wo", BATCH)
+            x = x + project("bthq,hqd->btd", o, "wo", BATCH)
         with jax.named_scope("mlp"):
             h = rms_norm(x, w["mlp_norm"], arch.rms_norm_eps)
-            h = jax.nn.silu(project(h, "w_gate")) * project(h, "w_up")  # F over tensor
-            x = x + project(h, "w_down", BATCH)
+            gate, up = project("btd,df->btf", h, "w_gate"), project("btd,df->btf", h, "w_up")  # F over tensor
+            x = x + project("btf,fd->btd", jax.nn.silu(gate) * up, "w_down", BATCH)
         return x, None
 
     if remat != "none":
@@ -683,17 +702,8 @@ def save_hf(
     layers = [entry(key, array, i) for i in range(arch.num_layers) for key, array in params["layers"].items()]
     tail = [entry(key, params[key]) for key in ("final_norm", "lm_head") if key in params]
     entries = [entry("embed", params["embed"]), *layers, *tail]
-    # Shards of consecutive tensors up to max_shard_bytes, each planned as its safetensors header (where each
-    # tensor's raw row-major bytes lie), so that the tensors can then be fetched and written one at a time.
-    headers, fetches, end = [{}], {}, 0
-    for name, shape, fetch in entries:
-        size = math.prod(shape) * np_dtype.itemsize
-        if headers[-1] and end + size > max_shard_bytes:
-            headers.append({})
-            end = 0
-        headers[-1][name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [end, end + size]}
-        fetches[name] = fetch
-        end += size
+    headers = _plan_shards([(name, shape) for name, shape, _ in entries], max_shard_bytes, st_dtype, np_dtype)
+    fetches = {name: fetch for name, _, fetch in entries}
     names = [f"model-{i + 1:05d}-of-{len(headers):05d}.safetensors" for i in range(len(headers))]
     names = names if len(headers) > 1 else ["model.safetensors"]
 
@@ -716,16 +726,37 @@ def save_hf(
                 total_size = sum(math.prod(s) for _, s, _ in entries) * np_dtype.itemsize
                 index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-            (tmp / "config.json").write_text(json.dumps(arch.to_hf(dtype), indent=2))
-            generation = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.to_hf()["eos_token_id"]}
-            if arch.pad_token_id is not None:
-                generation["pad_token_id"] = arch.pad_token_id
-            generation |= generation_config or {}
-            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-            for extra in map(Path, extra_files):  # files, or folders (a LoRA adapter)
-                (shutil.copytree if extra.is_dir() else shutil.copy)(extra, tmp / extra.name)
+            _write_beside_weights(tmp, arch, dtype, generation_config, extra_files)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"save_hf {out_dir}")
+
+
+def _plan_shards(tensors, max_shard_bytes: int, st_dtype: str, dtype) -> list[dict]:
+    """(name, shape) of consecutive tensors into shards of up to max_shard_bytes, each planned as its
+    safetensors header (where each tensor's raw row-major bytes lie), so that the tensors can then be
+    fetched and written one at a time."""
+    headers, end = [{}], 0
+    for name, shape in tensors:
+        size = math.prod(shape) * dtype.itemsize
+        if headers[-1] and end + size > max_shard_bytes:
+            headers.append({})
+            end = 0
+        headers[-1][name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [end, end + size]}
+        end += size
+    return headers
+
+
+def _write_beside_weights(folder: Path, arch: LlamaConfig, dtype: str, generation_config, extra_files):
+    """An export's config.json and generation_config.json (the model's ids, then `generation_config`'s), and
+    `extra_files` copied in: files, or folders (a LoRA adapter)."""
+    (folder / "config.json").write_text(json.dumps(arch.to_hf(dtype), indent=2))
+    generation = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.to_hf()["eos_token_id"]}
+    if arch.pad_token_id is not None:
+        generation["pad_token_id"] = arch.pad_token_id
+    generation |= generation_config or {}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    for extra in map(Path, extra_files):
+        (shutil.copytree if extra.is_dir() else shutil.copy)(extra, folder / extra.name)
 
 
 def save_peft_adapter(

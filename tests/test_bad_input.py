@@ -13,6 +13,7 @@ import pytest
 import safetensors.numpy
 from _data_templates import build_tokenizer
 
+import bookkeeping
 import data
 import dpo
 import model
@@ -56,7 +57,7 @@ def listing(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return dpo.make_demo(tmp_path_factory.mktemp("demo"), seed=0)  # (model_dir, pairs.jsonl)
+    return bookkeeping.make_demo(tmp_path_factory.mktemp("demo"), seed=0)  # (model_dir, pairs.jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(demo, trained, tm
     result = dpo_cli(*demo, run, num_train_steps=3, steps_per_checkpoint=1, file_size_limit=100)
     one_line_error(result, str(run / "hf" / "step-3"), "run the same command")
     assert [p.name for p in (run / "hf").iterdir()] == ["step-2"]  # no half export
-    assert dpo.saved_steps(run)[-1] == 3
+    assert bookkeeping.saved_steps(run)[-1] == 3
     # Tokenizing: a shard does not fit in 4 kB.
     result = run_cli(
         "data.py", "--input", demo[1], "--output", tmp_path / "e", "--tokenizer", demo[0], file_size_limit=4
@@ -173,7 +174,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(demo, trained, tmp_pat
     assert result.returncode == 0, result.stderr
     assert "skipped checkpoints/step-2 (params/embed.npy: " in result.stdout
     assert f"resumed from {run}/checkpoints/step-1" in result.stdout
-    for step in dpo.saved_steps(run):  # when none loads: one line naming the file, nothing deleted
+    for step in bookkeeping.saved_steps(run):  # when none loads: one line naming the file, nothing deleted
         (run / "checkpoints" / f"step-{step}" / "params" / "embed.npy").write_bytes(b"")
     before = listing(run)
     result = dpo_cli(*demo, run, num_train_steps=4)
@@ -524,7 +525,7 @@ def test_copies_of_a_pair_never_straddle_the_validation_split(demo, tmp_path):
         **SMALL | dict(model_name_or_path=str(model_dir), train_data=str(tmp_path / "copies.jsonl")),
         output_dir=str(tmp_path / "run"),
     )
-    inputs = dpo.load_inputs(tmp_path / "run", config, lambda *a: None)
+    inputs = bookkeeping.load_inputs(tmp_path / "run", config)
     assert inputs.train_set.summary["duplicate_pairs"] == 400
     copies = inputs.train_set.first_copy
     assert len(set(copies)) == 200 and not set(copies[inputs.train_idx]) & set(copies[inputs.val_idx])

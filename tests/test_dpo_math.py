@@ -133,7 +133,7 @@ def test_pair_metrics_follow_the_guide_definitions():
     policy = jnp.array([[-1.0, -3.0], [-2.0, -1.0], [-5.0, -5.0]])
     reference = jnp.array([[-2.0, -2.0], [-2.0, -2.0], [-5.0, -5.0]])
     weight = jnp.array([1.0, 1.0, 0.0])  # the third pair is padding and must not count
-    tokens, stats = jnp.ones((3, 2)), jnp.zeros((3, 2, 3))
+    tokens, stats = jnp.ones((3, 2)), dpo.TokenStats(*[jnp.zeros((3, 2))] * 3)
     _, rewards = dpo.dpo_loss(policy, reference, tokens, weight, config)
     sums = dpo.metric_sums(policy, rewards, stats, tokens, weight)
     assert float(sums["pairs"]) == 2

@@ -21,6 +21,7 @@ from _fault_helpers import (
     wait_until,
 )
 
+import bookkeeping
 import dpo
 
 DEVICES = 2  # fsdp=2: checkpoints hold sharded arrays, restored slice by slice
@@ -29,7 +30,7 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return dpo.make_demo(tmp_path_factory.mktemp("demo"), seed=0)  # (model_dir, pairs.jsonl)
+    return bookkeeping.make_demo(tmp_path_factory.mktemp("demo"), seed=0)  # (model_dir, pairs.jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +144,9 @@ def test_a_changed_config_is_refused_unless_overwrite(demo, uninterrupted, tmp_p
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # nothing touched
 
     same = SMALL_RUN | dict(model_name_or_path=str(demo[0]), train_data=str(demo[1]), output_dir=str(run))
-    dpo.check_run_dir(run, dpo.Config(**same | dict(num_train_steps=12)))  # a longer run of the same: fine
+    longer = dpo.Config(**same | dict(num_train_steps=12))  # a longer run of the same: fine
+    bookkeeping.check_run_dir(run, longer)
     overwrite = dpo.Config(**same | dict(beta=0.2, overwrite=True))
-    dpo.check_run_dir(run, overwrite)
-    dpo.start_run_dir(run, overwrite)
+    bookkeeping.check_run_dir(run, overwrite)
+    bookkeeping.start_run_dir(run, overwrite)
     assert not any((run / name).exists() for name in ("checkpoints", "hf", "metrics.jsonl"))

@@ -14,6 +14,7 @@ import torch
 import transformers
 from _tolerance import assert_metrics_close
 
+import bookkeeping
 import data
 import dpo
 import model
@@ -28,7 +29,7 @@ SMALL = dict(train_batch_size=8, max_seq_len=64, logits_chunk_size=32, learning_
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
-    model_dir, pairs = dpo.make_demo(root, seed=0)
+    model_dir, pairs = bookkeeping.make_demo(root, seed=0)
     data.tokenize(str(pairs), str(model_dir), str(root / "tokenized"), max_seq_len=64)
     return model_dir, pairs, root / "tokenized"
 
@@ -87,7 +88,7 @@ def test_adapters_are_sharded_like_their_weights_and_a_mesh_equals_one_device(de
                 assert array.sharding.spec == w.spec  # A like the input axes, B like the output axes
             state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(lora)
             train_step, _ = dpo.make_steps(arch, config, optimizer)
-            _, metrics = train_step(state, (base, base), sharding.global_batch(batch, mesh))
+            _, metrics = train_step(state, dpo.Frozen(base, base), sharding.global_batch(batch, mesh))
             results.append(jax.device_get(metrics))
     # the loss and margins cancel: to the rounding floor of their log-probs (tests/_tolerance.py)
     keys = ("loss", "grad_norm", "rewards/margins", "logps/chosen")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from _tolerance import assert_metrics_close
 
+import bookkeeping
 import data
 import dpo
 import model
@@ -122,15 +123,17 @@ def test_token_metrics_match_full_logits():
     mask = rng.random((n, t)) < 0.7
     with jax.set_mesh(ONE_DEVICE):
         logps, stats = dpo.token_logps(hidden, lm_head, targets.astype(np.int32), mask, chunk_size=16)
-    logps, stats = logps.sum(-1), stats.sum(-2)  # per token, 0 where not scored: summed per row
+    logps, stats = logps.sum(-1), jax.tree.map(lambda x: x.sum(-1), stats)  # 0 where not scored: per row
     for row in range(n):  # the kernel's per-row sums over the scored tokens, divided by their count
         one = lambda fn, *args, row=row: fn(*(x[row : row + 1] for x in args))
         count = mask[row].sum()
-        assert float(stats[row, 0]) / count == pytest.approx(
+        assert float(stats.mean_logit[row]) / count == pytest.approx(
             one(ref.logits_mean_metric, logits, mask), rel=1e-5
         )
-        assert float(stats[row, 1]) / count == pytest.approx(one(ref.entropy_metric, logits, mask), rel=1e-5)
-        assert float(stats[row, 2]) / count == one(ref.mean_token_accuracy, logits, targets, mask)
+        assert float(stats.entropy[row]) / count == pytest.approx(
+            one(ref.entropy_metric, logits, mask), rel=1e-5
+        )
+        assert float(stats.argmax_hit[row]) / count == one(ref.mean_token_accuracy, logits, targets, mask)
         assert float(logps[row]) == pytest.approx(
             one(ref.sequence_logps, logits, targets, mask)[0][0], rel=1e-5
         )
@@ -138,7 +141,7 @@ def test_token_metrics_match_full_logits():
     pairs = lambda x: jnp.asarray(x).reshape(2, 2, *x.shape[1:])
     tokens = pairs(mask.sum(-1).astype(np.float32))
     metrics = dpo.normalize(
-        dpo.metric_sums(pairs(logps), jnp.zeros((2, 2)), pairs(stats), tokens, jnp.ones(2))
+        dpo.metric_sums(pairs(logps), jnp.zeros((2, 2)), jax.tree.map(pairs, stats), tokens, jnp.ones(2))
     )
     chosen, rejected = [0, 2], [1, 3]
     want = {
@@ -154,7 +157,7 @@ def test_token_metrics_match_full_logits():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("losses")
-    model_dir, pairs = dpo.make_demo(root, seed=0)
+    model_dir, pairs = bookkeeping.make_demo(root, seed=0)
     data.tokenize(str(pairs), str(model_dir), str(root / "tokenized"), max_seq_len=64)
     return model_dir, data.PairDataset(root / "tokenized")
 
@@ -175,7 +178,7 @@ def one_step(demo, mesh, batch=None, **settings):
         )
         # A reference that differs from the policy, so that the log-ratios are not all zero.
         reference = model.init_params(arch, jax.random.key(1), mesh) if config.uses_reference else None
-        state, metrics = train_step(state, (None, reference), sharding.global_batch(batch, mesh))
+        state, metrics = train_step(state, dpo.Frozen(None, reference), sharding.global_batch(batch, mesh))
     return jax.device_get(metrics), batch
 
 
@@ -226,10 +229,10 @@ def test_a_changed_loss_is_refused_on_resume(tmp_path):
         train_data="x", output_dir=str(run), loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5)
     )
     (run / "config.json").write_text(json.dumps(json.loads(json.dumps(vars(first)))))
-    dpo.check_run_dir(run, first)  # the same losses read back from JSON (lists, not tuples): accepted
+    bookkeeping.check_run_dir(run, first)  # the same losses read back from JSON (lists, not tuples): accepted
     for change in [dict(loss_type=("ipo", "sft")), dict(loss_weights=(1.0, 0.2))]:
         with pytest.raises(ValueError, match="holds a run with a different config"):
-            dpo.check_run_dir(run, dpo.Config(**vars(first) | change))
+            bookkeeping.check_run_dir(run, dpo.Config(**vars(first) | change))
 
 
 def test_the_command_line_takes_several_losses_and_help_lists_them():

@@ -1,8 +1,10 @@
 """model.py against transformers' LlamaForCausalLM: configs, logits, padding, loading, export round trips."""
 
+import functools
 import hashlib
 import json
 import shutil
+import sys
 
 import huggingface_hub
 import jax
@@ -118,6 +120,35 @@ def test_num_matmul_params_counts_every_linear_layer(checkpoints):
         path, hf_model = checkpoints[name]
         linears = sum(m.weight.numel() for m in hf_model.modules() if isinstance(m, torch.nn.Linear))
         assert model.load_config(path).num_matmul_params == linears  # lm_head counts also when tied
+
+
+def test_forward_multiplies_on_the_axes_the_weight_table_declares(monkeypatch):
+    """forward writes each projection out as an einsum; the weight table declares the shapes. Traced (shapes
+    only) with every dimension of a different size, each of forward's einsums gets operands of the sizes its
+    letters name, and the weight operands spell exactly the table's layer matrices and LoRA adapters."""
+    arch = model.LlamaConfig(50, 24, 40, 2, 4, 2, 6)  # V, D, F, L, H, K, Q
+    size = dict(b=3, t=7, d=24, f=40, h=4, k=2, q=6, r=5)
+    einsum, seen = jnp.einsum, []
+
+    def recorded(spec, *operands, **kwargs):
+        if sys._getframe(1).f_globals["__name__"] == "model":  # model.py's own, not attention's inside jax
+            seen.append((spec, [x.shape for x in operands]))
+        return einsum(spec, *operands, **kwargs)
+
+    monkeypatch.setattr(jnp, "einsum", recorded)
+    mesh, adapters = single_device_mesh(), model.lora_weights(size["r"], model.LORA_TARGETS)
+    with jax.set_mesh(mesh):
+        params, lora = model.abstract_params(arch, mesh), model.abstract_params(arch, mesh, adapters)
+        tokens = jax.ShapeDtypeStruct((size["b"], size["t"]), jnp.int32)
+        jax.eval_shape(functools.partial(model.forward, arch=arch, lora=lora), params, tokens)
+    weights = set()
+    for spec, shapes in seen:
+        *operands, _ = spec.replace("->", ",").split(",")
+        for letters, shape in zip(operands, shapes, strict=True):
+            assert shape == tuple(size[a] for a in letters), (spec, shape)
+        weights.add(operands[1])
+    declared = [w for w in model._LAYER.values() if w.n_in] + jax.tree.leaves(adapters)
+    assert weights == {w.axes[1:].lower() for w in declared}
 
 
 # --- forward against transformers ----------------------------------------------------------------------

@@ -20,8 +20,8 @@ from _fault_helpers import (
     wait_for_training,
 )
 
+import bookkeeping
 import data
-import dpo
 
 STEPS = 6
 SETTINGS = dict(num_train_steps=STEPS, steps_per_checkpoint=3, mesh_data=2, mesh_fsdp=-1)
@@ -31,7 +31,7 @@ SETTINGS = dict(num_train_steps=STEPS, steps_per_checkpoint=3, mesh_data=2, mesh
 def inputs(tmp_path_factory):
     """The demo model and its pairs, tokenized beforehand: a data.py output dir is read where it is."""
     root = tmp_path_factory.mktemp("demo")
-    model_dir, pairs = dpo.make_demo(root, seed=0)
+    model_dir, pairs = bookkeeping.make_demo(root, seed=0)
     data.tokenize(str(pairs), str(model_dir), str(root / "tokenized"), max_seq_len=64)
     return model_dir, root / "tokenized"
 

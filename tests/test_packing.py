@@ -141,13 +141,9 @@ def loss_and_grads(params, batch, arch, config, reference):
 
     def loss(params):
         policy, _ = dpo.pair_logps(params, batch, arch, config)
-        ref = (
-            dpo.per_pair(batch, "ref_logps")
-            if "ref_logps" in batch
-            else dpo.pair_logps(reference, batch, arch, config)[0]
-        )
-        tokens, weight = dpo.pair_counts(batch)
-        return dpo.dpo_loss(policy, jax.lax.stop_gradient(ref), tokens, weight, config)[0]
+        rows = dpo.rows_of(batch)
+        ref = rows.ref_logps if "ref_logps" in batch else dpo.pair_logps(reference, batch, arch, config)[0]
+        return dpo.dpo_loss(policy, jax.lax.stop_gradient(ref), rows.scored_tokens, rows.weight, config)[0]
 
     return jax.jit(jax.value_and_grad(loss))(params)
 
@@ -194,8 +190,8 @@ def test_train_and_eval_steps_match_with_microbatches_and_a_precomputed_referenc
             )
             rows = 4 * (micro and config.train_batch_size // micro or 1)
             batch = sharding.global_batch(batch_of(dataset, kind, row_multiple=rows, reference=table), mesh)
-            sums = jax.device_get(eval_step(state.params, (None, None), batch))
-            _, metrics = train_step(state, (None, None), batch)
+            sums = jax.device_get(eval_step(state.params, dpo.Frozen(None, None), batch))
+            _, metrics = train_step(state, dpo.Frozen(None, None), batch)
             runs.append((dpo.normalize(sums), jax.device_get(metrics)))
     keys = ("loss", "rewards/margins", "logps/chosen", "entropy", "mean_token_accuracy", "logits/rejected")
     for (sums, metrics), (plain_sums, plain_metrics) in zip(runs[1:], [runs[0]] * 2, strict=True):
@@ -220,7 +216,7 @@ def test_packed_evaluation_leaves_out_the_fill_up_copies_and_sums_the_same(pairs
         params, reference = (model.init_params(arch, jax.random.key(seed), ONE_DEVICE) for seed in (0, 1))
         _, eval_step = dpo.make_steps(arch, config, dpo.make_optimizer(config))
         plain, packed = (
-            dpo.evaluate(eval_step, params, (None, reference), batches(layout), ONE_DEVICE)
+            dpo.evaluate(eval_step, params, dpo.Frozen(None, reference), batches(layout), ONE_DEVICE)
             for layout in (None, data.Layout(True, True))
         )
     last = list(batches(data.Layout(True, True)))[-1]

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from _tolerance import assert_metrics_close
 
+import bookkeeping
 import data
 import dpo
 import model
@@ -22,7 +23,7 @@ SMALL = dict(train_batch_size=8, max_seq_len=64, logits_chunk_size=32)
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("precompute")
-    model_dir, pairs = dpo.make_demo(root / "demo", seed=0)
+    model_dir, pairs = bookkeeping.make_demo(root / "demo", seed=0)
     tokenized = root / "tokenized"
     data.tokenize(str(pairs), str(model_dir), str(tokenized), max_seq_len=64)
     return root, model_dir, tokenized
@@ -34,8 +35,8 @@ def precompute(model_dir, tokenized) -> np.ndarray:
     config = dpo.Config(model_name_or_path=str(model_dir), train_data=str(tokenized), **SMALL)
     with jax.set_mesh(mesh):
         datasets = [data.PairDataset(tokenized)]
-        tables = dpo.precompute_reference_logps(
-            datasets, model_dir, model.load_config(model_dir), config, mesh
+        tables = bookkeeping.precompute_reference_logps(
+            datasets, model_dir, model.load_config(model_dir), config, mesh, dpo.pair_logps
         )
     return tables[0]
 

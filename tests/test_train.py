@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from _tolerance import assert_metrics_close
 
+import bookkeeping
 import dpo
 import model
 import sharding
@@ -27,7 +28,7 @@ SMALL = dict(train_batch_size=8, max_seq_len=64, logits_chunk_size=32, learning_
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo's tiny HF-format Llama with its tokenizer, and its synthetic pairs."""
-    return dpo.make_demo(tmp_path_factory.mktemp("demo"), seed=0)
+    return bookkeeping.make_demo(tmp_path_factory.mktemp("demo"), seed=0)
 
 
 def run(demo, out: Path, **overrides) -> list[dict]:

@@ -1,0 +1,640 @@
+"""The run's bookkeeping around dpo.py's train step, in the order main meets it; nothing here is traced.
+
+  say                the one console writer: process 0's lines
+  run directory      check_run_dir (before anything is written), start_run_dir (config.json)
+  inputs             load_inputs: model and reference configs, mesh, tokenizer and data, all checked first
+  checkpoints        one .npy file per array, written atomically, each host reading back only its slices
+  the reference      precompute_reference_logps: its log-probs once, cached beside the tokenized data
+  metrics            MetricsLog (metrics.jsonl, Weights & Biases, the console line, MFU)
+  compilation cache  use_compilation_cache: compiled programs kept across runs, and the hits counted
+  stopping           stop_requests (SIGTERM, Ctrl-C), check_update (a step whose update was not finite)
+  export             exporter: hf/step-N for transformers, with LoRA also a PEFT adapter
+  the demo           make_demo: a tiny Llama, its tokenizer and synthetic pairs, for `python dpo.py`
+
+It imports model, data and sharding, never dpo: it reads the Config by field name, and takes dpo.pair_logps
+(for the reference cache) as an argument. Left out on purpose: other checkpoint formats (Orbax,
+tensorstore), remote storage, asynchronous saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import tempfile
+import time
+import uuid
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import data
+import model
+import sharding
+
+
+def say(*message) -> None:
+    """A line on the console, from process 0 only: every process runs the same program. Before the
+    multi-process start (the command line is parsed before it) every process says it: asking which process
+    this is would start JAX too early."""
+    if not jax.distributed.is_initialized() or sharding.is_writer():
+        print(*message, flush=True)
+
+
+# --- the run directory
+
+
+# Fields that change how a run is operated but not what it computes: a resumed run may change them.
+OPERATIONAL_FIELDS = set(
+    "output_dir overwrite num_train_steps steps_per_eval max_eval_batches steps_per_checkpoint "
+    "keep_checkpoints steps_per_hf_export hf_save_dtype log_every wandb_project coordinator_address "
+    "num_processes process_id on_nonfinite compilation_cache_dir".split()
+)
+
+
+def check_run_dir(run: Path, config) -> None:
+    """Refuse an output_dir that is (or lies under) a file, that holds an input a run would overwrite or
+    delete, that holds files of no dpo.py run, or that holds a run whose config differs in anything that
+    changes what it computes (unless overwrite). Deletes and writes nothing: see start_run_dir."""
+    for folder in (run, *run.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"output_dir {run}: {folder} is a file, not a directory")
+    own = run.resolve()
+    for name in ["model_name_or_path", "reference_model_path", "tokenizer", "train_data", "validation_data"]:
+        value = getattr(config, name)
+        if name == "model_name_or_path" and value == "demo":  # made inside the run directory, as it should be
+            continue
+        where = Path(value).resolve() if value and Path(value).exists() else None
+        if where and (where == own or {own / "checkpoints", own / "hf"} & set(where.parents)):
+            raise ValueError(f"output_dir {run} holds the {name} {where}, which a run would overwrite")
+    if not (run / "config.json").exists():  # a run writes config.json before anything else it keeps
+        foreign = [n for n in ("metrics.jsonl", "checkpoints", "hf", "wandb-id") if (run / n).exists()]
+        if foreign:
+            raise ValueError(
+                f"output_dir {run} holds {', '.join(foreign)} but no dpo.py run: use another one"
+            )
+        return
+    if config.overwrite:
+        return
+    # Compared as JSON (a tuple reads back as a list); a field newer than the saved run counts as its default.
+    defaults, now = (json.loads(json.dumps(dataclasses.asdict(c))) for c in (type(config)(), config))
+    saved = defaults | json.loads((run / "config.json").read_text())
+    changed = sorted(k for k in now if k not in OPERATIONAL_FIELDS and saved.get(k) != now[k])
+    if changed:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(
+            f"{run} holds a run with a different config ({diff}); use another output_dir or "
+            "--config.overwrite"
+        )
+
+
+def start_run_dir(run: Path, config) -> None:
+    """Once every input has been checked: with overwrite, clear the old run's checkpoints, exports and
+    metrics; then write config.json (process 0)."""
+    if sharding.is_writer():
+        for name in ("checkpoints", "hf", "metrics.jsonl", "wandb-id") if config.overwrite else ():
+            sharding.remove(run / name)
+        run.mkdir(parents=True, exist_ok=True)
+        with sharding.atomic(run / "config.json") as tmp:
+            tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    multihost_utils.sync_global_devices("run directory ready")  # nobody lists checkpoints before they go
+
+
+# --- inputs: everything a run reads, checked before anything is written
+
+
+class Inputs(NamedTuple):
+    """What a run reads (load_inputs)."""
+
+    model_dir: Path
+    reference_dir: Path
+    arch: model.LlamaConfig
+    mesh: jax.sharding.Mesh
+    tokenizer_dir: Path
+    train_set: data.PairDataset
+    val_set: data.PairDataset
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    data_id: str  # a hash of the tokenized data's summaries: checkpoints record it
+
+
+def load_inputs(run: Path, config) -> Inputs:
+    """Everything a run reads, checked before anything is written: the model and reference configs, the mesh,
+    the tokenizer and the data (tokenized into the run's data/ when raw)."""
+
+    def resolved(name: str) -> Path:  # which option a path came from goes into the error
+        try:
+            return model.resolve_path(getattr(config, name))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{name}: {e}") from None
+
+    model_dir = resolved("model_name_or_path")
+    arch = model.load_config(model_dir)
+    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    model.check_fits(arch, mesh, config.microbatch_size or config.train_batch_size)
+    model.check_lora(arch, config.lora_rank, config.lora_targets)
+    model.check_weights(model_dir, arch)  # from the file headers: no weight is read yet
+    reference_dir = resolved("reference_model_path") if config.reference_model_path else model_dir
+    reference_arch = model.load_config(reference_dir)
+    for field in dataclasses.fields(arch):
+        ours, theirs = getattr(arch, field.name), getattr(reference_arch, field.name)
+        if field.name not in model.NOT_COMPUTED and ours != theirs:
+            raise ValueError(
+                f"reference model {reference_dir} differs from the policy in {field.name} "
+                f"({theirs} vs {ours})"
+            )
+    if reference_dir != model_dir and config.uses_reference:
+        model.check_weights(reference_dir, arch)
+    for name, length in (("warmup", config.warmup), ("cooldown", config.cooldown)):
+        if (steps := config.in_steps(length)) > config.num_train_steps:
+            say(f"warning: {name} ({steps} steps) is longer than the run ({config.num_train_steps} steps)")
+    if config.validation_data == config.train_data:
+        say("warning: validation_data is train_data: evaluation is on the training pairs")
+    tokenizer = config.tokenizer or str(model_dir)
+    tokenizer_dir = resolved("tokenizer") if config.tokenizer else model_dir
+    train_set = prepare_data("train", tokenizer, run, config)
+    if config.validation_data is not None:
+        val_set = prepare_data("validation", tokenizer, run, config)
+        train_idx, val_idx = np.arange(len(train_set)), np.arange(len(val_set))
+        if config.validation_split_fraction is not None:
+            say(f"validation: {config.validation_data} (so validation_split_fraction is not used)")
+    else:
+        val_set = train_set
+        fraction, copies = config.validation_split_fraction, train_set.first_copy  # copies stay on one side
+        train_idx, val_idx = data.split_indices(len(train_set), fraction, config.seed, copies)
+    for dataset in {train_set.path: train_set, val_set.path: val_set}.values():
+        check_vocabulary(dataset, arch, tokenizer_dir)
+    say(f"data: {len(train_idx)} training pairs, {len(val_idx)} validation pairs")
+    summaries = b"".join((dataset.path / "summary.json").read_bytes() for dataset in (train_set, val_set))
+    data_id = hashlib.sha256(summaries).hexdigest()[:16]
+    return Inputs(
+        model_dir, reference_dir, arch, mesh, tokenizer_dir, train_set, val_set, train_idx, val_idx, data_id
+    )
+
+
+def prepare_data(role: str, tokenizer: str, run: Path, config) -> data.PairDataset:
+    """train_data or validation_data (with train_split or validation_split), as `role` says: a data.py
+    output dir as it is; raw data is tokenized once into the run's data/ (process 0). That copy is made
+    again when the raw data or its settings change, unless the run has checkpoints to resume."""
+    source, split = getattr(config, f"{role}_data"), getattr(config, f"{role}_split")
+    if data.is_tokenized(source):
+        return data.PairDataset(source)
+    out = run / "data" / f"{role}-{Path(source).name or 'data'}-{split}"  # training and validation apart
+    replace = config.overwrite or not saved_steps(run)
+    if sharding.is_writer():
+        try:
+            data.tokenize(
+                source, tokenizer, str(out), split=split, max_seq_len=config.max_seq_len, overwrite=replace
+            )
+        except data.NoChatTemplate:
+            raise ValueError(
+                f"{tokenizer} has no chat template and {source} holds chat messages: pass "
+                "--config.tokenizer with a tokenizer that has one, or tokenize with python data.py "
+                "--chat-template FILE and pass its output"
+            ) from None
+        except data.SettingsChanged as e:
+            raise ValueError(
+                f"{source} changed since this run started (other {e.changed}): use another output_dir, or "
+                "--config.overwrite to start afresh"
+            ) from None
+    multihost_utils.sync_global_devices(f"tokenized {out}")
+    return data.PairDataset(out)
+
+
+def check_vocabulary(dataset: data.PairDataset, arch: model.LlamaConfig, tokenizer_dir: Path) -> None:
+    """Token ids must be the model's: data tokenized for a larger vocabulary would train on nothing."""
+    summary, made_with = dataset.summary, dataset.summary.get("tokenizer", {})
+    if summary["max_token_id"] >= arch.vocab_size:
+        raise ValueError(
+            f"{dataset.path} holds token id {summary['max_token_id']}, but the model's vocabulary has "
+            f"{arch.vocab_size} entries (the data's tokenizer {made_with.get('source')} has "
+            f"{made_with.get('vocab_size')}): tokenize the data with the model's tokenizer"
+        )
+    ours = tokenizer_dir / "tokenizer.json"
+    ours = hashlib.sha256(ours.read_bytes()).hexdigest() if ours.exists() else None
+    if summary["settings"]["tokenizer"]["tokenizer.json"] != ours:
+        say(f"warning: {dataset.path} was tokenized with {made_with.get('source')}, not this run's tokenizer")
+
+
+# --- checkpoints: one .npy file per array, so a restoring host reads only its slices
+
+
+def _leaf_name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")  # e.g. opt_state/1/0/mu/layers/wq
+
+
+def saved_steps(run: Path) -> list[int]:
+    """Steps of the complete checkpoints: those with the done.json marker, which is written last."""
+    return sorted(int(d.name[5:]) for d in (run / "checkpoints").glob("step-*") if (d / "done.json").exists())
+
+
+def save_checkpoint(run: Path, state, keep: int, data_id: str) -> None:
+    """Write checkpoints/step-N through a temporary directory renamed into place, then the done.json marker.
+    Only a directory with the marker counts, so a crash at any moment leaves the newest complete checkpoint
+    in charge. The marker records `data_id`, what the run trains on. Keeps the newest `keep`. Every process
+    takes part (arrays are gathered); process 0 writes."""
+    step, writer = int(state.step), sharding.is_writer()
+    final = run / "checkpoints" / f"step-{step}"
+    with sharding.atomic(final) if writer else contextlib.nullcontext() as tmp:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+            array = sharding.to_host(leaf)
+            if writer:
+                (tmp / _leaf_name(path)).parent.mkdir(parents=True, exist_ok=True)
+                np.save(tmp / f"{_leaf_name(path)}.npy", array)
+        if writer:
+            os.sync()  # every file on disk before the checkpoint can look complete (power loss too)
+    if writer:
+        # The marker goes last, into the renamed directory: that stays safe where a directory rename
+        # is not atomic (file systems over object stores copy file by file).
+        (final / "done.json").write_text(json.dumps({"step": step, "data": data_id}))
+        os.sync()
+        kept = {f"step-{s}" for s in saved_steps(run)[-keep:]}
+        for old in (run / "checkpoints").iterdir():
+            if old.name not in kept:
+                (old / "done.json").unlink(missing_ok=True)  # first: a half-deleted one never counts
+                sharding.remove(old)
+    multihost_utils.sync_global_devices(f"checkpoint {step}")
+
+
+def _unreadable(folder: Path, abstract) -> str | None:
+    """Why the checkpoint in `folder` would not load completely (a file missing, cut short, empty, a pickle,
+    of another shape), or None. Reads each file's header only."""
+    for path, like in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        name = f"{_leaf_name(path)}.npy"
+        try:
+            shape = np.load(folder / name, mmap_mode="r").shape
+        except (OSError, ValueError, EOFError) as e:
+            return f"{name}: {e}"
+        if shape != like.shape:
+            return f"{name} has shape {shape}, expected {like.shape}"
+    return None
+
+
+def restore_checkpoint(run: Path, abstract, mesh, data_id: str):
+    """The newest checkpoint that loads completely (None: there is none yet), each process reading through
+    a memory map only the slices its own devices hold. A damaged newer one is skipped, saying why; one
+    written for other data than `data_id` is refused."""
+    skipped = []
+    for step in reversed(saved_steps(run)):
+        folder = run / "checkpoints" / f"step-{step}"
+        if problem := _unreadable(folder, abstract):
+            skipped.append(f"checkpoints/step-{step} ({problem})")
+            continue
+        if skipped:
+            say(f"skipped {'; '.join(skipped)}: it does not load completely")
+        if json.loads((folder / "done.json").read_text()).get("data", data_id) != data_id:
+            raise ValueError(
+                f"the training or validation data changed since {folder} was written (tokenized anew): use "
+                "another output_dir, or --config.overwrite to start afresh"
+            )
+
+        def load(path, like, folder=folder):
+            array = np.load(folder / f"{_leaf_name(path)}.npy", mmap_mode="r")
+            # eval_shape gives specs on the abstract mesh; scalars (step, counts) have none: replicated.
+            where = NamedSharding(mesh, like.sharding.spec if like.sharding is not None else P())
+            return jax.make_array_from_callback(
+                like.shape, where, lambda idx: np.asarray(array[idx], like.dtype)
+            )
+
+        say(f"resumed from {folder}")
+        return jax.tree_util.tree_map_with_path(load, abstract)
+    if skipped:
+        raise ValueError(
+            f"no checkpoint in {run}/checkpoints loads completely: {'; '.join(skipped)}. Delete the "
+            "damaged ones to resume from an older one, or pass --config.overwrite to start afresh"
+        )
+    return None
+
+
+# --- precomputed reference log-probs: the reference runs once, not at every step (8N -> 6N per token)
+
+
+def _reference_key(reference_dir: Path, dataset: data.PairDataset, config) -> str:
+    """Hash of everything the reference log-probs depend on, so a changed model or data never reuses a stale
+    file: the model and data files by identity (real path, size, modification time: a Hub snapshot's
+    files resolve to blobs named by their content hash), not by reading 16 GB; the settings that change
+    the numbers."""
+    files = [reference_dir / "config.json", *sorted(reference_dir.glob("*.safetensors"))]
+    files += sorted(dataset.path.glob("part-*.parquet"))
+    identity = [[os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    settings = [config.reference_dtype, config.compute_dtype, config.attention_impl]
+    identity += [dataset.summary.get("settings"), *settings]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def precompute_reference_logps(
+    datasets: list[data.PairDataset], reference_dir: Path, arch: model.LlamaConfig, config, mesh, pair_logps
+) -> list[np.ndarray]:
+    """For each dataset, [len(dataset), 2] f32 reference log-probs (chosen, rejected) of every pair, by row.
+
+    Computed once by `pair_logps` (dpo.pair_logps, passed in), forward only, and kept beside the tokenized
+    data in reference/<key>.npy (see `_reference_key`). Progress goes to reference/<key>.partial.npz now and
+    then, so an interrupted run resumes where it stopped; the .npy is renamed into place only when complete.
+    Process 0 writes. The reference weights are loaded only when something is left to compute, and freed on
+    return.
+    """
+    params, tables = None, []
+    logps_of = jax.jit(partial(pair_logps, arch=arch, config=config))  # (log-probs, token stats)
+    for dataset in datasets:
+        final = dataset.path / "reference" / f"{_reference_key(reference_dir, dataset, config)}.npy"
+        multihost_utils.sync_global_devices(f"reference {final}")
+        if not final.exists():
+            dtype = model.dtype_of(config.reference_dtype)
+            params = params or model.load_params(reference_dir, arch, mesh, dtype=dtype)
+            _fill_reference(final, dataset, partial(logps_of, params), config, mesh)
+            multihost_utils.sync_global_devices(f"reference done {final}")
+        tables.append(np.load(final))
+    return tables
+
+
+def _fill_reference(final: Path, dataset: data.PairDataset, logps_of, config, mesh) -> None:
+    """Compute with `logps_of(batch)` (its log-probs first) the rows `final`'s progress file lacks (all, at
+    first) and write `final` when complete."""
+    progress, writer = final.with_suffix(".partial.npz"), sharding.is_writer()
+    logps = np.full((len(dataset), 2), np.nan, np.float32)
+    if progress.exists():
+        with np.load(progress) as saved:
+            logps = saved["logps"]
+    # What is left (rows still NaN), shortest first: batches of like length pad little.
+    todo = data.by_length(dataset, np.flatnonzero(np.isnan(logps).any(axis=1)))
+    if writer:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    say(f"reference log-probs: {len(todo)} of {len(dataset)} pairs to compute -> {final}")
+    size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
+    loader = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    batches = data.eval_batches(dataset, todo, batch_size=size, max_seq_len=config.max_seq_len, **loader)
+    saved_at = time.time()
+    for at, batch in zip(range(0, len(todo), size), batches, strict=True):
+        rows = todo[at : at + size]
+        logps[rows] = sharding.to_host(logps_of(sharding.global_batch(batch, mesh))[0])[: len(rows)]
+        if writer and time.time() - saved_at > 60:  # a kill loses at most a minute of work
+            with sharding.atomic(progress) as tmp:
+                np.savez(tmp, logps=logps)
+            saved_at = time.time()
+    if writer:
+        with sharding.atomic(final) as tmp:
+            np.save(tmp, logps)
+        progress.unlink(missing_ok=True)
+
+
+# --- metrics and the console
+
+
+def _step_of(line: str) -> int:
+    """The step of one metrics.jsonl line; -1 for a line cut short by a crash."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
+
+
+class MetricsLog:
+    """metrics.jsonl (process 0), Weights & Biases, and the console. One line per step and kind: lines past
+    the checkpoint a run resumes from (every line, on a fresh start) were written by an interrupted run and
+    will be written again, so they go, as does a line a crash cut short."""
+
+    def __init__(self, run: Path, config, resume_step: int | None):
+        self.path, self.config, self.wandb = run / "metrics.jsonl", config, None
+        self.peak, self.devices = peak_flops(jax.devices()[0]), jax.device_count()
+        self.start, self.started = resume_step or 0, time.time()
+        self.last = self.started
+        if not sharding.is_writer():
+            return
+        lines = self.path.read_text().splitlines() if self.path.exists() and resume_step is not None else []
+        with sharding.atomic(self.path) as tmp:  # replaced whole: a crash here loses no lines
+            tmp.write_text("".join(line + "\n" for line in lines if 0 <= _step_of(line) <= resume_step))
+        if config.wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ValueError("wandb_project is set but wandb is not installed: pip install wandb") from e
+            # One W&B run per run directory, made at its fresh start, continued after.
+            id_file, settings = run / "wandb-id", dataclasses.asdict(config)
+            if resume_step is None or not id_file.exists():
+                id_file.write_text(uuid.uuid4().hex[:16])
+            where = dict(dir=str(run), id=id_file.read_text(), resume="allow", name=run.resolve().name)
+            self.wandb = wandb.init(project=config.wandb_project, config=settings, **where)
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if self.wandb:
+            self.wandb.finish()
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if sharding.is_writer():
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            if self.wandb:
+                self.wandb.log(metrics, step=step)
+
+    def train(self, step: int, metrics: dict[str, float]) -> None:
+        """One training step's line, with throughput from the step's token and FLOP counts."""
+        now, tokens, flops = time.time(), metrics.pop("tokens"), metrics.pop("flops")
+        metrics["throughput/tokens_per_second"] = tokens / (now - self.last)
+        if self.peak:
+            metrics["throughput/mfu"] = flops / (now - self.last) / (self.peak * self.devices)
+        self.last, total = now, self.config.num_train_steps
+        self.write(step, metrics)
+        if step % self.config.log_every == 0 or step == total:
+            eta = (now - self.started) / (step - self.start) * (total - step)
+            say(
+                f"step {step}/{total} | loss {metrics['loss']:.4f} acc {metrics['rewards/accuracies']:.3f} "
+                f"margin {metrics['rewards/margins']:.4f} | {metrics['throughput/tokens_per_second']:.0f} "
+                f"tok/s | eta {eta:.0f}s"
+            )
+
+    def eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.write(step, metrics)
+        say(
+            f"step {step} | eval loss {metrics['eval/loss']:.4f} acc {metrics['eval/rewards/accuracies']:.3f}"
+        )
+
+
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    """Dense bf16 peak of one chip, when known."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in device.device_kind.lower()), None)
+
+
+# --- the persistent compilation cache
+
+_cache_hits = []  # one entry per program the persistent compilation cache served
+jax.monitoring.register_event_listener(
+    lambda event, **_: _cache_hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None
+)
+
+
+def use_compilation_cache(directory: str | None) -> None:
+    """XLA's persistent compilation cache in `directory` (None: off), every program kept however fast it
+    compiled, so a rerun, a resume or another run of the same shapes compiles nothing. Every process reads
+    it and JAX writes from process 0 only, so one directory that all hosts share is safe."""
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()  # JAX decides once per process whether to use it: decide again
+
+
+def cache_hits() -> int:
+    """Programs served by the persistent compilation cache so far, in this process."""
+    return len(_cache_hits)
+
+
+# --- stopping
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While inside, SIGTERM (preemption) and SIGINT (Ctrl-C) only note a request, which the loop honours
+    after the current step: checkpoint, exit 0. A second Ctrl-C quits at once; a repeated SIGTERM (launchers
+    send several) changes nothing. Yields a function that says, the same on every process, whether any was
+    asked to stop. The previous handlers come back on exit."""
+    requested = []
+
+    def request(signum, frame):
+        requested.append(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def asked() -> bool:  # every process must stop at the same step
+        if jax.process_count() == 1:
+            return bool(requested)
+        return bool(np.max(multihost_utils.process_allgather(np.int32(bool(requested)))))
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield asked
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def check_update(step: int, metrics: dict, config, run: Path) -> None:
+    """A non-finite loss or gradient (the step left the weights as they were): stop, or say it was skipped;
+    stop too when every update so far was skipped, which trains on nothing."""
+    if not metrics.pop("nonfinite"):
+        return
+    if config.on_nonfinite == "stop":
+        good = ([f"step-{s}" for s in saved_steps(run)] or ["none"])[-1]
+        raise FloatingPointError(
+            f"step {step}: non-finite loss or gradient (loss {metrics['loss']}, grad_norm "
+            f"{metrics['grad_norm']}); the update was not applied; newest good checkpoint: {good}. "
+            "Rerun with --config.on-nonfinite skip to resume from it and skip such updates"
+        )
+    say(f"step {step}: non-finite loss or gradient, update skipped")
+    if metrics["skipped_updates"] == step >= 10:
+        raise FloatingPointError(
+            f"every update of steps 1..{step} was non-finite, so the run trains on nothing: check "
+            "learning_rate, beta and the loss settings"
+        )
+
+
+# --- export
+
+
+def exporter(run: Path, config, inputs: Inputs, base):
+    """export(state): hf/step-N, with LoRA the base with its adapters merged in and, in hf/step-N/adapter, a
+    PEFT adapter. What every export carries beside the weights is found once, here: a Hub tokenizer is not
+    looked up again mid-run, where a network hiccup would fail an export."""
+    generation = inputs.model_dir / "generation_config.json"  # keeps the end-of-turn ids the model was given
+    generation = json.loads(generation.read_text()) if generation.exists() else None
+    # The tokenizer goes beside the weights, so that transformers loads it from the export too.
+    files = [path for name in data.TOKENIZER_FILES if (path := inputs.tokenizer_dir / name).exists()]
+    merge = jax.jit(partial(model.merge_lora, scale=config.lora_scale, dtype=config.hf_save_dtype))
+
+    def export(state) -> None:
+        out, params, extra = run / "hf" / f"step-{int(state.step)}", state.params, files
+        with tempfile.TemporaryDirectory() as tmp:
+            if config.lora_rank:
+                alpha, adapter = config.lora_rank * config.lora_scale, Path(tmp) / "adapter"
+                model.save_peft_adapter(
+                    params, inputs.arch, config.lora_rank, alpha, adapter, config.model_name_or_path
+                )
+                params, extra = merge(base, params), files + [adapter]
+            saved = dict(dtype=config.hf_save_dtype, generation_config=generation, extra_files=extra)
+            model.save_hf(params, inputs.arch, out, **saved)
+        say(f"step {int(state.step)} | exported {out}")
+
+    return export
+
+
+# --- the offline demo (a tiny Llama, a word-level tokenizer with a chat template, synthetic pairs)
+
+
+DEMO_TOPICS = {
+    "colors": "red blue green yellow purple orange pink brown black white grey violet",
+    "animals": "cat dog horse cow sheep goat mouse lion tiger bear wolf fox",
+    "foods": "bread rice apple pear cheese soup cake plum bean corn nut egg",
+    "tools": "hammer saw drill wrench knife axe rope nail screw file chisel lever",
+}
+DEMO_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def make_demo(root: Path, seed: int) -> tuple[Path, Path]:
+    """A tiny HF-format Llama with its tokenizer, and preference pairs whose rule (answer with words of the
+    topic the prompt names) a small model learns from a few hundred pairs and applies to pairs it has not
+    seen. Returns (model_dir, data_file); each is written whole or not at all."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model_dir, data_file = root / "model", root / "pairs.jsonl"
+    if model_dir.exists() and data_file.exists():
+        return model_dir, data_file
+    specials = "<|pad|> <|begin_of_text|> <|end_of_text|> <|start_header_id|> <|end_header_id|> <|eot_id|>"
+    specials = specials.split()
+    words = {w for ws in DEMO_TOPICS.values() for w in ws.split()} | set(DEMO_TOPICS)
+    words |= {"user", "assistant", "system", "tell", "me", "some", "please", "[UNK]"}
+    vocab = {token: i for i, token in enumerate(specials + sorted(words))}
+    ids = dict(bos_token_id=1, eos_token_id=(5,), pad_token_id=0, max_position_embeddings=256)
+    arch = model.LlamaConfig(len(vocab), 64, 192, 2, 4, 2, 16, rope_theta=10000.0, **ids)
+    writer = sharding.is_writer()
+    with tempfile.TemporaryDirectory() as tmp:
+        if writer:
+            tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+            tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+            tokenizer.add_special_tokens(specials)
+            tokenizer.save(f"{tmp}/tokenizer.json")
+            names = dict(bos_token=specials[1], eos_token=specials[5], pad_token=specials[0])
+            settings = dict(tokenizer_class="PreTrainedTokenizerFast", **names, chat_template=DEMO_TEMPLATE)
+            settings["model_max_length"] = 4096
+            Path(tmp, "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+        mesh = sharding.make_mesh(-1, 1, 1)  # replicated: every process can take part in the export
+        with jax.set_mesh(mesh):
+            files = [Path(tmp, "tokenizer.json"), Path(tmp, "tokenizer_config.json")] if writer else []
+            params = model.init_params(arch, jax.random.key(seed), mesh)
+            model.save_hf(params, arch, model_dir, dtype="float32", extra_files=files)
+    if writer:
+        rng = np.random.default_rng(seed)
+        with sharding.atomic(data_file) as tmp, open(tmp, "w") as f:
+            for _ in range(640):
+                topic, other = rng.choice(list(DEMO_TOPICS), size=2, replace=False)
+                pick = lambda t: " ".join(rng.choice(DEMO_TOPICS[t].split(), size=rng.integers(3, 7)))
+                pair = dict(prompt=f"please tell me some {topic}", chosen=pick(topic), rejected=pick(other))
+                f.write(json.dumps(pair) + "\n")
+    multihost_utils.sync_global_devices("demo ready")
+    return model_dir, data_file
