@@ -14,7 +14,10 @@ Sections:
             attention auto, xla, cudnn).
   padding   data.padded_width against batches padded to max_seq_len and to multiples of 128 (the widths
             before), with and without group_by_length, on UltraFeedback-like and short-answer length
-            mixes: padding efficiency (real / processed tokens), shapes compiled, step time.
+            mixes: padding efficiency (real / processed tokens), distinct widths (no plan), step time.
+  shapes    data.plan_shapes: training shapes and padding over 150 steps before and after (the loader
+            alone), and whole dpo.py runs: time to the first step, cold and warm compilation cache.
+  agree     (accelerator) the bf16 eval step against the CPU's f32 on the same weights and batch.
   sharing   prefix sharing and packing against the plain layout on UltraFeedback-like and long-prompt
             multi-turn length mixes: tokens processed and pairs/s.
   trl       TRL's DPOTrainer (needs `pip install trl`) against ours on the same model and short pairs
@@ -758,7 +761,7 @@ def bench_shapes(shape: str, before: str | None, run_pairs: int, loader: bool) -
             counts = []
             for shapes in (
                 None,
-                data.plan_shapes(pairs, steps, count=dpo.TRAIN_SHAPES, max_seq_len=2048, layout=layout),
+                data.plan_shapes(pairs, steps, count=data.TRAIN_SHAPES, max_seq_len=2048, layout=layout),
             ):
                 laid = list(
                     data._batches(pairs, np.arange(len(pairs)), steps, 2048, None, layout, 0, 1, shapes)

@@ -371,8 +371,17 @@ def _fill_reference(final: Path, dataset: data.PairDataset, logps_of, config, me
         final.parent.mkdir(parents=True, exist_ok=True)
     say(f"reference log-probs: {len(todo)} of {len(dataset)} pairs to compute -> {final}")
     size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
-    loader = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    batches = data.eval_batches(dataset, todo, batch_size=size, max_seq_len=config.max_seq_len, **loader)
+    loader = dict(max_seq_len=config.max_seq_len, process_count=jax.process_count())
+    # A few shapes for the whole pass (each is a compile): its batches run shortest first, so they span
+    # every length.
+    shapes = (
+        data.plan_shapes(dataset, data.eval_order(todo, size), count=data.TRAIN_SHAPES, **loader)
+        if len(todo)
+        else []
+    )
+    batches = data.eval_batches(
+        dataset, todo, batch_size=size, process_index=jax.process_index(), shapes=shapes, **loader
+    )
     saved_at = time.time()
     for at, batch in zip(range(0, len(todo), size), batches, strict=True):
         rows = todo[at : at + size]

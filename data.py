@@ -10,9 +10,10 @@ user and header tokens are not scored. Unusable rows go to rejects.jsonl with
 a reason, never stopping the run. Output: Parquet shards (one row per pair), summary.json, rejects.jsonl,
 written atomically; a folder holding anything data.py did not write is never replaced. The loader reads
 the shards a row group at a time, shuffles per epoch from the seed (optionally grouping pairs of like
-length), resumes at any step and hands each process its slice of the global batch, padded to a width
-that follows the batch (padded_width): a pair's two sequences side by side, or, with prefix sharing or
-packing, rows of several sequences with the views the model's attention needs (Layout describes both).
+length), resumes at any step and hands each process its slice of the global batch, laid out in the
+smallest of the run's few planned shapes that holds it (plan_shapes, from every batch's lengths, known
+before step 1): a pair's two sequences side by side, or, with prefix sharing or packing, rows of several
+sequences with the views the model's attention needs (Layout describes both).
 
 Tokenizers: tokenizer.json files are used as they are (transformers does the same for Llama 3's), except
 for the LlamaTokenizer class (Llama 2, Mistral and Zephyr tokenizers), whose pre-tokenizer transformers
@@ -997,6 +998,11 @@ class Layout(NamedTuple):
     row_multiple: int = 1
 
 
+# Batch shapes a run compiles (plan_shapes), each a program: on an accelerator a compile costs seconds to
+# minutes, a few steps' time or more, so a few shapes beat a little less padding.
+TRAIN_SHAPES, EVAL_SHAPES = 4, 2
+
+
 class Shape(NamedTuple):
     """A batch's array shape, and so one compiled program: `rows` x `width` tokens (global, over every
     process). One pair a row (the plain layout): input_ids [rows, 2, width]. Rows of several sequences
@@ -1061,6 +1067,8 @@ def plan_shapes(dataset, steps, *, count: int, max_seq_len: int, layout=None, pr
     each run served by the envelope of its shapes (the largest of every dimension). Where to cut is chosen
     exactly (dynamic programming over the cuts) to minimise the tokens of every batch at its run's shape.
     Rows, widths, pair slots and view widths thus come from the same batches, not rounded apart."""
+    steps = list(steps)
+    _check_lengths(dataset, np.concatenate([pairs for pairs, _ in steps]), max_seq_len)  # before any compile
     needs = Counter(_need(dataset, p, w, layout, max_seq_len, process_count) for p, w in steps)
     shapes = sorted(needs, key=lambda s: (s.rows * s.width, s))
     runs = {}  # (i, j) -> (tokens of the batches of shapes i..j at their envelope, the envelope)
@@ -1079,7 +1087,13 @@ def plan_shapes(dataset, steps, *, count: int, max_seq_len: int, layout=None, pr
             )
             for j in range(len(shapes))
         ]
-    return best[-1][1]
+    return list(dict.fromkeys(best[-1][1]))  # two runs may end in the same envelope
+
+
+def _check_lengths(dataset, indices, max_seq_len: int) -> None:
+    longest = int(dataset.lengths[indices].max()) if len(indices) else 0
+    if longest > max_seq_len:
+        raise ValueError(f"{dataset.path} has pairs of {longest} tokens, over max_seq_len {max_seq_len}")
 
 
 def _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count, shapes):
@@ -1088,9 +1102,7 @@ def _batches(dataset, indices, steps, max_seq_len, reference, layout, process_in
     batch takes the smallest of `shapes` that holds it (without `shapes`, or where none does, its own
     smallest shape). One pair a row (_padded), or with a `layout` that shares prefixes or packs, rows of
     several sequences (_packed)."""
-    longest = int(dataset.lengths[indices].max()) if len(indices) else 0
-    if longest > max_seq_len:
-        raise ValueError(f"{dataset.path} has pairs of {longest} tokens, over max_seq_len {max_seq_len}")
+    _check_lengths(dataset, indices, max_seq_len)
     for pairs, weight in steps:
         need = _need(dataset, pairs, weight, layout, max_seq_len, process_count)
         shape = min((s for s in shapes or () if s.holds(need)), key=lambda s: s.rows * s.width, default=need)
@@ -1129,7 +1141,7 @@ def blank_batch(shape: Shape, reference=False, process_count=1) -> dict[str, np.
 
 
 def shape_of(batch: dict) -> Shape:
-    """The Shape of a batch (of this process's share: rows are counted as given)."""
+    """The Shape of a batch, rows as its arrays hold them (global for dpo's global arrays)."""
     if "views" not in batch:
         return Shape(*batch["input_ids"].shape[::2])
     (rows, width), (_, views, view_width) = batch["input_ids"].shape, batch["views"].shape

@@ -21,11 +21,13 @@ microbatches when they are set; an update whose loss or gradient is not finite i
 `lora_rank` only LoRA adapters train and the reference is the base without them; with `reference_mode
 precompute` the reference's log-probs are computed once, before training, and cached beside the data.
 
-Here, in the order a step runs: Config, dpo_loss, pair_logps, token_logps, the optimizer, the train and eval
-steps, then main's loop. The run's bookkeeping around the step (the run directory, checkpoints with exact
-resume, SIGTERM-safe stopping, metrics.jsonl and Weights & Biases, the reference cache, Hugging Face export,
-the demo) is in bookkeeping.py; model.py holds the Llama, sharding.py the mesh and file writing, data.py the
-tokenizer and loader. Left out on purpose: generation, KV caches, quantization, pipeline parallelism.
+Here, in the order a step runs: Config, dpo_loss, rows_of (the two batch layouts), pair_logps, token_logps,
+the optimizer, the train and eval steps, Programs (compiled for the run's few batch shapes before step 1),
+then main: start_state, loaders, the loop. The run's bookkeeping around the step (the run directory,
+checkpoints with exact resume, SIGTERM-safe stopping, metrics.jsonl and Weights & Biases, the reference
+cache, Hugging Face export, the demo) is in bookkeeping.py; model.py holds the Llama, sharding.py the mesh
+and file writing, data.py the tokenizer and loader. Left out on purpose: generation, KV caches,
+quantization, pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -61,9 +63,6 @@ BATCH_LOSSES = {"aot", "aot_unpaired"}  # losses over the whole batch, not sums 
 ADAPTABLE = tuple(model.LORA_TARGETS)  # lora_targets' choices
 # Compiled programs outlive the run here unless --config.compilation-cache-dir says otherwise.
 CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo-jax")
-# Batch shapes a run compiles (data.plan_shapes), each a program: on an accelerator a compile costs a second
-# or two of steps per billion parameters and a shape, so few shapes beat a little less padding.
-TRAIN_SHAPES, EVAL_SHAPES = 4, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -756,8 +755,8 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
 
 class Programs:
     """The train and eval steps compiled for each planned batch shape (data.plan_shapes), called by the
-    shape of the batch they are given. A batch that no planned shape holds (a run extended past its plan)
-    compiles when first met, and is counted."""
+    shape of the batch they are given. A batch that no planned shape holds (none should: the plan covers
+    every batch of the run) compiles when first met, and is counted as unplanned."""
 
     def __init__(self, steps: dict, shapes: dict):
         self.steps, self.shapes, self.compiled = steps, shapes, {}  # kind -> step; kind -> shapes
@@ -770,7 +769,7 @@ class Programs:
         started, hits = time.time(), bookkeeping.cache_hits()
         kinds = [(kind, shape) for kind, shapes in self.shapes.items() for shape in shapes]
         lowered = [self.steps[kind].lower(*arguments(kind, shape)) for kind, shape in kinds]
-        with ThreadPoolExecutor(max(len(lowered), 1)) as pool:
+        with ThreadPoolExecutor(max(min(len(lowered), os.cpu_count() or 1), 1)) as pool:
             compiled = pool.map(lambda program: program.compile(), lowered)
             self.compiled |= dict(zip(kinds, compiled, strict=True))
         self.seconds, self.from_cache = time.time() - started, bookkeeping.cache_hits() - hits
@@ -785,12 +784,27 @@ class Programs:
 
     def report(self) -> str:
         text = lambda shape: "x".join(map(str, shape if shape.slots else shape[:2]))
-        planned = [f"{len(s)} {kind} ({', '.join(map(text, s))})" for kind, s in self.shapes.items()]
+        planned = [f"{len(s)} {kind} ({', '.join(map(text, s))})" for kind, s in self.shapes.items() if s]
         extra = f" and {self.unplanned} unplanned" if self.unplanned else ""
+        rows = any(shape.slots for shapes in self.shapes.values() for shape in shapes)
+        legend = "rows x width x pair slots x view width" if rows else "pairs x width"
         return (
             f"compiled {', '.join(planned)}{extra} in {self.seconds:.1f} s, {self.from_cache} of "
-            f"{len(self.compiled)} from the cache"
+            f"{len(self.compiled)} from the cache (batch shapes: {legend})"
         )
+
+
+def compile_programs(train_step, eval_step, batches: Loaders, state: TrainState, frozen: Frozen, mesh):
+    """Programs of the jitted steps, compiled for every shape of the run's plan before the first step, or
+    found in the compilation cache."""
+    programs = Programs(dict(training=train_step, evaluation=eval_step), batches.shapes)
+    count = sum(map(len, batches.shapes.values()))
+    bookkeeping.say(f"compiling {count} programs (batch shapes) before the first step ...")
+    first = dict(training=state, evaluation=state.params)  # the arguments before frozen and the batch
+    with jax.set_mesh(mesh):
+        blank = lambda kind, shape: sharding.global_batch(batches.blank(kind, shape), mesh)
+        programs.compile(lambda kind, shape: (first[kind], frozen, blank(kind, shape)))
+    return programs
 
 
 # --- main: the inputs, the state, the batches and the loop, top to bottom
@@ -869,22 +883,24 @@ def loaders(config: Config, inputs: bookkeeping.Inputs, start: Start) -> Loaders
     val_idx = data.by_length(inputs.val_set, inputs.val_idx[:cap])
     shuffle = dict(batch_size=size, seed=config.seed, group_by_length=config.group_by_length)
     order = data.train_order(inputs.train_set, inputs.train_idx, **shuffle)
-    steps = dict(
-        training=(inputs.train_set, [order(step) for step in range(config.num_train_steps)]),
-        evaluation=(inputs.val_set, data.eval_order(val_idx, size)),
+    orders = dict(
+        training=(
+            inputs.train_set,
+            [order(step) for step in range(config.num_train_steps)],
+            data.TRAIN_SHAPES,
+        ),
+        evaluation=(inputs.val_set, data.eval_order(val_idx, size), data.EVAL_SHAPES),
     )
     # Planned over the whole run whatever the start, so that a resumed run meets the programs it compiled
-    # before (from the cache); none when nothing is left to run.
-    left, counts = (
-        (start.resume_step or 0) < config.num_train_steps,
-        dict(training=TRAIN_SHAPES, evaluation=EVAL_SHAPES),
-    )
+    # before (from the cache); only what will run: evaluation at step 0, and anything while steps are left.
+    done, total = start.resume_step or 0, config.num_train_steps
+    needed = dict(training=done < total, evaluation=done < total or done == 0)
     plan = dict(max_seq_len=config.max_seq_len, **processes)
     shapes = {
-        kind: data.plan_shapes(dataset, batches, count=counts[kind], layout=layouts[kind], **plan)
-        if batches and left
+        kind: data.plan_shapes(dataset, batches, count=count, layout=layouts[kind], **plan)
+        if batches and needed[kind]
         else []
-        for kind, (dataset, batches) in steps.items()
+        for kind, (dataset, batches, count) in orders.items()
     }
     common = dict(max_seq_len=config.max_seq_len, process_index=jax.process_index(), **processes)
     train = data.train_batches(
@@ -930,15 +946,7 @@ def main(config: Config) -> Path:
         start = start_state(run, config, inputs, optimizer)
     state, frozen, done = start.state, start.frozen, start.resume_step or 0  # done: steps taken before
     batches = loaders(config, inputs, start)
-
-    # --- every program the run needs, compiled before the first step (or found in the cache)
-    programs = Programs(dict(training=train_step, evaluation=eval_step), batches.shapes)
-    count = sum(map(len, batches.shapes.values()))
-    say(f"compiling {count} programs (batch shapes) before the first step ...")
-    with jax.set_mesh(mesh):
-        first = dict(training=state, evaluation=state.params)  # the arguments before frozen and the batch
-        blank = lambda kind, shape: sharding.global_batch(batches.blank(kind, shape), mesh)
-        programs.compile(lambda kind, shape: (first[kind], frozen, blank(kind, shape)))
+    programs = compile_programs(train_step, eval_step, batches, state, frozen, mesh)  # all, before step 1
     evaluation = partial(programs, "evaluation")
     eval_metrics = lambda s: evaluate(evaluation, s.params, frozen, batches.validation(), mesh)
     export = bookkeeping.exporter(run, config, inputs, frozen.base)
@@ -978,12 +986,7 @@ def main(config: Config) -> Path:
                 bookkeeping.save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
             if step % config.steps_per_hf_export == 0 or last:
                 export(state)
-    legend = (
-        "rows x width x pair slots x view width"
-        if config.prefix_sharing or config.packing
-        else "pairs x width"
-    )
-    say(f"programs: {programs.report()} (batch shapes: {legend})")
+    say(f"programs: {programs.report()}")
     made = [name for name in ("config.json", "metrics.jsonl", "checkpoints/", "hf/") if (run / name).exists()]
     loads = " (transformers loads hf/step-N as it is)" if "hf/" in made else ""
     say(f"done. run directory {run.resolve()}: {', '.join(made)}{loads}")

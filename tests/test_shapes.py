@@ -83,7 +83,7 @@ def test_an_epoch_takes_at_most_4_training_and_2_evaluation_shapes_and_loses_not
     epoch = [order(s) for s in range(len(dataset) // batch_size)]
     evaluation = data.eval_order(data.by_length(dataset, np.arange(500)), batch_size)
     for name, layout in LAYOUTS.items():
-        for steps, count in ((epoch, dpo.TRAIN_SHAPES), (evaluation, dpo.EVAL_SHAPES)):
+        for steps, count in ((epoch, data.TRAIN_SHAPES), (evaluation, data.EVAL_SHAPES)):
             plan = dict(count=count, max_seq_len=2048, layout=layout and layout._replace(row_multiple=2))
             shapes = data.plan_shapes(dataset, steps, **plan)
             planned, own = (laid_out(dataset, steps, layout, s, row_multiple=2) for s in (shapes, None))
