@@ -875,7 +875,7 @@ def bench_agree(shape: str, pairs: int = 2, seq: int = 256) -> dict:
             )
             params, reference = map(put, weights)
             _, eval_step = dpo.make_steps(cfg, config, dpo.make_optimizer(config))
-            sums = eval_step(params, (None, reference), sharding.global_batch(batch, mesh))
+            sums = eval_step(params, dpo.Frozen(None, reference), sharding.global_batch(batch, mesh))
             results.append({k: float(v) for k, v in dpo.normalize(jax.device_get(sums)).items()})
     cpu_metrics, accelerator = results
     keys = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "entropy")

@@ -27,6 +27,7 @@ import signal
 import tempfile
 import time
 import uuid
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -501,6 +502,9 @@ def use_compilation_cache(directory: str | None) -> None:
     compiled, so a rerun, a resume or another run of the same shapes compiles nothing. Every process reads
     it and JAX writes from process 0 only, so one directory that all hosts share is safe."""
     jax.config.update("jax_compilation_cache_dir", directory)
+    # A cache entry that cannot be written (a full disk) costs a compile next time, nothing now; the run's
+    # own files say it in one line when they cannot be written.
+    warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry")
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     compilation_cache.reset_cache()  # JAX decides once per process whether to use it: decide again
 

@@ -1102,17 +1102,19 @@ def _batches(dataset, indices, steps, max_seq_len, reference, layout, process_in
     batch takes the smallest of `shapes` that holds it (without `shapes`, or where none does, its own
     smallest shape). One pair a row (_padded), or with a `layout` that shares prefixes or packs, rows of
     several sequences (_packed)."""
-    _check_lengths(dataset, indices, max_seq_len)
-    for pairs, weight in steps:
+    _check_lengths(dataset, indices, max_seq_len)  # here, when the loader is made, not at its first batch
+    where = dict(reference=reference, process_index=process_index, process_count=process_count)
+
+    def lay_out(pairs, weight):
         need = _need(dataset, pairs, weight, layout, max_seq_len, process_count)
         shape = min((s for s in shapes or () if s.holds(need)), key=lambda s: s.rows * s.width, default=need)
-        where = dict(reference=reference, process_index=process_index, process_count=process_count)
         if _is_rows(layout):
-            yield _packed(
+            return _packed(
                 dataset, pairs, weight, layout=layout, shape=shape, max_seq_len=max_seq_len, **where
             )
-        else:
-            yield _padded(dataset, pairs, weight, shape=shape, **where)
+        return _padded(dataset, pairs, weight, shape=shape, **where)
+
+    return (lay_out(pairs, weight) for pairs, weight in steps)
 
 
 def blank_batch(shape: Shape, reference=False, process_count=1) -> dict[str, np.ndarray]:

@@ -120,7 +120,9 @@ def test_planned_shapes_give_the_same_loss_as_each_batchs_own(pairs):  # noqa: F
             for planned, own in zip(*laid, strict=True):
                 sums = [
                     dpo.normalize(
-                        jax.device_get(eval_step(params, (None, reference), sharding.global_batch(b, mesh)))
+                        jax.device_get(
+                            eval_step(params, dpo.Frozen(None, reference), sharding.global_batch(b, mesh))
+                        )
                     )
                     for b in (planned, own)
                 ]
