@@ -1050,15 +1050,16 @@ def _rows_of(units, layout: Layout, max_seq_len: int, process_count: int):
     return rows, width, -(-len(rows) // multiple) * multiple
 
 
-def _need(dataset, pairs, weight, layout, max_seq_len, process_count) -> Shape:
-    """The smallest shape that holds this batch, each dimension rounded as padded_width rounds it."""
+def _need(dataset, pairs, weight, layout, max_seq_len, process_count) -> tuple[Shape, list | None]:
+    """The smallest shape that holds this batch, each dimension rounded as padded_width rounds it, and for
+    rows of several sequences the rows (_rows_of) that _packed fills, planned once."""
     if not _is_rows(layout):
-        return Shape(len(pairs), padded_width(int(dataset.lengths[pairs].max()), max_seq_len))
+        return Shape(len(pairs), padded_width(int(dataset.lengths[pairs].max()), max_seq_len)), None
     if layout.packing:  # the weight-0 copies that fill up an eval batch would only take room
         pairs = pairs[weight > 0]
     rows, width, total = _rows_of(_units(dataset, pairs, layout)[0], layout, max_seq_len, process_count)
     slots = 1 << (max(map(len, rows)) - 1).bit_length()  # a power of two: few distinct shapes
-    return Shape(total, width, slots, padded_width(int(dataset.lengths[pairs].max()), max_seq_len))
+    return Shape(total, width, slots, padded_width(int(dataset.lengths[pairs].max()), max_seq_len)), rows
 
 
 def plan_shapes(dataset, steps, *, count: int, max_seq_len: int, layout=None, process_count=1) -> list[Shape]:
@@ -1069,7 +1070,7 @@ def plan_shapes(dataset, steps, *, count: int, max_seq_len: int, layout=None, pr
     Rows, widths, pair slots and view widths thus come from the same batches, not rounded apart."""
     steps = list(steps)
     _check_lengths(dataset, np.concatenate([pairs for pairs, _ in steps]), max_seq_len)  # before any compile
-    needs = Counter(_need(dataset, p, w, layout, max_seq_len, process_count) for p, w in steps)
+    needs = Counter(_need(dataset, p, w, layout, max_seq_len, process_count)[0] for p, w in steps)
     shapes = sorted(needs, key=lambda s: (s.rows * s.width, s))
     runs = {}  # (i, j) -> (tokens of the batches of shapes i..j at their envelope, the envelope)
     for i in range(len(shapes)):
@@ -1106,12 +1107,10 @@ def _batches(dataset, indices, steps, max_seq_len, reference, layout, process_in
     where = dict(reference=reference, process_index=process_index, process_count=process_count)
 
     def lay_out(pairs, weight):
-        need = _need(dataset, pairs, weight, layout, max_seq_len, process_count)
+        need, rows = _need(dataset, pairs, weight, layout, max_seq_len, process_count)
         shape = min((s for s in shapes or () if s.holds(need)), key=lambda s: s.rows * s.width, default=need)
         if _is_rows(layout):
-            return _packed(
-                dataset, pairs, weight, layout=layout, shape=shape, max_seq_len=max_seq_len, **where
-            )
+            return _packed(dataset, pairs, weight, layout=layout, shape=shape, rows=rows, **where)
         return _padded(dataset, pairs, weight, shape=shape, **where)
 
     return (lay_out(pairs, weight) for pairs, weight in steps)
@@ -1166,16 +1165,15 @@ def _padded(dataset, pairs, weight, reference, process_index, process_count, sha
     return batch
 
 
-def _packed(dataset, pairs, weight, reference, max_seq_len, process_index, process_count, layout, shape):
+def _packed(dataset, pairs, weight, reference, process_index, process_count, layout, shape, rows):
     """The pairs as rows of sequences (Layout describes the arrays), laid out in `shape`, one that holds them:
     empty rows, slots and tokens are padding. Packing puts several pairs in a row (_rows_of); else one pair a
-    row. The plan depends only on the global batch's lengths, so every process makes the same and fills only
-    its own rows."""
+    row; `rows` are _need's plan of them (positions among the pairs of weight > 0 when packing). The plan
+    depends only on the global batch's lengths, so every process makes the same and fills its own rows."""
     if layout.packing:  # the weight-0 copies that fill up an eval batch would only take room
         pairs, weight = pairs[weight > 0], weight[weight > 0]
-    lengths, (units, prefixes) = dataset.lengths[pairs], _units(dataset, pairs, layout)
-    rows = _rows_of(units, layout, max_seq_len, process_count)[0]
-    rows += [[] for _ in range(shape.rows - len(rows))]
+    lengths, prefixes = dataset.lengths[pairs], _units(dataset, pairs, layout)[1]
+    rows = rows + [[] for _ in range(shape.rows - len(rows))]
     rows = rows[
         process_index * shape.rows // process_count : (process_index + 1) * shape.rows // process_count
     ]
