@@ -55,18 +55,21 @@ def say(*message) -> None:
 # --- the run directory
 
 
-# Fields that change how a run is operated but not what it computes: a resumed run may change them.
+# Fields that change how a run is operated, not what it computes: a resumed run may change them. The
+# layouts and the ways of computing a step give the same numbers up to float rounding (README: layouts).
 OPERATIONAL_FIELDS = set(
-    "output_dir overwrite num_train_steps steps_per_eval max_eval_batches steps_per_checkpoint "
-    "keep_checkpoints steps_per_hf_export hf_save_dtype log_every wandb_project coordinator_address "
-    "num_processes process_id on_nonfinite compilation_cache_dir".split()
+    "output_dir overwrite steps_per_eval max_eval_batches steps_per_checkpoint keep_checkpoints "
+    "steps_per_hf_export hf_save_dtype log_every wandb_project coordinator_address num_processes "
+    "process_id on_nonfinite compilation_cache_dir microbatch_size prefix_sharing packing remat "
+    "attention_impl logits_chunk_size".split()
 )
 
 
-def check_run_dir(run: Path, config) -> None:
+def check_run_dir(run: Path, config, lr_schedule) -> None:
     """Refuse an output_dir that is (or lies under) a file, that holds an input a run would overwrite or
     delete, that holds files of no dpo.py run, or that holds a run whose config differs in anything that
-    changes what it computes (unless overwrite). Deletes and writes nothing: see start_run_dir."""
+    changes what it computes (unless overwrite). Deletes and writes nothing: see start_run_dir.
+    `lr_schedule`: dpo.lr_schedule, for a changed num_train_steps (_check_new_length)."""
     for folder in (run, *run.parents):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"output_dir {run}: {folder} is a file, not a directory")
@@ -89,13 +92,45 @@ def check_run_dir(run: Path, config) -> None:
         return
     # Compared as JSON (a tuple reads back as a list); a field newer than the saved run counts as its default.
     defaults, now = (json.loads(json.dumps(dataclasses.asdict(c))) for c in (type(config)(), config))
-    saved = defaults | json.loads((run / "config.json").read_text())
-    changed = sorted(k for k in now if k not in OPERATIONAL_FIELDS and saved.get(k) != now[k])
+    saved, now = _as_computed(defaults | json.loads((run / "config.json").read_text())), _as_computed(now)
+    fixed = set(now) - OPERATIONAL_FIELDS - {"num_train_steps"}
+    changed = sorted(k for k in fixed if saved.get(k) != now[k])
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise ValueError(
             f"{run} holds a run with a different config ({diff}); use another output_dir or "
             "--config.overwrite"
+        )
+    if saved_steps(run) and saved["num_train_steps"] != config.num_train_steps:
+        before = dataclasses.replace(config, num_train_steps=saved["num_train_steps"])
+        _check_new_length(run, saved_steps(run)[-1], before, config, lr_schedule)
+
+
+def _as_computed(fields: dict) -> dict:
+    """A config's fields with the values that compute the same thing spelled one way: lora_alpha None is
+    2 * lora_rank, and lora_targets is a set."""
+    alpha, rank = fields.get("lora_alpha"), fields.get("lora_rank", 0)
+    return fields | dict(
+        lora_alpha=2 * rank if alpha is None else alpha, lora_targets=sorted(fields["lora_targets"])
+    )
+
+
+def _check_new_length(run: Path, taken: int, before, now, lr_schedule) -> None:
+    """A run resumed with another num_train_steps goes on exactly as a run of the new length would have
+    gone, or not at all: the data order does not depend on the length, but the learning rate can (warmup
+    and cooldown as fractions of the run, a decaying schedule). So the steps already taken must have had
+    the new length's learning rates, and none may lie past its end."""
+    length, steps = now.num_train_steps, np.arange(taken)
+    if taken > length:
+        raise ValueError(
+            f"{run} has taken {taken} steps, more than num_train_steps {length}; use another output_dir"
+        )
+    if not np.array_equal(np.asarray(lr_schedule(before)(steps)), np.asarray(lr_schedule(now)(steps))):
+        raise ValueError(
+            f"{run} took {taken} steps of a {before.num_train_steps}-step learning-rate schedule, which "
+            f"num_train_steps {length} changes (warmup and cooldown as fractions of the run, a decaying "
+            f"lr_schedule): keep num_train_steps {before.num_train_steps}, or start another run from an "
+            "export in its hf/"
         )
 
 

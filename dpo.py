@@ -94,7 +94,7 @@ class Config:
     # --- optimization
     train_batch_size: int = 128  # preference pairs per optimizer step (global, over all devices)
     microbatch_size: int | None = None  # pairs per forward/backward; gradients accumulate up to the batch
-    num_train_steps: int = 2000  # optimizer steps
+    num_train_steps: int = 2000  # optimizer steps (a resume may change it only where the steps keep their lr)
     learning_rate: float = 5e-7  # peak learning rate
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"  # shape after warmup, ending at min_lr
     warmup: float = 0.1  # warmup length: a fraction of the run when < 1, else steps
@@ -783,6 +783,8 @@ class Programs:
         return self.compiled[key](*args)
 
     def report(self) -> str:
+        if not self.compiled:
+            return "none: no step is left to run"
         text = lambda shape: "x".join(map(str, shape if shape.slots else shape[:2]))
         planned = [f"{len(s)} {kind} ({', '.join(map(text, s))})" for kind, s in self.shapes.items() if s]
         extra = f" and {self.unplanned} unplanned" if self.unplanned else ""
@@ -794,16 +796,20 @@ class Programs:
         )
 
 
-def compile_programs(train_step, eval_step, batches: Loaders, state: TrainState, frozen: Frozen, mesh):
-    """Programs of the jitted steps, compiled for every shape of the run's plan before the first step, or
-    found in the compilation cache."""
-    programs = Programs(dict(training=train_step, evaluation=eval_step), batches.shapes)
-    count = sum(map(len, batches.shapes.values()))
-    bookkeeping.say(f"compiling {count} programs (batch shapes) before the first step ...")
-    first = dict(training=state, evaluation=state.params)  # the arguments before frozen and the batch
+def compile_programs(train_step, eval_step, batches: Loaders, start: Start, num_train_steps: int, mesh):
+    """Programs of the jitted steps, compiled before the first step (or found in the compilation cache) for
+    every shape of the run's plan that is left to run: training while steps are left, evaluation then and
+    at step 0."""
+    done = start.resume_step or 0
+    needed = dict(training=done < num_train_steps, evaluation=done < num_train_steps or done == 0)
+    shapes = {kind: shapes if needed[kind] else [] for kind, shapes in batches.shapes.items()}
+    programs = Programs(dict(training=train_step, evaluation=eval_step), shapes)
+    if count := sum(map(len, shapes.values())):
+        bookkeeping.say(f"compiling {count} programs (batch shapes) before the first step ...")
+    first = dict(training=start.state, evaluation=start.state.params)  # the arguments before frozen, batch
     with jax.set_mesh(mesh):
         blank = lambda kind, shape: sharding.global_batch(batches.blank(kind, shape), mesh)
-        programs.compile(lambda kind, shape: (first[kind], frozen, blank(kind, shape)))
+        programs.compile(lambda kind, shape: (first[kind], start.frozen, blank(kind, shape)))
     return programs
 
 
@@ -863,17 +869,19 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
 
 
 class Loaders(NamedTuple):
-    train: object  # the training batches from the start step on
-    validation: Callable  # () -> a pass over the validation batches
+    train: Callable  # (start) -> the training batches from the start's step on
+    validation: Callable  # (start) -> a pass over the validation batches
     shapes: dict  # "training", "evaluation" -> the batch shapes planned for them (data.plan_shapes)
     blank: Callable  # (kind, shape) -> a batch of that shape, all padding: what its program compiles on
 
 
-def loaders(config: Config, inputs: bookkeeping.Inputs, start: Start) -> Loaders:
-    """The training batches from where the run starts, a function that starts a pass over the validation
-    pairs (the first max_eval_batches batches' worth, shortest first: the sums do not care about order, and
-    like lengths pad less), and the few batch shapes that every batch of the run is laid out in, planned
-    over all of the run's steps and its validation pass so that they compile before the first step."""
+def loaders(config: Config, inputs: bookkeeping.Inputs) -> Loaders:
+    """The training batches from where a run starts, a pass over the validation pairs (the first
+    max_eval_batches batches' worth, shortest first: the sums do not care about order, and like lengths pad
+    less), and the few batch shapes that every batch of the run is laid out in, planned over all of the
+    run's steps and its validation pass so that they compile before the first step. Planning is the last
+    check on the data (too few pairs for a batch, tokenized pairs over max_seq_len): it runs before the
+    run directory is written."""
     # Packed rows split evenly over the batch axes' devices and, in training, over the microbatches.
     devices = math.prod(inputs.mesh.shape[axis] for axis in sharding.BATCH_AXES)
     layouts = dict(evaluation=data.Layout(config.prefix_sharing, config.packing, row_multiple=devices))
@@ -892,18 +900,14 @@ def loaders(config: Config, inputs: bookkeeping.Inputs, start: Start) -> Loaders
         evaluation=(inputs.val_set, data.eval_order(val_idx, size), data.EVAL_SHAPES),
     )
     # Planned over the whole run whatever the start, so that a resumed run meets the programs it compiled
-    # before (from the cache); only what will run: evaluation at step 0, and anything while steps are left.
-    done, total = start.resume_step or 0, config.num_train_steps
-    needed = dict(training=done < total, evaluation=done < total or done == 0)
+    # before (from the cache).
     plan = dict(max_seq_len=config.max_seq_len, **processes)
     shapes = {
-        kind: data.plan_shapes(dataset, batches, count=count, layout=layouts[kind], **plan)
-        if batches and needed[kind]
-        else []
+        kind: data.plan_shapes(dataset, batches, count=count, layout=layouts[kind], **plan) if batches else []
         for kind, (dataset, batches, count) in orders.items()
     }
     common = dict(max_seq_len=config.max_seq_len, process_index=jax.process_index(), **processes)
-    train = data.train_batches(
+    train = lambda start: data.train_batches(
         inputs.train_set,
         inputs.train_idx,
         start_step=start.resume_step or 0,
@@ -913,12 +917,12 @@ def loaders(config: Config, inputs: bookkeeping.Inputs, start: Start) -> Loaders
         **shuffle,
         **common,
     )
-    evaluation = dict(
-        reference=start.val_reference, layout=layouts["evaluation"], shapes=shapes["evaluation"]
+    evaluation = dict(layout=layouts["evaluation"], shapes=shapes["evaluation"], batch_size=size, **common)
+    validation = lambda start: data.eval_batches(
+        inputs.val_set, val_idx, reference=start.val_reference, **evaluation
     )
-    validation = partial(data.eval_batches, inputs.val_set, val_idx, batch_size=size, **evaluation, **common)
-    references = dict(training=start.train_reference is not None, evaluation=start.val_reference is not None)
-    blank = lambda kind, shape: data.blank_batch(shape, references[kind], jax.process_count())
+    precomputed = config.uses_reference and config.reference_mode == "precompute"
+    blank = lambda kind, shape: data.blank_batch(shape, precomputed, jax.process_count())
     return Loaders(train, validation, shapes, blank)
 
 
@@ -933,22 +937,23 @@ def main(config: Config) -> Path:
     if demo:  # the demo's model and pairs, made in the run directory once it has passed its check
         pairs = config.train_data or str(run / "demo" / "pairs.jsonl")
         config = dataclasses.replace(config, model_name_or_path=str(run / "demo" / "model"), train_data=pairs)
-    bookkeeping.check_run_dir(run, given)  # a demo run copied elsewhere resumes: its files are found anew
+    # a demo run copied elsewhere resumes: its files are found anew
+    bookkeeping.check_run_dir(run, given, lr_schedule)
     if demo:
         bookkeeping.make_demo(run / "demo", config.seed)
     inputs = bookkeeping.load_inputs(run, config)
+    batches = loaders(config, inputs)  # plans the batch shapes: the last check on the data
     bookkeeping.start_run_dir(run, given)
 
-    # --- state, then the batches from where it stands
+    # --- the state, and the batches from where it stands
     mesh, optimizer = inputs.mesh, make_optimizer(config)
     with jax.set_mesh(mesh):
         train_step, eval_step = make_steps(inputs.arch, config, optimizer)
         start = start_state(run, config, inputs, optimizer)
     state, frozen, done = start.state, start.frozen, start.resume_step or 0  # done: steps taken before
-    batches = loaders(config, inputs, start)
-    programs = compile_programs(train_step, eval_step, batches, state, frozen, mesh)  # all, before step 1
-    evaluation = partial(programs, "evaluation")
-    eval_metrics = lambda s: evaluate(evaluation, s.params, frozen, batches.validation(), mesh)
+    programs = compile_programs(train_step, eval_step, batches, start, config.num_train_steps, mesh)
+    evaluation, train_batches = partial(programs, "evaluation"), batches.train(start)
+    eval_metrics = lambda s: evaluate(evaluation, s.params, frozen, batches.validation(start), mesh)
     export = bookkeeping.exporter(run, config, inputs, frozen.base)
 
     # --- the loop
@@ -963,11 +968,11 @@ def main(config: Config) -> Path:
                 f"training steps {steps} on {mesh.devices.size} device(s), batch {config.train_batch_size} "
                 f"pairs, compute {dtype}"
             )
-            upcoming = next(batches.train)
+            upcoming = next(train_batches)
         for step in range(done + 1, config.num_train_steps + 1):
             state, metrics = programs("training", state, frozen, sharding.global_batch(upcoming, mesh))
             if step < config.num_train_steps:  # dispatch is async: read the next batch while the step runs
-                upcoming = next(batches.train)
+                upcoming = next(train_batches)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if step == done + 1:
                 say(f"first step done {time.time() - started:.1f} s after start")

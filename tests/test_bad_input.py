@@ -149,14 +149,14 @@ def test_an_output_dir_that_is_a_file_or_under_one_is_one_line(demo, tmp_path):
     assert (tmp_path / "file").read_text() == "mine"
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(demo, trained, tmp_path):
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(demo, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
     # Each file may hold 100 kB: checkpoints fit, the export of the weights does not.
-    result = dpo_cli(*demo, run, num_train_steps=3, steps_per_checkpoint=1, file_size_limit=100)
-    one_line_error(result, str(run / "hf" / "step-3"), "run the same command")
-    assert [p.name for p in (run / "hf").iterdir()] == ["step-2"]  # no half export
-    assert bookkeeping.saved_steps(run)[-1] == 3
+    limits = dict(steps_per_checkpoint=1, steps_per_hf_export=2, file_size_limit=100)
+    result = dpo_cli(*demo, run, num_train_steps=3, **limits)
+    one_line_error(result, str(run / "hf" / "step-2"), "run the same command")
+    assert not list((run / "hf").iterdir())  # no half export
+    assert bookkeeping.saved_steps(run)[-1] == 2
     # Tokenizing: a shard does not fit in 4 kB.
     result = run_cli(
         "data.py", "--input", demo[1], "--output", tmp_path / "e", "--tokenizer", demo[0], file_size_limit=4
@@ -170,17 +170,17 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(demo, trained, tmp_pat
     shutil.copytree(trained, run)
     embed = run / "checkpoints" / "step-2" / "params" / "embed.npy"
     embed.write_bytes(embed.read_bytes()[:200])  # cut short, as by a disk that filled mid-write
-    result = dpo_cli(*demo, run, num_train_steps=3)
+    result = dpo_cli(*demo, run, num_train_steps=2)
     assert result.returncode == 0, result.stderr
     assert "skipped checkpoints/step-2 (params/embed.npy: " in result.stdout
     assert f"resumed from {run}/checkpoints/step-1" in result.stdout
     for step in bookkeeping.saved_steps(run):  # when none loads: one line naming the file, nothing deleted
         (run / "checkpoints" / f"step-{step}" / "params" / "embed.npy").write_bytes(b"")
     before = listing(run)
-    result = dpo_cli(*demo, run, num_train_steps=4)
+    result = dpo_cli(*demo, run, num_train_steps=2, log_every=2)
     one_line_error(result, "no checkpoint in", "params/embed.npy", "--config.overwrite")
     after = listing(run)
-    assert after.pop("config.json") != before.pop("config.json")  # it records the new num_train_steps
+    assert after.pop("config.json") != before.pop("config.json")  # it records the new log_every
     assert after == before
 
 
@@ -200,6 +200,22 @@ def test_a_failed_first_run_leaves_the_directory_free_and_changed_data_is_tokeni
     broken.write_text("".join(json.dumps(r) + "\n" for r in rows[:600]))
     result = dpo_cli(model_dir, broken, run, num_train_steps=2)
     one_line_error(result, "changed since this run started", "--config.overwrite")
+
+
+def test_data_that_cannot_fill_the_plan_is_refused_before_the_run_directory_is_written(demo, tmp_path):
+    """Too few pairs for one batch, and tokenized pairs over max_seq_len, are found when the batch shapes are
+    planned: before config.json (so the corrected command runs) and before a reference pass."""
+    model_dir, pairs = demo
+    run = tmp_path / "run"
+    one_line_error(dpo_cli(model_dir, pairs, run, train_batch_size=1024), "fewer than one batch of 1024")
+    assert not (run / "config.json").exists()
+    tokenized = tmp_path / "tokenized"
+    made = run_cli("data.py", "--input", pairs, "--output", tokenized, "--tokenizer", model_dir)
+    assert made.returncode == 0, made.stderr
+    result = dpo_cli(model_dir, tokenized, run, max_seq_len=10, reference_mode="precompute")  # pairs hold 12
+    one_line_error(result, "over max_seq_len 10")
+    assert not (run / "config.json").exists() and not (tokenized / "reference").exists()
+    assert dpo_cli(model_dir, tokenized, run, num_train_steps=1, reference_mode="precompute").returncode == 0
 
 
 def test_messages_name_the_remedy_for_this_command_line(demo, tmp_path):
@@ -313,22 +329,23 @@ def test_data_that_changes_under_a_run_is_refused_and_training_and_validation_ne
     assert (
         run_cli("data.py", "--input", pairs, "--output", tokenized, "--tokenizer", model_dir).returncode == 0
     )
-    run = tmp_path / "run"
-    assert dpo_cli(model_dir, tokenized, run, steps_per_checkpoint=1).returncode == 0
+    run, extensible = tmp_path / "run", dict(lr_schedule="constant", cooldown=0)  # a longer run is exact
+    assert dpo_cli(model_dir, tokenized, run, steps_per_checkpoint=1, **extensible).returncode == 0
     few = tmp_path / "few.jsonl"
     few.write_text("".join(pairs.read_text().splitlines(keepends=True)[:100]))
     result = run_cli(
         "data.py", "--input", few, "--output", tokenized, "--tokenizer", model_dir, "--overwrite"
     )
     assert result.returncode == 0
-    one_line_error(dpo_cli(model_dir, tokenized, run, num_train_steps=4), "data changed since", "step-2")
+    result = dpo_cli(model_dir, tokenized, run, num_train_steps=4, **extensible)
+    one_line_error(result, "data changed since", "step-2")
     # A shard gone from a tokenized folder: refused, not trained on what is left.
     shutil.copytree(tokenized, tmp_path / "cut")
     (tmp_path / "cut" / "part-00000.parquet").unlink()
     one_line_error(dpo_cli(model_dir, tmp_path / "cut", tmp_path / "run2"), "lacks part-00000.parquet")
     # The same file for training and validation: two copies, and the run resumes.
     run = tmp_path / "run3"
-    settings = dict(validation_data=pairs, validation_split="train", max_eval_batches=1)
+    settings = dict(validation_data=pairs, validation_split="train", max_eval_batches=1, **extensible)
     result = dpo_cli(model_dir, pairs, run, **settings, steps_per_checkpoint=1)
     assert result.returncode == 0 and "validation_data is train_data" in result.stdout
     copies = sorted(p.name for p in (run / "data").iterdir() if p.is_dir())
@@ -367,7 +384,7 @@ def test_a_run_saved_before_a_field_existed_resumes(demo, trained, tmp_path):
     for name in ("lora_rank", "lora_alpha", "lora_targets", "simpo_gamma"):  # as an older dpo.py wrote it
         del saved[name]
     (run / "config.json").write_text(json.dumps(saved))
-    result = dpo_cli(*demo, run, num_train_steps=3)
+    result = dpo_cli(*demo, run, num_train_steps=2)
     assert result.returncode == 0 and f"resumed from {run}/checkpoints/step-2" in result.stdout
 
 
@@ -447,7 +464,7 @@ def test_raw_data_tokenized_by_an_older_data_py_is_tokenized_again_or_refused(de
     (copy / "summary.json").write_text(
         json.dumps(summary | {"settings": summary["settings"] | {"version": 3}})
     )
-    one_line_error(dpo_cli(*demo, run, num_train_steps=3), "changed since this run started", "scored_turns")
+    one_line_error(dpo_cli(*demo, run, num_train_steps=2), "changed since this run started", "scored_turns")
     shutil.rmtree(run / "checkpoints")
     assert dpo_cli(*demo, run, num_train_steps=0).returncode == 0
     assert json.loads((copy / "summary.json").read_text())["settings"]["version"] == data.VERSION

@@ -1,6 +1,8 @@
 """Faults on real `python dpo.py` processes: SIGTERM / SIGINT, kill -9 (also mid-checkpoint), non-finite
 losses, pruning, a changed config. The reference is a run of the same config that nothing interrupted."""
 
+import dataclasses
+import json
 import shutil
 import signal
 
@@ -144,9 +146,51 @@ def test_a_changed_config_is_refused_unless_overwrite(demo, uninterrupted, tmp_p
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # nothing touched
 
     same = SMALL_RUN | dict(model_name_or_path=str(demo[0]), train_data=str(demo[1]), output_dir=str(run))
-    longer = dpo.Config(**same | dict(num_train_steps=12))  # a longer run of the same: fine
-    bookkeeping.check_run_dir(run, longer)
     overwrite = dpo.Config(**same | dict(beta=0.2, overwrite=True))
-    bookkeeping.check_run_dir(run, overwrite)
+    bookkeeping.check_run_dir(run, overwrite, dpo.lr_schedule)
     bookkeeping.start_run_dir(run, overwrite)
     assert not any((run / name).exists() for name in ("checkpoints", "hf", "metrics.jsonl"))
+
+
+def test_a_resume_takes_what_computes_the_same_and_refuses_what_would_not(tmp_path):
+    """On resume: the layouts and the ways of computing a step may change (exact up to rounding), as may
+    lora_alpha None for its value 2 * rank and lora_targets' order; num_train_steps only where the steps
+    taken keep their learning rates (written out here by hand); the rest is refused."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-4").mkdir(parents=True)
+    (run / "checkpoints" / "step-4" / "done.json").write_text("{}")
+    first = dpo.Config(
+        train_data="x", output_dir=str(run), num_train_steps=8, lora_rank=4, lora_targets=("q", "v")
+    )
+    (run / "config.json").write_text(json.dumps(json.loads(json.dumps(vars(first)))))
+    check = lambda **change: bookkeeping.check_run_dir(
+        run, dataclasses.replace(first, **change), dpo.lr_schedule
+    )
+    check(microbatch_size=32, prefix_sharing=False, packing=True, remat="none", logits_chunk_size=64)
+    check(lora_alpha=8.0, lora_targets=("v", "q"))
+    for change in [dict(lora_alpha=4.0), dict(lora_targets=("q",)), dict(group_by_length=True)]:
+        with pytest.raises(ValueError, match="holds a run with a different config"):
+            check(**change)
+    # The default schedule (linear decay, warmup and cooldown 10% of the run) depends on the run's length.
+    with pytest.raises(
+        ValueError, match="took 4 steps of a 8-step learning-rate schedule.*num_train_steps 8"
+    ):
+        check(num_train_steps=12)
+    with pytest.raises(ValueError, match="has taken 4 steps, more than num_train_steps 3"):
+        check(num_train_steps=3)
+    # A constant rate after 2 warmup steps, then 2 steps of cooldown: steps 1-4 took 0.5, 1, 1 and 1 x the
+    # peak for any length from 5 on, so the run goes on as one of the new length would; at length 4 the
+    # fourth step would have been half cooled down.
+    constant = dict(lr_schedule="constant", warmup=2, cooldown=2)
+    first = dataclasses.replace(first, **constant)
+    (run / "config.json").write_text(json.dumps(json.loads(json.dumps(vars(first)))))
+    lengths, peak = [5, 8, 100], first.learning_rate
+    taken = [
+        np.asarray(dpo.lr_schedule(dataclasses.replace(first, num_train_steps=n))(np.arange(4)))
+        for n in lengths
+    ]
+    np.testing.assert_allclose(taken, [[0.0, 0.5 * peak, peak, peak]] * 3, rtol=1e-6)  # f32 rates
+    for length in lengths:
+        check(num_train_steps=length)
+    with pytest.raises(ValueError, match="took 4 steps of a 8-step learning-rate schedule"):
+        check(num_train_steps=4)

@@ -229,10 +229,12 @@ def test_a_changed_loss_is_refused_on_resume(tmp_path):
         train_data="x", output_dir=str(run), loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5)
     )
     (run / "config.json").write_text(json.dumps(json.loads(json.dumps(vars(first)))))
-    bookkeeping.check_run_dir(run, first)  # the same losses read back from JSON (lists, not tuples): accepted
+    bookkeeping.check_run_dir(
+        run, first, dpo.lr_schedule
+    )  # the same losses read back from JSON (lists, not tuples): accepted
     for change in [dict(loss_type=("ipo", "sft")), dict(loss_weights=(1.0, 0.2))]:
         with pytest.raises(ValueError, match="holds a run with a different config"):
-            bookkeeping.check_run_dir(run, dpo.Config(**vars(first) | change))
+            bookkeeping.check_run_dir(run, dpo.Config(**vars(first) | change), dpo.lr_schedule)
 
 
 def test_the_command_line_takes_several_losses_and_help_lists_them():

@@ -93,9 +93,11 @@ def test_demo_learns_the_preference_and_exports_for_transformers(tmp_path):
 
 def test_a_demo_run_copied_elsewhere_resumes_and_the_last_line_names_only_what_is_there(tmp_path, capsys):
     """The demo's model and pairs live in its run directory; config.json records the demo as given, so the
-    directory (given as an absolute path) copied elsewhere resumes there. "transformers loads hf/step-N" is
-    said only where there is an hf/."""
+    directory (given as an absolute path) copied elsewhere resumes there, here for a longer run: with a
+    learning rate that does not follow the run's length, exactly as a run of that length from the start.
+    "transformers loads hf/step-N" is said only where there is an hf/."""
     settings = dpo.DEMO_SETTINGS | dict(steps_per_eval=2, steps_per_checkpoint=2, max_eval_batches=1)
+    settings |= dict(lr_schedule="constant", cooldown=0)  # warmup 5% of 2 or 3 steps: none
     del settings["output_dir"], settings["num_train_steps"], settings["steps_per_hf_export"]
     first, copy = tmp_path / "first", tmp_path / "elsewhere" / "copy"
     dpo.main(dpo.Config(**settings, output_dir=str(first), num_train_steps=0))
@@ -108,6 +110,10 @@ def test_a_demo_run_copied_elsewhere_resumes_and_the_last_line_names_only_what_i
     shutil.rmtree(first)  # nothing of the first place is left to lean on
     dpo.main(dpo.Config(**settings, output_dir=str(copy), num_train_steps=3, steps_per_hf_export=2))
     assert f"resumed from {copy}/checkpoints/step-2" in capsys.readouterr().out
+    straight = tmp_path / "straight"
+    dpo.main(dpo.Config(**settings, output_dir=str(straight), num_train_steps=3, steps_per_hf_export=2))
+    extended, whole = newest_params(copy), newest_params(straight)
+    assert extended.keys() == whole.keys() and all(np.array_equal(extended[k], whole[k]) for k in whole)
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(demo, tmp_path):
