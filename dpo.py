@@ -837,7 +837,7 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
     computed once, and no weights)."""
     arch, mesh = inputs.arch, inputs.mesh
     create = partial(TrainState.create, optimizer=optimizer)
-    lora = model.lora_weights(config.lora_rank, config.lora_targets) if config.lora_rank else None
+    lora = model.lora_weights(arch, config.lora_rank, config.lora_targets) if config.lora_rank else None
     compute_dtype = model.dtype_of(config.compute_dtype)
     base = model.load_params(inputs.model_dir, arch, mesh, dtype=compute_dtype) if lora else None
     abstract = jax.eval_shape(create, model.abstract_params(arch, mesh, lora))

@@ -30,6 +30,7 @@ What the DPO step gets (call inside `jax.set_mesh(mesh)`, under jit):
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -208,8 +209,15 @@ _WEIGHTS = {  # in transformers' order; embed = lm_head.T when tied, so it is la
 def _weights(arch: LlamaConfig) -> dict:
     """Every weight, once (no lm_head when tied). FSDP shards one non-tensor axis; tensor splits heads (q,
     k, v on their head axis, o on its input heads) and F (gate, up on their output, down on its input),
-    Megatron-style, so attention and the MLP each need one all-reduce over tensor."""
-    return {k: w for k, w in _WEIGHTS.items() if k != "lm_head" or not arch.tie_word_embeddings}
+    Megatron-style, so attention and the MLP each need one all-reduce over tensor. One kv head (multi-query
+    attention) cannot be split: it is whole on every tensor device, and each computes its own query heads
+    against it."""
+    weights = {k: w for k, w in _WEIGHTS.items() if k != "lm_head" or not arch.tie_word_embeddings}
+    layer = _LAYER
+    if arch.num_kv_heads == 1:
+        whole_k = lambda w: P(*(None if a == "K" else s for a, s in zip(w.axes, w.spec, strict=True)))
+        layer = {k: dataclasses.replace(w, spec=whole_k(w)) if "K" in w.axes else w for k, w in layer.items()}
+    return weights | {"layers": layer}
 
 
 _SIZE_FIELDS = dict(L="num_layers", D="hidden_size", H="num_heads", K="num_kv_heads", Q="head_dim")
@@ -224,15 +232,15 @@ def _shape(arch: LlamaConfig, w: Weight) -> tuple[int, ...]:
 LORA_TARGETS = dict(q="wq", k="wk", v="wv", o="wo", gate="w_gate", up="w_up", down="w_down")
 
 
-def lora_weights(rank: int, targets) -> dict:
+def lora_weights(arch: LlamaConfig, rank: int, targets) -> dict:
     """The LoRA adapters of `targets` (LORA_TARGETS' names), declared beside their base weights: W [in, out]
     becomes W + (alpha / rank) A B with A [L, in, R] sharded like W's input axes and B [L, R, out] like its
     output axes, so the low-rank path splits as the weight does. A is Kaiming-uniform and B zero, as in
     PEFT: at step 0 the adapted model is the base."""
-    adapters = {}
+    adapters, layer = {}, _weights(arch)["layers"]
     for target in targets:
         name = LORA_TARGETS[target]
-        w = _LAYER[name]
+        w = layer[name]
         inputs, outputs = slice(1, 1 + w.n_in), slice(1 + w.n_in, None)
         a = Weight(f"L{w.axes[inputs]}R", P(None, *w.spec[inputs], None), "kaiming", rank=rank)
         b = Weight(f"LR{w.axes[outputs]}", P(None, None, *w.spec[outputs]), "zeros", rank=rank)
@@ -392,9 +400,12 @@ def _view_attention(q, k, v, index, lengths, slot, impl):
     view gathers its tokens' q, k, v (already rotated at their positions), attends causally within its
     first lengths[b, j] tokens with the same kernel rows use, and every token of a row takes its output
     from the flat view position slot[b, t]. Gathers along a row stay on its device."""
-    spec = (*jax.typeof(q).sharding.spec, None, None)  # a spec may leave out trailing unsplit axes
-    (b, n, s), heads = index.shape, spec[2:4]  # how q's heads and head dim are split
-    split = lambda x, shape: jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, None, *heads))
+    b, n, s = index.shape
+
+    def split(x, shape):  # heads and head dim stay split as x's are (one kv head is whole: _weights)
+        heads = (*jax.typeof(x).sharding.spec, None, None)[2:4]  # a spec may leave out trailing unsplit axes
+        return jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, None, *heads))
+
     flat = index.reshape(b, n * s)[..., None, None]
     views = lambda x: split(jnp.take_along_axis(x, flat, axis=1), (b * n, s, *x.shape[2:]))
     lengths = jnp.reshape(lengths, (b * n,), out_sharding=P(sharding.BATCH_AXES))
