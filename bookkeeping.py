@@ -144,6 +144,7 @@ def load_inputs(run: Path, config) -> Inputs:
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
     model.check_fits(arch, mesh, config.microbatch_size or config.train_batch_size)
     model.check_lora(arch, config.lora_rank, config.lora_targets)
+    model.check_window(arch, config.max_seq_len)
     model.check_weights(model_dir, arch)  # from the file headers: no weight is read yet
     reference_dir = resolved("reference_model_path") if config.reference_model_path else model_dir
     reference_arch = model.load_config(reference_dir)

@@ -105,7 +105,7 @@ def test_rope_frequencies_match_transformers():
         ({"mlp_bias": True}, "mlp_bias=True"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"architectures": ["MistralForCausalLM"]}, "architectures=['MistralForCausalLM']"),
-        ({"model_type": "mistral"}, "model_type='mistral'"),
+        ({"model_type": "mixtral"}, "model_type='mixtral'"),  # mistral is read since #22
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
         ({"rope_scaling": None, "rope_parameters": {"rope_type": "linear"}}, "rope_type='linear'"),
     ],
