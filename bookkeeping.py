@@ -195,9 +195,8 @@ def prepare_data(role: str, tokenizer: str, run: Path, config) -> data.PairDatas
     replace = config.overwrite or not saved_steps(run)
     if sharding.is_writer():
         try:
-            data.tokenize(
-                source, tokenizer, str(out), split=split, max_seq_len=config.max_seq_len, overwrite=replace
-            )
+            kwargs = dict(max_seq_len=config.max_seq_len, chat_template_kwargs=config.chat_template_kwargs)
+            data.tokenize(source, tokenizer, str(out), split=split, overwrite=replace, **kwargs)
         except data.NoChatTemplate:
             raise ValueError(
                 f"{tokenizer} has no chat template and {source} holds chat messages: pass "

@@ -71,6 +71,9 @@ class Config:
     model_name_or_path: str = "demo"  # HF Hub id or local dir of a LlamaForCausalLM; "demo" builds a tiny one
     reference_model_path: str | None = None  # frozen reference model; default: the policy's starting weights
     tokenizer: str | None = None  # HF Hub id or local dir; default: the model's own
+    chat_template_kwargs: str | None = (
+        None  # raw data: JSON template variables, e.g. {"enable_thinking": false}
+    )
     train_data: str | None = None  # data.py output dir, or raw data: Hub dataset id, dir, .parquet/.jsonl
     train_split: str = "train"  # split of a raw Hub dataset (UltraFeedback: train_prefs)
     validation_data: str | None = None  # separate validation data; when given, used instead of a split
