@@ -68,7 +68,7 @@ CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 @dataclasses.dataclass(frozen=True)
 class Config:
     # --- model and data
-    model_name_or_path: str = "demo"  # HF Hub id or local dir of a LlamaForCausalLM; "demo" builds a tiny one
+    model_name_or_path: str = "demo"  # Hub id or local dir: Llama, Qwen2.5, Qwen3, Mistral; "demo": tiny one
     reference_model_path: str | None = None  # frozen reference model; default: the policy's starting weights
     tokenizer: str | None = None  # HF Hub id or local dir; default: the model's own
     chat_template_kwargs: str | None = (
