@@ -498,6 +498,19 @@ def _linear(spec: str, x, w: jax.Array, adapter: dict | None, scale: float, out=
     return y + scale * jnp.einsum(f"btr,r{outputs}->{y_axes}", low, b, out_sharding=out)
 
 
+def _qkv(project, h, w: dict, arch: LlamaConfig):
+    """q [B, T, H, Q], k and v [B, T, K, Q] of a layer's normed input h (`project`: h times a weight and its
+    adapter), with the family's additions: Qwen2's biases, Qwen3's RMSNorm over each head of q and k."""
+    q = project("btd,dhq->bthq", h, "wq")  # B over the batch axes, heads over tensor
+    k = project("btd,dkq->btkq", h, "wk")
+    v = project("btd,dkq->btkq", h, "wv")
+    if arch.qkv_bias:
+        q, k, v = (y + w[b].astype(y.dtype) for y, b in ((q, "bq"), (k, "bk"), (v, "bv")))
+    if arch.qk_norm:
+        q, k = rms_norm(q, w["q_norm"], arch.rms_norm_eps), rms_norm(k, w["k_norm"], arch.rms_norm_eps)
+    return q, k, v
+
+
 # Per-layer activation checkpointing: "full" keeps only each layer's input; "save_matmuls" also keeps the
 # projections' outputs (dots without batch dims, so not the [B, H, T, T] attention scores).
 REMAT_POLICIES = {
@@ -567,14 +580,7 @@ def forward(
 
         with jax.named_scope("attention"):
             h = rms_norm(x, w["attn_norm"], arch.rms_norm_eps)
-            q = project("btd,dhq->bthq", h, "wq")  # B over the batch axes, heads over tensor
-            k = project("btd,dkq->btkq", h, "wk")
-            v = project("btd,dkq->btkq", h, "wv")
-            if arch.qkv_bias:
-                q, k, v = (y + w[b].astype(y.dtype) for y, b in ((q, "bq"), (k, "bk"), (v, "bv")))
-            if arch.qk_norm:
-                q = rms_norm(q, w["q_norm"], arch.rms_norm_eps)  # each head over its Q
-                k = rms_norm(k, w["k_norm"], arch.rms_norm_eps)
+            q, k, v = _qkv(project, h, w, arch)
             o = _attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, lengths, attention_impl)
             # The sum over heads spans the tensor axis: out_sharding asks for the all-reduce.
             x = x + project("bthq,hqd->btd", o, "wo", BATCH)
