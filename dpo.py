@@ -193,33 +193,21 @@ class Config:
     def _check_objective(self):
         """The objective's knobs where TRL allows them, each refused in one line where it does not apply."""
         losses, ld = set(self.loss_type), self.ld_alpha
-        need(
-            "orpo" not in losses or len(losses) == 1,
-            "orpo is its own objective (TRL's ORPOTrainer): give it alone",
-        )
-        need(
-            not self.use_weighting or not losses & {"aot", "aot_unpaired", "orpo"},
-            "use_weighting does not apply to aot, aot_unpaired (they sort pairs) nor orpo",
-        )
+        need("orpo" not in losses or len(losses) == 1, "orpo is its own objective (TRL's ORPOTrainer): alone")
+        unweighted = {"aot", "aot_unpaired", "orpo"}  # the aots sort pairs; TRL's ORPOTrainer has no weights
+        need(not self.use_weighting or not losses & unweighted, "use_weighting does not apply to aot*, orpo")
         need(ld is None or 0 <= ld <= 1, f"ld_alpha must be in [0, 1] or None, got {ld}")
-        need(
-            ld is None or not losses & REFERENCE_FREE,
-            "ld_alpha is for the losses with a reference, not sft (it reads unscaled log-probs), simpo, orpo",
-        )
+        # TRL's sft reads the unscaled log-probs, which the step does not keep apart: refused, not wrong.
+        need(ld is None or not losses & REFERENCE_FREE, "ld_alpha does not apply to sft, simpo, orpo")
         need(
             self.f_divergence_type == "reverse_kl" or losses <= set(F_DIVERGENCE_LOSSES),
             f"f_divergence_type {self.f_divergence_type} works with {', '.join(F_DIVERGENCE_LOSSES)} only",
         )
         if self.sync_ref_model:
             need(self.uses_reference, "sync_ref_model moves a reference: the losses given use none")
-            need(
-                self.reference_mode == "live",
-                "sync_ref_model needs reference_mode live: a precomputed reference cannot move",
-            )
-            need(
-                not self.lora_rank,
-                "sync_ref_model with lora_rank is not supported (nor in TRL): the reference is the base",
-            )
+            need(self.reference_mode == "live", "sync_ref_model needs reference_mode live: it moves")
+            # The reference is then the adapters' base, which must not move (TRL refuses PEFT too).
+            need(not self.lora_rank, "sync_ref_model with lora_rank is not supported")
         need(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha must be in [0, 1]")
         need(self.ref_model_sync_steps > 0, "ref_model_sync_steps must be > 0")
 
@@ -292,12 +280,8 @@ def dpo_loss(
         reference = jnp.zeros_like(policy)
     (c, r), (nc, nr) = (policy - reference).T, tokens.T
     score_c, score_r = f_divergence_score(c, config), f_divergence_score(r, config)
-    bh, per_token, log_s, s = (
-        b * (score_c - score_r),
-        score_c / nc - score_r / nr,
-        jax.nn.log_sigmoid,
-        jax.nn.sigmoid,
-    )
+    bh, per_token = b * (score_c - score_r), score_c / nc - score_r / nr
+    log_s, s = jax.nn.log_sigmoid, jax.nn.sigmoid
     cdpo = lambda z: -(1 - ls) * log_s(z) - ls * log_s(-z)
     scaled = weight if pair_weight is None else weight * pair_weight
     mean = lambda x: jnp.sum(scaled * x) / pairs
@@ -325,9 +309,7 @@ def dpo_loss(
             cdpo(b * (ranked(policy[:, 0] - policy[:, 1]) - ranked(reference[:, 0] - reference[:, 1])))
         ),
         "aot_unpaired": lambda: rank_mean(cdpo(b * (ranked(c) - ranked(r)))),
-        "sft": lambda: (
-            nll() if pair_weight is None else nll() * mean(1.0)
-        ),  # WPO: times the weights' mean, as TRL
+        "sft": lambda: nll() if pair_weight is None else nll() * mean(1.0),  # WPO: the weights' mean, as TRL
     }
     weights = config.loss_weights or (1.0,) * len(config.loss_type)
     loss = sum(w * losses[name]() for name, w in zip(config.loss_type, weights, strict=True))
@@ -431,9 +413,7 @@ class Rows(NamedTuple):
     ref_logps: jax.Array | None  # [b, 2]: the precomputed reference's log-probs, when the batch has them
     attended: jax.Array  # the lengths of the sequences attention runs over (step_flops)
     ran: jax.Array | None  # the tokens the model ran (step_flops); None: all of `attended`'s
-    tail: (
-        jax.Array
-    )  # [N, T] bool: scored targets past the shorter side's count of its pair (LD-DPO's verbose part)
+    tail: jax.Array  # [N, T] bool: scored targets past the pair's shorter side (LD-DPO's verbose part)
 
 
 def rows_of(batch: dict) -> Rows:
@@ -729,9 +709,9 @@ class TrainState:
     reference: dict | None = None  # TR-DPO's moving reference (sync_ref_model), so checkpoints hold it
 
     @classmethod
-    def create(cls, params: dict, optimizer, reference: dict | None = None) -> TrainState:
+    def create(cls, params: dict, optimizer) -> TrainState:
         zero = jnp.zeros((), jnp.int32)
-        return cls(zero, params, optimizer.init(params), zero, reference)
+        return cls(zero, params, optimizer.init(params), zero)
 
 
 # --- the train and eval steps

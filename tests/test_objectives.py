@@ -200,13 +200,34 @@ def test_orpo_loss_and_metrics_match_trl_and_it_runs_without_a_reference(pairs):
     )
 
 
+def test_wpo_with_sft_over_microbatches_equals_one_batch(pairs):  # noqa: F811
+    """sft's WPO term is its batch scalar times the mean weight, a product of whole-batch sums: microbatches
+    must give the one batch's loss and gradient."""
+    dataset, arch = pairs
+    results = []
+    for micro in (None, 4):
+        settings = dict(train_data="x", train_batch_size=8, use_weighting=True, logits_chunk_size=64)
+        config = dpo.Config(microbatch_size=micro, loss_type=("sigmoid", "sft"), **settings)
+        with jax.set_mesh(ONE_DEVICE):
+            optimizer = dpo.make_optimizer(config)
+            train_step, _ = dpo.make_steps(arch, config, optimizer)
+            create = jax.jit(lambda p, o=optimizer: dpo.TrainState.create(p, o))
+            state = create(model.init_params(arch, jax.random.key(0), ONE_DEVICE))
+            reference = model.init_params(arch, jax.random.key(1), ONE_DEVICE)
+            rows = 1 if micro is None else 2
+            batch = sharding.global_batch(batch_of(dataset, "both", row_multiple=rows), ONE_DEVICE)
+            results.append(jax.device_get(train_step(state, dpo.Frozen(None, reference), batch)[1]))
+    for key in ("loss", "grad_norm"):
+        assert float(results[1][key]) == pytest.approx(float(results[0][key]), rel=1e-5), key
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
         (dict(use_weighting=True, loss_type=("aot",)), "use_weighting does not apply to aot"),
         (dict(loss_type=("orpo", "sft")), "orpo is its own objective"),
         (dict(ld_alpha=1.5), "ld_alpha must be in [0, 1]"),
-        (dict(ld_alpha=0.5, loss_type=("sigmoid", "sft")), "ld_alpha is for the losses with a reference"),
+        (dict(ld_alpha=0.5, loss_type=("sigmoid", "sft")), "ld_alpha does not apply to sft"),
         (
             dict(f_divergence_type="js_divergence", loss_type=("bco_pair",)),
             "f_divergence_type js_divergence works with",
