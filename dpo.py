@@ -8,6 +8,7 @@
     python dpo.py ... --config.reference-mode precompute     # the reference runs once, before training
     python dpo.py ... --config.loss-type sigmoid bco_pair sft --config.loss-weights 0.8 0.2 1.0
     python dpo.py ... --config.lora-rank 16 --config.packing      # adapters; several pairs a row
+    python dpo.py ... --config.sync-ref-model --config.ld-alpha 0.5   # TR-DPO, LD-DPO; also orpo, WPO
     python dpo.py --help                           # every field, with its meaning
 
 The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected y_l) is
