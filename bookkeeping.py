@@ -329,6 +329,7 @@ def _reference_key(reference_dir: Path, dataset: data.PairDataset, config) -> st
     files += sorted(dataset.path.glob("part-*.parquet"))
     identity = [[os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     settings = [config.reference_dtype, config.compute_dtype, config.attention_impl]
+    settings += [] if config.ld_alpha is None else [config.ld_alpha]  # LD-DPO scales the reference's too
     identity += [dataset.summary.get("settings"), *settings]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 

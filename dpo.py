@@ -8,6 +8,7 @@
     python dpo.py ... --config.reference-mode precompute     # the reference runs once, before training
     python dpo.py ... --config.loss-type sigmoid bco_pair sft --config.loss-weights 0.8 0.2 1.0
     python dpo.py ... --config.lora-rank 16 --config.packing      # adapters; several pairs a row
+    python dpo.py ... --config.sync-ref-model --config.ld-alpha 0.5   # TR-DPO, LD-DPO; also orpo, WPO
     python dpo.py --help                           # every field, with its meaning
 
 The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected y_l) is
@@ -57,12 +58,22 @@ import sharding
 LOSS_TYPES = (
     "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard apo_zero apo_down discopop sigmoid_norm"
 )
-LOSS_TYPES = (*LOSS_TYPES.split(), "simpo", "aot", "aot_unpaired", "sft")
+LOSS_TYPES = (*LOSS_TYPES.split(), "simpo", "aot", "aot_unpaired", "sft", "orpo")
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")  # they use label_smoothing
 BATCH_LOSSES = {"aot", "aot_unpaired"}  # losses over the whole batch, not sums over its pairs
+REFERENCE_FREE = {"simpo", "sft", "orpo"}
+# The losses built on the chosen-rejected reward difference: TRL allows another f_divergence_type with these
+# only (f-DPO's normaliser cancels only there).
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 ADAPTABLE = tuple(model.LORA_TARGETS)  # lora_targets' choices
 # Compiled programs outlive the run here unless --config.compilation-cache-dir says otherwise.
 CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo-jax")
+
+
+def need(ok: bool, message: str) -> None:
+    """A config refusal: one line, no traceback (cli)."""
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +101,13 @@ class Config:
     discopop_tau: float = 0.05  # discopop's temperature
     simpo_gamma: float = 0.5  # simpo's target reward margin
     reference_mode: Literal["live", "precompute"] = "live"  # reference: each step, or once before training
+    use_weighting: bool = False  # WPO: each pair's loss weighted by the policy's probability of its responses
+    ld_alpha: float | None = None  # LD-DPO: weight of the log-probs past the shorter response; None: off
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence (1: reverse_kl)
+    sync_ref_model: bool = False  # TR-DPO: every ref_model_sync_steps the reference moves toward the policy
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO: reference <- alpha * policy + (1 - alpha) * reference
+    ref_model_sync_steps: int = 512  # TR-DPO: steps between those moves
     # --- LoRA
     lora_rank: int = 0  # adapters of this rank on the frozen model, the reference its base; 0: full tuning
     lora_alpha: float | None = None  # LoRA scale alpha / rank, alpha > 0; None: alpha = 2 * rank
@@ -136,10 +154,6 @@ class Config:
     wandb_project: str | None = None  # log to Weights & Biases too (needs `pip install wandb`)
 
     def __post_init__(self):
-        def need(ok: bool, message: str):
-            if not ok:
-                raise ValueError(message)
-
         micro, frac = self.microbatch_size, self.validation_split_fraction
         ls, losses, weights = self.label_smoothing, self.loss_type, self.loss_weights
         for name, value in dataclasses.asdict(self).items():
@@ -178,6 +192,28 @@ class Config:
         )
         need("exo_pair" not in losses or 0 < ls < 1, f"exo_pair needs 0 < label_smoothing < 1, got {ls}")
         need(0 <= ls < 0.5 or losses == ("exo_pair",), f"label_smoothing must be in [0, 0.5), got {ls}")
+        self._check_objective()
+
+    def _check_objective(self):
+        """The objective's knobs where TRL allows them, each refused in one line where it does not apply."""
+        losses, ld = set(self.loss_type), self.ld_alpha
+        need("orpo" not in losses or len(losses) == 1, "orpo is its own objective (TRL's ORPOTrainer): alone")
+        unweighted = {"aot", "aot_unpaired", "orpo"}  # the aots sort pairs; TRL's ORPOTrainer has no weights
+        need(not self.use_weighting or not losses & unweighted, "use_weighting does not apply to aot*, orpo")
+        need(ld is None or 0 <= ld <= 1, f"ld_alpha must be in [0, 1] or None, got {ld}")
+        # TRL's sft reads the unscaled log-probs, which the step does not keep apart: refused, not wrong.
+        need(ld is None or not losses & REFERENCE_FREE, "ld_alpha does not apply to sft, simpo, orpo")
+        need(
+            self.f_divergence_type == "reverse_kl" or losses <= set(F_DIVERGENCE_LOSSES),
+            f"f_divergence_type {self.f_divergence_type} works with {', '.join(F_DIVERGENCE_LOSSES)} only",
+        )
+        if self.sync_ref_model:
+            need(self.uses_reference, "sync_ref_model moves a reference: the losses given use none")
+            need(self.reference_mode == "live", "sync_ref_model needs reference_mode live: it moves")
+            # The reference is then the adapters' base, which must not move (TRL refuses PEFT too).
+            need(not self.lora_rank, "sync_ref_model with lora_rank is not supported")
+        need(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha must be in [0, 1]")
+        need(self.ref_model_sync_steps > 0, "ref_model_sync_steps must be > 0")
 
     def in_steps(self, length: float) -> int:
         """warmup or cooldown in steps: a fraction of the run when < 1, else steps."""
@@ -193,13 +229,15 @@ class Config:
 
     @property
     def uses_reference(self) -> bool:
-        return not set(self.loss_type) <= {"simpo", "sft"}  # the reference-free ones
+        return not set(self.loss_type) <= REFERENCE_FREE
 
 
 # --- the loss family
 
 
-def dpo_loss(policy, reference, tokens, weight, config: Config, totals=None) -> tuple[jax.Array, jax.Array]:
+def dpo_loss(
+    policy, reference, tokens, weight, config: Config, totals=None, pair_weight=None
+) -> tuple[jax.Array, jax.Array]:
     """The preference loss of a batch and each pair's implicit rewards.
 
     policy, reference [B, 2]: summed log-probs of (chosen, rejected) under the policy and the reference
@@ -223,13 +261,21 @@ def dpo_loss(policy, reference, tokens, weight, config: Config, totals=None) -> 
         sigmoid_norm  -log s(b (c' - r'))                      length-normalised DPO, Tulu 3 (Lambert 2024)
         simpo         cdpo(b (pc' - pr') - gamma), pc' = policy_chosen / tokens_chosen, no reference
                                                                SimPO, Meng 2024
+        orpo          nll - b log s(o), o = pc' - pr' - log(1 - exp(pc')) + log(1 - exp(pr')), the log odds
+                      ratio, nll = the sft term below; no reference    ORPO, Hong 2024 (TRL's ORPOTrainer)
     or over the whole batch (the global batch of the step, all devices and microbatches together):
         aot           cdpo(b (sort(pc - pr) - sort(refc - refr)))   AOT, Melnyk 2024: margins matched by rank
         aot_unpaired  cdpo(b (sort(c) - sort(r)))                   AOT, unpaired
         sft           -sum(policy_chosen) / sum(tokens_chosen): the chosen tokens' mean NLL (RPO's term)
-    summed with config.loss_weights. `totals` (pairs, chosen tokens) are the denominators when this batch is
-    one microbatch of a larger one. Rewards [B, 2] are b (policy - reference), or b policy / tokens without a
-    reference; gradient-free (metrics).
+    summed with config.loss_weights. TRL's knobs that change them (DPOConfig's names):
+        f_divergence_type  in h, c', r' the log-ratio x stands for its score (f-DPO, Wang 2023): reverse_kl x,
+                      forward_kl 1 - exp(-x), js_divergence log 2 + log s(x), alpha_divergence
+                      (exp((a - 1) x) - 1) / (a - 1), a = f_alpha_divergence_coef, the exponent capped at 80
+        use_weighting  `pair_weight` [B] (WPO, Zhou 2024): each pair's term (sft's too) times the policy's
+                      per-token probability of both sides, gradient-free (wpo_weights)
+        ld_alpha      LD-DPO (Liu 2024): in the log-probs themselves (pair_logps)
+    `totals` (pairs, chosen tokens) are the denominators when this batch is one microbatch of a larger one.
+    Rewards [B, 2] are b (policy - reference), or b policy / tokens without a reference; gradient-free.
     """
     b, ls, gamma, tau = config.beta, config.label_smoothing, config.simpo_gamma, config.discopop_tau
     pairs, chosen_tokens = totals if totals is not None else (jnp.sum(weight), jnp.sum(weight * tokens[:, 0]))
@@ -237,13 +283,17 @@ def dpo_loss(policy, reference, tokens, weight, config: Config, totals=None) -> 
     if reference is None:  # reference-free: log-probs stand in where log-ratios would be, as SimPO reads them
         reference = jnp.zeros_like(policy)
     (c, r), (nc, nr) = (policy - reference).T, tokens.T
-    bh, per_token, log_s, s = b * (c - r), c / nc - r / nr, jax.nn.log_sigmoid, jax.nn.sigmoid
+    score_c, score_r = f_divergence_score(c, config), f_divergence_score(r, config)
+    bh, per_token = b * (score_c - score_r), score_c / nc - score_r / nr
+    log_s, s = jax.nn.log_sigmoid, jax.nn.sigmoid
     cdpo = lambda z: -(1 - ls) * log_s(z) - ls * log_s(-z)
-    mean = lambda x: jnp.sum(weight * x) / pairs
+    scaled = weight if pair_weight is None else weight * pair_weight
+    mean = lambda x: jnp.sum(scaled * x) / pairs
     real = weight > 0  # sorted over the real pairs only: padding goes to the end, then is left out
     ranked = lambda x: jnp.sort(jnp.where(real, x, jnp.inf))
     in_rank = jnp.arange(len(weight)) < jnp.sum(real)
     rank_mean = lambda x: jnp.sum(jnp.where(in_rank, x, 0.0)) / pairs
+    nll = lambda: -jnp.sum(weight * policy[:, 0]) / chosen_tokens
     losses = {
         "sigmoid": lambda: mean(cdpo(bh)),
         "hinge": lambda: mean(jax.nn.relu(1 - bh)),
@@ -258,16 +308,46 @@ def dpo_loss(policy, reference, tokens, weight, config: Config, totals=None) -> 
         "discopop": lambda: mean(-log_s(bh) * (1 - s(bh / tau)) + jnp.exp(-bh) * s(bh / tau)),
         "sigmoid_norm": lambda: mean(-log_s(b * per_token)),
         "simpo": lambda: mean(cdpo(b * (policy[:, 0] / nc - policy[:, 1] / nr) - gamma)),
+        "orpo": lambda: nll() - b * mean(log_s(log_odds(policy, tokens))),
         "aot": lambda: rank_mean(
             cdpo(b * (ranked(policy[:, 0] - policy[:, 1]) - ranked(reference[:, 0] - reference[:, 1])))
         ),
         "aot_unpaired": lambda: rank_mean(cdpo(b * (ranked(c) - ranked(r)))),
-        "sft": lambda: -jnp.sum(weight * policy[:, 0]) / chosen_tokens,
+        "sft": lambda: nll() if pair_weight is None else nll() * mean(1.0),  # WPO: the weights' mean, as TRL
     }
     weights = config.loss_weights or (1.0,) * len(config.loss_type)
     loss = sum(w * losses[name]() for name, w in zip(config.loss_type, weights, strict=True))
     rewards = b * (policy - reference if config.uses_reference else policy / tokens)
     return loss, jax.lax.stop_gradient(rewards)
+
+
+def f_divergence_score(x, config: Config):
+    """TRL's score of a log-ratio x under config.f_divergence_type (f-DPO, Wang 2023: f'(policy / ref))."""
+    kind, a = config.f_divergence_type, config.f_alpha_divergence_coef
+    if kind == "forward_kl":
+        return 1 - jnp.exp(-x)
+    if kind == "js_divergence":
+        return jnp.log(2.0) + jax.nn.log_sigmoid(x)
+    if kind == "alpha_divergence" and abs(a - 1) >= 1e-6:  # a = 1 is its limit, reverse_kl
+        return jnp.expm1(jnp.minimum((a - 1) * x, 80.0)) / (a - 1)  # capped as TRL, to stay finite
+    return x
+
+
+def log_odds(policy, tokens):
+    """ORPO's log odds ratio of each pair [B]: log(p / (1 - p)) of chosen minus rejected, p = exp(mean token
+    log-prob). log(1 - exp(x)) is written -expm1 near 0 and log1p further out, as TRL's log1mexp."""
+    mean_logp = policy / jnp.maximum(tokens, 1)
+    safe = jnp.minimum(mean_logp, -1e-30)  # a mean log-prob of exactly 0 has odds +inf
+    log1mexp = jnp.where(safe < -math.log(2), jnp.log1p(-jnp.exp(safe)), jnp.log(-jnp.expm1(safe)))
+    odds = mean_logp - log1mexp
+    return odds[:, 0] - odds[:, 1]
+
+
+def wpo_weights(stats: TokenStats, tokens) -> jax.Array:
+    """WPO's pair weights [B] (Zhou 2024, Eq. 2, as TRL 1.16): per side, exp of the mean over its scored
+    tokens of log p(token) - log sum_v p(v)^2 (the policy's probability, aligned to its own sampling), chosen
+    times rejected; gradient-free, lengths clamped at 1 as TRL, no cap on the product (TRL 1.x has none)."""
+    return jnp.exp(jnp.sum(stats.wpo / jnp.maximum(tokens, 1), axis=1))
 
 
 def metric_sums(policy, rewards, stats: TokenStats, tokens, weight) -> dict[str, jax.Array]:
@@ -299,6 +379,7 @@ DENOMINATORS = {
     "logits/rejected": "tokens/rejected",
     "entropy": "tokens",
     "mean_token_accuracy": "tokens/chosen",
+    "nll_loss": "tokens/chosen",
     "loss": "pairs",
 }
 COUNTS = ("pairs", "tokens", "tokens/chosen", "tokens/rejected")
@@ -336,6 +417,7 @@ class Rows(NamedTuple):
     ref_logps: jax.Array | None  # [b, 2]: the precomputed reference's log-probs, when the batch has them
     attended: jax.Array  # the lengths of the sequences attention runs over (step_flops)
     ran: jax.Array | None  # the tokens the model ran (step_flops); None: all of `attended`'s
+    tail: jax.Array  # [N, T] bool: scored targets past the pair's shorter side (LD-DPO's verbose part)
 
 
 def rows_of(batch: dict) -> Rows:
@@ -351,6 +433,9 @@ def _rows_of_sides(batch: dict) -> Rows:
     # Position t predicts token t + 1: shift targets and mask left instead of slicing the hidden states.
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     scored = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    place = jnp.cumsum(scored, axis=1)  # each scored target's place among its side's, from 1
+    shorter = batch_reshape(place[:, -1], (b, 2)).min(1, keepdims=True)
+    shorter = batch_reshape(jnp.broadcast_to(shorter, (b, 2)), (2 * b,))
     return Rows(
         tokens=tokens,
         inputs=dict(lengths=batch_reshape(batch["lengths"], (2 * b,))),
@@ -362,6 +447,7 @@ def _rows_of_sides(batch: dict) -> Rows:
         ref_logps=batch.get("ref_logps"),
         attended=batch["lengths"],
         ran=None,
+        tail=(place > shorter[:, None]) & (scored > 0),
     )
 
 
@@ -383,7 +469,19 @@ def _rows_of_sequences(batch: dict) -> Rows:
         ref_logps=flat(batch["ref_logps"]) if "ref_logps" in batch else None,
         attended=batch["view_lengths"],
         ran=jnp.sum(batch["pair"] >= 0, dtype=jnp.float32),
+        tail=_tail_of_sequences(batch),
     )
+
+
+def _tail_of_sequences(batch: dict) -> jax.Array:
+    """Rows.tail of rows of several sequences: a scored target counts among its pair slot and side's (a shared
+    one among both sides', and being the prompt's it comes first, so it is never past the shorter side)."""
+    slots = jax.nn.one_hot(batch["pair"], batch["weight"].shape[1], dtype=jnp.float32)  # [R, W, K]
+    sides = jnp.stack([batch["side"] != data.REJECTED, batch["side"] != data.CHOSEN], -1)  # [R, W, 2]
+    counted = batch["target_mask"][..., None, None] * slots[..., None] * sides[..., None, :]  # [R, W, K, 2]
+    place = jnp.cumsum(counted, axis=1)
+    shorter = place[:, -1].min(-1)  # [R, K]
+    return jnp.any((counted > 0) & (place > shorter[:, None, :, None]), axis=(2, 3))
 
 
 def _per_pair_side(batch: dict, x: jax.Array) -> jax.Array:
@@ -409,6 +507,8 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lor
     rows = rows_of(batch)
     hidden = model.forward(params, rows.tokens, arch, compute_dtype=dtype, **rows.inputs, **options)
     logps, stats = token_logps(hidden, lm_head, rows.targets, rows.scored, config.logits_chunk_size)
+    if config.ld_alpha is not None:  # LD-DPO: the verbose part of the longer side counts ld_alpha
+        logps = jnp.where(rows.tail, config.ld_alpha * logps, logps)
     return rows.by_pair(logps), jax.tree.map(rows.by_pair, stats)
 
 
@@ -422,6 +522,7 @@ class TokenStats(NamedTuple):
     mean_logit: jax.Array  # the mean logit over the vocabulary
     entropy: jax.Array  # of the next-token distribution
     argmax_hit: jax.Array  # 1 where the target is the argmax, else 0
+    wpo: jax.Array | None = None  # log p(target) - log sum_v p(v)^2: WPO's per-token weight (wpo_weights)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -489,6 +590,7 @@ class _Running(NamedTuple):
     weighted: jax.Array  # sum of exp(logit - high) * logit
     target: jax.Array  # the target's logit
     plain: jax.Array  # sum of the logits
+    squared: jax.Array  # sum of exp(logit - high)^2 (WPO's sum of squared probabilities)
 
 
 def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
@@ -505,20 +607,25 @@ def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
             weighted=running.weighted * shrink + (exp * finite).sum((-2, -1)),
             target=running.target + target,
             plain=running.plain + finite.sum((-2, -1)),
+            squared=running.squared * shrink**2 + (exp * exp).sum((-2, -1)),
         ), None
 
     zero = jnp.zeros_like(hidden[..., 0], dtype=jnp.float32)  # [N, T], sharded like the rows
     count = _chunking(lm_head, chunk_size)[1]
-    running, _ = jax.lax.scan(step, _Running(zero - jnp.inf, zero, zero, zero, zero), jnp.arange(count))
+    start = _Running(zero - jnp.inf, zero, zero, zero, zero, zero)
+    running, _ = jax.lax.scan(step, start, jnp.arange(count))
     logsumexp = running.high + jnp.log(running.total)
+    logp = running.target - logsumexp
     stats = TokenStats(
         mean_logit=running.plain / lm_head.shape[1],
         entropy=logsumexp - running.weighted / running.total,
         argmax_hit=(running.target >= running.high).astype(jnp.float32),
+        # log sum_v p(v)^2 = log squared - 2 log total: both scaled by the same running maximum
+        wpo=logp - jnp.log(running.squared) + 2 * jnp.log(running.total),
     )
     stats = jax.lax.stop_gradient(jax.tree.map(lambda x: jnp.where(mask, x, 0.0), stats))
     residuals = (hidden, lm_head, targets, mask, logsumexp)
-    return (jnp.where(mask, running.target - logsumexp, 0.0), stats), residuals
+    return (jnp.where(mask, logp, 0.0), stats), residuals
 
 
 def _logps_backward(chunk_size, residuals, grads):
@@ -603,6 +710,7 @@ class TrainState:
     params: dict  # f32 master weights (with LoRA: the adapters), sharded as declared in model.py
     opt_state: optax.OptState  # sharded like params
     skipped: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
+    reference: dict | None = None  # TR-DPO's moving reference (sync_ref_model), so checkpoints hold it
 
     @classmethod
     def create(cls, params: dict, optimizer) -> TrainState:
@@ -631,6 +739,22 @@ class Frozen(NamedTuple):
 
     base: dict | None  # what LoRA's adapters sit on; None without LoRA
     reference: dict | None  # with LoRA by default the base; None: precomputed (ref_logps) or not used
+
+
+def with_reference(state: TrainState, frozen: Frozen) -> Frozen:
+    """The weights a step reads: the moving reference (sync_ref_model) lives in the state, not in Frozen."""
+    return frozen if state.reference is None else frozen._replace(reference=state.reference)
+
+
+def synced_reference(reference: dict | None, params: dict, step, config: Config) -> dict | None:
+    """TR-DPO (Gorbatovski 2024), as TRL's SyncRefModelCallback: after every ref_model_sync_steps-th step the
+    reference becomes alpha * policy + (1 - alpha) * reference (in f32, kept in the reference's dtype)."""
+    if not config.sync_ref_model:
+        return reference
+    a = config.ref_model_mixup_alpha
+    mix = lambda p, r: (a * p.astype(jnp.float32) + (1 - a) * r.astype(jnp.float32)).astype(r.dtype)
+    due = step % config.ref_model_sync_steps == 0
+    return jax.lax.cond(due, lambda: jax.tree.map(mix, params, reference), lambda: reference)
 
 
 class PairLogps(NamedTuple):
@@ -665,9 +789,16 @@ def loss_and_sums(logps: PairLogps, config: Config, totals=None) -> tuple[jax.Ar
     """dpo_loss of the pairs and their metric sums (with the loss times the pairs, so that it adds up too).
     On replicated arrays: a batch loss sorts them. `totals`: as dpo_loss's."""
     policy, reference, stats, tokens, weight = jax.tree.map(lambda x: jax.sharding.reshard(x, P()), logps)
-    loss, rewards = dpo_loss(policy, reference, tokens, weight, config, totals)
+    pair_weight = wpo_weights(stats, tokens) if config.use_weighting else None
+    loss, rewards = dpo_loss(policy, reference, tokens, weight, config, totals, pair_weight)
     pairs = jnp.sum(weight) if totals is None else totals[0]
-    return loss, metric_sums(policy, rewards, stats, tokens, weight) | {"loss": loss * pairs}
+    sums = metric_sums(policy, rewards, stats, tokens, weight) | {"loss": loss * pairs}
+    if "orpo" in config.loss_type:  # TRL's ORPO metrics
+        odds = jax.lax.stop_gradient(log_odds(policy, tokens))
+        sums["log_odds_ratio"] = jnp.sum(weight * jax.nn.log_sigmoid(odds))
+        sums["log_odds_chosen"] = jnp.sum(weight * odds)
+        sums["nll_loss"] = -jnp.sum(weight * jax.lax.stop_gradient(policy[:, 0]))  # over tokens/chosen
+    return loss, sums
 
 
 def microbatches(batch: dict, count: int) -> dict:
@@ -719,10 +850,12 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, arch, config: Con
     """One optimizer step on a batch: the gradients, summed over microbatches or, for a batch loss split into
     microbatches, of the whole batch; AdamW; the step's metrics. An update whose loss or gradient is not
     finite is not applied (bookkeeping.check_update decides whether to stop)."""
-    whole_batch = config.num_microbatches > 1 and BATCH_LOSSES & set(config.loss_type)
+    # sft under WPO is its batch scalar times the mean weight, a product of whole-batch sums: a batch loss.
+    batch_loss = BATCH_LOSSES & set(config.loss_type) or config.use_weighting and "sft" in config.loss_type
+    whole_batch = config.num_microbatches > 1 and batch_loss
     gradients = grads_whole_batch if whole_batch else grads_summed_over_microbatches
     with jax.named_scope("forward_backward"):
-        grads, sums = gradients(state.params, frozen, batch, arch, config)
+        grads, sums = gradients(state.params, with_reference(state, frozen), batch, arch, config)
     metrics = normalize(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = lr_schedule(config)(state.step)
@@ -737,7 +870,9 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, arch, config: Con
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     skipped = state.skipped + (~finite).astype(jnp.int32)
     metrics |= {"nonfinite": ~finite, "skipped_updates": skipped}
-    state = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), skipped)
+    params = keep(params, state.params)
+    reference = synced_reference(state.reference, params, state.step + 1, config)
+    state = TrainState(state.step + 1, params, keep(opt_state, state.opt_state), skipped, reference)
     return state, metrics
 
 
@@ -803,10 +938,10 @@ def compile_programs(train_step, eval_step, batches: Loaders, state: TrainState,
     programs = Programs(dict(training=train_step, evaluation=eval_step), batches.shapes)
     count = sum(map(len, batches.shapes.values()))
     bookkeeping.say(f"compiling {count} programs (batch shapes) before the first step ...")
-    first = dict(training=state, evaluation=state.params)  # the arguments before frozen and the batch
+    first = dict(training=(state, frozen), evaluation=(state.params, with_reference(state, frozen)))
     with jax.set_mesh(mesh):
         blank = lambda kind, shape: sharding.global_batch(batches.blank(kind, shape), mesh)
-        programs.compile(lambda kind, shape: (first[kind], frozen, blank(kind, shape)))
+        programs.compile(lambda kind, shape: (*first[kind], blank(kind, shape)))
     return programs
 
 
@@ -844,6 +979,11 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
     compute_dtype = model.dtype_of(config.compute_dtype)
     base = model.load_params(inputs.model_dir, arch, mesh, dtype=compute_dtype) if lora else None
     abstract = jax.eval_shape(create, model.abstract_params(arch, mesh, lora))
+    if config.sync_ref_model:  # TR-DPO's moving reference is state: checkpoints hold it
+        like = lambda x: jax.ShapeDtypeStruct(
+            x.shape, model.dtype_of(config.reference_dtype), sharding=x.sharding
+        )
+        abstract.reference = jax.tree.map(like, abstract.params)
     state = bookkeeping.restore_checkpoint(run, abstract, mesh, inputs.data_id)
     resume_step = None if state is None else int(state.step)
     if state is None and lora:
@@ -851,7 +991,9 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
     elif state is None:
         state = jax.jit(create)(model.load_params(inputs.model_dir, arch, mesh))
     reference, tables = None, (None, None)
-    if config.uses_reference and config.reference_mode == "live":
+    if state.reference is not None:  # the moving reference came back with the checkpoint
+        pass
+    elif config.uses_reference and config.reference_mode == "live":
         if lora and inputs.reference_dir == inputs.model_dir:  # the base without its adapters
             reference = base
         else:
@@ -862,6 +1004,8 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
         tables = bookkeeping.precompute_reference_logps(
             datasets, inputs.reference_dir, arch, config, mesh, pair_logps
         )
+    if config.sync_ref_model:  # it moves with the state (with_reference), so Frozen does not hold it
+        state.reference, reference = state.reference or reference, None
     return Start(state, resume_step, Frozen(base, reference), *tables)
 
 
@@ -951,7 +1095,9 @@ def main(config: Config) -> Path:
     batches = loaders(config, inputs, start)
     programs = compile_programs(train_step, eval_step, batches, state, frozen, mesh)  # all, before step 1
     evaluation = partial(programs, "evaluation")
-    eval_metrics = lambda s: evaluate(evaluation, s.params, frozen, batches.validation(), mesh)
+    eval_metrics = lambda s: evaluate(
+        evaluation, s.params, with_reference(s, frozen), batches.validation(), mesh
+    )
     export = bookkeeping.exporter(run, config, inputs, frozen.base)
 
     # --- the loop
