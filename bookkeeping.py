@@ -134,6 +134,13 @@ def _check_new_length(run: Path, taken: int, before, now, lr_schedule) -> None:
         )
 
 
+def say_done(run: Path) -> None:
+    """The run's last line: what its directory holds."""
+    made = [name for name in ("config.json", "metrics.jsonl", "checkpoints/", "hf/") if (run / name).exists()]
+    loads = " (transformers loads hf/step-N as it is)" if "hf/" in made else ""
+    say(f"done. run directory {run.resolve()}: {', '.join(made)}{loads}")
+
+
 def start_run_dir(run: Path, config) -> None:
     """Once every input has been checked: with overwrite, clear the old run's checkpoints, exports and
     metrics; then write config.json (process 0)."""
@@ -179,6 +186,7 @@ def load_inputs(run: Path, config) -> Inputs:
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
     model.check_fits(arch, mesh, config.microbatch_size or config.train_batch_size)
     model.check_lora(arch, config.lora_rank, config.lora_targets)
+    model.check_window(arch, config.max_seq_len)
     model.check_weights(model_dir, arch)  # from the file headers: no weight is read yet
     reference_dir = resolved("reference_model_path") if config.reference_model_path else model_dir
     reference_arch = model.load_config(reference_dir)
@@ -229,9 +237,8 @@ def prepare_data(role: str, tokenizer: str, run: Path, config) -> data.PairDatas
     replace = config.overwrite or not saved_steps(run)
     if sharding.is_writer():
         try:
-            data.tokenize(
-                source, tokenizer, str(out), split=split, max_seq_len=config.max_seq_len, overwrite=replace
-            )
+            kwargs = dict(max_seq_len=config.max_seq_len, chat_template_kwargs=config.chat_template_kwargs)
+            data.tokenize(source, tokenizer, str(out), split=split, overwrite=replace, **kwargs)
         except data.NoChatTemplate:
             raise ValueError(
                 f"{tokenizer} has no chat template and {source} holds chat messages: pass "
@@ -364,6 +371,7 @@ def _reference_key(reference_dir: Path, dataset: data.PairDataset, config) -> st
     files += sorted(dataset.path.glob("part-*.parquet"))
     identity = [[os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     settings = [config.reference_dtype, config.compute_dtype, config.attention_impl]
+    settings += [] if config.ld_alpha is None else [config.ld_alpha]  # LD-DPO scales the reference's too
     identity += [dataset.summary.get("settings"), *settings]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -244,8 +244,11 @@ def _snapshot(repo_id: str, repo_type: str, patterns: list[str]) -> Path:
 class ChatTokenizer:
     """tokenizer.json, the chat template, and the special-token variables transformers passes to it."""
 
-    def __init__(self, name_or_path: str, chat_template: str | None = None):
-        directory = Path(name_or_path)
+    def __init__(
+        self, name_or_path: str, chat_template: str | None = None, template_kwargs: dict | None = None
+    ):
+        self.template_kwargs = template_kwargs or {}  # e.g. Qwen3's enable_thinking, as apply_chat_template's
+        self.source, directory = str(name_or_path), Path(name_or_path)
         if not directory.is_dir():
             if not _HUB_ID.fullmatch(name_or_path):
                 raise ValueError(f"tokenizer {name_or_path}: no such directory")
@@ -298,10 +301,12 @@ class ChatTokenizer:
             **({"metaspace_prepend": prepend} if prepend else {}),
         }
 
-    def render(self, messages: list[dict], generation: bool = False) -> str:
-        variables = dict(messages=messages, tools=None, documents=None, add_generation_prompt=generation)
+    def render(self, messages: list[dict], generation: bool = False, tools: list | None = None) -> str:
+        """The template's text, with the variables transformers' apply_chat_template passes (its keyword
+        arguments after the special tokens, so they may override them)."""
+        variables = dict(messages=messages, tools=tools, documents=None, add_generation_prompt=generation)
         try:
-            return self.template.render(**variables, **self.special_tokens)
+            return self.template.render(**variables | self.special_tokens | self.template_kwargs)
         except Exception as e:  # a template is arbitrary code: whatever it raises rejects this row only
             raise RejectedRow("template error", f"{type(e).__name__}: {e}") from None
 
@@ -346,6 +351,20 @@ def _messages(row: dict, field: str, role: str | None = None) -> list[dict]:
             raise RejectedRow("empty content", f"{field} has an empty {message['role']} message")
     # as transformers does, keys holding None are dropped (templates test whether a key is defined)
     return [{key: item for key, item in message.items() if item is not None} for message in value]
+
+
+def _tools(row: dict) -> list | None:
+    """A row's `tools` column, the function schemas passed to the template as apply_chat_template's tools=: a
+    list of JSON objects, or that list as JSON text (how Parquet files with varied schemas hold it)."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except ValueError:
+            raise RejectedRow("wrong type", "tools is a string that is not JSON") from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise RejectedRow("wrong type", "tools is not a list of JSON objects (function schemas)")
+    return tools or None
 
 
 def _parse_row(row, fmt: str, system_field: str | None) -> tuple:
@@ -395,18 +414,21 @@ def _check_prompt_field(field, turns: list[dict]) -> None:
         )
 
 
-def _render_turns(chat: ChatTokenizer, messages: list[dict], first: int) -> tuple[str, list[tuple]]:
+def _render_turns(
+    chat: ChatTokenizer, messages: list[dict], first: int, tools=None
+) -> tuple[str, list[tuple]]:
     """The conversation's text, and the (turn start, content end, turn end) characters of each assistant
     turn from message `first` on (scored_turns: the reply's, or all). A turn runs from the render of the
     messages before it with the generation prompt to the render including it, so templates without
     {% generation %} markers (Llama 3.1's) work. Its text may open with template text before the content
     (Llama 2's " " after [/INST]): the model writes that too."""
-    full, turns = chat.render(messages), []
+    render = functools.partial(chat.render, tools=tools)
+    full, turns = render(messages), []
     for a, message in enumerate(messages):
         if a < first or message["role"] != "assistant":
             continue
-        start = chat.render(messages[:a], generation=True)
-        end = full if a + 1 == len(messages) else chat.render(messages[: a + 1])
+        start = render(messages[:a], generation=True)
+        end = full if a + 1 == len(messages) else render(messages[: a + 1])
         if not (end.startswith(start) and full.startswith(end)):
             raise RejectedRow("template not prefix-stable", f"the render up to turn {a} is not a prefix")
         content = message["content"]
@@ -470,7 +492,8 @@ def _tokenize_rows(chat: ChatTokenizer, fmt: str, rows: list[tuple[int, object]]
                 parsed.append((index, (chosen, rejected), prompt))
             else:
                 first = 0 if settings["scored_turns"] == "all" else len(prompt)  # the first message scored
-                rendered = [_render_turns(chat, prompt + side, first) for side in (chosen, rejected)]
+                tools = _tools(row)
+                rendered = [_render_turns(chat, prompt + side, first, tools) for side in (chosen, rejected)]
                 texts, spans = zip(*rendered, strict=True)  # both sides' texts, both sides' turns
                 for name, text in zip(SIDES, texts, strict=True):
                     _check_text(text, f"the {name} conversation")
@@ -595,7 +618,7 @@ def _row_format(columns: list[str], row) -> str | None:
 def _open_input(files: list[Path], fmt: str, system_field: str | None, chunk_rows: int):
     """(chunks of rows, the input's columns, its format): `fmt`, or for auto the format most of the first
     rows have (one bad row does not decide for the file)."""
-    fields = ["prompt", "chosen", "rejected"] + ([system_field] if system_field else [])
+    fields = ["prompt", "chosen", "rejected", "tools"] + ([system_field] if system_field else [])
     chunks = _read_chunks(files, fields, chunk_rows)
     first = next(chunks, [])
     if not first:
@@ -751,6 +774,7 @@ def tokenize(
     overflow: Literal["drop", "truncate", "raise"] = "drop",
     format: Literal["auto", "conversation", "prompt_completion", "plain"] = "auto",
     chat_template: str | None = None,
+    chat_template_kwargs: str | None = None,
     system_field: str | None = None,
     scored_turns: Literal["reply", "all"] = "reply",
     overwrite: bool = False,
@@ -774,6 +798,9 @@ def tokenize(
             user/assistant turns); plain: strings without a chat template (BOS/EOS from the tokenizer).
         chat_template: A Jinja file, or the name of one of the tokenizer's named templates, to use instead
             of the tokenizer's own chat template.
+        chat_template_kwargs: A JSON object of extra template variables, as transformers' and TRL's
+            chat_template_kwargs, e.g. '{"enable_thinking": false}' for Qwen3. A `tools` column of the rows
+            (function schemas) goes to the template as apply_chat_template's tools=.
         system_field: Name of a field holding each row's system prompt, added as a system turn when the
             conversation has none.
         scored_turns: Which assistant turns the loss mask scores. reply: each side's reply only, the
@@ -786,11 +813,14 @@ def tokenize(
     started = time.perf_counter()
     options = dict(split=split, max_seq_len=max_seq_len, overflow=overflow, format=format)
     options |= dict(system_field=system_field, scored_turns=scored_turns)
+    if template_kwargs := _template_kwargs(chat_template_kwargs):  # only when given: older outputs stay valid
+        options["chat_template_kwargs"] = template_kwargs
     options |= dict(rows_per_shard=rows_per_shard, row_group_size=row_group_size)
     for name in ("max_seq_len", "rows_per_shard", "row_group_size"):
         if options[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
-    files, chat, output = _input_files(input, split), ChatTokenizer(tokenizer, chat_template), Path(output)
+    files, output = _input_files(input, split), Path(output)
+    chat = ChatTokenizer(tokenizer, chat_template, template_kwargs)
     inputs = [{"file": f.name, "sha256": _sha256(f)} for f in files]
     settings = {"version": VERSION, "inputs": inputs, "tokenizer": chat.fingerprint, **options}
     previous = _read_json(output / "summary.json")  # {} if there is none
@@ -799,11 +829,19 @@ def tokenize(
     _check_output(output, files, settings, previous.get("settings"), overwrite)
 
     chunks, columns, format = _open_input(files, format, system_field, 8 * row_group_size)
-    if format != "plain" and chat.template is None:
-        raise NoChatTemplate(f"{tokenizer} has no chat template: pass --chat-template FILE or --format plain")
+    summary = _write_output(output, chunks, columns, chat, format, settings, started)
+    return summary | {"settings": settings}
 
-    rejects = output.with_name(f"{output.name}.rejects.jsonl")  # where a run that kept no pair leaves them
-    with sharding.atomic(output) as tmp:  # a killed run never leaves an output that looks complete
+
+def _write_output(output: Path, chunks, columns, chat, format, settings, started) -> dict:
+    """The pairs of every chunk and summary.json, written into `output` all at once: a killed run never
+    leaves an output that looks complete. When no row is usable, the reasons stay beside it."""
+    if format != "plain" and chat.template is None:
+        raise NoChatTemplate(
+            f"{chat.source} has no chat template: pass --chat-template FILE or --format plain"
+        )
+    rejects = output.with_name(f"{output.name}.rejects.jsonl")
+    with sharding.atomic(output) as tmp:
         tmp.mkdir(parents=True)
         try:
             summary = _write_pairs(tmp, chunks, chat, format, settings)
@@ -812,14 +850,27 @@ def tokenize(
             raise NoUsableRow(_format_help(columns, f"{e}; every reason is in {rejects}")) from None
         seconds = time.perf_counter() - started
         summary |= {"seconds": round(seconds, 2), "rows_per_second": round(summary["rows_read"] / seconds, 1)}
-        summary |= {"tokenizer": {"source": str(tokenizer), "vocab_size": chat.tokenizer.get_vocab_size()}}
+        summary |= {"tokenizer": {"source": chat.source, "vocab_size": chat.tokenizer.get_vocab_size()}}
         (tmp / "summary.json").write_text(json.dumps(summary | {"settings": settings}, indent=2) + "\n")
     print(
         f"\rtokenize: {summary['rows_read']:,} rows read as {format}, {summary['rows_written']:,} pairs "
         f"written, {summary['rows_per_second']:,.0f} rows/s -> {output}",
         file=sys.stderr,
     )
-    return summary | {"settings": settings}
+    return summary
+
+
+def _template_kwargs(text: str | None) -> dict:
+    """--chat-template-kwargs: a JSON object, refused in one line when it is not one."""
+    try:
+        kwargs = json.loads(text) if text else {}
+    except ValueError as e:
+        raise ValueError(f"chat_template_kwargs {text!r} is not JSON ({e})") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(
+            f"chat_template_kwargs {text!r} is not a JSON object such as '{{\"enable_thinking\": false}}'"
+        )
+    return kwargs
 
 
 def _write_pairs(directory: Path, chunks, chat: ChatTokenizer, fmt: str, settings: dict) -> dict:

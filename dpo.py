@@ -8,6 +8,7 @@
     python dpo.py ... --config.reference-mode precompute     # the reference runs once, before training
     python dpo.py ... --config.loss-type sigmoid bco_pair sft --config.loss-weights 0.8 0.2 1.0
     python dpo.py ... --config.lora-rank 16 --config.packing      # adapters; several pairs a row
+    python dpo.py ... --config.sync-ref-model --config.ld-alpha 0.5   # TR-DPO, LD-DPO; also orpo, WPO
     python dpo.py --help                           # every field, with its meaning
 
 The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected y_l) is
@@ -57,20 +58,33 @@ import sharding
 LOSS_TYPES = (
     "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard apo_zero apo_down discopop sigmoid_norm"
 )
-LOSS_TYPES = (*LOSS_TYPES.split(), "simpo", "aot", "aot_unpaired", "sft")
+LOSS_TYPES = (*LOSS_TYPES.split(), "simpo", "aot", "aot_unpaired", "sft", "orpo")
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")  # they use label_smoothing
 BATCH_LOSSES = {"aot", "aot_unpaired"}  # losses over the whole batch, not sums over its pairs
+REFERENCE_FREE = {"simpo", "sft", "orpo"}
+# The losses built on the chosen-rejected reward difference: TRL allows another f_divergence_type with these
+# only (f-DPO's normaliser cancels only there).
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 ADAPTABLE = tuple(model.LORA_TARGETS)  # lora_targets' choices
 # Compiled programs outlive the run here unless --config.compilation-cache-dir says otherwise.
 CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo-jax")
 
 
+def need(ok: bool, message: str) -> None:
+    """A config refusal: one line, no traceback (cli)."""
+    if not ok:
+        raise ValueError(message)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     # --- model and data
-    model_name_or_path: str = "demo"  # HF Hub id or local dir of a LlamaForCausalLM; "demo" builds a tiny one
+    model_name_or_path: str = "demo"  # Hub id or local dir: Llama, Qwen2.5, Qwen3, Mistral; "demo": tiny one
     reference_model_path: str | None = None  # frozen reference model; default: the policy's starting weights
     tokenizer: str | None = None  # HF Hub id or local dir; default: the model's own
+    chat_template_kwargs: str | None = (
+        None  # raw data: JSON template variables, e.g. {"enable_thinking": false}
+    )
     train_data: str | None = None  # data.py output dir, or raw data: Hub dataset id, dir, .parquet/.jsonl
     train_split: str = "train"  # split of a raw Hub dataset (UltraFeedback: train_prefs)
     validation_data: str | None = None  # separate validation data; when given, used instead of a split
@@ -87,6 +101,13 @@ class Config:
     discopop_tau: float = 0.05  # discopop's temperature
     simpo_gamma: float = 0.5  # simpo's target reward margin
     reference_mode: Literal["live", "precompute"] = "live"  # reference: each step, or once before training
+    use_weighting: bool = False  # WPO: each pair's loss weighted by the policy's probability of its responses
+    ld_alpha: float | None = None  # LD-DPO: weight of the log-probs past the shorter response; None: off
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence (1: reverse_kl)
+    sync_ref_model: bool = False  # TR-DPO: every ref_model_sync_steps the reference moves toward the policy
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO: reference <- alpha * policy + (1 - alpha) * reference
+    ref_model_sync_steps: int = 512  # TR-DPO: steps between those moves
     # --- LoRA
     lora_rank: int = 0  # adapters of this rank on the frozen model, the reference its base; 0: full tuning
     lora_alpha: float | None = None  # LoRA scale alpha / rank, alpha > 0; None: alpha = 2 * rank
@@ -133,10 +154,6 @@ class Config:
     wandb_project: str | None = None  # log to Weights & Biases too (needs `pip install wandb`)
 
     def __post_init__(self):
-        def need(ok: bool, message: str):
-            if not ok:
-                raise ValueError(message)
-
         micro, frac = self.microbatch_size, self.validation_split_fraction
         ls, losses, weights = self.label_smoothing, self.loss_type, self.loss_weights
         for name, value in dataclasses.asdict(self).items():
@@ -175,6 +192,28 @@ class Config:
         )
         need("exo_pair" not in losses or 0 < ls < 1, f"exo_pair needs 0 < label_smoothing < 1, got {ls}")
         need(0 <= ls < 0.5 or losses == ("exo_pair",), f"label_smoothing must be in [0, 0.5), got {ls}")
+        self._check_objective()
+
+    def _check_objective(self):
+        """The objective's knobs where TRL allows them, each refused in one line where it does not apply."""
+        losses, ld = set(self.loss_type), self.ld_alpha
+        need("orpo" not in losses or len(losses) == 1, "orpo is its own objective (TRL's ORPOTrainer): alone")
+        unweighted = {"aot", "aot_unpaired", "orpo"}  # the aots sort pairs; TRL's ORPOTrainer has no weights
+        need(not self.use_weighting or not losses & unweighted, "use_weighting does not apply to aot*, orpo")
+        need(ld is None or 0 <= ld <= 1, f"ld_alpha must be in [0, 1] or None, got {ld}")
+        # TRL's sft reads the unscaled log-probs, which the step does not keep apart: refused, not wrong.
+        need(ld is None or not losses & REFERENCE_FREE, "ld_alpha does not apply to sft, simpo, orpo")
+        need(
+            self.f_divergence_type == "reverse_kl" or losses <= set(F_DIVERGENCE_LOSSES),
+            f"f_divergence_type {self.f_divergence_type} works with {', '.join(F_DIVERGENCE_LOSSES)} only",
+        )
+        if self.sync_ref_model:
+            need(self.uses_reference, "sync_ref_model moves a reference: the losses given use none")
+            need(self.reference_mode == "live", "sync_ref_model needs reference_mode live: it moves")
+            # The reference is then the adapters' base, which must not move (TRL refuses PEFT too).
+            need(not self.lora_rank, "sync_ref_model with lora_rank is not supported")
+        need(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha must be in [0, 1]")
+        need(self.ref_model_sync_steps > 0, "ref_model_sync_steps must be > 0")
 
     def in_steps(self, length: float) -> int:
         """warmup or cooldown in steps: a fraction of the run when < 1, else steps."""
@@ -190,43 +229,51 @@ class Config:
 
     @property
     def uses_reference(self) -> bool:
-        return not set(self.loss_type) <= {"simpo", "sft"}  # the reference-free ones
+        return not set(self.loss_type) <= REFERENCE_FREE
 
 
 # --- the loss family
+#
+# With b = beta, ls = label_smoothing, the log-ratios c = policy_chosen - reference_chosen and
+# r = policy_rejected - reference_rejected, h = c - r, their per-token forms c' = c / tokens_chosen and
+# r' = r / tokens_rejected, and cdpo(z) = -(1 - ls) log s(z) - ls log s(-z) (s the sigmoid), each loss
+# (TRL's names and numbers) is a mean over the pairs of
+#    sigmoid       cdpo(b h)                                DPO, Rafailov 2023 (cDPO, Mitchell 2023)
+#    hinge         max(0, 1 - b h)                          SLiC, Zhao 2023
+#    ipo           (c' - r' - 1 / (2 b))^2                  IPO, Azar 2023: per token, as its authors
+#                                                           confirmed to TRL (beta carries over lengths)
+#    exo_pair      s(b h)(log s(b h) - log(1 - ls)) + s(-b h)(log s(-b h) - log ls)    EXO, Ji 2024
+#    nca_pair      -log s(b c) - log s(-b c) / 2 - log s(-b r) / 2                     NCA, Chen 2024
+#    robust        (-(1 - ls) log s(b h) + ls log s(-b h)) / (1 - 2 ls)   robust DPO, Chowdhury 2024
+#    bco_pair      -log s(b c) - log s(-b r)                BCO, Jung 2024 (TRL 1.x: no running mean)
+#    sppo_hard     (c - 1 / (2 b))^2 + (r + 1 / (2 b))^2    SPPO, Wu 2024
+#    apo_zero      1 - s(b c) + s(b r)                      APO, D'Oosterlinck 2024
+#    apo_down      s(b c) + 1 - s(b h)                      APO, D'Oosterlinck 2024
+#    discopop      -log s(b h)(1 - m) + exp(-b h) m, m = s(b h / tau)   DiscoPOP, Lu 2024
+#    sigmoid_norm  -log s(b (c' - r'))                      length-normalised DPO, Tulu 3 (Lambert 2024)
+#    simpo         cdpo(b (pc' - pr') - gamma), pc' = policy_chosen / tokens_chosen, no reference
+#                                                           SimPO, Meng 2024
+#    orpo          nll - b log s(o), o = pc' - pr' - log(1 - exp(pc')) + log(1 - exp(pr')), the log odds
+#                  ratio, nll = the sft term below; no reference    ORPO, Hong 2024 (TRL's ORPOTrainer)
+# or over the whole batch (the global batch of the step, all devices and microbatches together):
+#    aot           cdpo(b (sort(pc - pr) - sort(refc - refr)))   AOT, Melnyk 2024: margins matched by rank
+#    aot_unpaired  cdpo(b (sort(c) - sort(r)))                   AOT, unpaired
+#    sft           -sum(policy_chosen) / sum(tokens_chosen): the chosen tokens' mean NLL (RPO's term)
+# summed with config.loss_weights. TRL's knobs that change them (DPOConfig's names): f_divergence_type
+# puts a score of each log-ratio in h, c' and r' (f_divergence_score), use_weighting weighs each pair's
+# term, sft's too (WPO, wpo_weights), ld_alpha changes the log-probs themselves (LD-DPO, pair_logps).
 
 
-def dpo_loss(policy, reference, tokens, weight, config: Config, totals=None) -> tuple[jax.Array, jax.Array]:
-    """The preference loss of a batch and each pair's implicit rewards.
+def dpo_loss(
+    policy, reference, tokens, weight, config: Config, totals=None, pair_weight=None
+) -> tuple[jax.Array, jax.Array]:
+    """The preference loss of a batch (the table above) and each pair's implicit rewards.
 
     policy, reference [B, 2]: summed log-probs of (chosen, rejected) under the policy and the reference
     (reference None for the reference-free losses); tokens [B, 2]: scored tokens of each; weight [B]: 1
-    for a pair, 0 for padding. With b = beta, ls = label_smoothing, the log-ratios c = policy_chosen -
-    reference_chosen and r = policy_rejected - reference_rejected, h = c - r, their per-token forms
-    c' = c / tokens_chosen, r' = r / tokens_rejected, and cdpo(z) = -(1 - ls) log s(z) - ls log s(-z)
-    (s the sigmoid), each loss (TRL's names and numbers) is a mean over the pairs of
-        sigmoid       cdpo(b h)                                DPO, Rafailov 2023 (cDPO, Mitchell 2023)
-        hinge         max(0, 1 - b h)                          SLiC, Zhao 2023
-        ipo           (c' - r' - 1 / (2 b))^2                  IPO, Azar 2023: per token, as its authors
-                                                               confirmed to TRL (beta carries over lengths)
-        exo_pair      s(b h)(log s(b h) - log(1 - ls)) + s(-b h)(log s(-b h) - log ls)    EXO, Ji 2024
-        nca_pair      -log s(b c) - log s(-b c) / 2 - log s(-b r) / 2                     NCA, Chen 2024
-        robust        (-(1 - ls) log s(b h) + ls log s(-b h)) / (1 - 2 ls)   robust DPO, Chowdhury 2024
-        bco_pair      -log s(b c) - log s(-b r)                BCO, Jung 2024 (TRL 1.x: no running mean)
-        sppo_hard     (c - 1 / (2 b))^2 + (r + 1 / (2 b))^2    SPPO, Wu 2024
-        apo_zero      1 - s(b c) + s(b r)                      APO, D'Oosterlinck 2024
-        apo_down      s(b c) + 1 - s(b h)                      APO, D'Oosterlinck 2024
-        discopop      -log s(b h)(1 - m) + exp(-b h) m, m = s(b h / tau)   DiscoPOP, Lu 2024
-        sigmoid_norm  -log s(b (c' - r'))                      length-normalised DPO, Tulu 3 (Lambert 2024)
-        simpo         cdpo(b (pc' - pr') - gamma), pc' = policy_chosen / tokens_chosen, no reference
-                                                               SimPO, Meng 2024
-    or over the whole batch (the global batch of the step, all devices and microbatches together):
-        aot           cdpo(b (sort(pc - pr) - sort(refc - refr)))   AOT, Melnyk 2024: margins matched by rank
-        aot_unpaired  cdpo(b (sort(c) - sort(r)))                   AOT, unpaired
-        sft           -sum(policy_chosen) / sum(tokens_chosen): the chosen tokens' mean NLL (RPO's term)
-    summed with config.loss_weights. `totals` (pairs, chosen tokens) are the denominators when this batch is
-    one microbatch of a larger one. Rewards [B, 2] are b (policy - reference), or b policy / tokens without a
-    reference; gradient-free (metrics).
+    for a pair, 0 for padding; pair_weight [B]: WPO's weights (use_weighting), gradient-free, or None.
+    `totals` (pairs, chosen tokens) are the denominators when this batch is one microbatch of a larger one.
+    Rewards [B, 2] are b (policy - reference), or b policy / tokens without a reference; gradient-free.
     """
     b, ls, gamma, tau = config.beta, config.label_smoothing, config.simpo_gamma, config.discopop_tau
     pairs, chosen_tokens = totals if totals is not None else (jnp.sum(weight), jnp.sum(weight * tokens[:, 0]))
@@ -234,13 +281,17 @@ def dpo_loss(policy, reference, tokens, weight, config: Config, totals=None) -> 
     if reference is None:  # reference-free: log-probs stand in where log-ratios would be, as SimPO reads them
         reference = jnp.zeros_like(policy)
     (c, r), (nc, nr) = (policy - reference).T, tokens.T
-    bh, per_token, log_s, s = b * (c - r), c / nc - r / nr, jax.nn.log_sigmoid, jax.nn.sigmoid
+    score_c, score_r = f_divergence_score(c, config), f_divergence_score(r, config)
+    bh, per_token = b * (score_c - score_r), score_c / nc - score_r / nr
+    log_s, s = jax.nn.log_sigmoid, jax.nn.sigmoid
     cdpo = lambda z: -(1 - ls) * log_s(z) - ls * log_s(-z)
-    mean = lambda x: jnp.sum(weight * x) / pairs
+    scaled = weight if pair_weight is None else weight * pair_weight
+    mean = lambda x: jnp.sum(scaled * x) / pairs
     real = weight > 0  # sorted over the real pairs only: padding goes to the end, then is left out
     ranked = lambda x: jnp.sort(jnp.where(real, x, jnp.inf))
     in_rank = jnp.arange(len(weight)) < jnp.sum(real)
     rank_mean = lambda x: jnp.sum(jnp.where(in_rank, x, 0.0)) / pairs
+    nll = lambda: -jnp.sum(weight * policy[:, 0]) / chosen_tokens
     losses = {
         "sigmoid": lambda: mean(cdpo(bh)),
         "hinge": lambda: mean(jax.nn.relu(1 - bh)),
@@ -255,16 +306,46 @@ def dpo_loss(policy, reference, tokens, weight, config: Config, totals=None) -> 
         "discopop": lambda: mean(-log_s(bh) * (1 - s(bh / tau)) + jnp.exp(-bh) * s(bh / tau)),
         "sigmoid_norm": lambda: mean(-log_s(b * per_token)),
         "simpo": lambda: mean(cdpo(b * (policy[:, 0] / nc - policy[:, 1] / nr) - gamma)),
+        "orpo": lambda: nll() - b * mean(log_s(log_odds(policy, tokens))),
         "aot": lambda: rank_mean(
             cdpo(b * (ranked(policy[:, 0] - policy[:, 1]) - ranked(reference[:, 0] - reference[:, 1])))
         ),
         "aot_unpaired": lambda: rank_mean(cdpo(b * (ranked(c) - ranked(r)))),
-        "sft": lambda: -jnp.sum(weight * policy[:, 0]) / chosen_tokens,
+        "sft": lambda: nll() if pair_weight is None else nll() * mean(1.0),  # WPO: the weights' mean, as TRL
     }
     weights = config.loss_weights or (1.0,) * len(config.loss_type)
     loss = sum(w * losses[name]() for name, w in zip(config.loss_type, weights, strict=True))
     rewards = b * (policy - reference if config.uses_reference else policy / tokens)
     return loss, jax.lax.stop_gradient(rewards)
+
+
+def f_divergence_score(x, config: Config):
+    """TRL's score of a log-ratio x under config.f_divergence_type (f-DPO, Wang 2023: f'(policy / ref))."""
+    kind, a = config.f_divergence_type, config.f_alpha_divergence_coef
+    if kind == "forward_kl":
+        return 1 - jnp.exp(-x)
+    if kind == "js_divergence":
+        return jnp.log(2.0) + jax.nn.log_sigmoid(x)
+    if kind == "alpha_divergence" and abs(a - 1) >= 1e-6:  # a = 1 is its limit, reverse_kl
+        return jnp.expm1(jnp.minimum((a - 1) * x, 80.0)) / (a - 1)  # capped as TRL, to stay finite
+    return x
+
+
+def log_odds(policy, tokens):
+    """ORPO's log odds ratio of each pair [B]: log(p / (1 - p)) of chosen minus rejected, p = exp(mean token
+    log-prob). log(1 - exp(x)) is written -expm1 near 0 and log1p further out, as TRL's log1mexp."""
+    mean_logp = policy / jnp.maximum(tokens, 1)
+    safe = jnp.minimum(mean_logp, -1e-30)  # a mean log-prob of exactly 0 has odds +inf
+    log1mexp = jnp.where(safe < -math.log(2), jnp.log1p(-jnp.exp(safe)), jnp.log(-jnp.expm1(safe)))
+    odds = mean_logp - log1mexp
+    return odds[:, 0] - odds[:, 1]
+
+
+def wpo_weights(stats: TokenStats, tokens) -> jax.Array:
+    """WPO's pair weights [B] (Zhou 2024, Eq. 2, as TRL 1.16): per side, exp of the mean over its scored
+    tokens of log p(token) - log sum_v p(v)^2 (the policy's probability, aligned to its own sampling), chosen
+    times rejected; gradient-free, lengths clamped at 1 as TRL, no cap on the product (TRL 1.x has none)."""
+    return jnp.exp(jnp.sum(stats.wpo / jnp.maximum(tokens, 1), axis=1))
 
 
 def metric_sums(policy, rewards, stats: TokenStats, tokens, weight) -> dict[str, jax.Array]:
@@ -296,6 +377,7 @@ DENOMINATORS = {
     "logits/rejected": "tokens/rejected",
     "entropy": "tokens",
     "mean_token_accuracy": "tokens/chosen",
+    "nll_loss": "tokens/chosen",
     "loss": "pairs",
 }
 COUNTS = ("pairs", "tokens", "tokens/chosen", "tokens/rejected")
@@ -333,6 +415,7 @@ class Rows(NamedTuple):
     ref_logps: jax.Array | None  # [b, 2]: the precomputed reference's log-probs, when the batch has them
     attended: jax.Array  # the lengths of the sequences attention runs over (step_flops)
     ran: jax.Array | None  # the tokens the model ran (step_flops); None: all of `attended`'s
+    tail: jax.Array  # [N, T] bool: scored targets past the pair's shorter side (LD-DPO's verbose part)
 
 
 def rows_of(batch: dict) -> Rows:
@@ -348,6 +431,9 @@ def _rows_of_sides(batch: dict) -> Rows:
     # Position t predicts token t + 1: shift targets and mask left instead of slicing the hidden states.
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     scored = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    place = jnp.cumsum(scored, axis=1)  # each scored target's place among its side's, from 1
+    shorter = batch_reshape(place[:, -1], (b, 2)).min(1, keepdims=True)
+    shorter = batch_reshape(jnp.broadcast_to(shorter, (b, 2)), (2 * b,))
     return Rows(
         tokens=tokens,
         inputs=dict(lengths=batch_reshape(batch["lengths"], (2 * b,))),
@@ -359,6 +445,7 @@ def _rows_of_sides(batch: dict) -> Rows:
         ref_logps=batch.get("ref_logps"),
         attended=batch["lengths"],
         ran=None,
+        tail=(place > shorter[:, None]) & (scored > 0),
     )
 
 
@@ -380,7 +467,19 @@ def _rows_of_sequences(batch: dict) -> Rows:
         ref_logps=flat(batch["ref_logps"]) if "ref_logps" in batch else None,
         attended=batch["view_lengths"],
         ran=jnp.sum(batch["pair"] >= 0, dtype=jnp.float32),
+        tail=_tail_of_sequences(batch),
     )
+
+
+def _tail_of_sequences(batch: dict) -> jax.Array:
+    """Rows.tail of rows of several sequences: a scored target counts among its pair slot and side's (a shared
+    one among both sides', and being the prompt's it comes first, so it is never past the shorter side)."""
+    slots = jax.nn.one_hot(batch["pair"], batch["weight"].shape[1], dtype=jnp.float32)  # [R, W, K]
+    sides = jnp.stack([batch["side"] != data.REJECTED, batch["side"] != data.CHOSEN], -1)  # [R, W, 2]
+    counted = batch["target_mask"][..., None, None] * slots[..., None] * sides[..., None, :]  # [R, W, K, 2]
+    place = jnp.cumsum(counted, axis=1)
+    shorter = place[:, -1].min(-1)  # [R, K]
+    return jnp.any((counted > 0) & (place > shorter[:, None, :, None]), axis=(2, 3))
 
 
 def _per_pair_side(batch: dict, x: jax.Array) -> jax.Array:
@@ -406,6 +505,8 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lor
     rows = rows_of(batch)
     hidden = model.forward(params, rows.tokens, arch, compute_dtype=dtype, **rows.inputs, **options)
     logps, stats = token_logps(hidden, lm_head, rows.targets, rows.scored, config.logits_chunk_size)
+    if config.ld_alpha is not None:  # LD-DPO: the verbose part of the longer side counts ld_alpha
+        logps = jnp.where(rows.tail, config.ld_alpha * logps, logps)
     return rows.by_pair(logps), jax.tree.map(rows.by_pair, stats)
 
 
@@ -419,6 +520,7 @@ class TokenStats(NamedTuple):
     mean_logit: jax.Array  # the mean logit over the vocabulary
     entropy: jax.Array  # of the next-token distribution
     argmax_hit: jax.Array  # 1 where the target is the argmax, else 0
+    wpo: jax.Array | None = None  # log p(target) - log sum_v p(v)^2: WPO's per-token weight (wpo_weights)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -486,6 +588,7 @@ class _Running(NamedTuple):
     weighted: jax.Array  # sum of exp(logit - high) * logit
     target: jax.Array  # the target's logit
     plain: jax.Array  # sum of the logits
+    squared: jax.Array  # sum of exp(logit - high)^2 (WPO's sum of squared probabilities)
 
 
 def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
@@ -502,20 +605,25 @@ def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
             weighted=running.weighted * shrink + (exp * finite).sum((-2, -1)),
             target=running.target + target,
             plain=running.plain + finite.sum((-2, -1)),
+            squared=running.squared * shrink**2 + (exp * exp).sum((-2, -1)),
         ), None
 
     zero = jnp.zeros_like(hidden[..., 0], dtype=jnp.float32)  # [N, T], sharded like the rows
     count = _chunking(lm_head, chunk_size)[1]
-    running, _ = jax.lax.scan(step, _Running(zero - jnp.inf, zero, zero, zero, zero), jnp.arange(count))
+    start = _Running(zero - jnp.inf, zero, zero, zero, zero, zero)
+    running, _ = jax.lax.scan(step, start, jnp.arange(count))
     logsumexp = running.high + jnp.log(running.total)
+    logp = running.target - logsumexp
     stats = TokenStats(
         mean_logit=running.plain / lm_head.shape[1],
         entropy=logsumexp - running.weighted / running.total,
         argmax_hit=(running.target >= running.high).astype(jnp.float32),
+        # log sum_v p(v)^2 = log squared - 2 log total: both scaled by the same running maximum
+        wpo=logp - jnp.log(running.squared) + 2 * jnp.log(running.total),
     )
     stats = jax.lax.stop_gradient(jax.tree.map(lambda x: jnp.where(mask, x, 0.0), stats))
     residuals = (hidden, lm_head, targets, mask, logsumexp)
-    return (jnp.where(mask, running.target - logsumexp, 0.0), stats), residuals
+    return (jnp.where(mask, logp, 0.0), stats), residuals
 
 
 def _logps_backward(chunk_size, residuals, grads):
@@ -600,6 +708,7 @@ class TrainState:
     params: dict  # f32 master weights (with LoRA: the adapters), sharded as declared in model.py
     opt_state: optax.OptState  # sharded like params
     skipped: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
+    reference: dict | None = None  # TR-DPO's moving reference (sync_ref_model), so checkpoints hold it
 
     @classmethod
     def create(cls, params: dict, optimizer) -> TrainState:
@@ -628,6 +737,22 @@ class Frozen(NamedTuple):
 
     base: dict | None  # what LoRA's adapters sit on; None without LoRA
     reference: dict | None  # with LoRA by default the base; None: precomputed (ref_logps) or not used
+
+
+def with_reference(state: TrainState, frozen: Frozen) -> Frozen:
+    """The weights a step reads: the moving reference (sync_ref_model) lives in the state, not in Frozen."""
+    return frozen if state.reference is None else frozen._replace(reference=state.reference)
+
+
+def synced_reference(reference: dict | None, params: dict, step, config: Config) -> dict | None:
+    """TR-DPO (Gorbatovski 2024), as TRL's SyncRefModelCallback: after every ref_model_sync_steps-th step the
+    reference becomes alpha * policy + (1 - alpha) * reference (in f32, kept in the reference's dtype)."""
+    if not config.sync_ref_model:
+        return reference
+    a = config.ref_model_mixup_alpha
+    mix = lambda p, r: (a * p.astype(jnp.float32) + (1 - a) * r.astype(jnp.float32)).astype(r.dtype)
+    due = step % config.ref_model_sync_steps == 0
+    return jax.lax.cond(due, lambda: jax.tree.map(mix, params, reference), lambda: reference)
 
 
 class PairLogps(NamedTuple):
@@ -662,9 +787,16 @@ def loss_and_sums(logps: PairLogps, config: Config, totals=None) -> tuple[jax.Ar
     """dpo_loss of the pairs and their metric sums (with the loss times the pairs, so that it adds up too).
     On replicated arrays: a batch loss sorts them. `totals`: as dpo_loss's."""
     policy, reference, stats, tokens, weight = jax.tree.map(lambda x: jax.sharding.reshard(x, P()), logps)
-    loss, rewards = dpo_loss(policy, reference, tokens, weight, config, totals)
+    pair_weight = wpo_weights(stats, tokens) if config.use_weighting else None
+    loss, rewards = dpo_loss(policy, reference, tokens, weight, config, totals, pair_weight)
     pairs = jnp.sum(weight) if totals is None else totals[0]
-    return loss, metric_sums(policy, rewards, stats, tokens, weight) | {"loss": loss * pairs}
+    sums = metric_sums(policy, rewards, stats, tokens, weight) | {"loss": loss * pairs}
+    if "orpo" in config.loss_type:  # TRL's ORPO metrics
+        odds = jax.lax.stop_gradient(log_odds(policy, tokens))
+        sums["log_odds_ratio"] = jnp.sum(weight * jax.nn.log_sigmoid(odds))
+        sums["log_odds_chosen"] = jnp.sum(weight * odds)
+        sums["nll_loss"] = -jnp.sum(weight * jax.lax.stop_gradient(policy[:, 0]))  # over tokens/chosen
+    return loss, sums
 
 
 def microbatches(batch: dict, count: int) -> dict:
@@ -716,10 +848,12 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, arch, config: Con
     """One optimizer step on a batch: the gradients, summed over microbatches or, for a batch loss split into
     microbatches, of the whole batch; AdamW; the step's metrics. An update whose loss or gradient is not
     finite is not applied (bookkeeping.check_update decides whether to stop)."""
-    whole_batch = config.num_microbatches > 1 and BATCH_LOSSES & set(config.loss_type)
+    # sft under WPO is its batch scalar times the mean weight, a product of whole-batch sums: a batch loss.
+    batch_loss = BATCH_LOSSES & set(config.loss_type) or config.use_weighting and "sft" in config.loss_type
+    whole_batch = config.num_microbatches > 1 and batch_loss
     gradients = grads_whole_batch if whole_batch else grads_summed_over_microbatches
     with jax.named_scope("forward_backward"):
-        grads, sums = gradients(state.params, frozen, batch, arch, config)
+        grads, sums = gradients(state.params, with_reference(state, frozen), batch, arch, config)
     metrics = normalize(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = lr_schedule(config)(state.step)
@@ -734,7 +868,9 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, arch, config: Con
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     skipped = state.skipped + (~finite).astype(jnp.int32)
     metrics |= {"nonfinite": ~finite, "skipped_updates": skipped}
-    state = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), skipped)
+    params = keep(params, state.params)
+    reference = synced_reference(state.reference, params, state.step + 1, config)
+    state = TrainState(state.step + 1, params, keep(opt_state, state.opt_state), skipped, reference)
     return state, metrics
 
 
@@ -806,10 +942,11 @@ def compile_programs(train_step, eval_step, batches: Loaders, start: Start, num_
     programs = Programs(dict(training=train_step, evaluation=eval_step), shapes)
     if count := sum(map(len, shapes.values())):
         bookkeeping.say(f"compiling {count} programs (batch shapes) before the first step ...")
-    first = dict(training=start.state, evaluation=start.state.params)  # the arguments before frozen, batch
+    state, frozen = start.state, start.frozen  # the arguments before the batch:
+    first = dict(training=(state, frozen), evaluation=(state.params, with_reference(state, frozen)))
     with jax.set_mesh(mesh):
         blank = lambda kind, shape: sharding.global_batch(batches.blank(kind, shape), mesh)
-        programs.compile(lambda kind, shape: (first[kind], start.frozen, blank(kind, shape)))
+        programs.compile(lambda kind, shape: (*first[kind], blank(kind, shape)))
     return programs
 
 
@@ -843,10 +980,15 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
     computed once, and no weights)."""
     arch, mesh = inputs.arch, inputs.mesh
     create = partial(TrainState.create, optimizer=optimizer)
-    lora = model.lora_weights(config.lora_rank, config.lora_targets) if config.lora_rank else None
+    lora = model.lora_weights(arch, config.lora_rank, config.lora_targets) if config.lora_rank else None
     compute_dtype = model.dtype_of(config.compute_dtype)
     base = model.load_params(inputs.model_dir, arch, mesh, dtype=compute_dtype) if lora else None
     abstract = jax.eval_shape(create, model.abstract_params(arch, mesh, lora))
+    if config.sync_ref_model:  # TR-DPO's moving reference is state: checkpoints hold it
+        like = lambda x: jax.ShapeDtypeStruct(
+            x.shape, model.dtype_of(config.reference_dtype), sharding=x.sharding
+        )
+        abstract.reference = jax.tree.map(like, abstract.params)
     state = bookkeeping.restore_checkpoint(run, abstract, mesh, inputs.data_id)
     resume_step = None if state is None else int(state.step)
     if state is None and lora:
@@ -854,7 +996,9 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
     elif state is None:
         state = jax.jit(create)(model.load_params(inputs.model_dir, arch, mesh))
     reference, tables = None, (None, None)
-    if config.uses_reference and config.reference_mode == "live":
+    if state.reference is not None:  # the moving reference came back with the checkpoint
+        pass
+    elif config.uses_reference and config.reference_mode == "live":
         if lora and inputs.reference_dir == inputs.model_dir:  # the base without its adapters
             reference = base
         else:
@@ -865,6 +1009,8 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
         tables = bookkeeping.precompute_reference_logps(
             datasets, inputs.reference_dir, arch, config, mesh, pair_logps
         )
+    if config.sync_ref_model:  # it moves with the state (with_reference), so Frozen does not hold it
+        state.reference, reference = state.reference or reference, None
     return Start(state, resume_step, Frozen(base, reference), *tables)
 
 
@@ -937,8 +1083,7 @@ def main(config: Config) -> Path:
     if demo:  # the demo's model and pairs, made in the run directory once it has passed its check
         pairs = config.train_data or str(run / "demo" / "pairs.jsonl")
         config = dataclasses.replace(config, model_name_or_path=str(run / "demo" / "model"), train_data=pairs)
-    # a demo run copied elsewhere resumes: its files are found anew
-    bookkeeping.check_run_dir(run, given, lr_schedule)
+    bookkeeping.check_run_dir(run, given, lr_schedule)  # a copied demo run finds its files anew
     if demo:
         bookkeeping.make_demo(run / "demo", config.seed)
     inputs = bookkeeping.load_inputs(run, config)
@@ -953,7 +1098,9 @@ def main(config: Config) -> Path:
     state, frozen, done = start.state, start.frozen, start.resume_step or 0  # done: steps taken before
     programs = compile_programs(train_step, eval_step, batches, start, config.num_train_steps, mesh)
     evaluation, train_batches = partial(programs, "evaluation"), batches.train(start)
-    eval_metrics = lambda s: evaluate(evaluation, s.params, frozen, batches.validation(start), mesh)
+    eval_metrics = lambda s: evaluate(
+        evaluation, s.params, with_reference(s, frozen), batches.validation(start), mesh
+    )
     export = bookkeeping.exporter(run, config, inputs, frozen.base)
 
     # --- the loop
@@ -992,9 +1139,7 @@ def main(config: Config) -> Path:
             if step % config.steps_per_hf_export == 0 or last:
                 export(state)
     say(f"programs: {programs.report()}")
-    made = [name for name in ("config.json", "metrics.jsonl", "checkpoints/", "hf/") if (run / name).exists()]
-    loads = " (transformers loads hf/step-N as it is)" if "hf/" in made else ""
-    say(f"done. run directory {run.resolve()}: {', '.join(made)}{loads}")
+    bookkeeping.say_done(run)
     return run
 
 

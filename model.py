@@ -1,12 +1,14 @@
-"""Llama as pure functions over a pytree of jax.Arrays, with Hugging Face weights in and out.
+"""Llama-style decoders as pure functions over a pytree of jax.Arrays, with Hugging Face weights in and out.
 
 Here: `LlamaConfig` from a transformers config.json, one table declaring every weight (axes, mesh
 placement, initializer, transformers' name), sharded random init, `forward` -> final normed hidden states,
 loading safetensors straight into shards, and an export that `transformers` loads unchanged. It reproduces
 `LlamaForCausalLM` checkpoints: Llama 2 and TinyLlama (rope_type default), Llama 3, 3.1 and 3.2
-(rope_type llama3), grouped-query attention and tied embeddings. Anything in a config.json it could not
-reproduce exactly is refused in one line: other model types (Mistral's sliding window, Qwen's biases),
-other rope types, biases, activations other than SiLU.
+(rope_type llama3), grouped-query and multi-query attention and tied embeddings; and the families that are
+the same block with small additions (_FAMILIES): Mistral, Qwen2 / Qwen2.5 (q, k, v biases) and Qwen3 (an
+RMSNorm over each head of q and k), exported as the same family. Anything in a config.json it could not
+reproduce exactly is refused in one line: other model types (MoE, Gemma), sliding windows, other rope
+types, other biases, activations other than SiLU.
 Left out on purpose: KV caches and generation, dropout, quantization.
 
 Conventions
@@ -30,6 +32,7 @@ What the DPO step gets (call inside `jax.set_mesh(mesh)`, under jit):
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -76,6 +79,16 @@ _HF_KEYS = {
 }
 
 
+# The families read: what their config.json must hold (a key that is absent means the value shown), and
+# what an export writes. Each is Llama's block; what a family adds is a property below and a weight of _LAYER.
+_FAMILIES = {
+    "llama": dict(architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False),
+    "mistral": dict(architectures=["MistralForCausalLM"]),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], use_sliding_window=False),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], attention_bias=False, use_sliding_window=False),
+}
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int  # V
@@ -94,12 +107,24 @@ class LlamaConfig:
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
     initializer_range: float = 0.02  # std of the normal init of every matrix (as transformers)
+    model_type: str = "llama"  # the family (_FAMILIES): its weight names, and what it adds to Llama's block
+    sliding_window: int | None = None  # Mistral's attention window; a run refuses one shorter than its rows
 
     def __post_init__(self):
+        if self.model_type not in _FAMILIES:
+            raise ValueError(f"model_type {self.model_type!r} is not one of {list(_FAMILIES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+
+    @property
+    def qkv_bias(self) -> bool:  # Qwen2 / Qwen2.5: q, k and v projections with a bias
+        return self.model_type == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:  # Qwen3: an RMSNorm over each head of q and of k, before RoPE
+        return self.model_type == "qwen3"
 
     @property
     def num_matmul_params(self) -> int:
@@ -112,14 +137,19 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
         def refuse(key, value):
-            raise ValueError(f"config.json has {key}={value!r}, which this Llama code cannot reproduce")
+            families = ", ".join(_FAMILIES)
+            raise ValueError(
+                f"config.json has {key}={value!r}, which this code ({families}) cannot reproduce"
+            )
 
-        supported = dict(model_type="llama", attention_bias=False, mlp_bias=False, hidden_act="silu")
-        for key, value in supported.items():
-            if hf.get(key, value) != value:
+        family = hf.get("model_type", "llama")
+        if family not in _FAMILIES:  # MoE (mixtral, qwen3_moe), Gemma, ...
+            refuse("model_type", family)
+        for key, value in (_FAMILIES[family] | dict(hidden_act="silu")).items():
+            if hf.get(key) not in (None, value):
                 refuse(key, hf[key])
-        if (hf.get("architectures") or ["LlamaForCausalLM"]) != ["LlamaForCausalLM"]:
-            refuse("architectures", hf["architectures"])
+        if "sliding_attention" in (hf.get("layer_types") or []):
+            refuse("layer_types", hf["layer_types"])
         # The Hub's Llama 3.x config.json has rope_theta and rope_scaling at the top level; transformers 5
         # writes rope_parameters = {rope_type, rope_theta, scaling...}. Same precedence as transformers 5.
         rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
@@ -152,15 +182,23 @@ class LlamaConfig:
             eos_token_id=() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),
             pad_token_id=hf.get("pad_token_id"),
             initializer_range=hf.get("initializer_range", 0.02),
+            model_type=family,
+            # Qwen's window is off (use_sliding_window false, checked above); Mistral's: transformers' default
+            sliding_window=hf.get("sliding_window", 4096) if family == "mistral" else None,
         )
 
     def to_hf(self, torch_dtype: str = "bfloat16") -> dict:
         llama3 = {} if self.rope_scaling is None else {"rope_type": "llama3", **vars(self.rope_scaling)}
         eos = list(self.eos_token_id)
-        hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", use_cache=True)
-        # Every field under transformers' name for it; eos_token_id and rope_scaling are respelled below.
-        hf |= {_HF_KEYS.get(k, k): v for k, v in vars(self).items()}
-        hf |= dict(attention_bias=False, mlp_bias=False, dtype=torch_dtype, torch_dtype=torch_dtype)
+        hf = dict(hidden_act="silu", use_cache=True, dtype=torch_dtype, torch_dtype=torch_dtype)
+        # Every field under transformers' name for it (a window only where the family has one); eos_token_id
+        # and rope_scaling are respelled below.
+        fields = {_HF_KEYS.get(k, k): v for k, v in vars(self).items()}
+        hf |= fields | _FAMILIES[self.model_type]
+        if self.model_type != "mistral":
+            del hf["sliding_window"]
+        if self.model_type == "qwen2" and self.head_dim * self.num_heads == self.hidden_size:
+            del hf["head_dim"]  # Qwen2's config has none (its modeling reads one when given)
         hf["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
         # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling, which 5 also
         # accepts (rope_scaling first): both spell the same values.
@@ -181,9 +219,12 @@ class Weight:
     hf: str = ""  # the tensor's name in transformers' Llama; a layer's weights are one tensor per layer ({})
     n_in: int = 0  # how many axes (after L) make up nn.Linear's input axis; 0: transformers' layout
     rank: int = 0  # R, for adapters
+    flat: bool = False  # transformers holds it as one axis: a bias [H*Q], ours [H, Q]
+    family: str = ""  # the LlamaConfig property that adds it (qkv_bias, qk_norm); "": every model has it
 
 
 F, T = "fsdp", "tensor"
+_ATTN = "model.layers.{}.self_attn."
 # One decoder layer's weights, stacked on a leading L axis. nn.Linear stores [out, in]; we store [in, out]
 # split into named axes, so ours = hf.T reshaped.
 _LAYER = {
@@ -191,6 +232,13 @@ _LAYER = {
     "wq": Weight("LDHQ", P(None, F, T, None), "normal", "model.layers.{}.self_attn.q_proj.weight", 1),
     "wk": Weight("LDKQ", P(None, F, T, None), "normal", "model.layers.{}.self_attn.k_proj.weight", 1),
     "wv": Weight("LDKQ", P(None, F, T, None), "normal", "model.layers.{}.self_attn.v_proj.weight", 1),
+    # Biases and head norms are split like their weight's output axes (heads over tensor), and small enough
+    # to stay whole over fsdp.
+    "bq": Weight("LHQ", P(None, T, None), "zeros", _ATTN + "q_proj.bias", flat=True, family="qkv_bias"),
+    "bk": Weight("LKQ", P(None, T, None), "zeros", _ATTN + "k_proj.bias", flat=True, family="qkv_bias"),
+    "bv": Weight("LKQ", P(None, T, None), "zeros", _ATTN + "v_proj.bias", flat=True, family="qkv_bias"),
+    "q_norm": Weight("LQ", P(None, None), "ones", _ATTN + "q_norm.weight", family="qk_norm"),
+    "k_norm": Weight("LQ", P(None, None), "ones", _ATTN + "k_norm.weight", family="qk_norm"),
     "wo": Weight("LHQD", P(None, T, None, F), "normal", "model.layers.{}.self_attn.o_proj.weight", 2),
     "mlp_norm": Weight("LD", P(None, None), "ones", "model.layers.{}.post_attention_layernorm.weight"),
     "w_gate": Weight("LDF", P(None, F, T), "normal", "model.layers.{}.mlp.gate_proj.weight", 1),
@@ -208,8 +256,15 @@ _WEIGHTS = {  # in transformers' order; embed = lm_head.T when tied, so it is la
 def _weights(arch: LlamaConfig) -> dict:
     """Every weight, once (no lm_head when tied). FSDP shards one non-tensor axis; tensor splits heads (q,
     k, v on their head axis, o on its input heads) and F (gate, up on their output, down on its input),
-    Megatron-style, so attention and the MLP each need one all-reduce over tensor."""
-    return {k: w for k, w in _WEIGHTS.items() if k != "lm_head" or not arch.tie_word_embeddings}
+    Megatron-style, so attention and the MLP each need one all-reduce over tensor. One kv head (multi-query
+    attention) cannot be split: it is whole on every tensor device, and each computes its own query heads
+    against it."""
+    weights = {k: w for k, w in _WEIGHTS.items() if k != "lm_head" or not arch.tie_word_embeddings}
+    layer = {k: w for k, w in _LAYER.items() if not w.family or getattr(arch, w.family)}
+    if arch.num_kv_heads == 1:
+        whole_k = lambda w: P(*(None if a == "K" else s for a, s in zip(w.axes, w.spec, strict=True)))
+        layer = {k: dataclasses.replace(w, spec=whole_k(w)) if "K" in w.axes else w for k, w in layer.items()}
+    return weights | {"layers": layer}
 
 
 _SIZE_FIELDS = dict(L="num_layers", D="hidden_size", H="num_heads", K="num_kv_heads", Q="head_dim")
@@ -224,15 +279,15 @@ def _shape(arch: LlamaConfig, w: Weight) -> tuple[int, ...]:
 LORA_TARGETS = dict(q="wq", k="wk", v="wv", o="wo", gate="w_gate", up="w_up", down="w_down")
 
 
-def lora_weights(rank: int, targets) -> dict:
+def lora_weights(arch: LlamaConfig, rank: int, targets) -> dict:
     """The LoRA adapters of `targets` (LORA_TARGETS' names), declared beside their base weights: W [in, out]
     becomes W + (alpha / rank) A B with A [L, in, R] sharded like W's input axes and B [L, R, out] like its
     output axes, so the low-rank path splits as the weight does. A is Kaiming-uniform and B zero, as in
-    PEFT: at step 0 the adapted model is the base."""
-    adapters = {}
+    PEFT: at step 0 the adapted model is the base. Biases stay frozen."""
+    adapters, layer = {}, _weights(arch)["layers"]
     for target in targets:
         name = LORA_TARGETS[target]
-        w = _LAYER[name]
+        w = layer[name]
         inputs, outputs = slice(1, 1 + w.n_in), slice(1 + w.n_in, None)
         a = Weight(f"L{w.axes[inputs]}R", P(None, *w.spec[inputs], None), "kaiming", rank=rank)
         b = Weight(f"LR{w.axes[outputs]}", P(None, None, *w.spec[outputs]), "zeros", rank=rank)
@@ -281,6 +336,17 @@ def check_lora(arch: LlamaConfig, rank: int, targets) -> None:
         raise ValueError(
             f"lora_rank {rank} is larger than the adapted {smallest} projection allows ({size}): "
             f"at most {min(sides[smallest])}"
+        )
+
+
+def check_window(arch: LlamaConfig, max_seq_len: int) -> None:
+    """A sliding window (Mistral v0.1's 4096) attends to the last sliding_window tokens only: the same as
+    full attention while no sequence is longer, which is all this code computes. A shorter window than
+    max_seq_len is refused in one line."""
+    if arch.sliding_window is not None and arch.sliding_window < max_seq_len:
+        raise ValueError(
+            f"config.json has sliding_window={arch.sliding_window}, shorter than max_seq_len {max_seq_len}: "
+            f"attention within a window is not implemented; use max_seq_len <= {arch.sliding_window}"
         )
 
 
@@ -392,9 +458,12 @@ def _view_attention(q, k, v, index, lengths, slot, impl):
     view gathers its tokens' q, k, v (already rotated at their positions), attends causally within its
     first lengths[b, j] tokens with the same kernel rows use, and every token of a row takes its output
     from the flat view position slot[b, t]. Gathers along a row stay on its device."""
-    spec = (*jax.typeof(q).sharding.spec, None, None)  # a spec may leave out trailing unsplit axes
-    (b, n, s), heads = index.shape, spec[2:4]  # how q's heads and head dim are split
-    split = lambda x, shape: jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, None, *heads))
+    b, n, s = index.shape
+
+    def split(x, shape):  # heads and head dim stay split as x's are (one kv head is whole: _weights)
+        heads = (*jax.typeof(x).sharding.spec, None, None)[2:4]  # a spec may leave out trailing unsplit axes
+        return jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, None, *heads))
+
     flat = index.reshape(b, n * s)[..., None, None]
     views = lambda x: split(jnp.take_along_axis(x, flat, axis=1), (b * n, s, *x.shape[2:]))
     lengths = jnp.reshape(lengths, (b * n,), out_sharding=P(sharding.BATCH_AXES))
@@ -427,6 +496,19 @@ def _linear(spec: str, x, w: jax.Array, adapter: dict | None, scale: float, out=
     a, b = (_gathered(adapter[k], x.dtype) for k in "ab")
     low = jnp.einsum(f"{x_axes},{inputs}r->btr", x, a, out_sharding=BATCH)
     return y + scale * jnp.einsum(f"btr,r{outputs}->{y_axes}", low, b, out_sharding=out)
+
+
+def _qkv(project, h, w: dict, arch: LlamaConfig):
+    """q [B, T, H, Q], k and v [B, T, K, Q] of a layer's normed input h (`project`: h times a weight and its
+    adapter), with the family's additions: Qwen2's biases, Qwen3's RMSNorm over each head of q and k."""
+    q = project("btd,dhq->bthq", h, "wq")  # B over the batch axes, heads over tensor
+    k = project("btd,dkq->btkq", h, "wk")
+    v = project("btd,dkq->btkq", h, "wv")
+    if arch.qkv_bias:
+        q, k, v = (y + w[b].astype(y.dtype) for y, b in ((q, "bq"), (k, "bk"), (v, "bv")))
+    if arch.qk_norm:
+        q, k = rms_norm(q, w["q_norm"], arch.rms_norm_eps), rms_norm(k, w["k_norm"], arch.rms_norm_eps)
+    return q, k, v
 
 
 # Per-layer activation checkpointing: "full" keeps only each layer's input; "save_matmuls" also keeps the
@@ -498,9 +580,7 @@ def forward(
 
         with jax.named_scope("attention"):
             h = rms_norm(x, w["attn_norm"], arch.rms_norm_eps)
-            q = project("btd,dhq->bthq", h, "wq")  # B over the batch axes, heads over tensor
-            k = project("btd,dkq->btkq", h, "wk")
-            v = project("btd,dkq->btkq", h, "wv")
+            q, k, v = _qkv(project, h, w, arch)
             o = _attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, lengths, attention_impl)
             # The sum over heads spans the tensor axis: out_sharding asks for the all-reduce.
             x = x + project("bthq,hqd->btd", o, "wo", BATCH)
@@ -572,13 +652,16 @@ def load_config(path) -> LlamaConfig:
 def _read_part(tensor, index: tuple[slice, ...], shape: tuple[int, ...], n_in: int) -> np.ndarray:
     """ours[index] of one (per-layer) weight of shape `shape`, reading only the rows/columns of the
     transformers tensor it needs (a safetensors slice reads just those bytes of the file)."""
-    if n_in == 0:
-        return tensor[index]
 
     def covering(idx, dims):  # contiguous range of the flattened axes, then what is left to pick
         inner = math.prod(dims[1:])
         return slice(idx[0].start * inner, idx[0].stop * inner), (slice(None), *idx[1:])
 
+    if n_in == 0 and len(tensor.get_shape()) < len(shape):  # flat: a bias [H*Q] holds our [H, Q]
+        rows, pick = covering(index, shape)
+        return tensor[rows].reshape(index[0].stop - index[0].start, *shape[1:])[pick]
+    if n_in == 0:
+        return tensor[index]
     cols, pick_in = covering(index[:n_in], shape[:n_in])
     rows, pick_out = covering(index[n_in:], shape[n_in:])
     lead_in = (index[0].stop - index[0].start, *shape[1:n_in])
@@ -620,8 +703,11 @@ def _checkpoint(path: Path):
 
 
 def _hf_shape(w: Weight, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """transformers' shape of one layer of `w` given our `shape`: nn.Linear's [out, in], else the same."""
+    """transformers' shape of one layer of `w` given our `shape`: nn.Linear's [out, in], a bias flat, else
+    the same."""
     one = shape[1:] if w.axes[0] == "L" else shape
+    if w.flat:
+        return (math.prod(one),)
     return (math.prod(one[w.n_in :]), math.prod(one[: w.n_in])) if w.n_in else tuple(one)
 
 
@@ -695,7 +781,7 @@ def save_hf(
 
         def fetch():
             x = sharding.to_host(_export_cast(array, layer, np_dtype))  # whole on every host
-            return x.reshape(hf_shape[1], hf_shape[0]).T if w.n_in else x
+            return x.reshape(hf_shape[1], hf_shape[0]).T if w.n_in else x.reshape(hf_shape)
 
         return w.hf.format(layer), hf_shape, fetch
 

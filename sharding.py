@@ -5,7 +5,7 @@ Mesh axes (every mesh here has all three, in this order):
   fsdp    the batch is split over it AND parameters / optimizer state are sharded over it; model.py
           gathers each layer's weights just before using them (ZeRO-3 / fully sharded data parallel).
   tensor  Megatron-style split of one layer: attention heads, and the MLP hidden dimension. Keep it
-          within a host (it talks every layer); kv heads must divide by it.
+          within a host (it talks every layer); kv heads must divide by it (one kv head is whole on each).
 
 A batch's leading dimension is split over ("data", "fsdp"); the rest of every batch array is whole.
 The axes are `AxisType.Explicit`: shardings are part of each array's type, so `jax.typeof(x)` shows

@@ -14,8 +14,14 @@ Sources read (through the stored-code index):
   * ``huggingface/trl`` ``trl/experimental/cpo/cpo_trainer.py`` @ 3a748cd1 and ``cpo_config.py`` @ eba8d4d0
     (SimPO).
 
-Conventions. Everything here assumes ``f_divergence_type="reverse_kl"`` (the default), ``ld_alpha=None``,
-``use_weighting=False`` and a single process.
+  * TRL 1.16.0 itself, from its wheel (``pip download trl==1.16.0``): ``trl/trainer/dpo_trainer.py``
+    ``_compute_loss`` (f_divergence_type and its allowed losses, ld_alpha, use_weighting),
+    ``trl/trainer/callbacks.py`` ``SyncRefModelCallback`` (sync_ref_model) and
+    ``trl/experimental/orpo/orpo_trainer.py`` ``odds_ratio_loss`` / ``log1mexp`` (ORPO). See the section
+    "TRL 1.16's objective knobs" at the end.
+
+Conventions. Unless a function below takes them, everything assumes ``f_divergence_type="reverse_kl"`` (the
+default), ``ld_alpha=None``, ``use_weighting=False`` and a single process.
   c = chosen_logps - ref_chosen_logps      (summed over the completion tokens)
   r = rejected_logps - ref_rejected_logps
   h = c - r  (TRL: ``delta_score``; equal to (pi_c - pi_r) - (ref_c - ref_r))
@@ -85,6 +91,8 @@ def per_pair_losses(
     discopop_tau=TRL_DEFAULT_DISCOPOP_TAU,
     simpo_gamma=TRL_DEFAULT_SIMPO_GAMMA,
     bco_delta=0.0,
+    f_divergence_type="reverse_kl",
+    f_alpha_divergence_coef=0.5,
 ):
     """Per-pair loss vector [B] (before TRL's ``.mean()``) for one of TRL's per-pair loss types.
 
@@ -98,7 +106,12 @@ def per_pair_losses(
     ls = float(label_smoothing)
     c = pc - rc
     r = pr - rr
-    h = c - r
+    # TRL 1.16 turns the log-ratios into f-divergence "scores" for the losses built on their difference
+    # (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop; it refuses the others): h and the
+    # per-token delta below read the scores. reverse_kl leaves them as they are.
+    sc = f_divergence_scores(c, f_divergence_type, f_alpha_divergence_coef)
+    sr = f_divergence_scores(r, f_divergence_type, f_alpha_divergence_coef)
+    h = sc - sr
 
     if name == "sigmoid":
         # DPO with cDPO label smoothing: -(1-ls)*logsig(beta*h) - ls*logsig(-beta*h).
@@ -115,7 +128,7 @@ def per_pair_losses(
         # TRL divides each side's log-ratio (policy and ref) by its completion-token count, clamped to >= 1:
         #     chosen_avg_score = chosen_scores / chosen_mask.sum(dim=1).clamp(min=1.0)
         #     per_sequence_loss = (ipo_delta - 1 / (2 * self.beta)) ** 2
-        d = c / np.maximum(nc, 1.0) - r / np.maximum(nr, 1.0)
+        d = sc / np.maximum(nc, 1.0) - sr / np.maximum(nr, 1.0)
         return (d - 1.0 / (2.0 * beta)) ** 2
 
     if name == "exo_pair":
@@ -164,7 +177,7 @@ def per_pair_losses(
         # label_smoothing is not used:
         #     chosen_avg_score = chosen_scores / chosen_mask.sum(dim=1).clamp(min=1.0)
         #     per_sequence_loss = -F.logsigmoid(self.beta * (chosen_avg_score - rejected_avg_score))
-        d = c / np.maximum(nc, 1.0) - r / np.maximum(nr, 1.0)
+        d = sc / np.maximum(nc, 1.0) - sr / np.maximum(nr, 1.0)
         return -logsigmoid(beta * d)
 
     if name == "simpo":
@@ -402,7 +415,7 @@ def implicit_rewards(
     """DPOTrainer (1.x, every loss type, sigmoid_norm/ipo/sft/aot included): beta * (logps - ref_logps) on the
     SUMMED log-probs. The length normalisation inside ipo/sigmoid_norm does not reach the rewards.
     CPOTrainer simpo (reference-free): beta * avg_logps, where avg = sum / tokens."""
-    if name == "simpo":
+    if name in ("simpo", "orpo"):  # ORPOTrainer: beta * the mean token log-prob, as CPOTrainer's simpo
         return beta * _f64(chosen_logps) / _f64(chosen_tokens), beta * _f64(rejected_logps) / _f64(
             rejected_tokens
         )
@@ -507,3 +520,115 @@ def dpo_metrics_from_logits(policy_logits, ref_logits, input_ids, completion_mas
         }
     )
     return out
+
+
+# ---
+# TRL 1.16's objective knobs
+# ---
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+
+def f_divergence_scores(logratios, kind="reverse_kl", coef=0.5):
+    """TRL 1.16 ``_compute_loss``: the score f'(t) of t = pi / ref, from x = log t:
+    reverse_kl        x
+    forward_kl        1 - exp(-x)                      (f'(t) = 1 - 1/t)
+    js_divergence     log 2 + logsigmoid(x)            (f'(t) = log(2t / (t + 1)))
+    alpha_divergence  (exp(min((a - 1) x, 80)) - 1) / (a - 1), a = f_alpha_divergence_coef (default 0.5);
+                      |a - 1| < 1e-6 falls back to reverse_kl. The cap 80 is TRL's for float32/bfloat16."""
+    x = _f64(logratios)
+    if kind == "reverse_kl":
+        return x
+    if kind == "forward_kl":
+        return 1.0 - np.exp(-x)
+    if kind == "js_divergence":
+        return np.log(2.0) + logsigmoid(x)
+    if kind == "alpha_divergence":
+        if abs(coef - 1.0) < 1e-6:
+            return x
+        return (np.exp(np.minimum((coef - 1.0) * x, 80.0)) - 1.0) / (coef - 1.0)
+    raise ValueError(kind)
+
+
+def ld_logps(per_token_logps, mask, ld_alpha):
+    """TRL 1.16 LD-DPO (Liu et al. 2024) on [2B, T] aligned per-token log-probs (chosen rows first, then
+    rejected) and their completion mask:
+        comp_pos = cumsum(mask); comp_lens = sum(mask); shared = min(chosen_lens, rejected_lens), per pair
+        shared_mask = (comp_pos > 0) & (comp_pos <= shared);  tail_mask = comp_pos > shared
+        logps = sum(logp * shared_mask) + ld_alpha * sum(logp * tail_mask)
+    Note: tail_mask is not multiplied by the mask; TRL's per-token log-probs are 0 off the mask, so the
+    masked-out positions past the tail add 0. Returns [2B]."""
+    lp, m = _f64(per_token_logps) * _f64(mask), _f64(mask)
+    pos = np.cumsum(m, axis=1)
+    lens = m.sum(axis=1)
+    b = len(lens) // 2
+    shared = np.minimum(lens[:b], lens[b:])
+    shared = np.concatenate([shared, shared])[:, None]
+    shared_mask = (pos > 0) & (pos <= shared)
+    tail_mask = pos > shared
+    return (lp * shared_mask).sum(1) + float(ld_alpha) * (lp * tail_mask).sum(1)
+
+
+def wpo_weights(logits, targets, mask):
+    """TRL 1.16 use_weighting (WPO, Zhou et al. 2024, Eq. 2) from aligned [2B, T, V] logits, [2B, T] targets
+    and mask (chosen rows first): per token logp(target) - log sum_v p_v^2 (TRL's ``log_sum_sq_probs``),
+    masked, summed, divided by the completion length clamped at >= 1, exp; a pair's weight is chosen times
+    rejected. No cap at 1 (TRL 0.x clamped the product at 1; 1.x does not). Computed under no_grad. [B]."""
+    lp = log_softmax(logits)
+    token = np.take_along_axis(lp, np.asarray(targets)[..., None].astype(np.int64), axis=-1)[..., 0]
+    log_sum_sq = np.log(np.exp(2.0 * lp).sum(-1))
+    m = _f64(mask)
+    mean = ((token - log_sum_sq) * m).sum(1) / np.maximum(m.sum(1), 1.0)
+    w = np.exp(mean)
+    b = len(w) // 2
+    return w[:b] * w[b:]
+
+
+def weighted_loss(name, weights, *args, **kwargs):
+    """TRL 1.16 with use_weighting: ``loss += (per_sequence_loss * chosen_w * rejected_w).mean() * weight``
+    for every loss type (sft's scalar is expanded to [B] first, so it is scaled by the mean weight). Takes
+    per_pair_losses' arguments for the per-pair losses; for sft, (chosen_logps, chosen_tokens)."""
+    w = _f64(weights)
+    if name == "sft":
+        return float(sft_loss(*args) * w.mean())
+    return float((per_pair_losses(name, *args, **kwargs) * w).mean())
+
+
+def log1mexp(x):
+    """TRL's ORPO log(1 - exp(x)), branching at -log 2 to avoid cancellation."""
+    x = _f64(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x < -np.log(2.0), np.log1p(-np.exp(x)), np.log(-np.expm1(x)))
+
+
+def orpo_log_odds(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens):
+    """ORPOTrainer.odds_ratio_loss: with the MEAN token log-probs (get_batch_logps(average_log_prob=True)),
+    log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr))"""
+    pc = _f64(chosen_logps) / _f64(chosen_tokens)
+    pr = _f64(rejected_logps) / _f64(rejected_tokens)
+    return (pc - pr) - (log1mexp(pc) - log1mexp(pr))
+
+
+def orpo_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, beta):
+    """ORPO (Hong et al. 2024), ORPOTrainer: loss = nll - mean(beta * logsigmoid(log_odds)), lambda = beta.
+    nll here is the chosen completion tokens' mean NLL (sft_loss); TRL 1.16's ORPOTrainer takes it over the
+    chosen prompt and completion tokens together (its comment: "computed over the full prompt and
+    response"), which needs the prompt's log-probs: pass them in chosen_logps/chosen_tokens to get that."""
+    odds = orpo_log_odds(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)
+    return float(sft_loss(chosen_logps, chosen_tokens) - np.mean(beta * logsigmoid(odds)))
+
+
+def orpo_metrics(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens):
+    """ORPOTrainer's logged log_odds_ratio = mean(logsigmoid(log_odds)), log_odds_chosen = mean(log_odds),
+    nll_loss (the chosen tokens' mean NLL, as in orpo_loss)."""
+    odds = orpo_log_odds(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)
+    return {
+        "log_odds_ratio": float(np.mean(logsigmoid(odds))),
+        "log_odds_chosen": float(np.mean(odds)),
+        "nll_loss": sft_loss(chosen_logps, chosen_tokens),
+    }
+
+
+def tr_dpo_sync(policy, reference, alpha):
+    """TRL's SyncRefModelCallback after every ref_model_sync_steps-th step (global_step % N == 0):
+    ref <- (1 - alpha) * ref + alpha * policy, for every parameter."""
+    return (1.0 - float(alpha)) * _f64(reference) + float(alpha) * _f64(policy)

@@ -26,15 +26,23 @@ TINY = dict(
 )
 
 
-def make_hf_checkpoint(directory: Path, seed: int, max_shard_size=None, **overrides):
-    """A random f32 LlamaForCausalLM saved with save_pretrained; returns the torch model (eval mode)."""
+# transformers' class names of each family model.py reads
+FAMILY_CLASSES = dict(llama="Llama", mistral="Mistral", qwen2="Qwen2", qwen3="Qwen3")
+
+
+def make_hf_checkpoint(directory: Path, seed: int, max_shard_size=None, family="llama", **overrides):
+    """A random f32 LlamaForCausalLM (or the family's: Qwen2ForCausalLM, ...) saved with save_pretrained;
+    returns the torch model (eval mode)."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**{**TINY, **overrides}, attn_implementation="eager")
-    hf_model = transformers.LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():  # norm scales are ones at init: randomize them so a mix-up would show
+    name = FAMILY_CLASSES[family]
+    config = getattr(transformers, f"{name}Config")(**{**TINY, **overrides}, attn_implementation="eager")
+    hf_model = getattr(transformers, f"{name}ForCausalLM")(config).float().eval()
+    with torch.no_grad():  # norm scales are ones and biases zeros at init: randomize them so a mix-up shows
         for name, p in hf_model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     hf_model.save_pretrained(directory, **kwargs)
     return hf_model

@@ -481,6 +481,13 @@ def test_a_lora_rank_above_a_projections_size_is_one_line_before_anything_is_wri
     assert dpo_cli(*demo, run, lora_rank=32, num_train_steps=0).returncode == 0
 
 
+def test_chat_template_kwargs_that_are_not_a_json_object_are_one_line(demo, tmp_path):
+    run = tmp_path / "run"
+    result = dpo_cli(*demo, run, chat_template_kwargs="enable_thinking=false")
+    one_line_error(result, "chat_template_kwargs 'enable_thinking=false' is not JSON")
+    assert not (run / "config.json").exists()
+
+
 def test_a_lone_surrogate_in_raw_training_data_is_a_rejected_row(demo, tmp_path):
     model_dir, pairs = demo
     rows = pairs.read_text().splitlines()

@@ -136,6 +136,76 @@ def test_ids_match_transformers_and_masks_cover_assistant_turns(family, tokenize
             assert out[f"{side}_loss_mask"][n - 1 : n + 1] == [0, 1]
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_qwen3_thinking_template_kwargs_and_tools_match_transformers(tmp_path):
+    """Qwen3's template: the reply carries a <think> block (empty unless the reply has one), which is the
+    model's to write and so scored; with chat_template_kwargs {"enable_thinking": false} (TRL's and
+    transformers' keyword) the empty block is in the generation prompt instead, not scored. A row's tools
+    go to the template as apply_chat_template's tools= (a list, or the list as JSON text)."""
+    directory = build_tokenizer(tmp_path / "qwen3", "qwen3")
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    user = {"role": "user", "content": "What is the weather in Paris?"}
+    reasoned = "<think>\nThe user asks for the weather.\n</think>\n\nIt is sunny."
+    reply = lambda content: {"role": "assistant", "content": content}
+    rows = [
+        {"chosen": [user, reply(reasoned)], "rejected": [user, reply("No idea.")]},
+        {"chosen": [SYSTEM, user, reply("Sunny.")], "rejected": [SYSTEM, user, reply("Rain.")]},
+        {"chosen": [user, reply("Sunny.")], "rejected": [user, reply("Rain.")]},
+    ]
+    rows[1]["tools"], rows[2]["tools"] = [WEATHER_TOOL], json.dumps([WEATHER_TOOL])  # a list, or JSON text
+    inputs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    for kwargs in ({}, {"enable_thinking": False}):
+        out = tmp_path / f"out-{len(kwargs)}"
+        data.tokenize(inputs, str(directory), str(out), chat_template_kwargs=json.dumps(kwargs))
+        # Thinking off, a reply with a thought contradicts the prompt's empty block: rejected (not a prefix).
+        kept = rows[1:] if kwargs else rows
+        assert len(read_rows(out)) == len(kept)
+        for row, written in zip(kept, read_rows(out), strict=True):
+            tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")
+            options = dict(tools=tools, **kwargs)
+            prompt = hf.apply_chat_template(row["chosen"][:-1], add_generation_prompt=True, **options)
+            assert written["prompt_length"] == len(prompt["input_ids"])
+            for side in ("chosen", "rejected"):
+                ids, mask = written[f"{side}_input_ids"], written[f"{side}_loss_mask"]
+                assert ids == list(hf.apply_chat_template(row[side], **options)["input_ids"])
+                content = row[side][-1]["content"]
+                thought = "" if "<think>" in content else "<think>\n\n</think>\n\n"
+                expected = content + "<|im_end|>" if kwargs else thought + content + "<|im_end|>"
+                assert hf.decode([t for t, m in zip(ids, mask, strict=True) if m]) == expected
+            assert ("get_weather" in hf.decode(written["chosen_input_ids"])) == bool(tools)
+
+
+def test_qwen25_tools_column_matches_transformers(tokenizers_dir, tmp_path):
+    hf = transformers.AutoTokenizer.from_pretrained(tokenizers_dir / "qwen25")
+    rows = [dict(row, tools=[WEATHER_TOOL]) for row in conversation_rows()]
+    data.tokenize(
+        write_jsonl(tmp_path / "pairs.jsonl", rows), str(tokenizers_dir / "qwen25"), str(tmp_path / "out")
+    )
+    for row, out in zip(rows, read_rows(tmp_path / "out"), strict=True):
+        for side in ("chosen", "rejected"):
+            assert out[f"{side}_input_ids"] == list(
+                hf.apply_chat_template(row[side], tools=row["tools"])["input_ids"]
+            )
+    bad = write_jsonl(tmp_path / "bad.jsonl", [dict(rows[0], tools="not json"), dict(rows[1], tools=[1])])
+    with pytest.raises(ValueError):
+        data.tokenize(bad, str(tokenizers_dir / "qwen25"), str(tmp_path / "bad"))
+    reasons = [
+        json.loads(line)["reason"] for line in (tmp_path / "bad.rejects.jsonl").read_text().splitlines()
+    ]
+    assert reasons == ["wrong type", "wrong type"]
+    with pytest.raises(ValueError, match="^chat_template_kwargs '\\[1\\]' is not a JSON object"):
+        data.tokenize(bad, str(tokenizers_dir / "qwen25"), str(tmp_path / "x"), chat_template_kwargs="[1]")
+
+
 def test_mask_matches_transformers_generation_markers(tokenizers_dir, tmp_path):
     """With {% generation %} markers around content + <|im_end|>, transformers' own assistant mask (every
     assistant turn: Marin's rule) is an independent reference for the prefix-render mask (which ignores the

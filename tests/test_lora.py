@@ -36,7 +36,7 @@ def demo(tmp_path_factory):
 
 def random_adapters(arch, mesh, seed=1):
     """Adapters with B != 0 too (at init B is zero, which would hide a wrong low-rank path)."""
-    table = model.lora_weights(RANK, tuple(model.LORA_TARGETS))
+    table = model.lora_weights(arch, RANK, tuple(model.LORA_TARGETS))
     lora = model.init_params(arch, jax.random.key(seed), mesh, table)
     noise = lambda x, k: x + 0.05 * jax.random.normal(k, x.shape, out_sharding=jax.typeof(x).sharding.spec)
     leaves, tree = jax.tree.flatten(lora)
@@ -83,7 +83,7 @@ def test_adapters_are_sharded_like_their_weights_and_a_mesh_equals_one_device(de
         with jax.set_mesh(mesh):
             base = model.load_params(model_dir, arch, mesh)
             lora = random_adapters(arch, mesh)
-            table = model.lora_weights(RANK, tuple(model.LORA_TARGETS))
+            table = model.lora_weights(arch, RANK, tuple(model.LORA_TARGETS))
             for array, w in zip(jax.tree.leaves(lora), jax.tree.leaves(table), strict=True):
                 assert array.sharding.spec == w.spec  # A like the input axes, B like the output axes
             state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(lora)

@@ -36,6 +36,8 @@ def reference_loss(name, policy, reference, beta, ls, tau=0.05, gamma=0.5):
         return ref.aot_unpaired_loss(pc, pr, rc, rr, beta, ls)
     if name == "sft":
         return ref.sft_loss(pc, nc)
+    if name == "orpo":
+        return ref.orpo_loss(pc, pr, nc, nr, beta)
     return ref.per_pair_losses(name, pc, pr, rc, rr, nc, nr, beta, ls, tau, gamma).mean()
 
 

@@ -34,6 +34,7 @@ CHECKPOINTS = {
     # 32 (between, interpolated), 167 and up (> 64, stretched).
     "llama3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_parameters=LLAMA3_ROPE),
     "sharded": dict(num_hidden_layers=3, max_shard_size="40KB"),  # several files + index
+    "mqa": dict(num_key_value_heads=1),  # multi-query attention: 8 query heads, one kv head
 }
 
 # Llama 3.1 8B's config.json as published on the Hub (top-level rope_theta and rope_scaling).
@@ -104,7 +105,7 @@ def test_rope_frequencies_match_transformers():
         ({"mlp_bias": True}, "mlp_bias=True"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"architectures": ["MistralForCausalLM"]}, "architectures=['MistralForCausalLM']"),
-        ({"model_type": "mistral"}, "model_type='mistral'"),
+        ({"model_type": "mixtral"}, "model_type='mixtral'"),  # mistral is read since #22
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
         ({"rope_scaling": None, "rope_parameters": {"rope_type": "linear"}}, "rope_type='linear'"),
     ],
@@ -136,7 +137,7 @@ def test_forward_multiplies_on_the_axes_the_weight_table_declares(monkeypatch):
         return einsum(spec, *operands, **kwargs)
 
     monkeypatch.setattr(jnp, "einsum", recorded)
-    mesh, adapters = single_device_mesh(), model.lora_weights(size["r"], model.LORA_TARGETS)
+    mesh, adapters = single_device_mesh(), model.lora_weights(arch, size["r"], model.LORA_TARGETS)
     with jax.set_mesh(mesh):
         params, lora = model.abstract_params(arch, mesh), model.abstract_params(arch, mesh, adapters)
         tokens = jax.ShapeDtypeStruct((size["b"], size["t"]), jnp.int32)
@@ -171,6 +172,24 @@ def test_logits_match_transformers(checkpoints, name):
     with jax.set_mesh(mesh):
         ours = _logits(params, tokens, cfg)
     assert rel_err(ours, hf_logits(hf_model, tokens)) < 1e-5
+
+
+def test_one_kv_head_is_whole_on_every_tensor_device(checkpoints):
+    """Multi-query attention on a mesh with a tensor axis, in plain rows and in rows of views (prefix
+    sharing's and packing's path; here one view a row, the row itself)."""
+    path, hf_model = checkpoints["mqa"]
+    cfg = model.load_config(path)
+    mesh = sharding.make_mesh(2, 2, 2)
+    params = model.load_params(path, cfg, mesh)
+    assert params["layers"]["wk"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
+    tokens = random_tokens(4, 24)
+    (b, t), put = tokens.shape, lambda x: jax.device_put(x, sharding.batch_sharding(mesh, np.ndim(x)))
+    every = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    views = put(every[:, None, :]), put(np.full((b, 1), t, np.int32)), put(every)
+    expected = hf_logits(hf_model, tokens)
+    with jax.set_mesh(mesh):
+        for kwargs in ({}, {"views": views}):
+            assert rel_err(_logits(params, put(tokens), cfg, **kwargs), expected) < 1e-5
 
 
 def test_right_padded_rows_equal_unpadded_sequences(checkpoints):

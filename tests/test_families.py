@@ -1,0 +1,233 @@
+"""Qwen2 / Qwen2.5, Qwen3, Mistral and multi-query checkpoints against transformers' own classes: logits on
+one device and on a (2, 2, 2) mesh, the export round trip, one DPO step's loss and gradients against torch,
+LoRA adapters against PEFT, and the configs that are refused."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+from _data_templates import WORDS, build_tokenizer
+from _model_helpers import TINY, hf_logits, make_hf_checkpoint, rel_err, single_device_mesh
+from _tolerance import assert_metrics_close
+
+import data
+import dpo
+import model
+import sharding
+
+V = 512  # above the chat tokenizer's ids (~400); divides tensor=2
+CHECKPOINTS = {  # name: (family, transformers config overrides)
+    "qwen2": ("qwen2", dict(vocab_size=V, rope_theta=1e6)),
+    "qwen2_tied": ("qwen2", dict(vocab_size=V, tie_word_embeddings=True, num_attention_heads=4,
+                                 num_key_value_heads=2)),
+    "qwen3": ("qwen3", dict(vocab_size=V, head_dim=16)),  # head_dim given, not hidden / heads (8)
+    "qwen3_tied": ("qwen3", dict(vocab_size=V, head_dim=16, tie_word_embeddings=True)),
+    "mistral": ("mistral", dict(vocab_size=V, sliding_window=None)),
+    "mqa": ("qwen2", dict(vocab_size=V, num_key_value_heads=1)),  # one kv head, with biases
+}  # fmt: skip
+MESHES = {"one device": None, "2x2x2": (2, 2, 2)}
+_logits = jax.jit(model.logits, static_argnames="arch")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for seed, (name, (family, overrides)) in enumerate(CHECKPOINTS.items()):
+        out[name] = (root / name, make_hf_checkpoint(root / name, seed, family=family, **overrides))
+    return out
+
+
+def mesh_of(shape):
+    return single_device_mesh() if shape is None else sharding.make_mesh(*shape)
+
+
+def random_tokens(batch, length, seed=0):
+    return np.random.default_rng(seed).integers(0, V, (batch, length), dtype=np.int32)
+
+
+def read_safetensors_dir(path) -> dict[str, np.ndarray]:
+    return {
+        k: a for f in sorted(path.glob("*.safetensors")) for k, a in safetensors.numpy.load_file(f).items()
+    }
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES.values(), ids=MESHES)
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_logits_match_transformers(checkpoints, name, mesh_shape):
+    path, hf_model = checkpoints[name]
+    arch = model.load_config(path)
+    assert arch.model_type == CHECKPOINTS[name][0]
+    mesh = mesh_of(mesh_shape)
+    params = model.load_params(path, arch, mesh)
+    for array, spec in zip(jax.tree.leaves(params), jax.tree.leaves(model.param_specs(arch)), strict=True):
+        assert array.sharding == jax.sharding.NamedSharding(mesh, spec)
+    tokens = random_tokens(4, 24)
+    with jax.set_mesh(mesh):
+        ours = _logits(params, jax.device_put(tokens, sharding.batch_sharding(mesh, 2)), arch)
+    assert rel_err(ours, hf_logits(hf_model, tokens)) < 1e-5
+
+
+def test_biases_and_head_norms_are_split_like_their_weights_output_axes():
+    qwen2 = model.LlamaConfig(V, 64, 128, 2, 8, 4, 8, model_type="qwen2")
+    specs = model.param_specs(qwen2)["layers"]
+    P = jax.sharding.PartitionSpec
+    assert specs["bq"] == specs["bk"] == P(None, "tensor", None) and "q_norm" not in specs
+    specs = model.param_specs(model.LlamaConfig(V, 64, 128, 2, 8, 1, 8, model_type="qwen3"))["layers"]
+    assert specs["q_norm"] == specs["k_norm"] == P(None, None) and "bq" not in specs
+    assert specs["wk"] == P(None, "fsdp", None, None)  # one kv head: whole on every tensor device
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_export_is_the_same_family_and_transformers_gives_identical_logits(checkpoints, name, tmp_path):
+    path, hf_model = checkpoints[name]
+    arch = model.load_config(path)
+    params = model.load_params(path, arch, sharding.make_mesh(2, 2, 2))
+    out = tmp_path / "export"
+    model.save_hf(params, arch, out, dtype="float32")
+    originals, exported = read_safetensors_dir(path), read_safetensors_dir(out)
+    assert exported.keys() == originals.keys()
+    for key, array in originals.items():
+        np.testing.assert_array_equal(exported[key], array, err_msg=key)
+    where = {"_name_or_path": None}
+    assert transformers.AutoConfig.from_pretrained(out).to_dict() | where == (
+        transformers.AutoConfig.from_pretrained(path).to_dict() | where
+    )
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(loaded) is type(hf_model)
+    tokens = random_tokens(2, 24)
+    np.testing.assert_array_equal(hf_logits(loaded, tokens), hf_logits(hf_model, tokens))
+
+
+# --- one DPO step against torch ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """8 chat pairs (a shared prompt, two replies) tokenized with a ChatML template."""
+    root = tmp_path_factory.mktemp("pairs")
+    tokenizer = build_tokenizer(root / "chatml", "chatml")
+    rng, rows = np.random.default_rng(0), []
+    say = lambda n: " ".join(rng.choice(WORDS, n))
+    for i in range(8):
+        prompt = [{"role": "user", "content": say(2 + i)}]
+        reply = lambda: [{"role": "assistant", "content": say(int(rng.integers(1, 8)))}]
+        rows.append({"chosen": prompt + reply(), "rejected": prompt + reply()})
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.tokenize(str(root / "rows.jsonl"), str(tokenizer), str(root / "out"), max_seq_len=64)
+    return data.PairDataset(root / "out")
+
+
+def torch_logps(hf_model, ids, mask) -> torch.Tensor:
+    """Summed log-probs of the scored tokens (mask 1: the token's log-prob given those before it counts)."""
+    ids = torch.tensor(np.asarray(ids), dtype=torch.long)
+    logp = torch.log_softmax(hf_model(ids[None]).logits[0, :-1], dim=-1)
+    picked = logp.gather(-1, ids[1:, None])[:, 0]
+    return (picked * torch.tensor(np.asarray(mask[1:]), dtype=torch.float32)).sum()
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen3", "mistral", "mqa"])
+def test_one_dpo_step_loss_and_gradients_equal_torch(checkpoints, pairs, name, tmp_path):
+    """The policy is the checkpoint, the reference another of the same family; prefix sharing (the default
+    layout) on a (2, 2, 2) mesh. Our gradients, exported under transformers' names, against torch's."""
+    path, hf_model = checkpoints[name]
+    family, overrides = CHECKPOINTS[name]
+    hf_reference = make_hf_checkpoint(tmp_path / "reference", 99, family=family, **overrides)
+    arch, mesh, beta = model.load_config(path), sharding.make_mesh(2, 2, 2), 0.1
+    config = dpo.Config(train_data="x", beta=beta, logits_chunk_size=128, max_seq_len=64)
+    layout = data.Layout(prefix_sharing=True, packing=False, row_multiple=4)
+    batch = next(data.train_batches(pairs, range(8), batch_size=8, seed=0, max_seq_len=64, layout=layout))
+    with jax.set_mesh(mesh):
+        params = model.load_params(path, arch, mesh)
+        frozen = dpo.Frozen(None, model.load_params(tmp_path / "reference", arch, mesh))
+        step = jax.jit(dpo.grads_summed_over_microbatches, static_argnames=("arch", "config"))
+        grads, sums = step(params, frozen, sharding.global_batch(batch, mesh), arch=arch, config=config)
+        model.save_hf(grads, arch, tmp_path / "grads", dtype="float32")
+    ours = {k: float(v) for k, v in dpo.normalize(jax.device_get(sums)).items()}
+
+    losses, chosen, rejected = [], [], []
+    for (c_ids, c_mask), (r_ids, r_mask) in pairs.read(range(8)):
+        pc, pr = torch_logps(hf_model, c_ids, c_mask), torch_logps(hf_model, r_ids, r_mask)
+        with torch.no_grad():
+            rc, rr = torch_logps(hf_reference, c_ids, c_mask), torch_logps(hf_reference, r_ids, r_mask)
+        losses.append(-torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr))))
+        chosen.append(float(pc))
+        rejected.append(float(pr))
+    hf_model.zero_grad()
+    loss = torch.stack(losses).mean()
+    loss.backward()
+    want = {"loss": float(loss), "logps/chosen": np.mean(chosen), "logps/rejected": np.mean(rejected)}
+    assert_metrics_close(ours, want, ["loss", "logps/chosen", "logps/rejected"], beta=beta)
+    got = read_safetensors_dir(tmp_path / "grads")
+    torch_grads = {k: p.grad.numpy() for k, p in hf_model.named_parameters()}
+    assert got.keys() == torch_grads.keys()
+    for key, expected in torch_grads.items():
+        np.testing.assert_allclose(
+            got[key], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max(), err_msg=key
+        )
+
+
+# --- LoRA against PEFT -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "mqa"])
+def test_lora_adapter_loads_in_peft_with_our_logits(checkpoints, name, tmp_path):
+    peft = pytest.importorskip("peft")
+    path, _ = checkpoints[name]
+    arch, mesh, rank, scale = model.load_config(path), sharding.make_mesh(2, 2, 2), 4, 1.5
+    table = model.lora_weights(arch, rank, tuple(model.LORA_TARGETS))
+    tokens = random_tokens(4, 20)
+    with jax.set_mesh(mesh):
+        params = model.load_params(path, arch, mesh)
+        lora = model.init_params(arch, jax.random.key(1), mesh, table)  # B != 0, else the adapter is a no-op
+        lora = jax.tree.map(lambda x: x + 0.05, lora)
+        for array, w in zip(jax.tree.leaves(lora), jax.tree.leaves(table), strict=True):
+            assert array.sharding.spec == w.spec
+        ours = _logits(params, jax.device_put(tokens, sharding.batch_sharding(mesh, 2)), arch, lora=lora,
+                       lora_scale=scale)  # fmt: skip
+        model.save_peft_adapter(lora, arch, rank, rank * scale, tmp_path / "adapter", str(path))
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert rel_err(ours, hf_logits(adapted, tokens)) < 1e-5
+
+
+# --- what is refused ---------------------------------------------------------------------------------------
+
+
+def hf_config(family, **changes) -> dict:
+    return getattr(transformers, f"{family}Config")(**TINY).to_dict() | changes
+
+
+@pytest.mark.parametrize(
+    "config, shown",
+    [
+        (hf_config("Qwen2", use_sliding_window=True), "use_sliding_window=True"),
+        (hf_config("Qwen3", use_sliding_window=True), "use_sliding_window=True"),
+        (hf_config("Qwen3", attention_bias=True), "attention_bias=True"),
+        (hf_config("Qwen2", layer_types=["full_attention", "sliding_attention"]), "layer_types="),
+        (hf_config("Qwen3", model_type="qwen3_moe"), "model_type='qwen3_moe'"),
+        (hf_config("Mistral", model_type="mixtral"), "model_type='mixtral'"),
+        (hf_config("Mistral", model_type="gemma"), "model_type='gemma'"),
+        (hf_config("Qwen3", architectures=["Qwen2ForCausalLM"]), "architectures=['Qwen2ForCausalLM']"),
+        (hf_config("Llama", attention_bias=True), "attention_bias=True"),
+    ],
+)
+def test_configs_it_cannot_reproduce_are_refused_in_one_line(config, shown):
+    with pytest.raises(ValueError) as error:
+        model.LlamaConfig.from_hf(config)
+    assert shown in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_sliding_window_shorter_than_the_rows_is_refused():
+    v01 = model.LlamaConfig.from_hf(hf_config("Mistral", sliding_window=4096))  # Mistral 7B v0.1
+    assert v01.sliding_window == 4096 and model.LlamaConfig.from_hf(hf_config("Mistral")).sliding_window
+    model.check_window(v01, 4096)  # no row is longer than the window: full attention is the same
+    with pytest.raises(
+        ValueError, match="^config.json has sliding_window=4096, shorter than max_seq_len 8192"
+    ):
+        model.check_window(v01, 8192)
+    assert model.LlamaConfig.from_hf(hf_config("Mistral", sliding_window=None)).sliding_window is None
