@@ -232,7 +232,9 @@ def prepare_data(role: str, tokenizer: str, run: Path, config) -> data.PairDatas
     again when the raw data or its settings change, unless the run has checkpoints to resume."""
     source, split = getattr(config, f"{role}_data"), getattr(config, f"{role}_split")
     if data.is_tokenized(source):
-        return data.PairDataset(source)
+        dataset = data.PairDataset(source)
+        _check_template_kwargs(dataset, role, config)
+        return dataset
     out = run / "data" / f"{role}-{Path(source).name or 'data'}-{split}"  # training and validation apart
     replace = config.overwrite or not saved_steps(run)
     if sharding.is_writer():
@@ -252,6 +254,21 @@ def prepare_data(role: str, tokenizer: str, run: Path, config) -> data.PairDatas
             ) from None
     multihost_utils.sync_global_devices(f"tokenized {out}")
     return data.PairDataset(out)
+
+
+def _check_template_kwargs(dataset: data.PairDataset, role: str, config) -> None:
+    """chat_template_kwargs tokenizes raw data; tokenized data is used as it is, so kwargs other than the ones
+    it was made with would be silently ignored (Qwen3 thinking blocks scored after all): refused."""
+    if config.chat_template_kwargs is None:
+        return
+    given = data.parse_template_kwargs(config.chat_template_kwargs)
+    made_with = dataset.summary.get("settings", {}).get("chat_template_kwargs", {})
+    if given != made_with:
+        raise ValueError(
+            f"chat_template_kwargs {json.dumps(given)} does not apply to {role}_data {dataset.path}, "
+            f"tokenized with chat_template_kwargs {json.dumps(made_with)}: tokenize the raw data again with "
+            "python data.py ... --chat-template-kwargs, or leave the option out"
+        )
 
 
 def check_vocabulary(dataset: data.PairDataset, arch: model.LlamaConfig, tokenizer_dir: Path) -> None:

@@ -813,7 +813,8 @@ def tokenize(
     started = time.perf_counter()
     options = dict(split=split, max_seq_len=max_seq_len, overflow=overflow, format=format)
     options |= dict(system_field=system_field, scored_turns=scored_turns)
-    if template_kwargs := _template_kwargs(chat_template_kwargs):  # only when given: older outputs stay valid
+    # Only when given: older outputs stay valid.
+    if template_kwargs := parse_template_kwargs(chat_template_kwargs):
         options["chat_template_kwargs"] = template_kwargs
     options |= dict(rows_per_shard=rows_per_shard, row_group_size=row_group_size)
     for name in ("max_seq_len", "rows_per_shard", "row_group_size"):
@@ -860,7 +861,7 @@ def _write_output(output: Path, chunks, columns, chat, format, settings, started
     return summary
 
 
-def _template_kwargs(text: str | None) -> dict:
+def parse_template_kwargs(text: str | None) -> dict:
     """--chat-template-kwargs: a JSON object, refused in one line when it is not one."""
     try:
         kwargs = json.loads(text) if text else {}

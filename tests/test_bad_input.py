@@ -554,3 +554,21 @@ def test_copies_of_a_pair_never_straddle_the_validation_split(demo, tmp_path):
     copies = inputs.train_set.first_copy
     assert len(set(copies)) == 200 and not set(copies[inputs.train_idx]) & set(copies[inputs.val_idx])
     assert 55 <= len(inputs.val_idx) <= 62 and len(inputs.val_idx) % 3 == 0  # whole pairs, about a tenth
+
+
+def test_chat_template_kwargs_other_than_tokenized_datas_are_one_line(demo, tmp_path):
+    """Tokenized data is used as it is: kwargs it was not made with would be silently ignored."""
+    model_dir, pairs = demo
+    kwargs = '{"enable_thinking": false}'
+    for name, given in [("plain", None), ("kw", kwargs)]:
+        out = str(tmp_path / name)
+        data.tokenize(str(pairs), str(model_dir), out, max_seq_len=64, chat_template_kwargs=given)
+    run = tmp_path / "run"
+    result = dpo_cli(model_dir, tmp_path / "plain", run, chat_template_kwargs=kwargs)
+    one_line_error(result, "chat_template_kwargs {", "does not apply to train_data", "--chat-template-kwargs")
+    assert not (run / "config.json").exists()
+    for made_with, given in [("kw", kwargs), ("kw", None), ("plain", None)]:  # the same, or not given: runs
+        extra = {} if given is None else dict(chat_template_kwargs=given)
+        result = dpo_cli(model_dir, tmp_path / made_with, tmp_path / f"ok-{made_with}-{given is None}",
+                         num_train_steps=0, **extra)  # fmt: skip
+        assert result.returncode == 0, result.stderr
