@@ -82,9 +82,8 @@ class Config:
     model_name_or_path: str = "demo"  # Hub id or local dir: Llama, Qwen2.5, Qwen3, Mistral; "demo": tiny one
     reference_model_path: str | None = None  # frozen reference model; default: the policy's starting weights
     tokenizer: str | None = None  # HF Hub id or local dir; default: the model's own
-    chat_template_kwargs: str | None = (
-        None  # raw data: JSON template variables, e.g. {"enable_thinking": false}
-    )
+    # raw data: JSON template variables, e.g. {"enable_thinking": false}
+    chat_template_kwargs: str | None = None
     train_data: str | None = None  # data.py output dir, or raw data: Hub dataset id, dir, .parquet/.jsonl
     train_split: str = "train"  # split of a raw Hub dataset (UltraFeedback: train_prefs)
     validation_data: str | None = None  # separate validation data; when given, used instead of a split
@@ -103,6 +102,7 @@ class Config:
     reference_mode: Literal["live", "precompute"] = "live"  # reference: each step, or once before training
     use_weighting: bool = False  # WPO: each pair's loss weighted by the policy's probability of its responses
     ld_alpha: float | None = None  # LD-DPO: weight of the log-probs past the shorter response; None: off
+    # f-DPO: the divergence whose score stands in for each log-ratio (reverse_kl: DPO's own)
     f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence (1: reverse_kl)
     sync_ref_model: bool = False  # TR-DPO: every ref_model_sync_steps the reference moves toward the policy

@@ -537,6 +537,9 @@ def test_help_says_what_overwrite_deletes_what_max_seq_len_does_and_who_uses_lab
     assert all(word in help_of("overwrite,") for word in ("deletes", "checkpoints/", "hf/", "metrics.jsonl"))
     assert "raw data: longer pairs dropped; tokenized data: refused" in help_of("max-seq-len")
     assert all(name in help_of("label-smoothing") for name in dpo.SMOOTHED)
+    # Every flag says what it does, not only its default.
+    for flag, metavar in [("chat-template-kwargs", "|STR"), ("f-divergence-type", "alpha_divergence}")]:
+        assert not help_of(flag).split(metavar, 1)[1].split()[0].startswith("(default"), help_of(flag)
 
 
 def test_copies_of_a_pair_never_straddle_the_validation_split(demo, tmp_path):
