@@ -532,6 +532,26 @@ class MetricsLog:
         )
 
 
+def before_first_step(run: Path, done: int, config, log: MetricsLog, evaluate, export) -> None:
+    """The eval at step 0 of a fresh start; on a resume, the eval and the export due at the checkpoint's step
+    that the run lacks: a stop request skips them to checkpoint in time, and a kill between checkpoint and
+    export loses the export. Process 0 looks (it writes both); every process does what it found."""
+    if done == 0:
+        return log.eval(0, evaluate())
+    last = done == config.num_train_steps
+    lines = log.path.read_text().splitlines() if log.path.exists() else []
+    evaluated = any(_step_of(line) == done and "eval/loss" in json.loads(line) for line in lines)
+    missing = [
+        (done % config.steps_per_eval == 0 or last) and not evaluated,
+        (done % config.steps_per_hf_export == 0 or last) and not (run / "hf" / f"step-{done}").exists(),
+    ]
+    do_eval, do_export = map(bool, multihost_utils.broadcast_one_to_all(np.array(missing)))
+    if do_eval:
+        log.eval(done, evaluate())
+    if do_export:
+        export()
+
+
 PEAK_BF16_FLOPS = {
     "H100": 989e12,
     "H200": 989e12,

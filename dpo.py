@@ -1106,8 +1106,9 @@ def main(config: Config) -> Path:
     # --- the loop
     log = bookkeeping.MetricsLog(run, config, start.resume_step)
     with log, jax.set_mesh(mesh), bookkeeping.stop_requests() as stop_asked:
-        if done == 0:
-            log.eval(0, eval_metrics(state))
+        bookkeeping.before_first_step(
+            run, done, config, log, partial(eval_metrics, state), partial(export, state)
+        )
         if done < config.num_train_steps:
             dtype = jnp.dtype(model.dtype_of(config.compute_dtype)).name
             steps = f"{done + 1}..{config.num_train_steps}"
@@ -1127,7 +1128,7 @@ def main(config: Config) -> Path:
             log.train(step, metrics)
             last = step == config.num_train_steps
             # A preempted job has seconds: on a stop request only the checkpoint is written, and the
-            # eval or export due at this step is skipped (the last step finishes the run as usual).
+            # eval or export due at this step is skipped (the resumed run does them: before_first_step).
             if not last and stop_asked():
                 bookkeeping.save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
                 say(f"stopped at step {step} on request; checkpoint written. Run the same command to resume.")

@@ -80,6 +80,31 @@ def test_sigterm_and_sigint_stop_at_a_checkpoint_and_the_same_command_resumes(de
     assert_same_training(run, uninterrupted)
 
 
+def test_the_eval_and_export_a_stop_request_skipped_are_done_on_resume(demo, uninterrupted, tmp_path):
+    """An eval and an export due at every step: whichever step the SIGTERM stops at, the resumed run has them
+    all, and its evals equal the uninterrupted run's (which evaluated at steps 0, 4 and 8)."""
+    run = tmp_path / "run"
+    args = dpo_args(*demo, run, steps_per_eval=1, steps_per_hf_export=1)
+    proc = start(args, DEVICES, tmp_path / "stopped")
+    wait_until(proc, lambda: training_lines(run), "a training step")
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc) == [0], output(proc)
+    stopped_at = checkpoints(run)[-1]
+    assert stopped_at < STEPS and not (run / "hf" / f"step-{stopped_at}").exists()
+    proc = start(args, DEVICES, tmp_path / "resumed")
+    assert finish(proc) == [0], output(proc)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = {m["step"]: m["eval/loss"] for m in lines if "eval/loss" in m}
+    assert sorted(evals) == list(range(STEPS + 1))
+    reference = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert {m["step"]: evals[m["step"]] for m in reference if "eval/loss" in m} == {
+        m["step"]: m["eval/loss"] for m in reference if "eval/loss" in m
+    }
+    exported = sorted(int(p.parent.name.removeprefix("step-")) for p in (run / "hf").glob("*/config.json"))
+    assert exported == list(range(1, STEPS + 1))
+    assert_same_training(run, uninterrupted)
+
+
 def test_kill_9_even_mid_checkpoint_resumes_from_the_newest_complete_one(demo, uninterrupted, tmp_path):
     run = tmp_path / "run"
     args = dpo_args(*demo, run, steps_per_checkpoint=1)  # a checkpoint every step: a kill often lands in one
