@@ -184,7 +184,8 @@ def load_inputs(run: Path, config) -> Inputs:
     model_dir = resolved("model_name_or_path")
     arch = model.load_config(model_dir)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
-    model.check_fits(arch, mesh, config.microbatch_size or config.train_batch_size)
+    field = "microbatch_size" if config.microbatch_size else "train_batch_size"  # what to change, named
+    model.check_fits(arch, mesh, getattr(config, field), field)
     model.check_lora(arch, config.lora_rank, config.lora_targets)
     model.check_window(arch, config.max_seq_len)
     model.check_weights(model_dir, arch)  # from the file headers: no weight is read yet

@@ -8,6 +8,8 @@ from _model_helpers import rel_err, single_device_mesh
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import bookkeeping
+import dpo
 import model
 import sharding
 
@@ -55,6 +57,18 @@ def test_divisibility_errors_name_the_quantity_and_the_axes(monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 3)
     with pytest.raises(ValueError, match=r"^batch size \(8\) is not divisible by the 3 processes$"):
         model.check_fits(fits, sharding.make_mesh(1, 8, 1), batch_size=8)
+
+
+def test_a_run_names_the_batch_field_that_does_not_split_over_the_devices(tmp_path):
+    """train_batch_size 16 splits over the 8 devices, its microbatches of 4 do not: the message names
+    microbatch_size, the field to change."""
+    model_dir, pairs = bookkeeping.make_demo(tmp_path, seed=0)
+    run = tmp_path / "run"
+    settings = dict(model_name_or_path=str(model_dir), train_data=str(pairs), output_dir=str(run))
+    config = dpo.Config(**settings, train_batch_size=16, microbatch_size=4)
+    shown = r"^microbatch_size \(4\) is not divisible by data=1 x fsdp=8 \(8\)$"
+    with pytest.raises(ValueError, match=shown):
+        bookkeeping.load_inputs(run, config)
 
 
 def test_global_batch_splits_the_leading_dim_over_data_and_fsdp():
