@@ -871,6 +871,9 @@ def parse_template_kwargs(text: str | None) -> dict:
         raise ValueError(
             f"chat_template_kwargs {text!r} is not a JSON object such as '{{\"enable_thinking\": false}}'"
         )
+    # what data.py itself passes the template: overridden, the loss masks would cover the wrong tokens
+    if taken := sorted(kwargs.keys() & {"messages", "tools", "documents", "add_generation_prompt"}):
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(taken)}: data.py passes it itself")
     return kwargs
 
 

@@ -335,8 +335,11 @@ def log_odds(policy, tokens):
     """ORPO's log odds ratio of each pair [B]: log(p / (1 - p)) of chosen minus rejected, p = exp(mean token
     log-prob). log(1 - exp(x)) is written -expm1 near 0 and log1p further out, as TRL's log1mexp."""
     mean_logp = policy / jnp.maximum(tokens, 1)
-    safe = jnp.minimum(mean_logp, -1e-30)  # a mean log-prob of exactly 0 has odds +inf
-    log1mexp = jnp.where(safe < -math.log(2), jnp.log1p(-jnp.exp(safe)), jnp.log(-jnp.expm1(safe)))
+    # Each branch sees only inputs it is finite at: where's gradient is 0 times the branch not taken, NaN
+    # when that is inf (a padding pair's mean log-prob is 0, where log1p(-exp(x)) is -inf).
+    far = mean_logp < -math.log(2)
+    near = jnp.minimum(jnp.where(far, -1.0, mean_logp), -1e-30)  # a mean log-prob of exactly 0 has odds +inf
+    log1mexp = jnp.where(far, jnp.log1p(-jnp.exp(jnp.where(far, mean_logp, -1.0))), jnp.log(-jnp.expm1(near)))
     odds = mean_logp - log1mexp
     return odds[:, 0] - odds[:, 1]
 

@@ -485,6 +485,9 @@ def test_chat_template_kwargs_that_are_not_a_json_object_are_one_line(demo, tmp_
     run = tmp_path / "run"
     result = dpo_cli(*demo, run, chat_template_kwargs="enable_thinking=false")
     one_line_error(result, "chat_template_kwargs 'enable_thinking=false' is not JSON")
+    # add_generation_prompt would end each side with an assistant header, scored as part of the reply
+    result = dpo_cli(*demo, run, chat_template_kwargs='{"add_generation_prompt": true}')
+    one_line_error(result, "chat_template_kwargs may not set add_generation_prompt")
     assert not (run / "config.json").exists()
 
 

@@ -155,8 +155,8 @@ def test_one_dpo_step_loss_and_gradients_equal_torch(checkpoints, pairs, name, t
         with torch.no_grad():
             rc, rr = torch_logps(hf_reference, c_ids, c_mask), torch_logps(hf_reference, r_ids, r_mask)
         losses.append(-torch.nn.functional.logsigmoid(beta * ((pc - rc) - (pr - rr))))
-        chosen.append(float(pc))
-        rejected.append(float(pr))
+        chosen.append(float(pc.detach()))
+        rejected.append(float(pr.detach()))
     hf_model.zero_grad()
     loss = torch.stack(losses).mean()
     loss.backward()

@@ -198,6 +198,26 @@ def test_orpo_loss_and_metrics_match_trl_and_it_runs_without_a_reference(pairs):
     assert np.isfinite(float(metrics["loss"])) and {"log_odds_ratio", "log_odds_chosen", "nll_loss"} <= set(
         metrics
     )
+    # the packed rows' empty slots are weight-0 pairs: no NaN gradient from them
+    assert np.isfinite(float(metrics["grad_norm"])) and not float(metrics["nonfinite"])
+
+
+def test_orpo_gradient_matches_trl_and_a_padding_pair_adds_nothing():
+    """The gradient over the log-probs against central differences of TRL's formula in float64; a padding
+    pair (log-prob 0 over 0 tokens, weight 0) gets a gradient of exactly 0, not NaN."""
+    config = dpo.Config(loss_type=("orpo",), beta=0.25)
+    policy, tokens = np.vstack([POLICY / 10, [[0.0, 0.0]]]), np.vstack([TOKENS, [[0, 0]]])
+    weight = jnp.asarray(np.r_[np.ones(B), 0.0])
+    loss = lambda x: dpo.dpo_loss(x, None, jnp.asarray(tokens), weight, config)[0]
+    grad = np.asarray(jax.grad(loss)(jnp.asarray(policy)))
+    assert np.all(grad[B:] == 0)
+    f = lambda x: ref.orpo_loss(x[:B, 0], x[:B, 1], TOKENS[:, 0], TOKENS[:, 1], 0.25)
+    step, want = 1e-6, np.zeros((B, 2))
+    for i, j in np.ndindex(B, 2):
+        bump = np.zeros_like(policy)
+        bump[i, j] = step
+        want[i, j] = (f(policy + bump) - f(policy - bump)) / (2 * step)
+    np.testing.assert_allclose(grad[:B], want, rtol=1e-3, atol=1e-6)
 
 
 def test_wpo_with_sft_over_microbatches_equals_one_batch(pairs):  # noqa: F811
