@@ -212,6 +212,12 @@ class Config:
             need(self.reference_mode == "live", "sync_ref_model needs reference_mode live: it moves")
             # The reference is then the adapters' base, which must not move (TRL refuses PEFT too).
             need(not self.lora_rank, "sync_ref_model with lora_rank is not supported")
+        # a knob given for a feature that is off would do nothing: refused, as lora_alpha without lora_rank
+        given = lambda *names: [n for n in names if getattr(self, n) != getattr(type(self), n)]
+        idle = given("ref_model_mixup_alpha", "ref_model_sync_steps")
+        need(self.sync_ref_model or not idle, f"{', '.join(idle)} without sync_ref_model does nothing")
+        idle = self.f_divergence_type != "alpha_divergence" and given("f_alpha_divergence_coef")
+        need(not idle, "f_alpha_divergence_coef without f_divergence_type alpha_divergence does nothing")
         need(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha must be in [0, 1]")
         need(self.ref_model_sync_steps > 0, "ref_model_sync_steps must be > 0")
 

@@ -255,7 +255,9 @@ def test_wpo_with_sft_over_microbatches_equals_one_batch(pairs):  # noqa: F811
         (dict(sync_ref_model=True, loss_type=("simpo",)), "sync_ref_model moves a reference"),
         (dict(sync_ref_model=True, reference_mode="precompute"), "sync_ref_model needs reference_mode live"),
         (dict(sync_ref_model=True, lora_rank=4), "sync_ref_model with lora_rank is not supported"),
-        (dict(ref_model_sync_steps=0), "ref_model_sync_steps must be > 0"),
+        (dict(ref_model_sync_steps=0, sync_ref_model=True), "ref_model_sync_steps must be > 0"),
+        (dict(ref_model_mixup_alpha=0.5), "ref_model_mixup_alpha without sync_ref_model does nothing"),
+        (dict(f_alpha_divergence_coef=0.3), "f_alpha_divergence_coef without f_divergence_type alpha_div"),
     ],
 )
 def test_a_knob_where_it_does_not_apply_is_refused(settings, message):
