@@ -268,7 +268,7 @@ class StepRunner:
             self.step, _ = dpo.make_steps(cfg, config, optimizer)
             self.state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(load(0))
             # A tree of its own: the state's params are donated at every step.
-            reference = load(1, dtype) if config.reference_mode == "live" and config.uses_reference else None
+            reference = load(1, dtype) if config.live_reference else None
             self.frozen = dpo.Frozen(base=None, reference=reference)
 
     def run(self, batch: dict[str, np.ndarray]) -> float:

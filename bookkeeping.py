@@ -101,9 +101,10 @@ def check_run_dir(run: Path, config, lr_schedule) -> None:
             f"{run} holds a run with a different config ({diff}); use another output_dir or "
             "--config.overwrite"
         )
-    if saved_steps(run) and saved["num_train_steps"] != config.num_train_steps:
+    taken = saved_steps(run)
+    if taken and saved["num_train_steps"] != config.num_train_steps:
         before = dataclasses.replace(config, num_train_steps=saved["num_train_steps"])
-        _check_new_length(run, saved_steps(run)[-1], before, config, lr_schedule)
+        _check_new_length(run, taken[-1], before, config, lr_schedule)
 
 
 def _as_computed(fields: dict) -> dict:
@@ -478,12 +479,14 @@ class MetricsLog:
         self.path, self.config, self.wandb = run / "metrics.jsonl", config, None
         self.peak, self.devices = peak_flops(jax.devices()[0]), jax.device_count()
         self.start, self.started = resume_step or 0, time.time()
-        self.last = self.started
+        self.last, self.evaluated = self.started, set()  # evaluated: the steps with an eval line kept
         if not sharding.is_writer():
             return
         lines = self.path.read_text().splitlines() if self.path.exists() and resume_step is not None else []
+        kept = [line for line in lines if 0 <= _step_of(line) <= resume_step]
         with sharding.atomic(self.path) as tmp:  # replaced whole: a crash here loses no lines
-            tmp.write_text("".join(line + "\n" for line in lines if 0 <= _step_of(line) <= resume_step))
+            tmp.write_text("".join(line + "\n" for line in kept))
+        self.evaluated = {_step_of(line) for line in kept if "eval/loss" in json.loads(line)}
         if config.wandb_project:
             try:
                 import wandb
@@ -540,10 +543,8 @@ def before_first_step(run: Path, done: int, config, log: MetricsLog, evaluate, e
     if done == 0:
         return log.eval(0, evaluate())
     last = done == config.num_train_steps
-    lines = log.path.read_text().splitlines() if log.path.exists() else []
-    evaluated = any(_step_of(line) == done and "eval/loss" in json.loads(line) for line in lines)
     missing = [
-        (done % config.steps_per_eval == 0 or last) and not evaluated,
+        (done % config.steps_per_eval == 0 or last) and done not in log.evaluated,
         (done % config.steps_per_hf_export == 0 or last) and not (run / "hf" / f"step-{done}").exists(),
     ]
     do_eval, do_export = map(bool, multihost_utils.broadcast_one_to_all(np.array(missing)))

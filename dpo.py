@@ -237,6 +237,20 @@ class Config:
     def uses_reference(self) -> bool:
         return not set(self.loss_type) <= REFERENCE_FREE
 
+    @property
+    def live_reference(self) -> bool:  # the reference runs in every step
+        return self.uses_reference and self.reference_mode == "live"
+
+    @property
+    def precomputed_reference(self) -> bool:  # the reference's log-probs come with the batches
+        return self.uses_reference and self.reference_mode == "precompute"
+
+    @property
+    def batch_loss(self) -> bool:
+        """A loss over the whole batch, not a sum over its pairs: the aots sort its pairs, and sft under WPO
+        is its batch scalar times the mean weight, a product of whole-batch sums."""
+        return bool(BATCH_LOSSES & set(self.loss_type)) or self.use_weighting and "sft" in self.loss_type
+
 
 # --- the loss family
 #
@@ -787,7 +801,7 @@ def batch_logps(params, frozen: Frozen, batch: dict, arch, config: Config) -> Pa
     rows = rows_of(batch)
     policy, stats = policy_logps(params, frozen.base, batch, arch, config)
     reference = rows.ref_logps if config.uses_reference else None
-    if config.uses_reference and config.reference_mode == "live":
+    if config.live_reference:
         reference = jax.lax.stop_gradient(pair_logps(frozen.reference, batch, arch, config)[0])
     return PairLogps(policy, reference, stats, rows.scored_tokens, rows.weight)
 
@@ -838,9 +852,10 @@ def grads_summed_over_microbatches(params, frozen: Frozen, batch: dict, arch, co
 
 
 def grads_whole_batch(params, frozen: Frozen, batch: dict, arch, config: Config):
-    """The gradients and metric sums of a loss over the whole batch (aot and aot_unpaired sort all its pairs),
-    in microbatches: every microbatch's log-probs first (forward only), the loss's gradient with respect to
-    all of them, then each microbatch's backward pass with its share of that gradient (a VJP), added up."""
+    """The gradients and metric sums of a loss over the whole batch (Config.batch_loss: aot sorts all its
+    pairs), in microbatches: every microbatch's log-probs first (forward only), the loss's gradient with
+    respect to all of them, then each microbatch's backward pass with its share of that gradient (a VJP),
+    added up."""
     micro = microbatches(batch, config.num_microbatches)
     logps = jax.lax.map(lambda m: batch_logps(params, frozen, m, arch, config), micro)  # each [M, b/M, ...]
     whole = jax.tree.map(lambda x: jax.sharding.reshard(x, P()).reshape(-1, *x.shape[2:]), logps)
@@ -857,9 +872,7 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, arch, config: Con
     """One optimizer step on a batch: the gradients, summed over microbatches or, for a batch loss split into
     microbatches, of the whole batch; AdamW; the step's metrics. An update whose loss or gradient is not
     finite is not applied (bookkeeping.check_update decides whether to stop)."""
-    # sft under WPO is its batch scalar times the mean weight, a product of whole-batch sums: a batch loss.
-    batch_loss = BATCH_LOSSES & set(config.loss_type) or config.use_weighting and "sft" in config.loss_type
-    whole_batch = config.num_microbatches > 1 and batch_loss
+    whole_batch = config.num_microbatches > 1 and config.batch_loss
     gradients = grads_whole_batch if whole_batch else grads_summed_over_microbatches
     with jax.named_scope("forward_backward"):
         grads, sums = gradients(state.params, with_reference(state, frozen), batch, arch, config)
@@ -867,7 +880,7 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, arch, config: Con
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = lr_schedule(config)(state.step)
     metrics["tokens"] = jnp.sum(batch["lengths"])  # for throughput, counted where the batch already is
-    rows, live = rows_of(batch), config.uses_reference and config.reference_mode == "live"
+    rows, live = rows_of(batch), config.live_reference
     metrics["flops"] = step_flops(arch, rows.attended, live, lora=config.lora_rank > 0, tokens=rows.ran)
     with jax.named_scope("optimizer"):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -997,7 +1010,7 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
         like = lambda x: jax.ShapeDtypeStruct(
             x.shape, model.dtype_of(config.reference_dtype), sharding=x.sharding
         )
-        abstract.reference = jax.tree.map(like, abstract.params)
+        abstract = dataclasses.replace(abstract, reference=jax.tree.map(like, abstract.params))
     state = bookkeeping.restore_checkpoint(run, abstract, mesh, inputs.data_id)
     resume_step = None if state is None else int(state.step)
     if state is None and lora:
@@ -1005,21 +1018,19 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
     elif state is None:
         state = jax.jit(create)(model.load_params(inputs.model_dir, arch, mesh))
     reference, tables = None, (None, None)
-    if state.reference is not None:  # the moving reference came back with the checkpoint
-        pass
-    elif config.uses_reference and config.reference_mode == "live":
+    if config.live_reference and state.reference is None:  # a moving one came back with its checkpoint
         if lora and inputs.reference_dir == inputs.model_dir:  # the base without its adapters
             reference = base
         else:
             reference_dtype = model.dtype_of(config.reference_dtype)
             reference = model.load_params(inputs.reference_dir, arch, mesh, dtype=reference_dtype)
-    elif config.uses_reference:  # once over every pair, cached beside the data
+    elif config.precomputed_reference:  # once over every pair, cached beside the data
         datasets = [inputs.train_set, inputs.val_set]
         tables = bookkeeping.precompute_reference_logps(
             datasets, inputs.reference_dir, arch, config, mesh, pair_logps
         )
-    if config.sync_ref_model:  # it moves with the state (with_reference), so Frozen does not hold it
-        state.reference, reference = state.reference or reference, None
+    if config.sync_ref_model and state.reference is None:  # it moves with the state (with_reference),
+        state, reference = dataclasses.replace(state, reference=reference), None  # so Frozen does not hold it
     return Start(state, resume_step, Frozen(base, reference), *tables)
 
 
@@ -1076,8 +1087,7 @@ def loaders(config: Config, inputs: bookkeeping.Inputs) -> Loaders:
     validation = lambda start: data.eval_batches(
         inputs.val_set, val_idx, reference=start.val_reference, **evaluation
     )
-    precomputed = config.uses_reference and config.reference_mode == "precompute"
-    blank = lambda kind, shape: data.blank_batch(shape, precomputed, jax.process_count())
+    blank = lambda kind, shape: data.blank_batch(shape, config.precomputed_reference, jax.process_count())
     return Loaders(train, validation, shapes, blank)
 
 
