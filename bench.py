@@ -239,7 +239,7 @@ def abstract_step(cfg, config: dpo.Config, mesh, dtype, seq: int):
     """The train step lowered on shapes alone (nothing allocated): (lowered, state avals)."""
     optimizer = dpo.make_optimizer(config)
     with jax.set_mesh(mesh):
-        train_step, _ = dpo.make_steps(cfg, config, optimizer)
+        train_step = dpo.make_steps(cfg, config, optimizer)["training"]
         state = jax.eval_shape(
             lambda p: dpo.TrainState.create(p, optimizer), model.abstract_params(cfg, mesh)
         )
@@ -265,7 +265,7 @@ class StepRunner:
             )
         )
         with jax.set_mesh(mesh):
-            self.step, _ = dpo.make_steps(cfg, config, optimizer)
+            self.step = dpo.make_steps(cfg, config, optimizer)["training"]
             self.state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(load(0))
             # A tree of its own: the state's params are donated at every step.
             reference = load(1, dtype) if config.live_reference else None
@@ -874,7 +874,7 @@ def bench_agree(shape: str, pairs: int = 2, seq: int = 256) -> dict:
                 jax.tree.structure(tree), list(map(jax.device_put, jax.tree.leaves(tree), where))
             )
             params, reference = map(put, weights)
-            _, eval_step = dpo.make_steps(cfg, config, dpo.make_optimizer(config))
+            eval_step = dpo.make_steps(cfg, config, dpo.make_optimizer(config))["evaluation"]
             sums = eval_step(params, dpo.Frozen(None, reference), sharding.global_batch(batch, mesh))
             results.append({k: float(v) for k, v in dpo.normalize(jax.device_get(sums)).items()})
     cpu_metrics, accelerator = results

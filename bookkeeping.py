@@ -22,13 +22,14 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import tempfile
 import time
 import uuid
 import warnings
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -288,6 +289,65 @@ def check_vocabulary(dataset: data.PairDataset, arch: model.LlamaConfig, tokeniz
         say(f"warning: {dataset.path} was tokenized with {made_with.get('source')}, not this run's tokenizer")
 
 
+class Loaders(NamedTuple):
+    train: Callable  # (start_step, reference=None) -> the training batches from that step on
+    validation: Callable  # (reference=None) -> a pass over the validation batches
+    shapes: dict  # "training", "evaluation" -> the batch shapes planned for them (data.plan_shapes)
+    blank: Callable  # (kind, shape) -> a batch of that shape, all padding: what its program compiles on
+
+
+def loaders(config, inputs: Inputs) -> Loaders:
+    """The training batches from where a run starts, a pass over the validation pairs (the first
+    max_eval_batches batches' worth, shortest first: the sums do not care about order, and like lengths pad
+    less), and the few batch shapes that every batch of the run is laid out in, planned over all of the
+    run's steps and its validation pass so that they compile before the first step. Planning is the last
+    check on the data (too few pairs for a batch, tokenized pairs over max_seq_len): it runs before the
+    run directory is written. `reference`: the precomputed reference's log-probs of each pair, by row."""
+    # Packed rows split evenly over the batch axes' devices and the microbatches (evaluation's too).
+    devices = math.prod(inputs.mesh.shape[axis] for axis in sharding.BATCH_AXES)
+    rows = devices * config.num_microbatches
+    layout = data.Layout(config.prefix_sharing, config.packing, row_multiple=rows)
+    size, processes = config.train_batch_size, dict(process_count=jax.process_count())
+    cap = None if config.max_eval_batches is None else config.max_eval_batches * size
+    val_idx = data.by_length(inputs.val_set, inputs.val_idx[:cap])
+    shuffle = dict(batch_size=size, seed=config.seed, group_by_length=config.group_by_length)
+    order = data.train_order(inputs.train_set, inputs.train_idx, **shuffle)
+    orders = dict(
+        training=(
+            inputs.train_set,
+            [order(step) for step in range(config.num_train_steps)],
+            data.TRAIN_SHAPES,
+        ),
+        evaluation=(inputs.val_set, data.eval_order(val_idx, size), data.EVAL_SHAPES),
+    )
+    # Planned over the whole run whatever the start, so that a resumed run meets the programs it compiled
+    # before (from the cache).
+    plan = dict(max_seq_len=config.max_seq_len, layout=layout, **processes)
+    shapes = {
+        kind: data.plan_shapes(dataset, batches, count=count, **plan) if batches else []
+        for kind, (dataset, batches, count) in orders.items()
+    }
+    common = dict(
+        max_seq_len=config.max_seq_len, process_index=jax.process_index(), layout=layout, **processes
+    )
+    train = lambda start_step, reference=None: data.train_batches(
+        inputs.train_set,
+        inputs.train_idx,
+        start_step=start_step,
+        reference=reference,
+        shapes=shapes["training"],
+        **shuffle,
+        **common,
+    )
+    evaluation = dict(shapes=shapes["evaluation"], batch_size=size, **common)
+    validation = lambda reference=None: data.eval_batches(
+        inputs.val_set, val_idx, reference=reference, **evaluation
+    )
+    with_reference = lambda kind: config.precomputed_reference and kind != "reference"  # the pass makes them
+    blank = lambda kind, shape: data.blank_batch(shape, with_reference(kind), jax.process_count())
+    return Loaders(train, validation, shapes, blank)
+
+
 # --- checkpoints: one .npy file per array, so a restoring host reads only its slices
 
 
@@ -395,68 +455,96 @@ def _reference_key(reference_dir: Path, dataset: data.PairDataset, config) -> st
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def precompute_reference_logps(
-    datasets: list[data.PairDataset], reference_dir: Path, arch: model.LlamaConfig, config, mesh, pair_logps
-) -> list[np.ndarray]:
-    """For each dataset, [len(dataset), 2] f32 reference log-probs (chosen, rejected) of every pair, by row.
-
-    Computed once by `pair_logps` (dpo.pair_logps, passed in), forward only, and kept beside the tokenized
-    data in reference/<key>.npy (see `_reference_key`). Progress goes to reference/<key>.partial.npz now and
-    then, so an interrupted run resumes where it stopped; the .npy is renamed into place only when complete.
-    Process 0 writes. The reference weights are loaded only when something is left to compute, and freed on
-    return.
-    """
-    params, tables = None, []
-    logps_of = jax.jit(partial(pair_logps, arch=arch, config=config))  # (log-probs, token stats)
-    for dataset in datasets:
-        final = dataset.path / "reference" / f"{_reference_key(reference_dir, dataset, config)}.npy"
-        multihost_utils.sync_global_devices(f"reference {final}")
-        if not final.exists():
-            dtype = model.dtype_of(config.reference_dtype)
-            params = params or model.load_params(reference_dir, arch, mesh, dtype=dtype)
-            _fill_reference(final, dataset, partial(logps_of, params), config, mesh)
-            multihost_utils.sync_global_devices(f"reference done {final}")
-        tables.append(np.load(final))
-    return tables
+def reference_caches(inputs: Inputs, config) -> list[ReferenceCache]:
+    """The precomputed reference's caches of the training and the validation pairs."""
+    return [
+        ReferenceCache(dataset, inputs.reference_dir, config)
+        for dataset in (inputs.train_set, inputs.val_set)
+    ]
 
 
-def _fill_reference(final: Path, dataset: data.PairDataset, logps_of, config, mesh) -> None:
-    """Compute with `logps_of(batch)` (its log-probs first) the rows `final`'s progress file lacks (all, at
-    first) and write `final` when complete."""
-    progress, writer = final.with_suffix(".partial.npz"), sharding.is_writer()
-    logps = np.full((len(dataset), 2), np.nan, np.float32)
-    if progress.exists():
-        with np.load(progress) as saved:
-            logps = saved["logps"]
-    # What is left (rows still NaN), shortest first: batches of like length pad little.
-    todo = data.by_length(dataset, np.flatnonzero(np.isnan(logps).any(axis=1)))
-    if writer:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    say(f"reference log-probs: {len(todo)} of {len(dataset)} pairs to compute -> {final}")
-    size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
-    loader = dict(max_seq_len=config.max_seq_len, process_count=jax.process_count())
-    # A few shapes for the whole pass (each is a compile): its batches run shortest first, so they span
-    # every length.
-    shapes = (
-        data.plan_shapes(dataset, data.eval_order(todo, size), count=data.TRAIN_SHAPES, **loader)
-        if len(todo)
-        else []
-    )
-    batches = data.eval_batches(
-        dataset, todo, batch_size=size, process_index=jax.process_index(), shapes=shapes, **loader
-    )
-    saved_at = time.time()
-    for at, batch in zip(range(0, len(todo), size), batches, strict=True):
-        rows = todo[at : at + size]
-        logps[rows] = sharding.to_host(logps_of(sharding.global_batch(batch, mesh))[0])[: len(rows)]
-        if writer and time.time() - saved_at > 60:  # a kill loses at most a minute of work
-            with sharding.atomic(progress) as tmp:
-                np.savez(tmp, logps=logps)
-            saved_at = time.time()
-    if writer:
-        with sharding.atomic(final) as tmp:
-            np.save(tmp, logps)
-        progress.unlink(missing_ok=True)
+class ReferenceCache:
+    """One dataset's reference log-probs [len(dataset), 2] (chosen, rejected) by row, kept beside its
+    tokenized data in reference/<key>.npy (see `_reference_key`), with the rows it still lacks (`todo`, all
+    at first) and the few batch shapes planned for them (the reference's pass is compiled with the run's
+    programs). dpo.precompute_reference computes them; progress goes to reference/<key>.partial.npz now and
+    then, so an interrupted run resumes where it stopped, and the .npy is renamed into place only when
+    complete. Process 0 writes."""
+
+    def __init__(self, dataset: data.PairDataset, reference_dir: Path, config):
+        self.dataset, self.final = (
+            dataset,
+            dataset.path / "reference" / f"{_reference_key(reference_dir, dataset, config)}.npy",
+        )
+        self.progress = self.final.with_suffix(".partial.npz")
+        multihost_utils.sync_global_devices(f"reference {self.final}")
+        self.logps = np.full((len(dataset), 2), np.nan, np.float32)
+        if self.final.exists():
+            self.logps = np.load(self.final)
+        elif self.progress.exists():
+            with np.load(self.progress) as saved:
+                self.logps = saved["logps"]
+        # What is left (rows still NaN), shortest first: batches of like length pad little.
+        self.todo = data.by_length(dataset, np.flatnonzero(np.isnan(self.logps).any(axis=1)))
+        self.size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
+        self.loader = dict(max_seq_len=config.max_seq_len, process_count=jax.process_count())
+        # A few shapes for the whole pass: its batches run shortest first, so they span every length.
+        order = data.eval_order(self.todo, self.size)
+        self.shapes = (
+            data.plan_shapes(dataset, order, count=data.TRAIN_SHAPES, **self.loader) if len(self.todo) else []
+        )
+
+    def batches(self):
+        """(the rows, a host-local batch of them) for every batch of the rows still lacking."""
+        if not len(self.todo):
+            return
+        say(f"reference log-probs: {len(self.todo)} of {len(self.dataset)} pairs to compute -> {self.final}")
+        if sharding.is_writer():
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+        options = dict(batch_size=self.size, process_index=jax.process_index(), shapes=self.shapes)
+        batches = data.eval_batches(self.dataset, self.todo, **options, **self.loader)
+        self.saved_at, self.counter = time.time(), Progress("reference log-probs", "pairs", len(self.todo))
+        for at, batch in zip(range(0, len(self.todo), self.size), batches, strict=True):
+            yield self.todo[at : at + self.size], batch
+
+    def record(self, rows: np.ndarray, logps: np.ndarray) -> None:
+        """The log-probs [>= len(rows), 2] of `rows` (a batch's padding after them); saved now and then."""
+        self.logps[rows] = logps[: len(rows)]
+        self.counter.advance(len(rows))
+        if sharding.is_writer() and time.time() - self.saved_at > 60:  # a kill loses at most a minute of work
+            with sharding.atomic(self.progress) as tmp:
+                np.savez(tmp, logps=self.logps)
+            self.saved_at = time.time()
+
+    def finish(self) -> np.ndarray:
+        """The complete table, written once."""
+        if sharding.is_writer() and not self.final.exists():
+            with sharding.atomic(self.final) as tmp:
+                np.save(tmp, self.logps)
+            self.progress.unlink(missing_ok=True)
+        if len(self.todo):
+            multihost_utils.sync_global_devices(f"reference done {self.final}")
+        return self.logps
+
+
+class Progress:
+    """A progress line for a long pass (the reference's, an evaluation) on process 0: done of total, the rate
+    and what is left, every `every` seconds, and only once the pass has run that long."""
+
+    def __init__(self, what: str, unit: str, total: int | None = None, every: float = 30.0):
+        self.what, self.unit, self.total, self.every = what, unit, total, every
+        self.started = self.shown = time.time()
+        self.done = 0
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        now = time.time()
+        if now - self.shown < self.every:
+            return
+        self.shown, rate = now, self.done / (now - self.started)
+        left = f", about {(self.total - self.done) / rate:.0f} s left" if self.total else ""
+        of = f" of {self.total}" if self.total else ""
+        say(f"{self.what}: {self.done}{of} {self.unit}, {rate:.1f} {self.unit}/s{left}")
 
 
 # --- metrics and the console
@@ -536,22 +624,16 @@ class MetricsLog:
         )
 
 
-def before_first_step(run: Path, done: int, config, log: MetricsLog, evaluate, export) -> None:
-    """The eval at step 0 of a fresh start; on a resume, the eval and the export due at the checkpoint's step
-    that the run lacks: a stop request skips them to checkpoint in time, and a kill between checkpoint and
-    export loses the export. Process 0 looks (it writes both); every process does what it found."""
-    if done == 0:
-        return log.eval(0, evaluate())
+def skipped_at_resume(run: Path, done: int, config, log: MetricsLog) -> tuple[bool, bool]:
+    """(eval, export): whether the eval and the export due at the checkpoint's step `done` are missing from
+    the run: a stop request skips them to checkpoint in time, and a kill between checkpoint and export loses
+    the export. Process 0 looks (it writes both); every process gets what it found."""
     last = done == config.num_train_steps
     missing = [
         (done % config.steps_per_eval == 0 or last) and done not in log.evaluated,
         (done % config.steps_per_hf_export == 0 or last) and not (run / "hf" / f"step-{done}").exists(),
     ]
-    do_eval, do_export = map(bool, multihost_utils.broadcast_one_to_all(np.array(missing)))
-    if do_eval:
-        log.eval(done, evaluate())
-    if do_export:
-        export()
+    return tuple(map(bool, multihost_utils.broadcast_one_to_all(np.array(missing))))
 
 
 PEAK_BF16_FLOPS = {
@@ -648,33 +730,59 @@ def check_update(step: int, metrics: dict, config, run: Path) -> None:
 # --- export
 
 
-def exporter(run: Path, config, inputs: Inputs, base):
-    """export(state): hf/step-N, with LoRA the base with its adapters merged in and, in hf/step-N/adapter, a
-    PEFT adapter. What every export carries beside the weights is found once, here: a Hub tokenizer is not
-    looked up again mid-run, where a network hiccup would fail an export."""
-    generation = inputs.model_dir / "generation_config.json"  # keeps the end-of-turn ids the model was given
+class ExportFiles(NamedTuple):
+    """What every export carries beside the weights, found once at the start: a Hub tokenizer is not looked
+    up again mid-run, where a network hiccup would fail an export."""
+
+    generation: dict | None  # generation_config.json: the end-of-turn ids the model was given
+    tokenizer: list[Path]  # the tokenizer's files, so that transformers loads it from the export too
+    config: object
+    arch: model.LlamaConfig
+
+
+def export_files(config, inputs: Inputs) -> ExportFiles:
+    generation = inputs.model_dir / "generation_config.json"
     generation = json.loads(generation.read_text()) if generation.exists() else None
-    # The tokenizer goes beside the weights, so that transformers loads it from the export too.
     files = [path for name in data.TOKENIZER_FILES if (path := inputs.tokenizer_dir / name).exists()]
-    merge = jax.jit(partial(model.merge_lora, scale=config.lora_scale, dtype=config.hf_save_dtype))
+    return ExportFiles(generation, files, config, inputs.arch)
 
-    def export(state) -> None:
-        out, params, extra = run / "hf" / f"step-{int(state.step)}", state.params, files
-        with tempfile.TemporaryDirectory() as tmp:
-            if config.lora_rank:
-                alpha, adapter = config.lora_rank * config.lora_scale, Path(tmp) / "adapter"
-                model.save_peft_adapter(
-                    params, inputs.arch, config.lora_rank, alpha, adapter, config.model_name_or_path
-                )
-                params, extra = merge(base, params), files + [adapter]
-            saved = dict(dtype=config.hf_save_dtype, generation_config=generation, extra_files=extra)
-            model.save_hf(params, inputs.arch, out, **saved)
-        say(f"step {int(state.step)} | exported {out}")
 
-    return export
+def save_export(run: Path, step: int, params, adapters, files: ExportFiles) -> None:
+    """hf/step-N: `params` for transformers and, with LoRA (`adapters`, `params` the merged weights), the
+    adapters for PEFT in hf/step-N/adapter."""
+    config, out, extra = files.config, run / "hf" / f"step-{step}", files.tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        if adapters is not None:
+            alpha, adapter = config.lora_rank * config.lora_scale, Path(tmp) / "adapter"
+            model.save_peft_adapter(
+                adapters, files.arch, config.lora_rank, alpha, adapter, config.model_name_or_path
+            )
+            extra = extra + [adapter]
+        saved = dict(dtype=config.hf_save_dtype, generation_config=files.generation, extra_files=extra)
+        model.save_hf(params, files.arch, out, **saved)
+    say(f"step {step} | exported {out}")
 
 
 # --- the offline demo (a tiny Llama, a word-level tokenizer with a chat template, synthetic pairs)
+
+
+# What the demo uses for the fields not given on the command line (a tiny model from scratch learns at a
+# far higher rate than a pretrained 8B model tolerates). See dpo.parse_args.
+DEMO_SETTINGS = {
+    "train_batch_size": 32,
+    "num_train_steps": 120,
+    "learning_rate": 3e-3,
+    "warmup": 0.05,
+    "cooldown": 0.2,
+    "adam_b2": 0.99,
+    "max_seq_len": 64,
+    "logits_chunk_size": 32,
+    "steps_per_eval": 30,
+    "steps_per_checkpoint": 60,
+    "steps_per_hf_export": 120,
+    "log_every": 10,
+    "output_dir": "runs/demo",
+}
 
 
 DEMO_TOPICS = {

@@ -1,4 +1,4 @@
-"""Direct Preference Optimization for Llama models: the config, the loss, the train step, the loop.
+"""Direct Preference Optimization: the config, the log-probs, the train step, the compiled programs, the loop.
 
     python dpo.py                                  # offline demo: tiny model, synthetic pairs, CPU
     python dpo.py --config.beta 0.01 \\
@@ -13,22 +13,20 @@
 
 The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected y_l) is
     -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
-where pi is the policy being trained and ref the frozen starting model; `dpo_loss` holds it and the
-variants researchers compare, under TRL's names. Each step runs the policy and the reference once over
-[chosen; rejected] as one batch (`prefix_sharing`, the default: each pair's prompt once; `packing`: several
-pairs a row; data.Layout describes both layouts), turns final hidden states into summed log-probs with a
-chunked LM head that never builds the [2B, T, V] logits, and takes one AdamW step (accumulated over
-microbatches when they are set; an update whose loss or gradient is not finite is not applied). With
-`lora_rank` only LoRA adapters train and the reference is the base without them; with `reference_mode
-precompute` the reference's log-probs are computed once, before training, and cached beside the data.
+where pi is the policy being trained and ref the frozen starting model; losses.py holds it and the variants
+researchers compare, under TRL's names, as one table. Each step runs the policy and the reference once over
+chosen and rejected as one batch (`prefix_sharing`, the default: each pair's prompt once; `packing`: several
+pairs a row), turns final hidden states into summed log-probs with a chunked LM head that never builds the
+logits, and takes one AdamW step (over microbatches when they are set; an update whose loss or gradient is
+not finite is not applied). With `lora_rank` only LoRA adapters train; with `reference_mode precompute` the
+reference's log-probs are computed once, before training, and cached beside the data.
 
-Here, in the order a step runs: Config, dpo_loss, rows_of (the two batch layouts), pair_logps, token_logps,
-the optimizer, the train and eval steps, Programs (compiled for the run's few batch shapes before step 1),
-then main: start_state, loaders, the loop. The run's bookkeeping around the step (the run directory,
-checkpoints with exact resume, SIGTERM-safe stopping, metrics.jsonl and Weights & Biases, the reference
-cache, Hugging Face export, the demo) is in bookkeeping.py; model.py holds the Llama, sharding.py the mesh
-and file writing, data.py the tokenizer and loader. Left out on purpose: generation, KV caches,
-quantization, pipeline parallelism.
+Here, in order: Config, the two batch layouts (rows_of) and pair_logps, the fused log-prob kernel
+(token_logps), the optimizer, the steps (the loop calls train_step, which calls the gradients of `loss`),
+Programs (every program of the run, compiled before step 1), then main. The run around the step (run
+directory, inputs, checkpoints, metrics, the reference cache's files, export files, the demo) is
+bookkeeping.py's; model.py holds the models, sharding.py the mesh, data.py the tokenizer and loader. Left out
+on purpose: generation, KV caches, quantization, pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -42,38 +40,28 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 from jax.sharding import PartitionSpec as P
 
 import bookkeeping
 import data
+import losses
 import model
 import sharding
 
-LOSS_TYPES = (
-    "sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard apo_zero apo_down discopop sigmoid_norm"
-)
-LOSS_TYPES = (*LOSS_TYPES.split(), "simpo", "aot", "aot_unpaired", "sft", "orpo")
-SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")  # they use label_smoothing
-BATCH_LOSSES = {"aot", "aot_unpaired"}  # losses over the whole batch, not sums over its pairs
-REFERENCE_FREE = {"simpo", "sft", "orpo"}
-# The losses built on the chosen-rejected reward difference: TRL allows another f_divergence_type with these
-# only (f-DPO's normaliser cancels only there).
-F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 ADAPTABLE = tuple(model.LORA_TARGETS)  # lora_targets' choices
 # Compiled programs outlive the run here unless --config.compilation-cache-dir says otherwise.
 CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo-jax")
 
 
-def need(ok: bool, message: str) -> None:
-    """A config refusal: one line, no traceback (cli)."""
-    if not ok:
-        raise ValueError(message)
+need = losses.need  # a config refusal: one line, no traceback (cli)
+SMOOTHING_HELP = f"flipped-label share, read by {', '.join(losses.having('label_smoothing'))}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +80,13 @@ class Config:
     max_seq_len: int = 2048  # longest side (tokens); raw data: longer pairs dropped; tokenized data: refused
     output_dir: str = "runs/dpo"  # run directory: config.json, metrics.jsonl, checkpoints/, hf/
     overwrite: bool = False  # replace a run with another config: deletes its checkpoints/, hf/, metrics.jsonl
-    # --- the loss (dpo_loss has each one's formula and paper)
+    # --- the loss (losses.py: each one's formula, paper and what it reads)
     beta: float = 0.1  # strength of the pull toward the reference (0.01-0.05 free, 0.1-0.5 close)
-    loss_type: tuple[Literal[LOSS_TYPES], ...] = ("sigmoid",)  # one or more losses, summed with loss_weights
+    loss_type: tuple[Literal[tuple(losses.LOSSES)], ...] = (
+        "sigmoid",
+    )  # one or more, summed with loss_weights
     loss_weights: tuple[float, ...] | None = None  # one weight per loss_type; None: 1 each
-    label_smoothing: float = 0.0  # flipped-label share (sigmoid, robust, exo_pair, aot, aot_unpaired, simpo)
+    label_smoothing: Annotated[float, tyro.conf.arg(help=SMOOTHING_HELP)] = 0.0
     discopop_tau: float = 0.05  # discopop's temperature
     simpo_gamma: float = 0.5  # simpo's target reward margin
     reference_mode: Literal["live", "precompute"] = "live"  # reference: each step, or once before training
@@ -155,14 +145,12 @@ class Config:
 
     def __post_init__(self):
         micro, frac = self.microbatch_size, self.validation_split_fraction
-        ls, losses, weights = self.label_smoothing, self.loss_type, self.loss_weights
         for name, value in dataclasses.asdict(self).items():
             need(not isinstance(value, float) or math.isfinite(value), f"{name} must be finite, got {value}")
-        need(all(map(math.isfinite, weights or ())), f"loss_weights must be finite, got {weights}")
         positive = (
             "beta train_batch_size logits_chunk_size steps_per_eval steps_per_checkpoint keep_checkpoints"
         )
-        for name in (positive + " steps_per_hf_export log_every discopop_tau").split():
+        for name in (positive + " steps_per_hf_export log_every discopop_tau ref_model_sync_steps").split():
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_grad_norm", "max_eval_batches"):
             need(getattr(self, name) is None or getattr(self, name) > 0, f"{name} must be > 0 or None")
@@ -178,48 +166,35 @@ class Config:
         need(self.lora_targets, f"lora_targets names no projection; give some of {' '.join(ADAPTABLE)}")
         need(len(self.lora_targets) == len(set(self.lora_targets)), "lora_targets: name each one once")
         need(self.model_name_or_path == "demo" or self.train_data is not None, "train_data is required")
-        need(losses, f"loss_type names no loss; give one or more of {' '.join(LOSS_TYPES)}")
-        need(len(losses) == len(set(losses)), f"loss_type {losses}: name each loss once")
-        need(weights is None or len(weights) == len(losses), "loss_weights needs one weight per loss_type")
-        need(weights is None or min(weights) >= 0, f"loss_weights must be >= 0, got {weights}")
-        need(weights is None or max(weights) > 0, f"loss_weights {weights} are all 0: nothing would train")
         alpha, rank = self.lora_alpha, self.lora_rank
         need(alpha is None or alpha > 0, f"lora_alpha must be > 0 (or None: 2 * lora_rank), got {alpha}")
         for name, unset in [("lora_alpha", alpha is None), ("lora_targets", self.lora_targets == ADAPTABLE)]:
             need(rank or unset, f"{name} does nothing without lora_rank (a full fine-tune would run)")
-        need(
-            ls == 0 or set(losses) <= set(SMOOTHED), f"label_smoothing is used by {', '.join(SMOOTHED)} only"
-        )
-        need("exo_pair" not in losses or 0 < ls < 1, f"exo_pair needs 0 < label_smoothing < 1, got {ls}")
-        need(0 <= ls < 0.5 or losses == ("exo_pair",), f"label_smoothing must be in [0, 0.5), got {ls}")
-        self._check_objective()
+        losses.check(self)  # the loss family's settings, read off its table
+        self._check_knobs()
 
-    def _check_objective(self):
-        """The objective's knobs where TRL allows them, each refused in one line where it does not apply."""
-        losses, ld = set(self.loss_type), self.ld_alpha
-        need("orpo" not in losses or len(losses) == 1, "orpo is its own objective (TRL's ORPOTrainer): alone")
-        unweighted = {"aot", "aot_unpaired", "orpo"}  # the aots sort pairs; TRL's ORPOTrainer has no weights
-        need(not self.use_weighting or not losses & unweighted, "use_weighting does not apply to aot*, orpo")
+    def _check_knobs(self):
+        """The objective's knobs that no row of the loss table holds: LD-DPO, f-DPO's alpha, TR-DPO."""
+        ld, coef = self.ld_alpha, self.f_alpha_divergence_coef
         need(ld is None or 0 <= ld <= 1, f"ld_alpha must be in [0, 1] or None, got {ld}")
-        # TRL's sft reads the unscaled log-probs, which the step does not keep apart: refused, not wrong.
-        need(ld is None or not losses & REFERENCE_FREE, "ld_alpha does not apply to sft, simpo, orpo")
-        need(
-            self.f_divergence_type == "reverse_kl" or losses <= set(F_DIVERGENCE_LOSSES),
-            f"f_divergence_type {self.f_divergence_type} works with {', '.join(F_DIVERGENCE_LOSSES)} only",
-        )
+        idle = self.f_divergence_type != "alpha_divergence" and coef != Config.f_alpha_divergence_coef
+        need(not idle, "f_alpha_divergence_coef without f_divergence_type alpha_divergence does nothing")
+        # f-DPO's alpha-divergences run from the forward (0) to the reverse KL (1); far outside, the score's
+        # exponential meets its cap and the loss is a constant with no gradient.
+        need(0 <= coef <= 1, f"f_alpha_divergence_coef must be in [0, 1], got {coef}")
         if self.sync_ref_model:
-            need(self.uses_reference, "sync_ref_model moves a reference: the losses given use none")
             need(self.reference_mode == "live", "sync_ref_model needs reference_mode live: it moves")
             # The reference is then the adapters' base, which must not move (TRL refuses PEFT too).
             need(not self.lora_rank, "sync_ref_model with lora_rank is not supported")
-        # a knob given for a feature that is off would do nothing: refused, as lora_alpha without lora_rank
-        given = lambda *names: [n for n in names if getattr(self, n) != getattr(type(self), n)]
-        idle = given("ref_model_mixup_alpha", "ref_model_sync_steps")
+            steps = self.ref_model_sync_steps
+            need(steps <= self.num_train_steps, f"ref_model_sync_steps {steps} > num_train_steps: no sync")
+        idle = [
+            n
+            for n in ("ref_model_mixup_alpha", "ref_model_sync_steps")
+            if getattr(self, n) != getattr(Config, n)
+        ]
         need(self.sync_ref_model or not idle, f"{', '.join(idle)} without sync_ref_model does nothing")
-        idle = self.f_divergence_type != "alpha_divergence" and given("f_alpha_divergence_coef")
-        need(not idle, "f_alpha_divergence_coef without f_divergence_type alpha_divergence does nothing")
         need(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha must be in [0, 1]")
-        need(self.ref_model_sync_steps > 0, "ref_model_sync_steps must be > 0")
 
     def in_steps(self, length: float) -> int:
         """warmup or cooldown in steps: a fraction of the run when < 1, else steps."""
@@ -235,7 +210,7 @@ class Config:
 
     @property
     def uses_reference(self) -> bool:
-        return not set(self.loss_type) <= REFERENCE_FREE
+        return losses.uses_reference(self.loss_type)
 
     @property
     def live_reference(self) -> bool:  # the reference runs in every step
@@ -246,173 +221,8 @@ class Config:
         return self.uses_reference and self.reference_mode == "precompute"
 
     @property
-    def batch_loss(self) -> bool:
-        """A loss over the whole batch, not a sum over its pairs: the aots sort its pairs, and sft under WPO
-        is its batch scalar times the mean weight, a product of whole-batch sums."""
-        return bool(BATCH_LOSSES & set(self.loss_type)) or self.use_weighting and "sft" in self.loss_type
-
-
-# --- the loss family
-#
-# With b = beta, ls = label_smoothing, the log-ratios c = policy_chosen - reference_chosen and
-# r = policy_rejected - reference_rejected, h = c - r, their per-token forms c' = c / tokens_chosen and
-# r' = r / tokens_rejected, and cdpo(z) = -(1 - ls) log s(z) - ls log s(-z) (s the sigmoid), each loss
-# (TRL's names and numbers) is a mean over the pairs of
-#    sigmoid       cdpo(b h)                                DPO, Rafailov 2023 (cDPO, Mitchell 2023)
-#    hinge         max(0, 1 - b h)                          SLiC, Zhao 2023
-#    ipo           (c' - r' - 1 / (2 b))^2                  IPO, Azar 2023: per token, as its authors
-#                                                           confirmed to TRL (beta carries over lengths)
-#    exo_pair      s(b h)(log s(b h) - log(1 - ls)) + s(-b h)(log s(-b h) - log ls)    EXO, Ji 2024
-#    nca_pair      -log s(b c) - log s(-b c) / 2 - log s(-b r) / 2                     NCA, Chen 2024
-#    robust        (-(1 - ls) log s(b h) + ls log s(-b h)) / (1 - 2 ls)   robust DPO, Chowdhury 2024
-#    bco_pair      -log s(b c) - log s(-b r)                BCO, Jung 2024 (TRL 1.x: no running mean)
-#    sppo_hard     (c - 1 / (2 b))^2 + (r + 1 / (2 b))^2    SPPO, Wu 2024
-#    apo_zero      1 - s(b c) + s(b r)                      APO, D'Oosterlinck 2024
-#    apo_down      s(b c) + 1 - s(b h)                      APO, D'Oosterlinck 2024
-#    discopop      -log s(b h)(1 - m) + exp(-b h) m, m = s(b h / tau)   DiscoPOP, Lu 2024
-#    sigmoid_norm  -log s(b (c' - r'))                      length-normalised DPO, Tulu 3 (Lambert 2024)
-#    simpo         cdpo(b (pc' - pr') - gamma), pc' = policy_chosen / tokens_chosen, no reference
-#                                                           SimPO, Meng 2024
-#    orpo          nll - b log s(o), o = pc' - pr' - log(1 - exp(pc')) + log(1 - exp(pr')), the log odds
-#                  ratio, nll = the sft term below; no reference    ORPO, Hong 2024 (TRL's ORPOTrainer)
-# or over the whole batch (the global batch of the step, all devices and microbatches together):
-#    aot           cdpo(b (sort(pc - pr) - sort(refc - refr)))   AOT, Melnyk 2024: margins matched by rank
-#    aot_unpaired  cdpo(b (sort(c) - sort(r)))                   AOT, unpaired
-#    sft           -sum(policy_chosen) / sum(tokens_chosen): the chosen tokens' mean NLL (RPO's term)
-# summed with config.loss_weights. TRL's knobs that change them (DPOConfig's names): f_divergence_type
-# puts a score of each log-ratio in h, c' and r' (f_divergence_score), use_weighting weighs each pair's
-# term, sft's too (WPO, wpo_weights), ld_alpha changes the log-probs themselves (LD-DPO, pair_logps).
-
-
-def dpo_loss(
-    policy, reference, tokens, weight, config: Config, totals=None, pair_weight=None
-) -> tuple[jax.Array, jax.Array]:
-    """The preference loss of a batch (the table above) and each pair's implicit rewards.
-
-    policy, reference [B, 2]: summed log-probs of (chosen, rejected) under the policy and the reference
-    (reference None for the reference-free losses); tokens [B, 2]: scored tokens of each; weight [B]: 1
-    for a pair, 0 for padding; pair_weight [B]: WPO's weights (use_weighting), gradient-free, or None.
-    `totals` (pairs, chosen tokens) are the denominators when this batch is one microbatch of a larger one.
-    Rewards [B, 2] are b (policy - reference), or b policy / tokens without a reference; gradient-free.
-    """
-    b, ls, gamma, tau = config.beta, config.label_smoothing, config.simpo_gamma, config.discopop_tau
-    pairs, chosen_tokens = totals if totals is not None else (jnp.sum(weight), jnp.sum(weight * tokens[:, 0]))
-    tokens = jnp.maximum(tokens, 1)
-    if reference is None:  # reference-free: log-probs stand in where log-ratios would be, as SimPO reads them
-        reference = jnp.zeros_like(policy)
-    (c, r), (nc, nr) = (policy - reference).T, tokens.T
-    score_c, score_r = f_divergence_score(c, config), f_divergence_score(r, config)
-    bh, per_token = b * (score_c - score_r), score_c / nc - score_r / nr
-    log_s, s = jax.nn.log_sigmoid, jax.nn.sigmoid
-    cdpo = lambda z: -(1 - ls) * log_s(z) - ls * log_s(-z)
-    scaled = weight if pair_weight is None else weight * pair_weight
-    mean = lambda x: jnp.sum(scaled * x) / pairs
-    real = weight > 0  # sorted over the real pairs only: padding goes to the end, then is left out
-    ranked = lambda x: jnp.sort(jnp.where(real, x, jnp.inf))
-    in_rank = jnp.arange(len(weight)) < jnp.sum(real)
-    rank_mean = lambda x: jnp.sum(jnp.where(in_rank, x, 0.0)) / pairs
-    nll = lambda: -jnp.sum(weight * policy[:, 0]) / chosen_tokens
-    losses = {
-        "sigmoid": lambda: mean(cdpo(bh)),
-        "hinge": lambda: mean(jax.nn.relu(1 - bh)),
-        "ipo": lambda: mean((per_token - 1 / (2 * b)) ** 2),
-        "exo_pair": lambda: mean(s(bh) * (log_s(bh) - jnp.log1p(-ls)) + s(-bh) * (log_s(-bh) - jnp.log(ls))),
-        "nca_pair": lambda: mean(-log_s(b * c) - 0.5 * log_s(-b * c) - 0.5 * log_s(-b * r)),
-        "robust": lambda: mean((-(1 - ls) * log_s(bh) + ls * log_s(-bh)) / (1 - 2 * ls)),
-        "bco_pair": lambda: mean(-log_s(b * c) - log_s(-b * r)),
-        "sppo_hard": lambda: mean((c - 0.5 / b) ** 2 + (r + 0.5 / b) ** 2),
-        "apo_zero": lambda: mean(1 - s(b * c) + s(b * r)),
-        "apo_down": lambda: mean(s(b * c) + 1 - s(bh)),
-        "discopop": lambda: mean(-log_s(bh) * (1 - s(bh / tau)) + jnp.exp(-bh) * s(bh / tau)),
-        "sigmoid_norm": lambda: mean(-log_s(b * per_token)),
-        "simpo": lambda: mean(cdpo(b * (policy[:, 0] / nc - policy[:, 1] / nr) - gamma)),
-        "orpo": lambda: nll() - b * mean(log_s(log_odds(policy, tokens))),
-        "aot": lambda: rank_mean(
-            cdpo(b * (ranked(policy[:, 0] - policy[:, 1]) - ranked(reference[:, 0] - reference[:, 1])))
-        ),
-        "aot_unpaired": lambda: rank_mean(cdpo(b * (ranked(c) - ranked(r)))),
-        "sft": lambda: nll() if pair_weight is None else nll() * mean(1.0),  # WPO: the weights' mean, as TRL
-    }
-    weights = config.loss_weights or (1.0,) * len(config.loss_type)
-    loss = sum(w * losses[name]() for name, w in zip(config.loss_type, weights, strict=True))
-    rewards = b * (policy - reference if config.uses_reference else policy / tokens)
-    return loss, jax.lax.stop_gradient(rewards)
-
-
-def f_divergence_score(x, config: Config):
-    """TRL's score of a log-ratio x under config.f_divergence_type (f-DPO, Wang 2023: f'(policy / ref))."""
-    kind, a = config.f_divergence_type, config.f_alpha_divergence_coef
-    if kind == "forward_kl":
-        return 1 - jnp.exp(-x)
-    if kind == "js_divergence":
-        return jnp.log(2.0) + jax.nn.log_sigmoid(x)
-    if kind == "alpha_divergence" and abs(a - 1) >= 1e-6:  # a = 1 is its limit, reverse_kl
-        return jnp.expm1(jnp.minimum((a - 1) * x, 80.0)) / (a - 1)  # capped as TRL, to stay finite
-    return x
-
-
-def log_odds(policy, tokens):
-    """ORPO's log odds ratio of each pair [B]: log(p / (1 - p)) of chosen minus rejected, p = exp(mean token
-    log-prob). log(1 - exp(x)) is written -expm1 near 0 and log1p further out, as TRL's log1mexp."""
-    mean_logp = policy / jnp.maximum(tokens, 1)
-    # Each branch sees only inputs it is finite at: where's gradient is 0 times the branch not taken, NaN
-    # when that is inf (a padding pair's mean log-prob is 0, where log1p(-exp(x)) is -inf).
-    far = mean_logp < -math.log(2)
-    near = jnp.minimum(jnp.where(far, -1.0, mean_logp), -1e-30)  # a mean log-prob of exactly 0 has odds +inf
-    log1mexp = jnp.where(far, jnp.log1p(-jnp.exp(jnp.where(far, mean_logp, -1.0))), jnp.log(-jnp.expm1(near)))
-    odds = mean_logp - log1mexp
-    return odds[:, 0] - odds[:, 1]
-
-
-def wpo_weights(stats: TokenStats, tokens) -> jax.Array:
-    """WPO's pair weights [B] (Zhou 2024, Eq. 2, as TRL 1.16): per side, exp of the mean over its scored
-    tokens of log p(token) - log sum_v p(v)^2 (the policy's probability, aligned to its own sampling), chosen
-    times rejected; gradient-free, lengths clamped at 1 as TRL, no cap on the product (TRL 1.x has none)."""
-    return jnp.exp(jnp.sum(stats.wpo / jnp.maximum(tokens, 1), axis=1))
-
-
-def metric_sums(policy, rewards, stats: TokenStats, tokens, weight) -> dict[str, jax.Array]:
-    """Weighted sums over a batch's pairs of everything logged (TRL's keys and definitions): each metric is
-    sums[key] / sums[DENOMINATORS.get(key, "pairs")], so sums of several batches add up. stats: each [B, 2],
-    the scored tokens' summed token stats (token_logps)."""
-    w = weight[:, None]
-    chosen, rejected = rewards[:, 0], rewards[:, 1]
-    return {
-        "rewards/chosen": jnp.sum(weight * chosen),
-        "rewards/rejected": jnp.sum(weight * rejected),
-        "rewards/accuracies": jnp.sum(weight * (chosen > rejected)),
-        "rewards/margins": jnp.sum(weight * (chosen - rejected)),
-        "logps/chosen": jnp.sum(weight * policy[:, 0]),
-        "logps/rejected": jnp.sum(weight * policy[:, 1]),
-        "logits/chosen": jnp.sum(weight * stats.mean_logit[:, 0]),
-        "logits/rejected": jnp.sum(weight * stats.mean_logit[:, 1]),
-        "entropy": jnp.sum(w * stats.entropy),  # over the tokens of both sides
-        "mean_token_accuracy": jnp.sum(weight * stats.argmax_hit[:, 0]),  # over the chosen tokens, as TRL
-        "pairs": jnp.sum(weight),
-        "tokens": jnp.sum(w * tokens),
-        "tokens/chosen": jnp.sum(weight * tokens[:, 0]),
-        "tokens/rejected": jnp.sum(weight * tokens[:, 1]),
-    }
-
-
-DENOMINATORS = {
-    "logits/chosen": "tokens/chosen",
-    "logits/rejected": "tokens/rejected",
-    "entropy": "tokens",
-    "mean_token_accuracy": "tokens/chosen",
-    "nll_loss": "tokens/chosen",
-    "loss": "pairs",
-}
-COUNTS = ("pairs", "tokens", "tokens/chosen", "tokens/rejected")
-
-
-def normalize(sums: dict) -> dict:
-    """Metrics from metric_sums' sums (also of several batches)."""
-    return {
-        k: v / jnp.maximum(sums[DENOMINATORS.get(k, "pairs")], 1e-9)
-        for k, v in sums.items()
-        if k not in COUNTS
-    }
+    def batch_loss(self) -> bool:  # a loss that couples the batch's pairs: no sum of per-pair gradients
+        return losses.couples_batch(self.loss_type, self.use_weighting)
 
 
 # --- one forward pass over chosen and rejected, in either batch layout
@@ -806,20 +616,67 @@ def batch_logps(params, frozen: Frozen, batch: dict, arch, config: Config) -> Pa
     return PairLogps(policy, reference, stats, rows.scored_tokens, rows.weight)
 
 
-def loss_and_sums(logps: PairLogps, config: Config, totals=None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """dpo_loss of the pairs and their metric sums (with the loss times the pairs, so that it adds up too).
-    On replicated arrays: a batch loss sorts them. `totals`: as dpo_loss's."""
+def loss(params, frozen: Frozen, batch: dict, arch, config: Config, totals=None):
+    """The loss of a batch's pairs and their metric sums: what the train step differentiates. `totals`: the
+    whole batch's (pairs, chosen tokens) when this batch is one of its microbatches (losses.dpo_loss)."""
+    return objective(batch_logps(params, frozen, batch, arch, config), config, totals)
+
+
+def objective(logps: PairLogps, config: Config, totals=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """losses.dpo_loss of the pairs and their metric sums (with the loss times the pairs, so that it adds up
+    too), on replicated arrays: a loss that couples the batch sorts them."""
     policy, reference, stats, tokens, weight = jax.tree.map(lambda x: jax.sharding.reshard(x, P()), logps)
-    pair_weight = wpo_weights(stats, tokens) if config.use_weighting else None
-    loss, rewards = dpo_loss(policy, reference, tokens, weight, config, totals, pair_weight)
+    pair_weight = losses.wpo_weights(stats, tokens) if config.use_weighting else None
+    value, rewards = losses.dpo_loss(policy, reference, tokens, weight, config, totals, pair_weight)
     pairs = jnp.sum(weight) if totals is None else totals[0]
-    sums = metric_sums(policy, rewards, stats, tokens, weight) | {"loss": loss * pairs}
-    if "orpo" in config.loss_type:  # TRL's ORPO metrics
-        odds = jax.lax.stop_gradient(log_odds(policy, tokens))
-        sums["log_odds_ratio"] = jnp.sum(weight * jax.nn.log_sigmoid(odds))
-        sums["log_odds_chosen"] = jnp.sum(weight * odds)
-        sums["nll_loss"] = -jnp.sum(weight * jax.lax.stop_gradient(policy[:, 0]))  # over tokens/chosen
-    return loss, sums
+    sums = metric_sums(policy, rewards, stats, tokens, weight) | {"loss": value * pairs}
+    for row in map(losses.LOSSES.get, config.loss_type):  # a loss's own metrics (ORPO's)
+        sums |= row.metrics(policy, tokens, weight) if row.metrics else {}
+    return value, sums
+
+
+def metric_sums(policy, rewards, stats: TokenStats, tokens, weight) -> dict[str, jax.Array]:
+    """Weighted sums over a batch's pairs of everything logged (TRL's keys and definitions): each metric is
+    sums[key] / sums[DENOMINATORS.get(key, "pairs")], so sums of several batches add up. stats: each [B, 2],
+    the scored tokens' summed token stats (token_logps)."""
+    w = weight[:, None]
+    chosen, rejected = rewards[:, 0], rewards[:, 1]
+    return {
+        "rewards/chosen": jnp.sum(weight * chosen),
+        "rewards/rejected": jnp.sum(weight * rejected),
+        "rewards/accuracies": jnp.sum(weight * (chosen > rejected)),
+        "rewards/margins": jnp.sum(weight * (chosen - rejected)),
+        "logps/chosen": jnp.sum(weight * policy[:, 0]),
+        "logps/rejected": jnp.sum(weight * policy[:, 1]),
+        "logits/chosen": jnp.sum(weight * stats.mean_logit[:, 0]),
+        "logits/rejected": jnp.sum(weight * stats.mean_logit[:, 1]),
+        "entropy": jnp.sum(w * stats.entropy),  # over the tokens of both sides
+        "mean_token_accuracy": jnp.sum(weight * stats.argmax_hit[:, 0]),  # over the chosen tokens, as TRL
+        "pairs": jnp.sum(weight),
+        "tokens": jnp.sum(w * tokens),
+        "tokens/chosen": jnp.sum(weight * tokens[:, 0]),
+        "tokens/rejected": jnp.sum(weight * tokens[:, 1]),
+    }
+
+
+DENOMINATORS = {
+    "logits/chosen": "tokens/chosen",
+    "logits/rejected": "tokens/rejected",
+    "entropy": "tokens",
+    "mean_token_accuracy": "tokens/chosen",
+    "nll_loss": "tokens/chosen",
+    "loss": "pairs",
+}
+COUNTS = ("pairs", "tokens", "tokens/chosen", "tokens/rejected")
+
+
+def normalize(sums: dict) -> dict:
+    """Metrics from metric_sums' sums (also of several batches)."""
+    return {
+        k: v / jnp.maximum(sums[DENOMINATORS.get(k, "pairs")], 1e-9)
+        for k, v in sums.items()
+        if k not in COUNTS
+    }
 
 
 def microbatches(batch: dict, count: int) -> dict:
@@ -829,21 +686,17 @@ def microbatches(batch: dict, count: int) -> dict:
 
 
 def grads_summed_over_microbatches(params, frozen: Frozen, batch: dict, arch, config: Config):
-    """The gradients and metric sums of a loss that sums over pairs (all but the batch losses). Microbatches
-    run one after another in a scan, so only one microbatch's activations are alive at a time; the loss of
-    each is its share of the batch's (dpo_loss's `totals` are the whole batch's pairs and chosen tokens), so
-    their gradients and sums add up to the batch's."""
-
-    def loss(params, batch, totals=None):  # the pairs' DPO loss (one microbatch's share) and metric sums
-        return loss_and_sums(batch_logps(params, frozen, batch, arch, config), config, totals)
-
+    """The gradients and metric sums of a loss that sums over pairs (a row of losses.LOSSES that does not
+    couple the batch). Microbatches run one after another in a scan, so only one microbatch's activations
+    are alive at a time; the loss of each is its share of the batch's (the whole batch's `totals`), so their
+    gradients and sums add up to the batch's."""
     if config.num_microbatches == 1:
-        return jax.grad(loss, has_aux=True)(params, batch)
+        return jax.grad(loss, has_aux=True)(params, frozen, batch, arch, config)
     rows = rows_of(batch)
     totals = jnp.sum(rows.weight), jnp.sum(rows.weight * rows.scored_tokens[:, 0])
 
     def add(grads, micro):
-        more, sums = jax.grad(loss, has_aux=True)(params, micro, totals)
+        more, sums = jax.grad(loss, has_aux=True)(params, frozen, micro, arch, config, totals)
         return jax.tree.map(jnp.add, grads, more), sums
 
     micro = microbatches(batch, config.num_microbatches)
@@ -852,15 +705,15 @@ def grads_summed_over_microbatches(params, frozen: Frozen, batch: dict, arch, co
 
 
 def grads_whole_batch(params, frozen: Frozen, batch: dict, arch, config: Config):
-    """The gradients and metric sums of a loss over the whole batch (Config.batch_loss: aot sorts all its
-    pairs), in microbatches: every microbatch's log-probs first (forward only), the loss's gradient with
+    """The gradients and metric sums of a loss that couples the batch's pairs (Config.batch_loss: aot sorts
+    them all), in microbatches: every microbatch's log-probs first (forward only), the loss's gradient with
     respect to all of them, then each microbatch's backward pass with its share of that gradient (a VJP),
     added up."""
     micro = microbatches(batch, config.num_microbatches)
     logps = jax.lax.map(lambda m: batch_logps(params, frozen, m, arch, config), micro)  # each [M, b/M, ...]
     whole = jax.tree.map(lambda x: jax.sharding.reshard(x, P()).reshape(-1, *x.shape[2:]), logps)
-    loss = lambda policy: loss_and_sums(whole._replace(policy=policy), config)
-    d_policy, sums = jax.grad(loss, has_aux=True)(whole.policy)
+    of_policy = lambda policy: objective(whole._replace(policy=policy), config)
+    d_policy, sums = jax.grad(of_policy, has_aux=True)(whole.policy)
     d_policy = jax.sharding.reshard(d_policy.reshape(logps.policy.shape), P(None, sharding.BATCH_AXES, None))
     # A microbatch's backward pass: the gradient of its policy log-probs, weighted by their share of d_policy.
     weighted = lambda p, m, d: jnp.sum(policy_logps(p, frozen.base, m, arch, config)[0] * d)
@@ -897,24 +750,44 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, arch, config: Con
 
 
 def eval_step(params, frozen: Frozen, batch: dict, arch, config: Config) -> dict:
-    """The metric sums of a batch; evaluate adds them up over the validation pairs."""
-    return loss_and_sums(batch_logps(params, frozen, batch, arch, config), config)[1]
+    """The metric sums of a batch, in training's microbatches (forward only, so one microbatch's activations
+    at a time) with the objective over the whole batch; evaluate adds them up over the validation pairs."""
+    if config.num_microbatches == 1:
+        return loss(params, frozen, batch, arch, config)[1]
+    return objective(whole_batch_logps(params, frozen, batch, arch, config)[1], config)[1]
 
 
-def make_steps(arch: model.LlamaConfig, config: Config, optimizer):
-    """(train_step, eval_step) of this model and config, jitted: train_step(state, frozen, batch) with the
-    state donated, eval_step(params, frozen, batch)."""
-    train = partial(train_step, arch=arch, config=config, optimizer=optimizer)
-    return jax.jit(train, donate_argnums=0), jax.jit(partial(eval_step, arch=arch, config=config))
+def whole_batch_logps(params, frozen: Frozen, batch: dict, arch, config: Config):
+    """(microbatches, their PairLogps each [M, b/M, ...], the same as one replicated batch [b, ...]): every
+    microbatch's log-probs, forward only, one after another."""
+    micro = microbatches(batch, config.num_microbatches)
+    logps = jax.lax.map(lambda m: batch_logps(params, frozen, m, arch, config), micro)
+    return micro, jax.tree.map(lambda x: jax.sharding.reshard(x, P()).reshape(-1, *x.shape[2:]), logps)
 
 
-# --- compiled programs: a few batch shapes, compiled before the first step
+def make_steps(arch: model.LlamaConfig, config: Config, optimizer) -> dict:
+    """The run's jitted functions by kind: training(state, frozen, batch) with the state donated,
+    evaluation(params, frozen, batch), reference(params, batch) (the log-probs that reference_mode precompute
+    caches) and merge(base, adapters) (LoRA's export)."""
+    merge = partial(model.merge_lora, scale=config.lora_scale, dtype=config.hf_save_dtype)
+    return dict(
+        training=jax.jit(
+            partial(train_step, arch=arch, config=config, optimizer=optimizer), donate_argnums=0
+        ),
+        evaluation=jax.jit(partial(eval_step, arch=arch, config=config)),
+        reference=jax.jit(lambda params, batch: pair_logps(params, batch, arch, config)[0]),
+        merge=jax.jit(merge),
+    )
+
+
+# --- compiled programs: every program of the run, compiled before the first step
 
 
 class Programs:
-    """The train and eval steps compiled for each planned batch shape (data.plan_shapes), called by the
-    shape of the batch they are given. A batch that no planned shape holds (none should: the plan covers
-    every batch of the run) compiles when first met, and is counted as unplanned."""
+    """make_steps' functions compiled for each shape they are planned for: the train and eval steps and the
+    reference's pass for their batch shapes (data.plan_shapes), the merge once. Called by kind with its
+    arguments, a batch last (its shape picks the program). A batch that no planned shape holds (none should:
+    the plan covers every batch of the run) compiles when first met, and is counted as unplanned."""
 
     def __init__(self, steps: dict, shapes: dict):
         self.steps, self.shapes, self.compiled = steps, shapes, {}  # kind -> step; kind -> shapes
@@ -922,7 +795,7 @@ class Programs:
 
     def compile(self, arguments) -> None:
         """Every planned program at once: traced here one after another (tracing holds the GIL), then
-        compiled on threads, which XLA runs in parallel. `arguments(kind, shape)`: the step's arguments
+        compiled on threads, which XLA runs in parallel. `arguments(kind, shape)`: the program's arguments,
         with a blank batch of that shape."""
         started, hits = time.time(), bookkeeping.cache_hits()
         kinds = [(kind, shape) for kind, shapes in self.shapes.items() for shape in shapes]
@@ -933,7 +806,7 @@ class Programs:
         self.seconds, self.from_cache = time.time() - started, bookkeeping.cache_hits() - hits
 
     def __call__(self, kind: str, *args):
-        key = (kind, data.shape_of(args[-1]))  # the batch comes last
+        key = (kind, data.shape_of(args[-1]) if "input_ids" in args[-1] else None)  # the merge has no batch
         if key not in self.compiled:
             started, self.unplanned = time.time(), self.unplanned + 1
             self.compiled[key] = self.steps[kind].lower(*args).compile()
@@ -944,9 +817,10 @@ class Programs:
         if not self.compiled:
             return "none: no step is left to run"
         text = lambda shape: "x".join(map(str, shape if shape.slots else shape[:2]))
-        planned = [f"{len(s)} {kind} ({', '.join(map(text, s))})" for kind, s in self.shapes.items() if s]
+        shown = lambda s: f" ({', '.join(map(text, s))})" if s[0] else ""
+        planned = [f"{len(s)} {kind}{shown(s)}" for kind, s in self.shapes.items() if s]
         extra = f" and {self.unplanned} unplanned" if self.unplanned else ""
-        rows = any(shape.slots for shapes in self.shapes.values() for shape in shapes)
+        rows = any(shape and shape.slots for shapes in self.shapes.values() for shape in shapes)
         legend = "rows x width x pair slots x view width" if rows else "pairs x width"
         return (
             f"compiled {', '.join(planned)}{extra} in {self.seconds:.1f} s, {self.from_cache} of "
@@ -954,35 +828,36 @@ class Programs:
         )
 
 
-def compile_programs(train_step, eval_step, batches: Loaders, start: Start, num_train_steps: int, mesh):
-    """Programs of the jitted steps, compiled before the first step (or found in the compilation cache) for
-    every shape of the run's plan that is left to run: training while steps are left, evaluation then and
-    at step 0."""
-    done = start.resume_step or 0
-    needed = dict(training=done < num_train_steps, evaluation=done < num_train_steps or done == 0)
-    shapes = {kind: shapes if needed[kind] else [] for kind, shapes in batches.shapes.items()}
-    programs = Programs(dict(training=train_step, evaluation=eval_step), shapes)
+def compile_programs(steps: dict, batches: bookkeeping.Loaders, start: Start, config: Config, mesh):
+    """Programs of the run, compiled before the first step (or found in the compilation cache) for every
+    shape of its plan that is left to run: training while steps are left, evaluation then and at step 0, the
+    reference's pass for the pairs its cache lacks, the LoRA merge while exports are left."""
+    done, state, frozen = start.resume_step or 0, start.state, start.frozen
+    left = done < config.num_train_steps
+    shapes = dict(
+        training=batches.shapes["training"] if left else [],
+        evaluation=batches.shapes["evaluation"] if left or done == 0 else [],
+        reference=list(dict.fromkeys(s for cache in start.caches for s in cache.shapes)),
+        merge=[None] if config.lora_rank and (left or done) else [],  # a resume may owe an export
+    )
+    programs = Programs(steps, shapes)
     if count := sum(map(len, shapes.values())):
-        bookkeeping.say(f"compiling {count} programs (batch shapes) before the first step ...")
-    state, frozen = start.state, start.frozen  # the arguments before the batch:
-    first = dict(training=(state, frozen), evaluation=(state.params, with_reference(state, frozen)))
+        bookkeeping.say(f"compiling {count} program{'s' * (count > 1)} before the first step ...")
+    arguments = dict(  # each program's arguments before its batch
+        training=(state, frozen),
+        evaluation=(state.params, with_reference(state, frozen)),
+        reference=(start.reference_weights,),
+        merge=(frozen.base, state.params),
+    )
     with jax.set_mesh(mesh):
-        blank = lambda kind, shape: sharding.global_batch(batches.blank(kind, shape), mesh)
-        programs.compile(lambda kind, shape: (*first[kind], blank(kind, shape)))
+        blank = lambda kind, shape: (
+            () if shape is None else (sharding.global_batch(batches.blank(kind, shape), mesh),)
+        )
+        programs.compile(lambda kind, shape: (*arguments[kind], *blank(kind, shape)))
     return programs
 
 
 # --- main: the inputs, the state, the batches and the loop, top to bottom
-
-
-def evaluate(eval_step, params, frozen: Frozen, batches, mesh) -> dict[str, float]:
-    """The eval/ metrics over every batch: their sums added up, then divided once."""
-    totals = {}
-    for batch in batches:
-        sums = eval_step(params, frozen, sharding.global_batch(batch, mesh))
-        for k, v in jax.device_get(sums).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    return {f"eval/{k}": float(v) for k, v in normalize(totals).items()}
 
 
 class Start(NamedTuple):
@@ -991,15 +866,16 @@ class Start(NamedTuple):
     state: TrainState
     resume_step: int | None  # the step of the checkpoint it resumed from; None: a fresh start
     frozen: Frozen
-    # With reference_mode precompute: the reference's log-probs [n, 2] of every training and validation pair.
-    train_reference: np.ndarray | None
-    val_reference: np.ndarray | None
+    # reference_mode precompute: the reference's log-probs of the training and validation pairs, and its
+    # weights while a cache lacks some (None once they are all there)
+    caches: list[bookkeeping.ReferenceCache]
+    reference_weights: dict | None
 
 
 def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer) -> Start:
     """What trains (the model, or LoRA's adapters) resumes from the newest checkpoint that loads, or starts
-    fresh; the frozen weights are LoRA's base and the reference (live: its weights; precompute: its log-probs,
-    computed once, and no weights)."""
+    fresh; the frozen weights are LoRA's base and the reference (live: its weights; precompute: its caches
+    of log-probs, and its weights while they lack some)."""
     arch, mesh = inputs.arch, inputs.mesh
     create = partial(TrainState.create, optimizer=optimizer)
     lora = model.lora_weights(arch, config.lora_rank, config.lora_targets) if config.lora_rank else None
@@ -1017,88 +893,59 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
         state = jax.jit(create)(model.init_params(arch, jax.random.key(config.seed), mesh, lora))
     elif state is None:
         state = jax.jit(create)(model.load_params(inputs.model_dir, arch, mesh))
-    reference, tables = None, (None, None)
-    if config.live_reference and state.reference is None:  # a moving one came back with its checkpoint
-        if lora and inputs.reference_dir == inputs.model_dir:  # the base without its adapters
-            reference = base
-        else:
-            reference_dtype = model.dtype_of(config.reference_dtype)
-            reference = model.load_params(inputs.reference_dir, arch, mesh, dtype=reference_dtype)
-    elif config.precomputed_reference:  # once over every pair, cached beside the data
-        datasets = [inputs.train_set, inputs.val_set]
-        tables = bookkeeping.precompute_reference_logps(
-            datasets, inputs.reference_dir, arch, config, mesh, pair_logps
-        )
+    caches = bookkeeping.reference_caches(inputs, config) if config.precomputed_reference else []
+    load_reference = (
+        any(len(cache.todo) for cache in caches) or config.live_reference and state.reference is None
+    )
+    reference = None  # a moving one came back with its checkpoint
+    if load_reference and lora and inputs.reference_dir == inputs.model_dir:  # the base without its adapters
+        reference = base
+    elif load_reference:
+        reference_dtype = model.dtype_of(config.reference_dtype)
+        reference = model.load_params(inputs.reference_dir, arch, mesh, dtype=reference_dtype)
+    if caches:  # the reference runs once, before training (precompute_reference), and not in the steps
+        return Start(state, resume_step, Frozen(base, None), caches, reference)
     if config.sync_ref_model and state.reference is None:  # it moves with the state (with_reference),
         state, reference = dataclasses.replace(state, reference=reference), None  # so Frozen does not hold it
-    return Start(state, resume_step, Frozen(base, reference), *tables)
+    return Start(state, resume_step, Frozen(base, reference), [], None)
 
 
-class Loaders(NamedTuple):
-    train: Callable  # (start) -> the training batches from the start's step on
-    validation: Callable  # (start) -> a pass over the validation batches
-    shapes: dict  # "training", "evaluation" -> the batch shapes planned for them (data.plan_shapes)
-    blank: Callable  # (kind, shape) -> a batch of that shape, all padding: what its program compiles on
+def precompute_reference(programs: Programs, start: Start, mesh) -> list[np.ndarray]:
+    """reference_mode precompute: the reference's log-probs of every pair that its caches lack, by the
+    compiled forward pass, kept as they come (bookkeeping.ReferenceCache); then each cache's table [n, 2]."""
+    for cache in start.caches:
+        for rows, batch in cache.batches():
+            logps = programs("reference", start.reference_weights, sharding.global_batch(batch, mesh))
+            cache.record(rows, sharding.to_host(logps))
+    return [cache.finish() for cache in start.caches]
 
 
-def loaders(config: Config, inputs: bookkeeping.Inputs) -> Loaders:
-    """The training batches from where a run starts, a pass over the validation pairs (the first
-    max_eval_batches batches' worth, shortest first: the sums do not care about order, and like lengths pad
-    less), and the few batch shapes that every batch of the run is laid out in, planned over all of the
-    run's steps and its validation pass so that they compile before the first step. Planning is the last
-    check on the data (too few pairs for a batch, tokenized pairs over max_seq_len): it runs before the
-    run directory is written."""
-    # Packed rows split evenly over the batch axes' devices and, in training, over the microbatches.
-    devices = math.prod(inputs.mesh.shape[axis] for axis in sharding.BATCH_AXES)
-    layouts = dict(evaluation=data.Layout(config.prefix_sharing, config.packing, row_multiple=devices))
-    layouts["training"] = layouts["evaluation"]._replace(row_multiple=devices * config.num_microbatches)
-    size, processes = config.train_batch_size, dict(process_count=jax.process_count())
-    cap = None if config.max_eval_batches is None else config.max_eval_batches * size
-    val_idx = data.by_length(inputs.val_set, inputs.val_idx[:cap])
-    shuffle = dict(batch_size=size, seed=config.seed, group_by_length=config.group_by_length)
-    order = data.train_order(inputs.train_set, inputs.train_idx, **shuffle)
-    orders = dict(
-        training=(
-            inputs.train_set,
-            [order(step) for step in range(config.num_train_steps)],
-            data.TRAIN_SHAPES,
-        ),
-        evaluation=(inputs.val_set, data.eval_order(val_idx, size), data.EVAL_SHAPES),
-    )
-    # Planned over the whole run whatever the start, so that a resumed run meets the programs it compiled
-    # before (from the cache).
-    plan = dict(max_seq_len=config.max_seq_len, **processes)
-    shapes = {
-        kind: data.plan_shapes(dataset, batches, count=count, layout=layouts[kind], **plan) if batches else []
-        for kind, (dataset, batches, count) in orders.items()
-    }
-    common = dict(max_seq_len=config.max_seq_len, process_index=jax.process_index(), **processes)
-    train = lambda start: data.train_batches(
-        inputs.train_set,
-        inputs.train_idx,
-        start_step=start.resume_step or 0,
-        reference=start.train_reference,
-        layout=layouts["training"],
-        shapes=shapes["training"],
-        **shuffle,
-        **common,
-    )
-    evaluation = dict(layout=layouts["evaluation"], shapes=shapes["evaluation"], batch_size=size, **common)
-    validation = lambda start: data.eval_batches(
-        inputs.val_set, val_idx, reference=start.val_reference, **evaluation
-    )
-    blank = lambda kind, shape: data.blank_batch(shape, config.precomputed_reference, jax.process_count())
-    return Loaders(train, validation, shapes, blank)
+def evaluate(evaluation, params, frozen: Frozen, batches, mesh) -> dict[str, float]:
+    """The eval/ metrics over every batch: their sums added up, then divided once."""
+    totals, progress = {}, bookkeeping.Progress("evaluation", "batches")
+    for batch in batches:
+        sums = evaluation(params, frozen, sharding.global_batch(batch, mesh))
+        for k, v in jax.device_get(sums).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        progress.advance(1)
+    return {f"eval/{k}": float(v) for k, v in normalize(totals).items()}
 
 
-def main(config: Config) -> Path:
-    started = time.time()
-    sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
-    bookkeeping.use_compilation_cache(config.compilation_cache_dir)
-    run, say = Path(config.output_dir), bookkeeping.say
+def export_hf(
+    programs: Programs, run: Path, state: TrainState, frozen: Frozen, files: bookkeeping.ExportFiles
+):
+    """hf/step-N for transformers: the weights, with LoRA the base with its adapters merged in (the compiled
+    merge) and the adapters themselves for PEFT."""
+    lora = frozen.base is not None
+    merged = programs("merge", frozen.base, state.params) if lora else state.params
+    bookkeeping.save_export(run, int(state.step), merged, state.params if lora else None, files)
 
-    # --- inputs: everything is checked before anything is written or deleted
-    demo, given = config.model_name_or_path == "demo", config  # config.json records the config as given
+
+def open_run(config: Config) -> tuple[Path, Config, bookkeeping.Inputs, bookkeeping.Loaders]:
+    """The run directory checked, the inputs loaded and checked, the batches planned (the last check on the
+    data), then config.json written: everything is checked before anything is written or deleted."""
+    run, given = Path(config.output_dir), config  # config.json records the config as given
+    demo = config.model_name_or_path == "demo"
     if demo:  # the demo's model and pairs, made in the run directory once it has passed its check
         pairs = config.train_data or str(run / "demo" / "pairs.jsonl")
         config = dataclasses.replace(config, model_name_or_path=str(run / "demo" / "model"), train_data=pairs)
@@ -1106,28 +953,47 @@ def main(config: Config) -> Path:
     if demo:
         bookkeeping.make_demo(run / "demo", config.seed)
     inputs = bookkeeping.load_inputs(run, config)
-    batches = loaders(config, inputs)  # plans the batch shapes: the last check on the data
+    batches = bookkeeping.loaders(config, inputs)  # plans the batch shapes: the last check on the data
     bookkeeping.start_run_dir(run, given)
+    return run, config, inputs, batches
 
-    # --- the state, and the batches from where it stands
+
+def main(config: Config) -> Path:
+    started = time.time()
+    sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+    bookkeeping.use_compilation_cache(config.compilation_cache_dir)
+    say = bookkeeping.say
+
+    # --- inputs, the state, the programs; the batches from where the state stands
+    run, config, inputs, batches = open_run(config)
     mesh, optimizer = inputs.mesh, make_optimizer(config)
     with jax.set_mesh(mesh):
-        train_step, eval_step = make_steps(inputs.arch, config, optimizer)
         start = start_state(run, config, inputs, optimizer)
+    programs = compile_programs(make_steps(inputs.arch, config, optimizer), batches, start, config, mesh)
+    with jax.set_mesh(mesh):
+        tables = precompute_reference(programs, start, mesh)
     state, frozen, done = start.state, start.frozen, start.resume_step or 0  # done: steps taken before
-    programs = compile_programs(train_step, eval_step, batches, start, config.num_train_steps, mesh)
-    evaluation, train_batches = partial(programs, "evaluation"), batches.train(start)
-    eval_metrics = lambda s: evaluate(
-        evaluation, s.params, with_reference(s, frozen), batches.validation(start), mesh
+    train_batches = batches.train(done, *tables[:1])
+    eval_now = lambda s: evaluate(
+        partial(programs, "evaluation"),
+        s.params,
+        with_reference(s, frozen),
+        batches.validation(*tables[1:]),
+        mesh,
     )
-    export = bookkeeping.exporter(run, config, inputs, frozen.base)
+    files = bookkeeping.export_files(config, inputs)
 
     # --- the loop
     log = bookkeeping.MetricsLog(run, config, start.resume_step)
     with log, jax.set_mesh(mesh), bookkeeping.stop_requests() as stop_asked:
-        bookkeeping.before_first_step(
-            run, done, config, log, partial(eval_metrics, state), partial(export, state)
+        # A fresh start evaluates at step 0; a resume does the eval and export its last run skipped.
+        due_eval, due_export = (
+            bookkeeping.skipped_at_resume(run, done, config, log) if done else (True, False)
         )
+        if due_eval:
+            log.eval(done, eval_now(state))
+        if due_export:
+            export_hf(programs, run, state, frozen, files)
         if done < config.num_train_steps:
             dtype = jnp.dtype(model.dtype_of(config.compute_dtype)).name
             steps = f"{done + 1}..{config.num_train_steps}"
@@ -1147,17 +1013,17 @@ def main(config: Config) -> Path:
             log.train(step, metrics)
             last = step == config.num_train_steps
             # A preempted job has seconds: on a stop request only the checkpoint is written, and the
-            # eval or export due at this step is skipped (the resumed run does them: before_first_step).
+            # eval or export due at this step is skipped (the resumed run does them: skipped_at_resume).
             if not last and stop_asked():
                 bookkeeping.save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
                 say(f"stopped at step {step} on request; checkpoint written. Run the same command to resume.")
                 return run
             if step % config.steps_per_eval == 0 or last:
-                log.eval(step, eval_metrics(state))
+                log.eval(step, eval_now(state))
             if step % config.steps_per_checkpoint == 0 or last:
                 bookkeeping.save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
             if step % config.steps_per_hf_export == 0 or last:
-                export(state)
+                export_hf(programs, run, state, frozen, files)
     say(f"programs: {programs.report()}")
     bookkeeping.say_done(run)
     return run
@@ -1165,28 +1031,11 @@ def main(config: Config) -> Path:
 
 # --- the command line
 
-# What the demo uses for the fields not given on the command line (a tiny model from scratch learns at a
-# far higher rate than a pretrained 8B model tolerates). See parse_args.
-DEMO_SETTINGS = {
-    "train_batch_size": 32,
-    "num_train_steps": 120,
-    "learning_rate": 3e-3,
-    "warmup": 0.05,
-    "cooldown": 0.2,
-    "adam_b2": 0.99,
-    "max_seq_len": 64,
-    "logits_chunk_size": 32,
-    "steps_per_eval": 30,
-    "steps_per_checkpoint": 60,
-    "steps_per_hf_export": 120,
-    "log_every": 10,
-    "output_dir": "runs/demo",
-}
-
 
 def parse_args(args: list[str] | None = None) -> Config:
     """The Config from the command line. When the model is the demo, the fields not given take the demo's
-    values (DEMO_SETTINGS), and the demo says which; a value given on the command line always wins."""
+    values (bookkeeping.DEMO_SETTINGS), and the demo says which; a value given on the command line always
+    wins."""
 
     def parse(default: Config) -> Config:
         def command(config: Config = default) -> Config:
@@ -1197,10 +1046,12 @@ def parse_args(args: list[str] | None = None) -> Config:
     config = parse(Config())
     if config.model_name_or_path != "demo":
         return config
-    demo, default = parse(Config(**DEMO_SETTINGS)), Config()
+    demo, default = parse(Config(**bookkeeping.DEMO_SETTINGS)), Config()
     # A field not on the command line parses to whichever default it is given.
-    not_given = lambda k: getattr(config, k) == getattr(default, k) and getattr(demo, k) == DEMO_SETTINGS[k]
-    applied = ", ".join(f"{k}={v}" for k, v in DEMO_SETTINGS.items() if not_given(k))
+    not_given = lambda k: (
+        getattr(config, k) == getattr(default, k) and getattr(demo, k) == bookkeeping.DEMO_SETTINGS[k]
+    )
+    applied = ", ".join(f"{k}={v}" for k, v in bookkeeping.DEMO_SETTINGS.items() if not_given(k))
     if applied:
         bookkeeping.say(f"demo: {applied} (change any with --config.FIELD VALUE)")
     return demo

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import dpo
+import losses
 import sharding
 
 ONE_DEVICE = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -91,7 +92,9 @@ def log_sigmoid(x):
 def one_pair_loss(pc, pr, rc, rr, tokens=(1, 1), **config):
     """dpo_loss of a batch holding just this pair, and its rewards."""
     pair = lambda *x: jnp.array([x], jnp.float32)
-    loss, rewards = dpo.dpo_loss(pair(pc, pr), pair(rc, rr), pair(*tokens), jnp.ones(1), dpo.Config(**config))
+    loss, rewards = losses.dpo_loss(
+        pair(pc, pr), pair(rc, rr), pair(*tokens), jnp.ones(1), dpo.Config(**config)
+    )
     return float(loss), np.asarray(rewards[0])
 
 
@@ -120,7 +123,7 @@ def test_dpo_loss_matches_the_formulas(loss_type, smoothing):
 
 
 def test_dpo_loss_gradient_pushes_chosen_up_and_rejected_down():
-    loss = lambda policy: dpo.dpo_loss(
+    loss = lambda policy: losses.dpo_loss(
         policy, jnp.zeros((1, 2)), jnp.ones((1, 2)), jnp.ones(1), dpo.Config()
     )[0]
     d_chosen, d_rejected = jax.grad(loss)(jnp.array([[-10.0, -10.0]]))[0]
@@ -134,7 +137,7 @@ def test_pair_metrics_follow_the_guide_definitions():
     reference = jnp.array([[-2.0, -2.0], [-2.0, -2.0], [-5.0, -5.0]])
     weight = jnp.array([1.0, 1.0, 0.0])  # the third pair is padding and must not count
     tokens, stats = jnp.ones((3, 2)), dpo.TokenStats(*[jnp.zeros((3, 2))] * 3)
-    _, rewards = dpo.dpo_loss(policy, reference, tokens, weight, config)
+    _, rewards = losses.dpo_loss(policy, reference, tokens, weight, config)
     sums = dpo.metric_sums(policy, rewards, stats, tokens, weight)
     assert float(sums["pairs"]) == 2
     assert float(sums["rewards/chosen"]) == pytest.approx(0.5 * (1 + 0))

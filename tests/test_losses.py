@@ -16,6 +16,7 @@ from _tolerance import assert_metrics_close
 import bookkeeping
 import data
 import dpo
+import losses
 import model
 import sharding
 
@@ -46,14 +47,14 @@ def ours(name, ls, **config):
     reference = None if not config.uses_reference else jnp.asarray(REFERENCE, jnp.float32)
 
     def loss(policy, reference):
-        return dpo.dpo_loss(policy, reference, jnp.asarray(TOKENS), jnp.ones(B), config)
+        return losses.dpo_loss(policy, reference, jnp.asarray(TOKENS), jnp.ones(B), config)
 
     return loss, jnp.asarray(POLICY, jnp.float32), reference
 
 
-@pytest.mark.parametrize("name", dpo.LOSS_TYPES)
+@pytest.mark.parametrize("name", tuple(losses.LOSSES))
 def test_every_loss_matches_its_formula_in_value_and_gradient(name):
-    beta, ls = 0.1, 0.1 if name in dpo.SMOOTHED else 0.0
+    beta, ls = 0.1, 0.1 if name in losses.having("label_smoothing") else 0.0
     loss, policy, reference = ours(name, ls, beta=beta)
     value = lambda p, r: reference_loss(name, p, r, beta, ls)
     (got, rewards), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(policy, reference)
@@ -83,17 +84,19 @@ def test_several_losses_sum_with_their_weights_and_padding_changes_nothing():
     names, weights = ("sigmoid", "bco_pair", "sft"), (0.8, 0.2, 1.0)  # MPO's mix
     config = dpo.Config(loss_type=names, loss_weights=weights, beta=0.2)
     args = jnp.asarray(POLICY), jnp.asarray(REFERENCE), jnp.asarray(TOKENS)
-    loss = float(dpo.dpo_loss(*args, jnp.ones(B), config)[0])
+    loss = float(losses.dpo_loss(*args, jnp.ones(B), config)[0])
     want = ref.combined_loss(names, *POLICY.T, *REFERENCE.T, *TOKENS.T, 0.2, loss_weights=weights)
-    parts = [float(dpo.dpo_loss(*args, jnp.ones(B), dpo.Config(loss_type=(n,), beta=0.2))[0]) for n in names]
+    parts = [
+        float(losses.dpo_loss(*args, jnp.ones(B), dpo.Config(loss_type=(n,), beta=0.2))[0]) for n in names
+    ]
     assert loss == pytest.approx(want, rel=1e-5) and loss == pytest.approx(np.dot(weights, parts), rel=1e-6)
     # Pairs of weight 0 (an evaluation batch's padding) count for nothing, in the sorted losses too.
     for names in [("sigmoid", "sft"), ("aot",), ("aot_unpaired", "ipo")]:
         config = dpo.Config(loss_type=names, beta=0.2)
         padded = [jnp.concatenate([x, x[:3]]) for x in args]
-        with_padding = dpo.dpo_loss(*padded, jnp.concatenate([jnp.ones(B), jnp.zeros(3)]), config)[0]
+        with_padding = losses.dpo_loss(*padded, jnp.concatenate([jnp.ones(B), jnp.zeros(3)]), config)[0]
         assert float(with_padding) == pytest.approx(
-            float(dpo.dpo_loss(*args, jnp.ones(B), config)[0]), rel=1e-6
+            float(losses.dpo_loss(*args, jnp.ones(B), config)[0]), rel=1e-6
         )
 
 
@@ -113,6 +116,42 @@ def test_several_losses_sum_with_their_weights_and_padding_changes_nothing():
 def test_a_loss_outside_its_range_is_refused(settings, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
         dpo.Config(**settings)
+
+
+@pytest.mark.parametrize("use_weighting", [False, True])
+def test_a_loss_couples_the_batch_exactly_where_its_row_says(use_weighting):
+    """A loss whose gradient over two microbatches (each with the whole batch's totals, as the step takes it)
+    differs from the whole batch's couples the pairs, and its row must say so, or the step would silently
+    train another objective; a row that says so must couple them (the step then takes the slow path)."""
+    rng = np.random.default_rng(7)
+    policy, reference = rng.normal(-30, 10, (8, 2)), rng.normal(-30, 10, (8, 2))
+    tokens, pair_weight = rng.integers(1, 20, (8, 2)).astype(np.float64), rng.uniform(0.2, 1.0, 8)
+    for name, row in losses.LOSSES.items():
+        if use_weighting and not row.weighted:
+            continue
+        ls = 0.1 if "label_smoothing" in row.knobs else 0.0
+        config = dpo.Config(loss_type=(name,), label_smoothing=ls, use_weighting=use_weighting)
+        ref_logps = jnp.asarray(reference) if row.reference else None
+        totals = (jnp.float32(8), jnp.sum(jnp.asarray(tokens)[:, 0]))
+
+        def grad(rows, totals=None):
+            scale = jnp.asarray(pair_weight[rows]) if use_weighting else None
+            loss = lambda p: losses.dpo_loss(
+                p,
+                None if ref_logps is None else ref_logps[rows],
+                jnp.asarray(tokens[rows]),
+                jnp.ones(len(rows)),
+                config,
+                totals,
+                scale,
+            )[0]
+            return np.asarray(jax.grad(loss)(jnp.asarray(policy[rows], jnp.float32)))
+
+        whole = grad(np.arange(8))
+        halves = np.concatenate([grad(np.arange(0, 8, 2), totals), grad(np.arange(1, 8, 2), totals)])
+        halves[np.r_[0:8:2, 1:8:2]] = halves.copy()
+        coupled = not np.allclose(halves, whole, rtol=1e-5, atol=1e-7)
+        assert coupled == losses.couples_batch((name,), use_weighting), (name, use_weighting)
 
 
 def test_token_metrics_match_full_logits():
@@ -174,7 +213,7 @@ def one_step(demo, mesh, batch=None, **settings):
         batch = next(data.train_batches(dataset, range(len(dataset)), batch_size=16, seed=0, max_seq_len=64))
     arch, optimizer = model.load_config(model_dir), dpo.make_optimizer(config)
     with jax.set_mesh(mesh):
-        train_step, _ = dpo.make_steps(arch, config, optimizer)
+        train_step = dpo.make_steps(arch, config, optimizer)["training"]
         state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(
             model.load_params(model_dir, arch, mesh)
         )
@@ -215,13 +254,20 @@ def test_simpo_holds_no_reference_and_counts_6n_flops(demo, tmp_path, monkeypatc
     )
     run = tmp_path / "run"
     settings = dict(model_name_or_path=str(demo[0]), train_data=str(demo[1].path), output_dir=str(run))
-    for mode in ("live", "precompute"):  # neither loads or computes a reference
-        small = dict(
-            train_batch_size=8, max_seq_len=64, logits_chunk_size=32, num_train_steps=2, max_eval_batches=1
-        )
-        dpo.main(dpo.Config(**settings, **small, loss_type=("simpo",), reference_mode=mode, overwrite=True))
-    assert loaded == [demo[0], demo[0]]  # the policy's weights, once per run
-    assert not (demo[1].path / "reference").exists()  # nor a reference pass (live or precomputed)
+    small = dict(
+        train_batch_size=8, max_seq_len=64, logits_chunk_size=32, num_train_steps=2, max_eval_batches=1
+    )
+    dpo.main(dpo.Config(**settings, **small, loss_type=("simpo",)))  # no reference is loaded or computed
+    assert loaded == [demo[0]]  # the policy's weights, once
+    assert not (demo[1].path / "reference").exists()  # nor a reference pass
+    # Reference settings do nothing for a reference-free loss: refused in one line (#32), not ignored.
+    for setting in [
+        dict(reference_mode="precompute"),
+        dict(reference_model_path="x"),
+        dict(reference_dtype="float32"),
+    ]:
+        with pytest.raises(ValueError, match="read no reference"):
+            dpo.Config(**settings, **small, loss_type=("simpo",), **setting)
 
 
 def test_a_changed_loss_is_refused_on_resume(tmp_path):

@@ -16,6 +16,7 @@ from test_packing import LAYOUTS, batch_of, loss_and_grads, pairs  # noqa: F401 
 import bookkeeping
 import data
 import dpo
+import losses
 import model
 import sharding
 
@@ -45,7 +46,7 @@ def check_value_and_gradient(config, want, pair_weight=None):
         extend = lambda x, fill: jnp.concatenate([jnp.asarray(x), jnp.full((pad, *x.shape[1:]), fill)])
         scale = None if pair_weight is None else extend(pair_weight, 7.0)
         args = extend(policy, -5.0), extend(reference, -1.0), extend(TOKENS, 3.0)
-        return dpo.dpo_loss(*args, extend(np.ones(B), 0.0), config, pair_weight=scale)[0]
+        return losses.dpo_loss(*args, extend(np.ones(B), 0.0), config, pair_weight=scale)[0]
 
     got, grads = jax.value_and_grad(loss, argnums=(0, 1))(jnp.asarray(POLICY), jnp.asarray(REFERENCE))
     assert float(got) == pytest.approx(want(POLICY, REFERENCE), rel=1e-6)
@@ -65,8 +66,10 @@ def test_f_divergences_match_trl_in_value_and_gradient(kind, coef):
     jax.config.update("jax_enable_x64", True)  # central differences of the formula need f64 on both sides
     try:
         knobs = dict(f_divergence_type=kind, f_alpha_divergence_coef=coef)
-        for name in dpo.F_DIVERGENCE_LOSSES[:-1]:  # each with a reference; sft below, in a mix
-            ls = 0.1 if name in dpo.SMOOTHED + ("exo_pair",) else 0.0
+        for name in [
+            n for n in losses.having("f_divergence") if losses.LOSSES[n].reference
+        ]:  # sft below, in a mix
+            ls = 0.1 if name in losses.having("label_smoothing") else 0.0
             config = dpo.Config(
                 loss_type=(name,), label_smoothing=ls, f_divergence_type=kind, f_alpha_divergence_coef=coef
             )
@@ -115,7 +118,7 @@ def test_wpo_weights_from_the_fused_head_match_full_logits():
     with jax.set_mesh(ONE_DEVICE):
         _, stats = dpo.token_logps(hidden, lm_head, targets.astype(np.int32), mask, chunk_size=16)
     per_pair = lambda x: jnp.asarray(x).sum(-1).reshape(2, 2)
-    got = dpo.wpo_weights(jax.tree.map(per_pair, stats), per_pair(mask.astype(np.float32)))
+    got = losses.wpo_weights(jax.tree.map(per_pair, stats), per_pair(mask.astype(np.float32)))
     chosen_first = [0, 2, 1, 3]
     logits = hidden.astype(np.float64) @ lm_head
     want = ref.wpo_weights(logits[chosen_first], targets[chosen_first], mask[chosen_first])
@@ -178,7 +181,7 @@ def test_orpo_loss_and_metrics_match_trl_and_it_runs_without_a_reference(pairs):
         policy, None, dpo.TokenStats(*[jnp.zeros((B, 2))] * 3), jnp.asarray(TOKENS), jnp.ones(B)
     )
     with jax.set_mesh(ONE_DEVICE):
-        loss, sums = dpo.loss_and_sums(logps, config)
+        loss, sums = dpo.objective(logps, config)
     metrics = dpo.normalize(sums)
     (pc, pr), (nc, nr) = (POLICY / 10).T, TOKENS.T
     assert float(loss) == pytest.approx(ref.orpo_loss(pc, pr, nc, nr, 0.25), rel=1e-5)
@@ -189,7 +192,7 @@ def test_orpo_loss_and_metrics_match_trl_and_it_runs_without_a_reference(pairs):
     dataset, arch = pairs  # a train step holds and runs no reference
     with jax.set_mesh(ONE_DEVICE):
         optimizer = dpo.make_optimizer(config)
-        train_step, _ = dpo.make_steps(arch, config, optimizer)
+        train_step = dpo.make_steps(arch, config, optimizer)["training"]
         create = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))  # fresh buffers: donated
         state = create(model.init_params(arch, jax.random.key(0), ONE_DEVICE))
         _, metrics = train_step(
@@ -208,7 +211,7 @@ def test_orpo_gradient_matches_trl_and_a_padding_pair_adds_nothing():
     config = dpo.Config(loss_type=("orpo",), beta=0.25)
     policy, tokens = np.vstack([POLICY / 10, [[0.0, 0.0]]]), np.vstack([TOKENS, [[0, 0]]])
     weight = jnp.asarray(np.r_[np.ones(B), 0.0])
-    loss = lambda x: dpo.dpo_loss(x, None, jnp.asarray(tokens), weight, config)[0]
+    loss = lambda x: losses.dpo_loss(x, None, jnp.asarray(tokens), weight, config)[0]
     grad = np.asarray(jax.grad(loss)(jnp.asarray(policy)))
     assert np.all(grad[B:] == 0)
     f = lambda x: ref.orpo_loss(x[:B, 0], x[:B, 1], TOKENS[:, 0], TOKENS[:, 1], 0.25)
@@ -230,7 +233,7 @@ def test_wpo_with_sft_over_microbatches_equals_one_batch(pairs):  # noqa: F811
         config = dpo.Config(microbatch_size=micro, loss_type=("sigmoid", "sft"), **settings)
         with jax.set_mesh(ONE_DEVICE):
             optimizer = dpo.make_optimizer(config)
-            train_step, _ = dpo.make_steps(arch, config, optimizer)
+            train_step = dpo.make_steps(arch, config, optimizer)["training"]
             create = jax.jit(lambda p, o=optimizer: dpo.TrainState.create(p, o))
             state = create(model.init_params(arch, jax.random.key(0), ONE_DEVICE))
             reference = model.init_params(arch, jax.random.key(1), ONE_DEVICE)

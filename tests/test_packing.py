@@ -14,6 +14,7 @@ from _tolerance import assert_metrics_close
 
 import data
 import dpo
+import losses
 import model
 import sharding
 
@@ -143,7 +144,7 @@ def loss_and_grads(params, batch, arch, config, reference):
         policy, _ = dpo.pair_logps(params, batch, arch, config)
         rows = dpo.rows_of(batch)
         ref = rows.ref_logps if "ref_logps" in batch else dpo.pair_logps(reference, batch, arch, config)[0]
-        return dpo.dpo_loss(policy, jax.lax.stop_gradient(ref), rows.scored_tokens, rows.weight, config)[0]
+        return losses.dpo_loss(policy, jax.lax.stop_gradient(ref), rows.scored_tokens, rows.weight, config)[0]
 
     return jax.jit(jax.value_and_grad(loss))(params)
 
@@ -184,7 +185,8 @@ def test_train_and_eval_steps_match_with_microbatches_and_a_precomputed_referenc
         )
         optimizer = dpo.make_optimizer(config)
         with jax.set_mesh(mesh):
-            train_step, eval_step = dpo.make_steps(arch, config, optimizer)
+            steps = dpo.make_steps(arch, config, optimizer)
+            train_step, eval_step = steps["training"], steps["evaluation"]
             state = jax.jit(lambda p, o=optimizer: dpo.TrainState.create(p, o))(
                 model.init_params(arch, jax.random.key(0), mesh)
             )
@@ -214,7 +216,7 @@ def test_packed_evaluation_leaves_out_the_fill_up_copies_and_sums_the_same(pairs
     )
     with jax.set_mesh(ONE_DEVICE):
         params, reference = (model.init_params(arch, jax.random.key(seed), ONE_DEVICE) for seed in (0, 1))
-        _, eval_step = dpo.make_steps(arch, config, dpo.make_optimizer(config))
+        eval_step = dpo.make_steps(arch, config, dpo.make_optimizer(config))["evaluation"]
         plain, packed = (
             dpo.evaluate(eval_step, params, dpo.Frozen(None, reference), batches(layout), ONE_DEVICE)
             for layout in (None, data.Layout(True, True))

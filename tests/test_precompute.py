@@ -33,12 +33,13 @@ def precompute(model_dir, tokenized) -> np.ndarray:
     """The reference table of one dataset, as dpo.main computes it (8 fake devices, FSDP)."""
     mesh = sharding.make_mesh(1, -1, 1)
     config = dpo.Config(model_name_or_path=str(model_dir), train_data=str(tokenized), **SMALL)
+    arch = model.load_config(model_dir)
     with jax.set_mesh(mesh):
-        datasets = [data.PairDataset(tokenized)]
-        tables = bookkeeping.precompute_reference_logps(
-            datasets, model_dir, model.load_config(model_dir), config, mesh, dpo.pair_logps
-        )
-    return tables[0]
+        cache = bookkeeping.ReferenceCache(data.PairDataset(tokenized), model_dir, config)
+        weights = model.load_params(model_dir, arch, mesh)
+        programs = dpo.Programs(dpo.make_steps(arch, config, dpo.make_optimizer(config)), {})
+        start = dpo.Start(None, None, dpo.Frozen(None, None), [cache], weights)
+        return dpo.precompute_reference(programs, start, mesh)[0]
 
 
 def test_precomputed_reference_trains_like_the_live_one(demo):

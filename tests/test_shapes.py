@@ -109,7 +109,7 @@ def test_planned_shapes_give_the_same_loss_as_each_batchs_own(pairs):  # noqa: F
     steps += [(order[12 + 4 * i : 16 + 4 * i], np.ones(4, np.float32)) for i in range(2)]
     with jax.set_mesh(mesh):
         params, reference = (model.init_params(arch, jax.random.key(seed), mesh) for seed in (0, 1))
-        _, eval_step = dpo.make_steps(arch, config, dpo.make_optimizer(config))
+        eval_step = dpo.make_steps(arch, config, dpo.make_optimizer(config))["evaluation"]
         for layout in LAYOUTS.values():
             layout = layout and layout._replace(row_multiple=2)
             shapes = data.plan_shapes(dataset, steps, count=2, max_seq_len=256, layout=layout)

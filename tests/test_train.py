@@ -38,7 +38,7 @@ def run(demo, out: Path, **overrides) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def losses(lines: list[dict]) -> list[float]:
+def train_losses(lines: list[dict]) -> list[float]:
     return [line["loss"] for line in lines if "loss" in line]
 
 
@@ -62,7 +62,7 @@ def test_demo_learns_the_preference_and_exports_for_transformers(tmp_path):
     import transformers
 
     out = tmp_path / "run"
-    settings = dpo.DEMO_SETTINGS | dict(
+    settings = bookkeeping.DEMO_SETTINGS | dict(
         output_dir=str(out), num_train_steps=40, steps_per_eval=20, steps_per_hf_export=40
     )
     dpo.main(dpo.Config(**settings))
@@ -96,7 +96,7 @@ def test_a_demo_run_copied_elsewhere_resumes_and_the_last_line_names_only_what_i
     directory (given as an absolute path) copied elsewhere resumes there, here for a longer run: with a
     learning rate that does not follow the run's length, exactly as a run of that length from the start.
     "transformers loads hf/step-N" is said only where there is an hf/."""
-    settings = dpo.DEMO_SETTINGS | dict(steps_per_eval=2, steps_per_checkpoint=2, max_eval_batches=1)
+    settings = bookkeeping.DEMO_SETTINGS | dict(steps_per_eval=2, steps_per_checkpoint=2, max_eval_batches=1)
     settings |= dict(lr_schedule="constant", cooldown=0)  # warmup 5% of 2 or 3 steps: none
     del settings["output_dir"], settings["num_train_steps"], settings["steps_per_hf_export"]
     first, copy = tmp_path / "first", tmp_path / "elsewhere" / "copy"
@@ -203,4 +203,4 @@ def test_help_explains_every_field():
     for field in dpo.Config.__dataclass_fields__:
         assert "--config." + field.replace("_", "-") in text
     assert "strength of the pull toward the reference" in text
-    assert all(name in text for name in dpo.LOSS_TYPES)  # --config.loss-type's choices
+    assert all(name in text for name in dpo.losses.LOSSES)  # --config.loss-type's choices
