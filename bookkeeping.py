@@ -1,13 +1,16 @@
 """The run's bookkeeping around dpo.py's train step, in the order main meets it; nothing here is traced.
 
   say                the one console writer: process 0's lines
-  run directory      check_run_dir (before anything is written), start_run_dir (config.json)
+  run directory      check_run_dir (before anything is written; what a resume may change:
+                     OPERATIONAL_FIELDS, and num_train_steps where the steps taken keep their learning
+                     rates), start_run_dir (config.json)
   inputs             load_inputs: model and reference configs, mesh, tokenizer and data, all checked first
   checkpoints        one .npy file per array, written atomically, each host reading back only its slices
   the reference      precompute_reference_logps: its log-probs once, cached beside the tokenized data
   metrics            MetricsLog (metrics.jsonl, Weights & Biases, the console line, MFU)
   compilation cache  use_compilation_cache: compiled programs kept across runs, and the hits counted
-  stopping           stop_requests (SIGTERM, Ctrl-C), check_update (a step whose update was not finite)
+  stopping           stop_requests (SIGTERM, Ctrl-C), check_update (a step whose update was not finite),
+                     before_first_step (on a resume, the eval and export a stop or a kill skipped)
   export             exporter: hf/step-N for transformers, with LoRA also a PEFT adapter
   the demo           make_demo: a tiny Llama, its tokenizer and synthetic pairs, for `python dpo.py`
 
@@ -57,7 +60,7 @@ def say(*message) -> None:
 
 
 # Fields that change how a run is operated, not what it computes: a resumed run may change them. The
-# layouts and the ways of computing a step give the same numbers up to float rounding (README: layouts).
+# layouts and the ways of computing a step give the same numbers up to float rounding (docs/performance.md).
 OPERATIONAL_FIELDS = set(
     "output_dir overwrite steps_per_eval max_eval_batches steps_per_checkpoint keep_checkpoints "
     "steps_per_hf_export hf_save_dtype log_every wandb_project coordinator_address num_processes "

@@ -15,11 +15,15 @@ smallest of the run's few planned shapes that holds it (plan_shapes, from every 
 before step 1): a pair's two sequences side by side, or, with prefix sharing or packing, rows of several
 sequences with the views the model's attention needs (Layout describes both).
 
-Tokenizers: tokenizer.json files are used as they are (transformers does the same for Llama 3's), except
-for the LlamaTokenizer class (Llama 2, Mistral and Zephyr tokenizers), whose pre-tokenizer transformers
-rebuilds at load time; data.py rebuilds it the same way. Mistral-family tokenizers can therefore make
-training data, but model.py trains Llama-architecture models only.
-Left out on purpose: multimodal content, tool calls, streaming from the Hub (a split is downloaded).
+Row formats (FORMATS, detected from the columns and the first rows): conversation, prompt_completion, plain.
+Chat templates get what transformers' apply_chat_template passes them: a row's `tools` column (function
+schemas) as tools=, and --chat-template-kwargs (e.g. '{"enable_thinking": false}' for Qwen3) as extra
+variables. Tokenizers: tokenizer.json files are used as they are (transformers does the same for Llama 3's),
+except for the LlamaTokenizer class (Llama 2, Mistral and Zephyr tokenizers), whose pre-tokenizer
+transformers rebuilds at load time; data.py rebuilds it the same way. Any of these can make training data;
+model.py trains the Llama, Qwen2 / Qwen2.5, Qwen3 and Mistral families.
+Left out on purpose: multimodal content, assistant turns without text content (one that is only tool calls
+is rejected as empty), streaming from the Hub (a split is downloaded).
 """
 
 import functools

@@ -1,14 +1,17 @@
 """Llama-style decoders as pure functions over a pytree of jax.Arrays, with Hugging Face weights in and out.
 
 Here: `LlamaConfig` from a transformers config.json, one table declaring every weight (axes, mesh
-placement, initializer, transformers' name), sharded random init, `forward` -> final normed hidden states,
-loading safetensors straight into shards, and an export that `transformers` loads unchanged. It reproduces
+placement, initializer, transformers' name), sharded random init, `forward` -> final normed hidden states
+(rows of one sequence, or of several, each attending within its views: prefix sharing and packing), LoRA
+adapters declared beside their weights (merged for export, or saved as a PEFT adapter), loading
+safetensors straight into shards, and an export that `transformers` loads unchanged. It reproduces
 `LlamaForCausalLM` checkpoints: Llama 2 and TinyLlama (rope_type default), Llama 3, 3.1 and 3.2
 (rope_type llama3), grouped-query and multi-query attention and tied embeddings; and the families that are
 the same block with small additions (_FAMILIES): Mistral, Qwen2 / Qwen2.5 (q, k, v biases) and Qwen3 (an
 RMSNorm over each head of q and k), exported as the same family. Anything in a config.json it could not
-reproduce exactly is refused in one line: other model types (MoE, Gemma), sliding windows, other rope
-types, other biases, activations other than SiLU.
+reproduce exactly is refused in one line: other model types (MoE, Gemma), sliding-window layers (Qwen's
+use_sliding_window, sliding layer_types; a Mistral window shorter than the run's max_seq_len, check_window),
+other rope types, partial rotary embeddings, other biases, activations other than SiLU.
 Left out on purpose: KV caches and generation, dropout, quantization.
 
 Conventions
