@@ -29,6 +29,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -821,6 +822,8 @@ def tokenize(
         if options[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
     files, output = _input_files(input, split), Path(output)
+    if output.name in ("", ".."):  # ".", "./", "..": the folder's own name is needed for its siblings
+        output = output.resolve()
     chat = ChatTokenizer(tokenizer, chat_template, template_kwargs)
     inputs = [{"file": f.name, "sha256": _sha256(f)} for f in files]
     settings = {"version": VERSION, "inputs": inputs, "tokenizer": chat.fingerprint, **options}
@@ -842,7 +845,10 @@ def _write_output(output: Path, chunks, columns, chat, format, settings, started
             f"{chat.source} has no chat template: pass --chat-template FILE or --format plain"
         )
     rejects = output.with_name(f"{output.name}.rejects.jsonl")
-    with sharding.atomic(output) as tmp:
+    # The folder the user is in is filled in place from a sibling: renamed over whole, as any other output
+    # is, it would leave their shell in a deleted folder.
+    here = output.resolve() == Path.cwd().resolve()
+    with sharding.atomic(output.with_name(f".{output.name}.dpo-new") if here else output) as tmp:
         tmp.mkdir(parents=True)
         try:
             summary = _write_pairs(tmp, chunks, chat, format, settings)
@@ -853,12 +859,26 @@ def _write_output(output: Path, chunks, columns, chat, format, settings, started
         summary |= {"seconds": round(seconds, 2), "rows_per_second": round(summary["rows_read"] / seconds, 1)}
         summary |= {"tokenizer": {"source": chat.source, "vocab_size": chat.tokenizer.get_vocab_size()}}
         (tmp / "summary.json").write_text(json.dumps(summary | {"settings": settings}, indent=2) + "\n")
+    if here:
+        _fill_in_place(output, output.with_name(f".{output.name}.dpo-new"))
     print(
         f"\rtokenize: {summary['rows_read']:,} rows read as {format}, {summary['rows_written']:,} pairs "
         f"written, {summary['rows_per_second']:,.0f} rows/s -> {output}",
         file=sys.stderr,
     )
     return summary
+
+
+def _fill_in_place(output: Path, complete: Path) -> None:
+    """Replace the files of `output` (all data.py's own: _check_output) with those of the `complete` folder
+    beside it, summary.json out first and in last: no moment leaves an output that looks complete but is
+    not (PairDataset starts from summary.json)."""
+    (output / "summary.json").unlink(missing_ok=True)
+    for old in output.iterdir():
+        sharding.remove(old)
+    for new in sorted(complete.iterdir(), key=lambda path: path.name == "summary.json"):
+        shutil.move(new, output / new.name)  # a rename, unless the folder is a mount point of its own
+    complete.rmdir()
 
 
 def parse_template_kwargs(text: str | None) -> dict:

@@ -543,6 +543,29 @@ def test_a_killed_run_leaves_nothing_behind_and_outputs_get_the_usual_permission
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
+def test_the_current_folder_as_output_is_filled_in_place(tokenizers_dir, tmp_path, monkeypatch):
+    """--output . (or ./) in an empty folder, as --help allows: the files appear in the folder the user is in,
+    which stays that folder (replaced whole, the user's shell would be left in a deleted one); a rerun
+    with other settings and --overwrite replaces them there."""
+    inputs = write_jsonl(tmp_path / "rows.jsonl", conversation_rows())
+    tokenizer = str(tokenizers_dir / "chatml")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    folder = os.stat(".").st_ino
+    first = data.tokenize(inputs, tokenizer, ".")
+    assert os.stat(".").st_ino == folder and sorted(os.listdir(".")) == [
+        "part-00000.parquet",
+        "rejects.jsonl",
+        "summary.json",
+    ]
+    assert data.tokenize(inputs, tokenizer, "./") == first  # the same settings: nothing to do
+    replaced = data.tokenize(inputs, tokenizer, "./", max_seq_len=64, overwrite=True)
+    assert replaced["settings"]["max_seq_len"] == 64 and os.stat(".").st_ino == folder
+    assert data.PairDataset(".").summary["settings"]["max_seq_len"] == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "rows.jsonl"]  # nothing left beside it
+
+
 # --- length rules ------------------------------------------------------------------------------------------
 
 
