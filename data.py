@@ -576,7 +576,9 @@ def _read_chunks(files: list[Path], fields: list[str], chunk_rows: int) -> Itera
         if path.suffix == ".parquet":
             parquet = _parquet(path)
             columns = [field for field in fields if field in parquet.schema_arrow.names]
-            yield from (batch.to_pylist() for batch in parquet.iter_batches(chunk_rows, columns=columns))
+            binary = [name for name in columns if _holds_binary(parquet.schema_arrow.field(name).type)]
+            for batch in parquet.iter_batches(chunk_rows, columns=columns):
+                yield [_as_text(row, binary) for row in batch.to_pylist()] if binary else batch.to_pylist()
             continue
         with path.open("rb") as f:
             if path.suffix == ".json" and f.read(1024).lstrip().startswith(b"["):
@@ -589,6 +591,35 @@ def _read_chunks(files: list[Path], fields: list[str], chunk_rows: int) -> Itera
                 rows = (_json_line(path, n, line) for n, line in enumerate(f, 1) if line.strip())
             while chunk := list(itertools.islice(rows, chunk_rows)):
                 yield chunk
+
+
+def _holds_binary(kind: pa.DataType) -> bool:
+    """Whether a Parquet column's type is, or nests, binary: some writers type text so (pandas' object
+    columns of bytes, Spark's BINARY)."""
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+        return True
+    return any(_holds_binary(kind.field(i).type) for i in range(kind.num_fields))
+
+
+def _as_text(row: dict, binary: list[str]):
+    """The row with the bytes of its `binary` columns read as UTF-8 text, as a string column would hold it;
+    bytes that are not UTF-8 reject the row, naming the column."""
+    decoded = lambda value: (
+        value.decode("utf-8")
+        if isinstance(value, bytes)
+        else [decoded(v) for v in value]
+        if isinstance(value, list)
+        else {k: decoded(v) for k, v in value.items()}
+        if isinstance(value, dict)
+        else value
+    )
+    for name in binary:
+        try:
+            row[name] = decoded(row[name])
+        except UnicodeDecodeError as e:
+            where = f"byte {e.object[e.start : e.end]!r} at {e.start}"
+            return RejectedRow("invalid text", f"{name} is typed binary and its {where} is not UTF-8")
+    return row
 
 
 def _parquet(path: Path) -> pq.ParquetFile:
@@ -649,7 +680,10 @@ def _no_format(columns: list[str], rows: list) -> str:
     if null:
         null = f"{' and '.join(null)} {'is' if len(null) == 1 else 'are'}"
         return f"the rows match no format: {null} null in all of the first {len(rows)} rows"
-    return "the columns match no format"
+    # The columns are the expected ones, so their values' types are the problem: named.
+    first = lambda f: next(row[f] for row in rows if not _no_value(row, f))
+    kinds = [f"{f} holds {type(first(f)).__name__}" for f in ("prompt", *SIDES) if f in columns]
+    return f"the columns match no format ({', '.join(kinds)})"
 
 
 def _no_value(row, field: str) -> bool:
