@@ -582,7 +582,17 @@ jax.monitoring.register_event_listener(
 def use_compilation_cache(directory: str | None) -> None:
     """XLA's persistent compilation cache in `directory` (None: off), every program kept however fast it
     compiled, so a rerun, a resume or another run of the same shapes compiles nothing. Every process reads
-    it and JAX writes from process 0 only, so one directory that all hosts share is safe."""
+    it and JAX writes from process 0 only, so one directory that all hosts share is safe. A local directory
+    that cannot be made or written (a file in its path, a read-only disk) turns it off, saying why: JAX would
+    otherwise cache nothing, silently, on every run."""
+    if directory and "://" not in directory:  # gs://... goes through JAX's own file layer: not checked
+        try:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=directory).close()
+        except OSError as e:
+            why = "a file, not a folder" if isinstance(e, FileExistsError) else e.strerror or e
+            say(f"compilation cache off: {directory}: {why}, so every program compiles anew")
+            directory = None
     jax.config.update("jax_compilation_cache_dir", directory)
     # A cache entry that cannot be written (a full disk) costs a compile next time, nothing now; the run's
     # own files say it in one line when they cannot be written.

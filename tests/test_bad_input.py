@@ -578,3 +578,28 @@ def test_chat_template_kwargs_other_than_tokenized_datas_are_one_line(demo, tmp_
         result = dpo_cli(model_dir, tmp_path / made_with, tmp_path / f"ok-{made_with}-{given is None}",
                          num_train_steps=0, **extra)  # fmt: skip
         assert result.returncode == 0, result.stderr
+
+
+def test_an_unusable_compilation_cache_is_said_and_turned_off(tmp_path, capsys):
+    """A cache directory that cannot be made or written (a file in its path; a read-only folder where this
+    user is not root, who may write anyway) is one line at the start and the cache off, not a run that caches
+    nothing and says so only in its last line ("0 of 2 from the cache")."""
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    (tmp_path / "file").write_text("mine")
+    cases = [tmp_path / "file", tmp_path / "file" / "cache"]
+    if os.geteuid() != 0:
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        cases.append(tmp_path / "read-only" / "cache")
+    try:
+        for where in cases:
+            bookkeeping.use_compilation_cache(str(where))
+            said = capsys.readouterr().out.splitlines()
+            assert len(said) == 1 and said[0].startswith(f"compilation cache off: {where}"), said
+            assert jax.config.jax_compilation_cache_dir is None
+        bookkeeping.use_compilation_cache(str(tmp_path / "cache"))  # usable: made, and used silently
+        assert not capsys.readouterr().out and jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+        assert (tmp_path / "file").read_text() == "mine" and not list((tmp_path / "cache").iterdir())
+    finally:
+        bookkeeping.use_compilation_cache(before)
