@@ -69,7 +69,7 @@ def check_run_dir(run: Path, config, lr_schedule) -> None:
     """Refuse an output_dir that is (or lies under) a file, that holds an input a run would overwrite or
     delete, that holds files of no dpo.py run, or that holds a run whose config differs in anything that
     changes what it computes (unless overwrite). Deletes and writes nothing: see start_run_dir.
-    `lr_schedule`: dpo.lr_schedule, for a changed num_train_steps (_check_new_length)."""
+    `lr_schedule`: dpo.lr_schedule, for a changed num_train_steps (_new_length_problem)."""
     for folder in (run, *run.parents):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"output_dir {run}: {folder} is a file, not a directory")
@@ -88,8 +88,15 @@ def check_run_dir(run: Path, config, lr_schedule) -> None:
                 f"output_dir {run} holds {', '.join(foreign)} but no dpo.py run: use another one"
             )
         return
-    if config.overwrite:
-        return
+    difference = _difference(run, config, lr_schedule)
+    if difference and not config.overwrite:
+        raise ValueError(difference[1])
+
+
+def _difference(run: Path, config, lr_schedule=None) -> tuple[str, str] | None:
+    """How the run saved in `run` differs from `config`'s in what it computes, as (a few words, the refusal
+    without overwrite); None: it is the same run, which `config` resumes. Without `lr_schedule` any other
+    num_train_steps counts, once a checkpoint is taken."""
     # Compared as JSON (a tuple reads back as a list); a field newer than the saved run counts as its default.
     defaults, now = (json.loads(json.dumps(dataclasses.asdict(c))) for c in (type(config)(), config))
     saved, now = _as_computed(defaults | json.loads((run / "config.json").read_text())), _as_computed(now)
@@ -97,14 +104,14 @@ def check_run_dir(run: Path, config, lr_schedule) -> None:
     changed = sorted(k for k in fixed if saved.get(k) != now[k])
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(
-            f"{run} holds a run with a different config ({diff}); use another output_dir or "
-            "--config.overwrite"
-        )
+        refusal = f"{run} holds a run with a different config ({diff}); use another output_dir or "
+        return diff, refusal + "--config.overwrite"
     taken = saved_steps(run)
     if taken and saved["num_train_steps"] != config.num_train_steps:
         before = dataclasses.replace(config, num_train_steps=saved["num_train_steps"])
-        _check_new_length(run, taken[-1], before, config, lr_schedule)
+        if problem := _new_length_problem(run, taken[-1], before, config, lr_schedule):
+            return f"num_train_steps: {before.num_train_steps} -> {config.num_train_steps}", problem
+    return None
 
 
 def _as_computed(fields: dict) -> dict:
@@ -116,23 +123,24 @@ def _as_computed(fields: dict) -> dict:
     )
 
 
-def _check_new_length(run: Path, taken: int, before, now, lr_schedule) -> None:
+def _new_length_problem(run: Path, taken: int, before, now, lr_schedule) -> str | None:
     """A run resumed with another num_train_steps goes on exactly as a run of the new length would have
     gone, or not at all: the data order does not depend on the length, but the learning rate can (warmup
     and cooldown as fractions of the run, a decaying schedule). So the steps already taken must have had
-    the new length's learning rates, and none may lie past its end."""
+    the new length's learning rates, and none may lie past its end. Why not, or None."""
     length, steps = now.num_train_steps, np.arange(taken)
     if taken > length:
-        raise ValueError(
-            f"{run} has taken {taken} steps, more than num_train_steps {length}; use another output_dir"
-        )
-    if not np.array_equal(np.asarray(lr_schedule(before)(steps)), np.asarray(lr_schedule(now)(steps))):
-        raise ValueError(
+        return f"{run} has taken {taken} steps, more than num_train_steps {length}; use another output_dir"
+    if lr_schedule is None or not np.array_equal(
+        np.asarray(lr_schedule(before)(steps)), np.asarray(lr_schedule(now)(steps))
+    ):
+        return (
             f"{run} took {taken} steps of a {before.num_train_steps}-step learning-rate schedule, which "
             f"num_train_steps {length} changes (warmup and cooldown as fractions of the run, a decaying "
             f"lr_schedule): keep num_train_steps {before.num_train_steps}, or start another run from an "
             "export in its hf/"
         )
+    return None
 
 
 def say_done(run: Path) -> None:
@@ -142,16 +150,37 @@ def say_done(run: Path) -> None:
     say(f"done. run directory {run.resolve()}: {', '.join(made)}{loads}")
 
 
-def start_run_dir(run: Path, config) -> None:
-    """Once every input has been checked: with overwrite, clear the old run's checkpoints, exports and
-    metrics; then write config.json (process 0)."""
+def start_run_dir(run: Path, config, lr_schedule=None, data_id: str | None = None) -> None:
+    """Once every input has been checked: with overwrite, delete the checkpoints, exports and metrics of a
+    run in `run` that computes otherwise (_difference; given `data_id`, also one whose checkpoints were
+    trained on other data), saying so; the same run is kept and resumes. Then write config.json (process 0).
+    `lr_schedule` as for check_run_dir: without it, any other num_train_steps counts as another run."""
     if sharding.is_writer():
-        for name in ("checkpoints", "hf", "metrics.jsonl", "wandb-id") if config.overwrite else ():
-            sharding.remove(run / name)
+        if config.overwrite and (run / "config.json").exists():
+            _delete_another_run(run, config, lr_schedule, data_id)
         run.mkdir(parents=True, exist_ok=True)
         with sharding.atomic(run / "config.json") as tmp:
             tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2))
     multihost_utils.sync_global_devices("run directory ready")  # nobody lists checkpoints before they go
+
+
+def _delete_another_run(run: Path, config, lr_schedule, data_id: str | None) -> None:
+    """overwrite starts afresh only where the run in `run` is another run: the same command after a stop
+    request (or a requeued job that keeps the flag) resumes, as the stop message says it will."""
+    difference, taken = _difference(run, config, lr_schedule), saved_steps(run)
+    if not difference and data_id and taken:  # the data_id its checkpoints record (restore_checkpoint)
+        done = json.loads((run / "checkpoints" / f"step-{taken[-1]}" / "done.json").read_text())
+        if done.get("data", data_id) != data_id:
+            difference = ("the training or validation data changed since its checkpoints", "")
+    if not difference:
+        say(f"overwrite: {run} holds a run of this config and data, which goes on: nothing deleted")
+        return
+    names = [f"{n}/" if (run / n).is_dir() else n for n in ("checkpoints", "hf", "metrics.jsonl", "wandb-id")]
+    names = [n for n in names if (run / n).exists()]
+    if names:
+        say(f"overwrite: {run} holds another run ({difference[0]}): deleting its {', '.join(names)}")
+    for name in names:
+        sharding.remove(run / name)
 
 
 # --- inputs: everything a run reads, checked before anything is written
@@ -373,7 +402,7 @@ def restore_checkpoint(run: Path, abstract, mesh, data_id: str):
     if skipped:
         raise ValueError(
             f"no checkpoint in {run}/checkpoints loads completely: {'; '.join(skipped)}. Delete the "
-            "damaged ones to resume from an older one, or pass --config.overwrite to start afresh"
+            f"damaged ones to resume from an older one, or all of {run}/checkpoints to start afresh"
         )
     return None
 

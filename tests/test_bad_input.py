@@ -178,7 +178,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(demo, trained, tmp_pat
         (run / "checkpoints" / f"step-{step}" / "params" / "embed.npy").write_bytes(b"")
     before = listing(run)
     result = dpo_cli(*demo, run, num_train_steps=2, log_every=2)
-    one_line_error(result, "no checkpoint in", "params/embed.npy", "--config.overwrite")
+    one_line_error(result, "no checkpoint in", "embed.npy", f"all of {run}/checkpoints to start afresh")
     after = listing(run)
     assert after.pop("config.json") != before.pop("config.json")  # it records the new log_every
     assert after == before
