@@ -1,7 +1,8 @@
 """The run's bookkeeping around dpo.py's train step, in the order main meets it; nothing here is traced.
 
   say                the one console writer: process 0's lines
-  run directory      check_run_dir (before anything is written), start_run_dir (config.json)
+  run directory      check_run_dir (before anything is written), run_lock (one run at a time in it),
+                     start_run_dir (config.json)
   inputs             load_inputs: model and reference configs, mesh, tokenizer and data, all checked first
   checkpoints        one .npy file per array, written atomically, each host reading back only its slices
   the reference      precompute_reference_logps: its log-probs once, cached beside the tokenized data
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import signal
+import socket
 import tempfile
 import time
 import uuid
@@ -181,6 +184,39 @@ def _delete_another_run(run: Path, config, lr_schedule, data_id: str | None) -> 
         say(f"overwrite: {run} holds another run ({difference[0]}): deleting its {', '.join(names)}")
     for name in names:
         sharding.remove(run / name)
+
+
+@contextlib.contextmanager
+def run_lock(run: Path):
+    """One run at a time in `run`: while inside, process 0 holds an flock on run/lock, which names its host
+    and process id; a second run is refused in one line naming them. The OS releases an flock when its process
+    dies, however (kill -9 included), and a lost host's lease runs out on a network file system, so a run
+    that died never blocks the resume: the file stays, naming the last holder, and is taken over. Where the
+    file system cannot lock, says so and goes on. Every process enters; a refusal stops them all."""
+    refusal, lock = None, None
+    if sharding.is_writer():
+        run.mkdir(parents=True, exist_ok=True)
+        lock = os.open(run / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(lock, 0)
+            os.pwrite(lock, f"host {socket.gethostname()}, process id {os.getpid()}\n".encode(), 0)
+        except BlockingIOError:  # held: the file names the holder
+            holder = os.pread(lock, 200, 0).decode(errors="replace").strip() or "it is starting"
+            refusal = f"{run} is in use by another run ({holder}): wait for it to end, or use another "
+            refusal += "output_dir"
+        except OSError as e:  # no locks on this file system (a FUSE mount, NFS without its lock service)
+            say(f"warning: {run}/lock: {e.strerror}, so a second run in {run} at once would not be refused")
+    # The other processes stop too, rather than wait for process 0 in a collective until they time out.
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)):
+        refusal = refusal or f"{run} is in use by another run (process 0 names it)"
+    try:
+        if refusal:
+            raise ValueError(refusal)
+        yield
+    finally:
+        if lock is not None:
+            os.close(lock)  # releases the flock
 
 
 # --- inputs: everything a run reads, checked before anything is written

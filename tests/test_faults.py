@@ -3,12 +3,17 @@ losses, pruning, a changed config. The reference is a run of the same config tha
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from _fault_helpers import (
+    ROOT,
     SMALL_RUN,
     checkpoints,
     dpo_args,
@@ -266,3 +271,40 @@ def test_overwrite_resumes_the_same_run_and_says_what_it_deletes(tmp_path, capsy
     saved_run(constant)
     longer = dataclasses.replace(constant, num_train_steps=12)
     assert start(longer, lr_schedule=dpo.lr_schedule)[1] == everything
+
+
+HOLD_THE_LOCK = """
+import sys, bookkeeping, pathlib
+with bookkeeping.run_lock(pathlib.Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_run_in_a_run_directory_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    """Two runs in one output_dir at once wrote every metrics line twice and raced over the checkpoints: the
+    second is refused in one line naming the first's host and process id. A run killed with kill -9 (or a
+    lock file naming a process long gone) never blocks the resume."""
+    run, me = tmp_path / "run", f"host {socket.gethostname()}, process id"
+    environment = os.environ | dict(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(run)],
+        cwd=ROOT, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ValueError, match=rf"^{run} is in use by another run \({me} {holder.pid}\): wait"):
+            with bookkeeping.run_lock(run):
+                pass
+    finally:
+        holder.kill()  # kill -9: nothing of it runs on the way out; its lock file stays, naming it
+        holder.wait()
+    assert (run / "lock").read_text() == f"{me} {holder.pid}\n"
+    with bookkeeping.run_lock(run):
+        assert (run / "lock").read_text() == f"{me} {os.getpid()}\n"
+        with pytest.raises(ValueError, match="is in use by another run"):  # also from within one process
+            with bookkeeping.run_lock(run):
+                pass
+    (run / "lock").write_text("host elsewhere, process id 1\n")  # a lost host's: nobody holds it
+    with bookkeeping.run_lock(run):
+        assert (run / "lock").read_text() == f"{me} {os.getpid()}\n"
