@@ -269,8 +269,6 @@ def load_inputs(run: Path, config) -> Inputs:
     for name, length in (("warmup", config.warmup), ("cooldown", config.cooldown)):
         if (steps := config.in_steps(length)) > config.num_train_steps:
             say(f"warning: {name} ({steps} steps) is longer than the run ({config.num_train_steps} steps)")
-    if config.validation_data == config.train_data:
-        say("warning: validation_data is train_data: evaluation is on the training pairs")
     tokenizer = config.tokenizer or str(model_dir)
     tokenizer_dir = resolved("tokenizer") if config.tokenizer else model_dir
     train_set = prepare_data("train", tokenizer, run, config)
@@ -279,6 +277,8 @@ def load_inputs(run: Path, config) -> Inputs:
         train_idx, val_idx = np.arange(len(train_set)), np.arange(len(val_set))
         if config.validation_split_fraction is not None:
             say(f"validation: {config.validation_data} (so validation_split_fraction is not used)")
+        if sharding.is_writer():  # it only says something
+            check_validation(train_set, val_set)
     else:
         val_set = train_set
         fraction, copies = config.validation_split_fraction, train_set.first_copy  # copies stay on one side
@@ -321,6 +321,31 @@ def prepare_data(role: str, tokenizer: str, run: Path, config) -> data.PairDatas
             ) from None
     multihost_utils.sync_global_devices(f"tokenized {out}")
     return data.PairDataset(out)
+
+
+def check_validation(train_set: data.PairDataset, val_set: data.PairDataset) -> None:
+    """A warning when every validation pair is also a training pair (the same tokens: the same folder, a
+    copy of the same file, some of its rows): its eval numbers would say nothing about pairs the model has
+    not seen. Rows are compared by a digest of their token ids, and read only where the lengths allow it:
+    a validation pair of a length no training pair has settles it without reading."""
+    trained_on = train_set.path.resolve() == val_set.path.resolve()
+    key = lambda lengths: lengths[:, 0].astype(np.int64) << 32 | lengths[:, 1]  # (chosen, rejected) lengths
+    train_keys, val_keys = key(train_set.lengths), key(val_set.lengths)
+    if not trained_on and np.isin(val_keys, train_keys).all():
+        digests = lambda dataset, rows: {
+            hashlib.blake2b(np.int64(len(ids)).tobytes() + ids.tobytes() + other.tobytes()).digest()
+            for (ids, _), (other, _) in dataset.read(rows)
+        }
+        candidates = np.flatnonzero(np.isin(train_keys, val_keys))  # the only training rows that can match
+        chunks = lambda rows: (rows[at : at + 4096] for at in range(0, len(rows), 4096))  # memory bounded
+        ours = set().union(*(digests(train_set, rows) for rows in chunks(candidates)))
+        trained_on = all(digests(val_set, rows) <= ours for rows in chunks(np.arange(len(val_set))))
+    if trained_on:
+        where = f"{val_set.path} in {train_set.path}"
+        say(
+            f"warning: every validation pair is a training pair ({where}): the eval numbers are about pairs "
+            "the model trains on"
+        )
 
 
 def _check_template_kwargs(dataset: data.PairDataset, role: str, config) -> None:

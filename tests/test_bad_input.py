@@ -347,7 +347,7 @@ def test_data_that_changes_under_a_run_is_refused_and_training_and_validation_ne
     run = tmp_path / "run3"
     settings = dict(validation_data=pairs, validation_split="train", max_eval_batches=1, **extensible)
     result = dpo_cli(model_dir, pairs, run, **settings, steps_per_checkpoint=1)
-    assert result.returncode == 0 and "validation_data is train_data" in result.stdout
+    assert result.returncode == 0 and "every validation pair is a training pair" in result.stdout
     copies = sorted(p.name for p in (run / "data").iterdir() if p.is_dir())
     assert copies == ["train-pairs.jsonl-train", "validation-pairs.jsonl-train"]
     assert dpo_cli(model_dir, pairs, run, **settings, num_train_steps=3).returncode == 0
@@ -603,3 +603,29 @@ def test_an_unusable_compilation_cache_is_said_and_turned_off(tmp_path, capsys):
         assert (tmp_path / "file").read_text() == "mine" and not list((tmp_path / "cache").iterdir())
     finally:
         bookkeeping.use_compilation_cache(before)
+
+
+def test_validation_pairs_that_are_all_training_pairs_are_said_in_one_line(demo, tmp_path, capsys):
+    """Validation data that is the training data (the same folder, another copy of the same file, or some of
+    its rows) gives eval numbers about pairs the model trains on: one warning line. Other pairs, even among
+    some training pairs, are no warning."""
+    model_dir, pairs = demo
+    lines = pairs.read_text().splitlines(keepends=True)
+    rows = dict(train=lines[:600], copy=lines[:600], some=lines[100:124], other=lines[600:])
+    rows["mixed"] = lines[:20] + lines[630:]
+    made = {}
+    for name, chosen in rows.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(chosen))
+        data.tokenize(str(tmp_path / f"{name}.jsonl"), str(model_dir), str(tmp_path / name))
+        made[name] = data.PairDataset(tmp_path / name)
+    train = made["train"]
+    for name in ("train", "copy", "some"):
+        bookkeeping.check_validation(train, made[name])
+        where = f"{made[name].path} in {train.path}"
+        assert capsys.readouterr().out.splitlines() == [
+            f"warning: every validation pair is a training pair ({where}): the eval numbers are about pairs "
+            "the model trains on"
+        ]
+    for name in ("other", "mixed"):  # none, or 20 of 30, of them among the training pairs
+        bookkeeping.check_validation(train, made[name])
+        assert not capsys.readouterr().out
