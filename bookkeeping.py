@@ -3,7 +3,7 @@
   say                the one console writer: process 0's lines
   run directory      check_run_dir (before anything is written; what a resume may change:
                      OPERATIONAL_FIELDS, and num_train_steps where the steps taken keep their learning
-                     rates), start_run_dir (config.json)
+                     rates), run_lock (one run at a time in it), start_run_dir (config.json)
   inputs             load_inputs: model and reference configs, mesh, tokenizer and data, all checked first
   checkpoints        one .npy file per array, written atomically, each host reading back only its slices
   the reference      precompute_reference_logps: its log-probs once, cached beside the tokenized data
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
 import os
 import signal
+import socket
 import tempfile
 import time
 import uuid
@@ -73,7 +75,7 @@ def check_run_dir(run: Path, config, lr_schedule) -> None:
     """Refuse an output_dir that is (or lies under) a file, that holds an input a run would overwrite or
     delete, that holds files of no dpo.py run, or that holds a run whose config differs in anything that
     changes what it computes (unless overwrite). Deletes and writes nothing: see start_run_dir.
-    `lr_schedule`: dpo.lr_schedule, for a changed num_train_steps (_check_new_length)."""
+    `lr_schedule`: dpo.lr_schedule, for a changed num_train_steps (_new_length_problem)."""
     for folder in (run, *run.parents):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"output_dir {run}: {folder} is a file, not a directory")
@@ -92,8 +94,15 @@ def check_run_dir(run: Path, config, lr_schedule) -> None:
                 f"output_dir {run} holds {', '.join(foreign)} but no dpo.py run: use another one"
             )
         return
-    if config.overwrite:
-        return
+    difference = _difference(run, config, lr_schedule)
+    if difference and not config.overwrite:
+        raise ValueError(difference[1])
+
+
+def _difference(run: Path, config, lr_schedule=None) -> tuple[str, str] | None:
+    """How the run saved in `run` differs from `config`'s in what it computes, as (a few words, the refusal
+    without overwrite); None: it is the same run, which `config` resumes. Without `lr_schedule` any other
+    num_train_steps counts, once a checkpoint is taken."""
     # Compared as JSON (a tuple reads back as a list); a field newer than the saved run counts as its default.
     defaults, now = (json.loads(json.dumps(dataclasses.asdict(c))) for c in (type(config)(), config))
     saved, now = _as_computed(defaults | json.loads((run / "config.json").read_text())), _as_computed(now)
@@ -101,14 +110,14 @@ def check_run_dir(run: Path, config, lr_schedule) -> None:
     changed = sorted(k for k in fixed if saved.get(k) != now[k])
     if changed:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(
-            f"{run} holds a run with a different config ({diff}); use another output_dir or "
-            "--config.overwrite"
-        )
+        refusal = f"{run} holds a run with a different config ({diff}); use another output_dir or "
+        return diff, refusal + "--config.overwrite"
     taken = saved_steps(run)
     if taken and saved["num_train_steps"] != config.num_train_steps:
         before = dataclasses.replace(config, num_train_steps=saved["num_train_steps"])
-        _check_new_length(run, taken[-1], before, config, lr_schedule)
+        if problem := _new_length_problem(run, taken[-1], before, config, lr_schedule):
+            return f"num_train_steps: {before.num_train_steps} -> {config.num_train_steps}", problem
+    return None
 
 
 def _as_computed(fields: dict) -> dict:
@@ -120,23 +129,24 @@ def _as_computed(fields: dict) -> dict:
     )
 
 
-def _check_new_length(run: Path, taken: int, before, now, lr_schedule) -> None:
+def _new_length_problem(run: Path, taken: int, before, now, lr_schedule) -> str | None:
     """A run resumed with another num_train_steps goes on exactly as a run of the new length would have
     gone, or not at all: the data order does not depend on the length, but the learning rate can (warmup
     and cooldown as fractions of the run, a decaying schedule). So the steps already taken must have had
-    the new length's learning rates, and none may lie past its end."""
+    the new length's learning rates, and none may lie past its end. Why not, or None."""
     length, steps = now.num_train_steps, np.arange(taken)
     if taken > length:
-        raise ValueError(
-            f"{run} has taken {taken} steps, more than num_train_steps {length}; use another output_dir"
-        )
-    if not np.array_equal(np.asarray(lr_schedule(before)(steps)), np.asarray(lr_schedule(now)(steps))):
-        raise ValueError(
+        return f"{run} has taken {taken} steps, more than num_train_steps {length}; use another output_dir"
+    if lr_schedule is None or not np.array_equal(
+        np.asarray(lr_schedule(before)(steps)), np.asarray(lr_schedule(now)(steps))
+    ):
+        return (
             f"{run} took {taken} steps of a {before.num_train_steps}-step learning-rate schedule, which "
             f"num_train_steps {length} changes (warmup and cooldown as fractions of the run, a decaying "
             f"lr_schedule): keep num_train_steps {before.num_train_steps}, or start another run from an "
             "export in its hf/"
         )
+    return None
 
 
 def say_done(run: Path) -> None:
@@ -146,16 +156,70 @@ def say_done(run: Path) -> None:
     say(f"done. run directory {run.resolve()}: {', '.join(made)}{loads}")
 
 
-def start_run_dir(run: Path, config) -> None:
-    """Once every input has been checked: with overwrite, clear the old run's checkpoints, exports and
-    metrics; then write config.json (process 0)."""
+def start_run_dir(run: Path, config, lr_schedule=None, data_id: str | None = None) -> None:
+    """Once every input has been checked: with overwrite, delete the checkpoints, exports and metrics of a
+    run in `run` that computes otherwise (_difference; given `data_id`, also one whose checkpoints were
+    trained on other data), saying so; the same run is kept and resumes. Then write config.json (process 0).
+    `lr_schedule` as for check_run_dir: without it, any other num_train_steps counts as another run."""
     if sharding.is_writer():
-        for name in ("checkpoints", "hf", "metrics.jsonl", "wandb-id") if config.overwrite else ():
-            sharding.remove(run / name)
+        if config.overwrite and (run / "config.json").exists():
+            _delete_another_run(run, config, lr_schedule, data_id)
         run.mkdir(parents=True, exist_ok=True)
         with sharding.atomic(run / "config.json") as tmp:
             tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2))
     multihost_utils.sync_global_devices("run directory ready")  # nobody lists checkpoints before they go
+
+
+def _delete_another_run(run: Path, config, lr_schedule, data_id: str | None) -> None:
+    """overwrite starts afresh only where the run in `run` is another run: the same command after a stop
+    request (or a requeued job that keeps the flag) resumes, as the stop message says it will."""
+    difference, taken = _difference(run, config, lr_schedule), saved_steps(run)
+    if not difference and data_id and taken:  # the data_id its checkpoints record (restore_checkpoint)
+        done = json.loads((run / "checkpoints" / f"step-{taken[-1]}" / "done.json").read_text())
+        if done.get("data", data_id) != data_id:
+            difference = ("the training or validation data changed since its checkpoints", "")
+    if not difference:
+        say(f"overwrite: {run} holds a run of this config and data, which goes on: nothing deleted")
+        return
+    names = [f"{n}/" if (run / n).is_dir() else n for n in ("checkpoints", "hf", "metrics.jsonl", "wandb-id")]
+    names = [n for n in names if (run / n).exists()]
+    if names:
+        say(f"overwrite: {run} holds another run ({difference[0]}): deleting its {', '.join(names)}")
+    for name in names:
+        sharding.remove(run / name)
+
+
+@contextlib.contextmanager
+def run_lock(run: Path):
+    """One run at a time in `run`: while inside, process 0 holds an flock on run/lock, which names its host
+    and process id; a second run is refused in one line naming them. The OS releases an flock when its process
+    dies, however (kill -9 included), and a lost host's lease runs out on a network file system, so a run
+    that died never blocks the resume: the file stays, naming the last holder, and is taken over. Where the
+    file system cannot lock, says so and goes on. Every process enters; a refusal stops them all."""
+    refusal, lock = None, None
+    if sharding.is_writer():
+        run.mkdir(parents=True, exist_ok=True)
+        lock = os.open(run / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(lock, 0)
+            os.pwrite(lock, f"host {socket.gethostname()}, process id {os.getpid()}\n".encode(), 0)
+        except BlockingIOError:  # held: the file names the holder
+            holder = os.pread(lock, 200, 0).decode(errors="replace").strip() or "it is starting"
+            refusal = f"{run} is in use by another run ({holder}): wait for it to end, or use another "
+            refusal += "output_dir"
+        except OSError as e:  # no locks on this file system (a FUSE mount, NFS without its lock service)
+            say(f"warning: {run}/lock: {e.strerror}, so a second run in {run} at once would not be refused")
+    # The other processes stop too, rather than wait for process 0 in a collective until they time out.
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)):
+        refusal = refusal or f"{run} is in use by another run (process 0 names it)"
+    try:
+        if refusal:
+            raise ValueError(refusal)
+        yield
+    finally:
+        if lock is not None:
+            os.close(lock)  # releases the flock
 
 
 # --- inputs: everything a run reads, checked before anything is written
@@ -192,7 +256,7 @@ def load_inputs(run: Path, config) -> Inputs:
     field = "microbatch_size" if config.microbatch_size else "train_batch_size"  # what to change, named
     model.check_fits(arch, mesh, getattr(config, field), field)
     model.check_lora(arch, config.lora_rank, config.lora_targets)
-    model.check_window(arch, config.max_seq_len)
+    model.check_window(arch, config.max_seq_len, model_dir)
     model.check_weights(model_dir, arch)  # from the file headers: no weight is read yet
     reference_dir = resolved("reference_model_path") if config.reference_model_path else model_dir
     reference_arch = model.load_config(reference_dir)
@@ -208,8 +272,6 @@ def load_inputs(run: Path, config) -> Inputs:
     for name, length in (("warmup", config.warmup), ("cooldown", config.cooldown)):
         if (steps := config.in_steps(length)) > config.num_train_steps:
             say(f"warning: {name} ({steps} steps) is longer than the run ({config.num_train_steps} steps)")
-    if config.validation_data == config.train_data:
-        say("warning: validation_data is train_data: evaluation is on the training pairs")
     tokenizer = config.tokenizer or str(model_dir)
     tokenizer_dir = resolved("tokenizer") if config.tokenizer else model_dir
     train_set = prepare_data("train", tokenizer, run, config)
@@ -218,6 +280,8 @@ def load_inputs(run: Path, config) -> Inputs:
         train_idx, val_idx = np.arange(len(train_set)), np.arange(len(val_set))
         if config.validation_split_fraction is not None:
             say(f"validation: {config.validation_data} (so validation_split_fraction is not used)")
+        if sharding.is_writer():  # it only says something
+            check_validation(train_set, val_set)
     else:
         val_set = train_set
         fraction, copies = config.validation_split_fraction, train_set.first_copy  # copies stay on one side
@@ -260,6 +324,31 @@ def prepare_data(role: str, tokenizer: str, run: Path, config) -> data.PairDatas
             ) from None
     multihost_utils.sync_global_devices(f"tokenized {out}")
     return data.PairDataset(out)
+
+
+def check_validation(train_set: data.PairDataset, val_set: data.PairDataset) -> None:
+    """A warning when every validation pair is also a training pair (the same tokens: the same folder, a
+    copy of the same file, some of its rows): its eval numbers would say nothing about pairs the model has
+    not seen. Rows are compared by a digest of their token ids, and read only where the lengths allow it:
+    a validation pair of a length no training pair has settles it without reading."""
+    trained_on = train_set.path.resolve() == val_set.path.resolve()
+    key = lambda lengths: lengths[:, 0].astype(np.int64) << 32 | lengths[:, 1]  # (chosen, rejected) lengths
+    train_keys, val_keys = key(train_set.lengths), key(val_set.lengths)
+    if not trained_on and np.isin(val_keys, train_keys).all():
+        digests = lambda dataset, rows: {
+            hashlib.blake2b(np.int64(len(ids)).tobytes() + ids.tobytes() + other.tobytes()).digest()
+            for (ids, _), (other, _) in dataset.read(rows)
+        }
+        candidates = np.flatnonzero(np.isin(train_keys, val_keys))  # the only training rows that can match
+        chunks = lambda rows: (rows[at : at + 4096] for at in range(0, len(rows), 4096))  # memory bounded
+        ours = set().union(*(digests(train_set, rows) for rows in chunks(candidates)))
+        trained_on = all(digests(val_set, rows) <= ours for rows in chunks(np.arange(len(val_set))))
+    if trained_on:
+        where = f"{val_set.path} in {train_set.path}"
+        say(
+            f"warning: every validation pair is a training pair ({where}): the eval numbers are about pairs "
+            "the model trains on"
+        )
 
 
 def _check_template_kwargs(dataset: data.PairDataset, role: str, config) -> None:
@@ -436,7 +525,7 @@ def restore_checkpoint(run: Path, abstract, mesh, data_id: str):
     if skipped:
         raise ValueError(
             f"no checkpoint in {run}/checkpoints loads completely: {'; '.join(skipped)}. Delete the "
-            "damaged ones to resume from an older one, or pass --config.overwrite to start afresh"
+            f"damaged ones to resume from an older one, or all of {run}/checkpoints to start afresh"
         )
     return None
 
@@ -667,7 +756,17 @@ jax.monitoring.register_event_listener(
 def use_compilation_cache(directory: str | None) -> None:
     """XLA's persistent compilation cache in `directory` (None: off), every program kept however fast it
     compiled, so a rerun, a resume or another run of the same shapes compiles nothing. Every process reads
-    it and JAX writes from process 0 only, so one directory that all hosts share is safe."""
+    it and JAX writes from process 0 only, so one directory that all hosts share is safe. A local directory
+    that cannot be made or written (a file in its path, a read-only disk) turns it off, saying why: JAX would
+    otherwise cache nothing, silently, on every run."""
+    if directory and "://" not in directory:  # gs://... goes through JAX's own file layer: not checked
+        try:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=directory).close()
+        except OSError as e:
+            why = "a file, not a folder" if isinstance(e, FileExistsError) else e.strerror or e
+            say(f"compilation cache off: {directory}: {why}, so every program compiles anew")
+            directory = None
     jax.config.update("jax_compilation_cache_dir", directory)
     # A cache entry that cannot be written (a full disk) costs a compile next time, nothing now; the run's
     # own files say it in one line when they cannot be written.

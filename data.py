@@ -33,6 +33,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -579,7 +580,9 @@ def _read_chunks(files: list[Path], fields: list[str], chunk_rows: int) -> Itera
         if path.suffix == ".parquet":
             parquet = _parquet(path)
             columns = [field for field in fields if field in parquet.schema_arrow.names]
-            yield from (batch.to_pylist() for batch in parquet.iter_batches(chunk_rows, columns=columns))
+            binary = [name for name in columns if _holds_binary(parquet.schema_arrow.field(name).type)]
+            for batch in parquet.iter_batches(chunk_rows, columns=columns):
+                yield [_as_text(row, binary) for row in batch.to_pylist()] if binary else batch.to_pylist()
             continue
         with path.open("rb") as f:
             if path.suffix == ".json" and f.read(1024).lstrip().startswith(b"["):
@@ -592,6 +595,35 @@ def _read_chunks(files: list[Path], fields: list[str], chunk_rows: int) -> Itera
                 rows = (_json_line(path, n, line) for n, line in enumerate(f, 1) if line.strip())
             while chunk := list(itertools.islice(rows, chunk_rows)):
                 yield chunk
+
+
+def _holds_binary(kind: pa.DataType) -> bool:
+    """Whether a Parquet column's type is, or nests, binary: some writers type text so (pandas' object
+    columns of bytes, Spark's BINARY)."""
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+        return True
+    return any(_holds_binary(kind.field(i).type) for i in range(kind.num_fields))
+
+
+def _as_text(row: dict, binary: list[str]):
+    """The row with the bytes of its `binary` columns read as UTF-8 text, as a string column would hold it;
+    bytes that are not UTF-8 reject the row, naming the column."""
+    decoded = lambda value: (
+        value.decode("utf-8")
+        if isinstance(value, bytes)
+        else [decoded(v) for v in value]
+        if isinstance(value, list)
+        else {k: decoded(v) for k, v in value.items()}
+        if isinstance(value, dict)
+        else value
+    )
+    for name in binary:
+        try:
+            row[name] = decoded(row[name])
+        except UnicodeDecodeError as e:
+            where = f"byte {e.object[e.start : e.end]!r} at {e.start}"
+            return RejectedRow("invalid text", f"{name} is typed binary and its {where} is not UTF-8")
+    return row
 
 
 def _parquet(path: Path) -> pq.ParquetFile:
@@ -652,7 +684,10 @@ def _no_format(columns: list[str], rows: list) -> str:
     if null:
         null = f"{' and '.join(null)} {'is' if len(null) == 1 else 'are'}"
         return f"the rows match no format: {null} null in all of the first {len(rows)} rows"
-    return "the columns match no format"
+    # The columns are the expected ones, so their values' types are the problem: named.
+    first = lambda f: next(row[f] for row in rows if not _no_value(row, f))
+    kinds = [f"{f} holds {type(first(f)).__name__}" for f in ("prompt", *SIDES) if f in columns]
+    return f"the columns match no format ({', '.join(kinds)})"
 
 
 def _no_value(row, field: str) -> bool:
@@ -825,6 +860,8 @@ def tokenize(
         if options[name] < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {options[name]}")
     files, output = _input_files(input, split), Path(output)
+    if output.name in ("", ".."):  # ".", "./", "..": the folder's own name is needed for its siblings
+        output = output.resolve()
     chat = ChatTokenizer(tokenizer, chat_template, template_kwargs)
     inputs = [{"file": f.name, "sha256": _sha256(f)} for f in files]
     settings = {"version": VERSION, "inputs": inputs, "tokenizer": chat.fingerprint, **options}
@@ -846,7 +883,10 @@ def _write_output(output: Path, chunks, columns, chat, format, settings, started
             f"{chat.source} has no chat template: pass --chat-template FILE or --format plain"
         )
     rejects = output.with_name(f"{output.name}.rejects.jsonl")
-    with sharding.atomic(output) as tmp:
+    # The folder the user is in is filled in place from a sibling: renamed over whole, as any other output
+    # is, it would leave their shell in a deleted folder.
+    here = output.resolve() == Path.cwd().resolve()
+    with sharding.atomic(output.with_name(f".{output.name}.dpo-new") if here else output) as tmp:
         tmp.mkdir(parents=True)
         try:
             summary = _write_pairs(tmp, chunks, chat, format, settings)
@@ -857,12 +897,26 @@ def _write_output(output: Path, chunks, columns, chat, format, settings, started
         summary |= {"seconds": round(seconds, 2), "rows_per_second": round(summary["rows_read"] / seconds, 1)}
         summary |= {"tokenizer": {"source": chat.source, "vocab_size": chat.tokenizer.get_vocab_size()}}
         (tmp / "summary.json").write_text(json.dumps(summary | {"settings": settings}, indent=2) + "\n")
+    if here:
+        _fill_in_place(output, output.with_name(f".{output.name}.dpo-new"))
     print(
         f"\rtokenize: {summary['rows_read']:,} rows read as {format}, {summary['rows_written']:,} pairs "
         f"written, {summary['rows_per_second']:,.0f} rows/s -> {output}",
         file=sys.stderr,
     )
     return summary
+
+
+def _fill_in_place(output: Path, complete: Path) -> None:
+    """Replace the files of `output` (all data.py's own: _check_output) with those of the `complete` folder
+    beside it, summary.json out first and in last: no moment leaves an output that looks complete but is
+    not (PairDataset starts from summary.json)."""
+    (output / "summary.json").unlink(missing_ok=True)
+    for old in output.iterdir():
+        sharding.remove(old)
+    for new in sorted(complete.iterdir(), key=lambda path: path.name == "summary.json"):
+        shutil.move(new, output / new.name)  # a rename, unless the folder is a mount point of its own
+    complete.rmdir()
 
 
 def parse_template_kwargs(text: str | None) -> dict:

@@ -114,6 +114,11 @@ class LlamaConfig:
     sliding_window: int | None = None  # Mistral's attention window; a run refuses one shorter than its rows
 
     def __post_init__(self):
+        sizes = "vocab_size hidden_size intermediate_size num_layers num_heads num_kv_heads head_dim".split()
+        for name in sizes:
+            value = getattr(self, name)  # a config.json holds anything: None, "4096", -1, 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} {value!r} is not a positive whole number")
         if self.model_type not in _FAMILIES:
             raise ValueError(f"model_type {self.model_type!r} is not one of {list(_FAMILIES)}")
         if self.num_heads % self.num_kv_heads:
@@ -175,7 +180,7 @@ class LlamaConfig:
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            head_dim=hf.get("head_dim") or (hf["hidden_size"] // heads if heads else 0),  # 0: refused
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             rope_scaling=scaling,
@@ -344,14 +349,15 @@ def check_lora(arch: LlamaConfig, rank: int, targets) -> None:
         )
 
 
-def check_window(arch: LlamaConfig, max_seq_len: int) -> None:
+def check_window(arch: LlamaConfig, max_seq_len: int, model_dir: Path) -> None:
     """A sliding window (Mistral v0.1's 4096) attends to the last sliding_window tokens only: the same as
     full attention while no sequence is longer, which is all this code computes. A shorter window than
-    max_seq_len is refused in one line."""
+    max_seq_len is refused in one line, naming model_dir's config.json as load_config's refusals do."""
     if arch.sliding_window is not None and arch.sliding_window < max_seq_len:
         raise ValueError(
-            f"config.json has sliding_window={arch.sliding_window}, shorter than max_seq_len {max_seq_len}: "
-            f"attention within a window is not implemented; use max_seq_len <= {arch.sliding_window}"
+            f"{Path(model_dir) / 'config.json'}: config.json has sliding_window={arch.sliding_window}, "
+            f"shorter than max_seq_len {max_seq_len}: attention within a window is not implemented; use "
+            f"max_seq_len <= {arch.sliding_window}"
         )
 
 

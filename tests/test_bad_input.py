@@ -179,7 +179,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(demo, trained, tmp_pat
         (run / "checkpoints" / f"step-{step}" / "params" / "embed.npy").write_bytes(b"")
     before = listing(run)
     result = dpo_cli(*demo, run, num_train_steps=2, log_every=2)
-    one_line_error(result, "no checkpoint in", "params/embed.npy", "--config.overwrite")
+    one_line_error(result, "no checkpoint in", "embed.npy", f"all of {run}/checkpoints to start afresh")
     after = listing(run)
     assert after.pop("config.json") != before.pop("config.json")  # it records the new log_every
     assert after == before
@@ -348,7 +348,7 @@ def test_data_that_changes_under_a_run_is_refused_and_training_and_validation_ne
     run = tmp_path / "run3"
     settings = dict(validation_data=pairs, validation_split="train", max_eval_batches=1, **extensible)
     result = dpo_cli(model_dir, pairs, run, **settings, steps_per_checkpoint=1)
-    assert result.returncode == 0 and "validation_data is train_data" in result.stdout
+    assert result.returncode == 0 and "every validation pair is a training pair" in result.stdout
     copies = sorted(p.name for p in (run / "data").iterdir() if p.is_dir())
     assert copies == ["train-pairs.jsonl-train", "validation-pairs.jsonl-train"]
     assert dpo_cli(model_dir, pairs, run, **settings, num_train_steps=3).returncode == 0
@@ -579,3 +579,54 @@ def test_chat_template_kwargs_other_than_tokenized_datas_are_one_line(demo, tmp_
         result = dpo_cli(model_dir, tmp_path / made_with, tmp_path / f"ok-{made_with}-{given is None}",
                          num_train_steps=0, **extra)  # fmt: skip
         assert result.returncode == 0, result.stderr
+
+
+def test_an_unusable_compilation_cache_is_said_and_turned_off(tmp_path, capsys):
+    """A cache directory that cannot be made or written (a file in its path; a read-only folder where this
+    user is not root, who may write anyway) is one line at the start and the cache off, not a run that caches
+    nothing and says so only in its last line ("0 of 2 from the cache")."""
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    (tmp_path / "file").write_text("mine")
+    cases = [tmp_path / "file", tmp_path / "file" / "cache"]
+    if os.geteuid() != 0:
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        cases.append(tmp_path / "read-only" / "cache")
+    try:
+        for where in cases:
+            bookkeeping.use_compilation_cache(str(where))
+            said = capsys.readouterr().out.splitlines()
+            assert len(said) == 1 and said[0].startswith(f"compilation cache off: {where}"), said
+            assert jax.config.jax_compilation_cache_dir is None
+        bookkeeping.use_compilation_cache(str(tmp_path / "cache"))  # usable: made, and used silently
+        assert not capsys.readouterr().out and jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+        assert (tmp_path / "file").read_text() == "mine" and not list((tmp_path / "cache").iterdir())
+    finally:
+        bookkeeping.use_compilation_cache(before)
+
+
+def test_validation_pairs_that_are_all_training_pairs_are_said_in_one_line(demo, tmp_path, capsys):
+    """Validation data that is the training data (the same folder, another copy of the same file, or some of
+    its rows) gives eval numbers about pairs the model trains on: one warning line. Other pairs, even among
+    some training pairs, are no warning."""
+    model_dir, pairs = demo
+    lines = pairs.read_text().splitlines(keepends=True)
+    rows = dict(train=lines[:600], copy=lines[:600], some=lines[100:124], other=lines[600:])
+    rows["mixed"] = lines[:20] + lines[630:]
+    made = {}
+    for name, chosen in rows.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(chosen))
+        data.tokenize(str(tmp_path / f"{name}.jsonl"), str(model_dir), str(tmp_path / name))
+        made[name] = data.PairDataset(tmp_path / name)
+    train = made["train"]
+    for name in ("train", "copy", "some"):
+        bookkeeping.check_validation(train, made[name])
+        where = f"{made[name].path} in {train.path}"
+        assert capsys.readouterr().out.splitlines() == [
+            f"warning: every validation pair is a training pair ({where}): the eval numbers are about pairs "
+            "the model trains on"
+        ]
+    for name in ("other", "mixed"):  # none, or 20 of 30, of them among the training pairs
+        bookkeeping.check_validation(train, made[name])
+        assert not capsys.readouterr().out

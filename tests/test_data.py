@@ -456,6 +456,43 @@ def test_null_columns_and_missing_ones_are_named(tokenizers_dir, tmp_path):
     ]
 
 
+def test_parquet_text_typed_binary_is_read_as_utf8_text(tokenizers_dir, tmp_path):
+    """Parquet writers that type text columns binary (bytes): valid UTF-8 is the same text, in plain and in
+    chat-message columns; bytes that are not UTF-8 reject their row, naming the column and its type (before:
+    "the columns match no format ... Columns found: prompt, chosen, rejected", the very columns expected)."""
+    tokenizer = str(tokenizers_dir / "llama31")
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Good {i} ünï", "rejected": f"Bad {i}"} for i in range(4)]
+    text = write_jsonl(tmp_path / "text.jsonl", rows)
+    as_bytes = [{k: v.encode() for k, v in row.items()} for row in rows]
+    as_bytes[2]["chosen"] = b"caf\xe9"  # Latin-1, not UTF-8
+    schema = pa.schema([(k, pa.binary()) for k in rows[0]])
+    pq.write_table(pa.Table.from_pylist(as_bytes, schema), tmp_path / "b.parquet")
+    data.tokenize(text, tokenizer, str(tmp_path / "want"), format="plain")
+    got = data.tokenize(str(tmp_path / "b.parquet"), tokenizer, str(tmp_path / "got"))
+    assert got["format"] == "plain" and got["rows_written"] == 3
+    tokens = lambda r: {k: v for k, v in r.items() if k not in ("source_index", "first_copy")}  # rows apart
+    want = read_rows(tmp_path / "want")
+    assert [tokens(r) for r in read_rows(tmp_path / "got")] == [tokens(want[i]) for i in (0, 1, 3)]
+    (reject,) = [json.loads(line) for line in (tmp_path / "got" / "rejects.jsonl").read_text().splitlines()]
+    assert reject["index"] == 2 and reject["reason"] == "invalid text"
+    assert "chosen" in reject["detail"] and "binary" in reject["detail"] and "UTF-8" in reject["detail"]
+    # Chat messages whose role and content are binary, in a large_binary list of structs.
+    turn = pa.struct([("role", pa.binary()), ("content", pa.large_binary())])
+    encoded = lambda turns: [{"role": m["role"].encode(), "content": m["content"].encode()} for m in turns]
+    chats = [{k: encoded(turns) for k, turns in row.items()} for row in conversation_rows()]
+    schema = pa.schema([(k, pa.list_(turn)) for k in ("chosen", "rejected")])
+    pq.write_table(pa.Table.from_pylist(chats, schema), tmp_path / "c.parquet")
+    chat = write_jsonl(tmp_path / "chat.jsonl", conversation_rows())
+    data.tokenize(chat, tokenizer, str(tmp_path / "want-chat"))
+    data.tokenize(str(tmp_path / "c.parquet"), tokenizer, str(tmp_path / "got-chat"))
+    assert read_rows(tmp_path / "got-chat") == read_rows(tmp_path / "want-chat")
+    # Values of a type that is no text at all: the message says which types it found.
+    numbers = pa.Table.from_pylist([{"prompt": "x", "chosen": 1, "rejected": 2}])
+    pq.write_table(numbers, tmp_path / "i.parquet")
+    with pytest.raises(ValueError, match=r"\(prompt holds str, chosen holds int, rejected holds int\)"):
+        data.tokenize(str(tmp_path / "i.parquet"), tokenizer, str(tmp_path / "out"))
+
+
 def test_unreadable_rows_and_files_are_named(tokenizers_dir, tmp_path):
     tokenizer, good = str(tokenizers_dir / "llama31"), json.dumps(conversation_rows()[0]).encode()
     # A byte that is not UTF-8 and a line cut short: those rows are rejected, naming file and line.
@@ -541,6 +578,29 @@ def test_a_killed_run_leaves_nothing_behind_and_outputs_get_the_usual_permission
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_the_current_folder_as_output_is_filled_in_place(tokenizers_dir, tmp_path, monkeypatch):
+    """--output . (or ./) in an empty folder, as --help allows: the files appear in the folder the user is in,
+    which stays that folder (replaced whole, the user's shell would be left in a deleted one); a rerun
+    with other settings and --overwrite replaces them there."""
+    inputs = write_jsonl(tmp_path / "rows.jsonl", conversation_rows())
+    tokenizer = str(tokenizers_dir / "chatml")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    folder = os.stat(".").st_ino
+    first = data.tokenize(inputs, tokenizer, ".")
+    assert os.stat(".").st_ino == folder and sorted(os.listdir(".")) == [
+        "part-00000.parquet",
+        "rejects.jsonl",
+        "summary.json",
+    ]
+    assert data.tokenize(inputs, tokenizer, "./") == first  # the same settings: nothing to do
+    replaced = data.tokenize(inputs, tokenizer, "./", max_seq_len=64, overwrite=True)
+    assert replaced["settings"]["max_seq_len"] == 64 and os.stat(".").st_ino == folder
+    assert data.PairDataset(".").summary["settings"]["max_seq_len"] == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "rows.jsonl"]  # nothing left beside it
 
 
 # --- length rules ------------------------------------------------------------------------------------------

@@ -222,12 +222,36 @@ def test_configs_it_cannot_reproduce_are_refused_in_one_line(config, shown):
     assert shown in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_sliding_window_shorter_than_the_rows_is_refused():
+def test_a_sliding_window_shorter_than_the_rows_is_refused(tmp_path):
     v01 = model.LlamaConfig.from_hf(hf_config("Mistral", sliding_window=4096))  # Mistral 7B v0.1
     assert v01.sliding_window == 4096 and model.LlamaConfig.from_hf(hf_config("Mistral")).sliding_window
-    model.check_window(v01, 4096)  # no row is longer than the window: full attention is the same
-    with pytest.raises(
-        ValueError, match="^config.json has sliding_window=4096, shorter than max_seq_len 8192"
-    ):
-        model.check_window(v01, 8192)
+    model.check_window(v01, 4096, tmp_path)  # no row is longer than the window: full attention is the same
+    # Named like the other refusals of a config.json (load_config's): which file, then what in it.
+    shown = f"^{tmp_path}/config.json: config.json has sliding_window=4096, shorter than max_seq_len 8192"
+    with pytest.raises(ValueError, match=shown):
+        model.check_window(v01, 8192, tmp_path)
     assert model.LlamaConfig.from_hf(hf_config("Mistral", sliding_window=None)).sliding_window is None
+
+
+@pytest.mark.parametrize(
+    "change, shown",
+    [
+        (dict(num_attention_heads=0, head_dim=None), "num_heads 0"),  # was a ZeroDivisionError
+        (dict(num_attention_heads=0), "num_heads 0"),
+        (dict(vocab_size="x"), "vocab_size 'x'"),
+        (dict(hidden_size=-64), "hidden_size -64"),
+        (dict(intermediate_size=None), "intermediate_size None"),
+        (dict(num_hidden_layers=0), "num_layers 0"),
+        (dict(head_dim=-8), "head_dim -8"),
+        (dict(num_key_value_heads=3), "num_heads (8) is not a multiple of num_kv_heads"),
+        (dict(model_type="gemma"), "config.json has model_type='gemma'"),
+    ],
+)
+def test_every_refusal_of_a_config_json_names_the_file(tmp_path, change, shown):
+    """Sizes that are not positive whole numbers are refused when config.json is read (not a traceback, nor a
+    model of -64 features), each refusal in one line that starts with the file."""
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("Llama") | change))
+    with pytest.raises(ValueError) as error:
+        model.load_config(tmp_path)
+    assert str(error.value).startswith(f"{tmp_path / 'config.json'}: ") and shown in str(error.value)
+    assert "\n" not in str(error.value)

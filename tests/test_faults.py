@@ -3,12 +3,17 @@ losses, pruning, a changed config. The reference is a run of the same config tha
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from _fault_helpers import (
+    ROOT,
     SMALL_RUN,
     checkpoints,
     dpo_args,
@@ -219,3 +224,87 @@ def test_a_resume_takes_what_computes_the_same_and_refuses_what_would_not(tmp_pa
         check(num_train_steps=length)
     with pytest.raises(ValueError, match="took 4 steps of a 8-step learning-rate schedule"):
         check(num_train_steps=4)
+
+
+def test_overwrite_resumes_the_same_run_and_says_what_it_deletes(tmp_path, capsys):
+    """--config.overwrite kept in the command (a requeued SLURM job, or "Run the same command to resume"
+    after a stop request): a run of the same config and data goes on, nothing deleted. A config that
+    computes otherwise, or other data, deletes the old run's checkpoints, exports and metrics, saying so in
+    one line that names them. (Before: the same command deleted them all, without a word.)"""
+    run = tmp_path / "run"
+    config = dpo.Config(train_data="x", output_dir=str(run), num_train_steps=8, overwrite=True)
+    everything = ["checkpoints", "hf", "metrics.jsonl", "wandb-id"]
+
+    def saved_run(first=config):  # a run stopped after its checkpoint at step 4, trained on data "d1"
+        for folder in ("checkpoints/step-4", "hf/step-4"):
+            (run / folder).mkdir(parents=True, exist_ok=True)
+        (run / "checkpoints" / "step-4" / "done.json").write_text(json.dumps({"step": 4, "data": "d1"}))
+        (run / "metrics.jsonl").write_text('{"step": 4, "loss": 0.5}\n')
+        (run / "wandb-id").write_text("abc")
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(first)))
+
+    def start(now, **given):  # what dpo.main does before training
+        bookkeeping.check_run_dir(run, now, dpo.lr_schedule)
+        bookkeeping.start_run_dir(run, now, **given)
+        return capsys.readouterr().out.splitlines(), [n for n in everything if (run / n).exists()]
+
+    saved_run()
+    for now, given in [
+        (config, {}),  # the same command
+        (dataclasses.replace(config, steps_per_checkpoint=7, microbatch_size=4), {}),  # operational changes
+        (config, dict(lr_schedule=dpo.lr_schedule, data_id="d1")),  # the same data
+    ]:
+        said, kept = start(now, **given)
+        assert kept == everything and said == [f"overwrite: {run} holds a run of this config and data, which "
+                                               "goes on: nothing deleted"]  # fmt: skip
+    for now, given, why in [
+        (dataclasses.replace(config, beta=0.2), {}, "(beta: 0.1 -> 0.2)"),
+        (config, dict(data_id="d2"), "(the training or validation data changed since its checkpoints)"),
+        (dataclasses.replace(config, num_train_steps=12), {}, "(num_train_steps: 8 -> 12)"),  # lr decays
+    ]:
+        saved_run()
+        said, kept = start(now, **given)
+        deleted = "checkpoints/, hf/, metrics.jsonl, wandb-id"
+        assert kept == [] and said == [f"overwrite: {run} holds another run {why}: deleting its {deleted}"]
+    # A constant rate: 12 steps take the same first 4 rates as 8, so the longer run goes on from step 4.
+    constant = dataclasses.replace(config, lr_schedule="constant", warmup=0, cooldown=0)
+    saved_run(constant)
+    longer = dataclasses.replace(constant, num_train_steps=12)
+    assert start(longer, lr_schedule=dpo.lr_schedule)[1] == everything
+
+
+HOLD_THE_LOCK = """
+import sys, bookkeeping, pathlib
+with bookkeeping.run_lock(pathlib.Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_run_in_a_run_directory_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    """Two runs in one output_dir at once wrote every metrics line twice and raced over the checkpoints: the
+    second is refused in one line naming the first's host and process id. A run killed with kill -9 (or a
+    lock file naming a process long gone) never blocks the resume."""
+    run, me = tmp_path / "run", f"host {socket.gethostname()}, process id"
+    environment = os.environ | dict(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(run)],
+        cwd=ROOT, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ValueError, match=rf"^{run} is in use by another run \({me} {holder.pid}\): wait"):
+            with bookkeeping.run_lock(run):
+                pass
+    finally:
+        holder.kill()  # kill -9: nothing of it runs on the way out; its lock file stays, naming it
+        holder.wait()
+    assert (run / "lock").read_text() == f"{me} {holder.pid}\n"
+    with bookkeeping.run_lock(run):
+        assert (run / "lock").read_text() == f"{me} {os.getpid()}\n"
+        with pytest.raises(ValueError, match="is in use by another run"):  # also from within one process
+            with bookkeeping.run_lock(run):
+                pass
+    (run / "lock").write_text("host elsewhere, process id 1\n")  # a lost host's: nobody holds it
+    with bookkeeping.run_lock(run):
+        assert (run / "lock").read_text() == f"{me} {os.getpid()}\n"
