@@ -71,11 +71,10 @@ OPERATIONAL_FIELDS = set(
 )
 
 
-def check_run_dir(run: Path, config, lr_schedule) -> None:
+def check_run_dir(run: Path, config) -> None:
     """Refuse an output_dir that is (or lies under) a file, that holds an input a run would overwrite or
     delete, that holds files of no dpo.py run, or that holds a run whose config differs in anything that
-    changes what it computes (unless overwrite). Deletes and writes nothing: see start_run_dir.
-    `lr_schedule`: dpo.lr_schedule, for a changed num_train_steps (_new_length_problem)."""
+    changes what it computes (unless overwrite). Deletes and writes nothing: see start_run_dir."""
     for folder in (run, *run.parents):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"output_dir {run}: {folder} is a file, not a directory")
@@ -94,15 +93,14 @@ def check_run_dir(run: Path, config, lr_schedule) -> None:
                 f"output_dir {run} holds {', '.join(foreign)} but no dpo.py run: use another one"
             )
         return
-    difference = _difference(run, config, lr_schedule)
+    difference = _difference(run, config)
     if difference and not config.overwrite:
         raise ValueError(difference[1])
 
 
-def _difference(run: Path, config, lr_schedule=None) -> tuple[str, str] | None:
+def _difference(run: Path, config) -> tuple[str, str] | None:
     """How the run saved in `run` differs from `config`'s in what it computes, as (a few words, the refusal
-    without overwrite); None: it is the same run, which `config` resumes. Without `lr_schedule` any other
-    num_train_steps counts, once a checkpoint is taken."""
+    without overwrite); None: it is the same run, which `config` resumes."""
     # Compared as JSON (a tuple reads back as a list); a field newer than the saved run counts as its default.
     defaults, now = (json.loads(json.dumps(dataclasses.asdict(c))) for c in (type(config)(), config))
     saved, now = _as_computed(defaults | json.loads((run / "config.json").read_text())), _as_computed(now)
@@ -115,7 +113,7 @@ def _difference(run: Path, config, lr_schedule=None) -> tuple[str, str] | None:
     taken = saved_steps(run)
     if taken and saved["num_train_steps"] != config.num_train_steps:
         before = dataclasses.replace(config, num_train_steps=saved["num_train_steps"])
-        if problem := _new_length_problem(run, taken[-1], before, config, lr_schedule):
+        if problem := _new_length_problem(run, taken[-1], before, config):
             return f"num_train_steps: {before.num_train_steps} -> {config.num_train_steps}", problem
     return None
 
@@ -129,7 +127,7 @@ def _as_computed(fields: dict) -> dict:
     )
 
 
-def _new_length_problem(run: Path, taken: int, before, now, lr_schedule) -> str | None:
+def _new_length_problem(run: Path, taken: int, before, now) -> str | None:
     """A run resumed with another num_train_steps goes on exactly as a run of the new length would have
     gone, or not at all: the data order does not depend on the length, but the learning rate can (warmup
     and cooldown as fractions of the run, a decaying schedule). So the steps already taken must have had
@@ -137,9 +135,7 @@ def _new_length_problem(run: Path, taken: int, before, now, lr_schedule) -> str 
     length, steps = now.num_train_steps, np.arange(taken)
     if taken > length:
         return f"{run} has taken {taken} steps, more than num_train_steps {length}; use another output_dir"
-    if lr_schedule is None or not np.array_equal(
-        np.asarray(lr_schedule(before)(steps)), np.asarray(lr_schedule(now)(steps))
-    ):
+    if not np.array_equal(np.asarray(before.lr_at(steps)), np.asarray(now.lr_at(steps))):
         return (
             f"{run} took {taken} steps of a {before.num_train_steps}-step learning-rate schedule, which "
             f"num_train_steps {length} changes (warmup and cooldown as fractions of the run, a decaying "
@@ -156,24 +152,24 @@ def say_done(run: Path) -> None:
     say(f"done. run directory {run.resolve()}: {', '.join(made)}{loads}")
 
 
-def start_run_dir(run: Path, config, lr_schedule=None, data_id: str | None = None) -> None:
+def start_run_dir(run: Path, config, data_id: str | None = None) -> None:
     """Once every input has been checked: with overwrite, delete the checkpoints, exports and metrics of a
     run in `run` that computes otherwise (_difference; given `data_id`, also one whose checkpoints were
-    trained on other data), saying so; the same run is kept and resumes. Then write config.json (process 0).
-    `lr_schedule` as for check_run_dir: without it, any other num_train_steps counts as another run."""
+    trained on other data), saying so; the same run is kept and resumes. Then process 0 writes
+    config.json."""
     if sharding.is_writer():
         if config.overwrite and (run / "config.json").exists():
-            _delete_another_run(run, config, lr_schedule, data_id)
+            _delete_another_run(run, config, data_id)
         run.mkdir(parents=True, exist_ok=True)
         with sharding.atomic(run / "config.json") as tmp:
             tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2))
     multihost_utils.sync_global_devices("run directory ready")  # nobody lists checkpoints before they go
 
 
-def _delete_another_run(run: Path, config, lr_schedule, data_id: str | None) -> None:
+def _delete_another_run(run: Path, config, data_id: str | None) -> None:
     """overwrite starts afresh only where the run in `run` is another run: the same command after a stop
     request (or a requeued job that keeps the flag) resumes, as the stop message says it will."""
-    difference, taken = _difference(run, config, lr_schedule), saved_steps(run)
+    difference, taken = _difference(run, config), saved_steps(run)
     if not difference and data_id and taken:  # the data_id its checkpoints record (restore_checkpoint)
         done = json.loads((run / "checkpoints" / f"step-{taken[-1]}" / "done.json").read_text())
         if done.get("data", data_id) != data_id:

@@ -31,6 +31,7 @@ on purpose: generation, KV caches, quantization, pipeline parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -61,6 +62,9 @@ CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
 need = losses.need  # a config refusal: one line, no traceback (cli)
+# --help's description: the docstring's title and example commands (its prose is for readers of the code,
+# and tyro joins each paragraph into one line)
+HELP = "\n\n".join(__doc__.split("\n\n")[:2])
 SMOOTHING_HELP = f"flipped-label share, read by {', '.join(losses.having('label_smoothing'))}"
 
 
@@ -199,6 +203,30 @@ class Config:
     def in_steps(self, length: float) -> int:
         """warmup or cooldown in steps: a fraction of the run when < 1, else steps."""
         return int(length * self.num_train_steps) if length < 1 else int(length)
+
+    def lr_at(self, step):
+        """The learning rate at `step` (traced or numpy; optax's schedule): linear warmup from 0 to the
+        peak, then lr_schedule's shape from the peak toward min_lr over the rest of the run, with the last
+        `cooldown` steps annealing linearly to min_lr from wherever the shape stands (`constant`:
+        warmup-stable-decay)."""
+        peak_lr, total = self.learning_rate, max(self.num_train_steps, 1)
+        warm, cool = self.in_steps(self.warmup), min(self.in_steps(self.cooldown), total)
+        low = peak_lr * self.min_lr_ratio
+
+        def shape(step):
+            frac = jnp.clip((step - warm) / max(total - warm, 1), 0.0, 1.0)
+            if self.lr_schedule == "linear":
+                return peak_lr + (low - peak_lr) * frac
+            if self.lr_schedule == "cosine":
+                return low + (peak_lr - low) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+            return jnp.full_like(frac, peak_lr)
+
+        step = jnp.asarray(step, jnp.float32)
+        value = jnp.where(step < warm, peak_lr * step / max(warm, 1), shape(step))
+        cool_start = total - cool
+        at_start = shape(jnp.float32(cool_start))
+        cooled = at_start + (low - at_start) * (step - cool_start) / max(cool, 1)
+        return jnp.where((cool > 0) & (step >= cool_start) & (step >= warm), cooled, value)
 
     @property
     def num_microbatches(self) -> int:
@@ -352,7 +380,7 @@ class TokenStats(NamedTuple):
 
     mean_logit: jax.Array  # the mean logit over the vocabulary
     entropy: jax.Array  # of the next-token distribution
-    argmax_hit: jax.Array  # 1 where the target is the argmax, else 0
+    argmax_hit: jax.Array  # 1 where the target is the argmax (its first id, as torch), else 0
     wpo: jax.Array | None = None  # log p(target) - log sum_v p(v)^2: WPO's per-token weight (wpo_weights)
 
 
@@ -414,9 +442,10 @@ def _chunk_logits(hidden, lm_head, i, chunk_size) -> _Chunk:
 
 
 class _Running(NamedTuple):
-    """The forward pass's scan carry: per token [N, T] f32, over the chunks so far."""
+    """The forward pass's scan carry: per token [N, T], over the chunks so far."""
 
     high: jax.Array  # the largest logit
+    first: jax.Array  # int32: the smallest vocabulary id holding it (the argmax as torch takes it)
     total: jax.Array  # sum of exp(logit - high)
     weighted: jax.Array  # sum of exp(logit - high) * logit
     target: jax.Array  # the target's logit
@@ -427,13 +456,19 @@ class _Running(NamedTuple):
 def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
     def step(running: _Running, i) -> tuple[_Running, None]:
         chunk = _chunk_logits(hidden, lm_head, i, chunk_size)
-        high = jnp.maximum(running.high, chunk.logits.max((-2, -1)))
+        top = chunk.logits.max((-2, -1))
+        high = jnp.maximum(running.high, top)
+        # The chunk's first id at its top: chunks do not come in id order (each spans every tensor shard).
+        at_top = jnp.where(chunk.logits == top[..., None, None], chunk.ids, jnp.iinfo(jnp.int32).max)
+        at_top = jnp.min(at_top, (-2, -1))
+        first = jnp.where(top == running.high, jnp.minimum(running.first, at_top), running.first)
         shrink, exp = jnp.exp(running.high - high), jnp.exp(chunk.logits - high[..., None, None])
         finite = jnp.where(chunk.new, chunk.logits, 0.0)
         # A one-hot select rather than a gather: it stays local when the vocabulary is split.
         target = jnp.sum(jnp.where(chunk.ids == targets[..., None, None], chunk.logits, 0.0), (-2, -1))
         return _Running(
             high=high,
+            first=jnp.where(top > running.high, at_top, first),
             total=running.total * shrink + exp.sum((-2, -1)),
             weighted=running.weighted * shrink + (exp * finite).sum((-2, -1)),
             target=running.target + target,
@@ -443,14 +478,14 @@ def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
 
     zero = jnp.zeros_like(hidden[..., 0], dtype=jnp.float32)  # [N, T], sharded like the rows
     count = _chunking(lm_head, chunk_size)[1]
-    start = _Running(zero - jnp.inf, zero, zero, zero, zero, zero)
+    start = _Running(zero - jnp.inf, jnp.zeros_like(zero, dtype=jnp.int32), zero, zero, zero, zero, zero)
     running, _ = jax.lax.scan(step, start, jnp.arange(count))
     logsumexp = running.high + jnp.log(running.total)
     logp = running.target - logsumexp
     stats = TokenStats(
         mean_logit=running.plain / lm_head.shape[1],
         entropy=logsumexp - running.weighted / running.total,
-        argmax_hit=(running.target >= running.high).astype(jnp.float32),
+        argmax_hit=(running.first == targets).astype(jnp.float32),  # a tie counts for its first id only
         # log sum_v p(v)^2 = log squared - 2 log total: both scaled by the same running maximum
         wpo=logp - jnp.log(running.squared) + 2 * jnp.log(running.total),
     )
@@ -495,33 +530,6 @@ token_logps.defvjp(_logps_forward, _logps_backward)
 # --- optimizer and learning-rate schedule
 
 
-def lr_schedule(config: Config):
-    """Linear warmup from 0 to the peak, then the chosen shape from the peak toward min_lr over the
-    rest of the run, with the last `cooldown` steps annealing linearly to min_lr from wherever the
-    shape stands (for `constant` this is warmup-stable-decay)."""
-    peak_lr, total = config.learning_rate, max(config.num_train_steps, 1)
-    warm, cool = config.in_steps(config.warmup), min(config.in_steps(config.cooldown), total)
-    low = peak_lr * config.min_lr_ratio
-
-    def shape(step):
-        frac = jnp.clip((step - warm) / max(total - warm, 1), 0.0, 1.0)
-        if config.lr_schedule == "linear":
-            return peak_lr + (low - peak_lr) * frac
-        if config.lr_schedule == "cosine":
-            return low + (peak_lr - low) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
-        return jnp.full_like(frac, peak_lr)
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        value = jnp.where(step < warm, peak_lr * step / max(warm, 1), shape(step))
-        cool_start = total - cool
-        at_start = shape(jnp.float32(cool_start))
-        cooled = at_start + (low - at_start) * (step - cool_start) / max(cool, 1)
-        return jnp.where((cool > 0) & (step >= cool_start) & (step >= warm), cooled, value)
-
-    return schedule
-
-
 def make_optimizer(config: Config) -> optax.GradientTransformation:
     keystr = jax.tree_util.keystr
     not_norm = lambda params: jax.tree_util.tree_map_with_path(
@@ -529,7 +537,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     )
     clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity()
     adamw = optax.adamw(
-        lr_schedule(config), config.adam_b1, config.adam_b2, weight_decay=config.weight_decay, mask=not_norm
+        config.lr_at, config.adam_b1, config.adam_b2, weight_decay=config.weight_decay, mask=not_norm
     )
     return optax.chain(clip, adamw)
 
@@ -731,7 +739,7 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, arch, config: Con
         grads, sums = gradients(state.params, with_reference(state, frozen), batch, arch, config)
     metrics = normalize(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["learning_rate"] = lr_schedule(config)(state.step)
+    metrics["learning_rate"] = config.lr_at(state.step)
     metrics["tokens"] = jnp.sum(batch["lengths"])  # for throughput, counted where the batch already is
     rows, live = rows_of(batch), config.live_reference
     metrics["flops"] = step_flops(arch, rows.attended, live, lora=config.lora_rank > 0, tokens=rows.ran)
@@ -941,89 +949,81 @@ def export_hf(
     bookkeeping.save_export(run, int(state.step), merged, state.params if lora else None, files)
 
 
-def open_run(config: Config) -> tuple[Path, Config, bookkeeping.Inputs, bookkeeping.Loaders]:
-    """The run directory checked, the inputs loaded and checked, the batches planned (the last check on the
-    data), then config.json written: everything is checked before anything is written or deleted."""
+@contextlib.contextmanager
+def open_run(config: Config):
+    """The run directory checked, then held (one run at a time in it), the inputs loaded and checked, the
+    batches planned (the last check on the data), config.json written: everything is checked before anything
+    is written or deleted. Yields (run directory, config, inputs, loaders)."""
     run, given = Path(config.output_dir), config  # config.json records the config as given
     demo = config.model_name_or_path == "demo"
     if demo:  # the demo's model and pairs, made in the run directory once it has passed its check
         pairs = config.train_data or str(run / "demo" / "pairs.jsonl")
         config = dataclasses.replace(config, model_name_or_path=str(run / "demo" / "model"), train_data=pairs)
-    bookkeeping.check_run_dir(run, given, lr_schedule)  # a copied demo run finds its files anew
-    if demo:
-        bookkeeping.make_demo(run / "demo", config.seed)
-    inputs = bookkeeping.load_inputs(run, config)
-    batches = bookkeeping.loaders(config, inputs)  # plans the batch shapes: the last check on the data
-    bookkeeping.start_run_dir(run, given)
-    return run, config, inputs, batches
+    bookkeeping.check_run_dir(run, given)  # a copied demo run finds its files anew
+    with bookkeeping.run_lock(run):  # a second run in the same directory is refused, naming this one
+        if demo:
+            bookkeeping.make_demo(run / "demo", config.seed)
+        inputs = bookkeeping.load_inputs(run, config)
+        batches = bookkeeping.loaders(config, inputs)  # plans the batch shapes: the last check on the data
+        bookkeeping.start_run_dir(run, given, inputs.data_id)
+        yield run, config, inputs, batches
 
 
 def main(config: Config) -> Path:
-    started = time.time()
+    started, say = time.time(), bookkeeping.say
     sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
     bookkeeping.use_compilation_cache(config.compilation_cache_dir)
-    say = bookkeeping.say
+    with open_run(config) as (run, config, inputs, batches):
+        # --- the state, the programs; the batches from where the state stands
+        mesh, optimizer = inputs.mesh, make_optimizer(config)
+        with jax.set_mesh(mesh):
+            start = start_state(run, config, inputs, optimizer)
+        programs = compile_programs(make_steps(inputs.arch, config, optimizer), batches, start, config, mesh)
+        with jax.set_mesh(mesh):
+            tables = precompute_reference(programs, start, mesh)
+        state, frozen, done = start.state, start.frozen, start.resume_step or 0  # done: steps taken before
+        train_batches, evaluation = batches.train(done, *tables[:1]), partial(programs, "evaluation")
+        validation = lambda: batches.validation(*tables[1:])
+        eval_now = lambda s: evaluate(evaluation, s.params, with_reference(s, frozen), validation(), mesh)
+        files = bookkeeping.export_files(config, inputs)
 
-    # --- inputs, the state, the programs; the batches from where the state stands
-    run, config, inputs, batches = open_run(config)
-    mesh, optimizer = inputs.mesh, make_optimizer(config)
-    with jax.set_mesh(mesh):
-        start = start_state(run, config, inputs, optimizer)
-    programs = compile_programs(make_steps(inputs.arch, config, optimizer), batches, start, config, mesh)
-    with jax.set_mesh(mesh):
-        tables = precompute_reference(programs, start, mesh)
-    state, frozen, done = start.state, start.frozen, start.resume_step or 0  # done: steps taken before
-    train_batches = batches.train(done, *tables[:1])
-    eval_now = lambda s: evaluate(
-        partial(programs, "evaluation"),
-        s.params,
-        with_reference(s, frozen),
-        batches.validation(*tables[1:]),
-        mesh,
-    )
-    files = bookkeeping.export_files(config, inputs)
-
-    # --- the loop
-    log = bookkeeping.MetricsLog(run, config, start.resume_step)
-    with log, jax.set_mesh(mesh), bookkeeping.stop_requests() as stop_asked:
-        # A fresh start evaluates at step 0; a resume does the eval and export its last run skipped.
-        due_eval, due_export = (
-            bookkeeping.skipped_at_resume(run, done, config, log) if done else (True, False)
-        )
-        if due_eval:
-            log.eval(done, eval_now(state))
-        if due_export:
-            export_hf(programs, run, state, frozen, files)
-        if done < config.num_train_steps:
-            dtype = jnp.dtype(model.dtype_of(config.compute_dtype)).name
-            steps = f"{done + 1}..{config.num_train_steps}"
-            say(
-                f"training steps {steps} on {mesh.devices.size} device(s), batch {config.train_batch_size} "
-                f"pairs, compute {dtype}"
-            )
-            upcoming = next(train_batches)
-        for step in range(done + 1, config.num_train_steps + 1):
-            state, metrics = programs("training", state, frozen, sharding.global_batch(upcoming, mesh))
-            if step < config.num_train_steps:  # dispatch is async: read the next batch while the step runs
-                upcoming = next(train_batches)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if step == done + 1:
-                say(f"first step done {time.time() - started:.1f} s after start")
-            bookkeeping.check_update(step, metrics, config, run)
-            log.train(step, metrics)
-            last = step == config.num_train_steps
-            # A preempted job has seconds: on a stop request only the checkpoint is written, and the
-            # eval or export due at this step is skipped (the resumed run does them: skipped_at_resume).
-            if not last and stop_asked():
-                bookkeeping.save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
-                say(f"stopped at step {step} on request; checkpoint written. Run the same command to resume.")
-                return run
-            if step % config.steps_per_eval == 0 or last:
-                log.eval(step, eval_now(state))
-            if step % config.steps_per_checkpoint == 0 or last:
-                bookkeeping.save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
-            if step % config.steps_per_hf_export == 0 or last:
+        # --- the loop
+        log = bookkeeping.MetricsLog(run, config, start.resume_step)
+        with log, jax.set_mesh(mesh), bookkeeping.stop_requests() as stop_asked:
+            # A fresh start evaluates at step 0; a resume does the eval and export its last run skipped.
+            due = bookkeeping.skipped_at_resume(run, done, config, log) if done else (True, False)
+            if due[0]:
+                log.eval(done, eval_now(state))
+            if due[1]:
                 export_hf(programs, run, state, frozen, files)
+            if done < config.num_train_steps:
+                dtype = jnp.dtype(model.dtype_of(config.compute_dtype)).name
+                say(f"training steps {done + 1}..{config.num_train_steps} on {mesh.devices.size} device(s), "
+                    f"batch {config.train_batch_size} pairs, compute {dtype}")  # fmt: skip
+                upcoming = next(train_batches)
+            for step in range(done + 1, config.num_train_steps + 1):
+                state, metrics = programs("training", state, frozen, sharding.global_batch(upcoming, mesh))
+                if step < config.num_train_steps:  # dispatch is async: read the next batch while it runs
+                    upcoming = next(train_batches)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if step == done + 1:
+                    say(f"first step done {time.time() - started:.1f} s after start")
+                bookkeeping.check_update(step, metrics, config, run)
+                log.train(step, metrics)
+                last = step == config.num_train_steps
+                # A preempted job has seconds: on a stop request only the checkpoint is written, and the
+                # eval or export due at this step is skipped (the resumed run does them: skipped_at_resume).
+                if not last and stop_asked():
+                    bookkeeping.save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
+                    say(f"stopped at step {step} on request; checkpoint written. Run the same command to "
+                        "resume.")  # fmt: skip
+                    return run
+                if step % config.steps_per_eval == 0 or last:
+                    log.eval(step, eval_now(state))
+                if step % config.steps_per_checkpoint == 0 or last:
+                    bookkeeping.save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
+                if step % config.steps_per_hf_export == 0 or last:
+                    export_hf(programs, run, state, frozen, files)
     say(f"programs: {programs.report()}")
     bookkeeping.say_done(run)
     return run
@@ -1041,7 +1041,7 @@ def parse_args(args: list[str] | None = None) -> Config:
         def command(config: Config = default) -> Config:
             return config
 
-        return data.tyro_cli(command, args=args, description=__doc__)
+        return data.tyro_cli(command, args=args, description=HELP)
 
     config = parse(Config())
     if config.model_name_or_path != "demo":

@@ -156,7 +156,7 @@ def test_schedule_warmup_linear_decay_and_cooldown():
         min_lr_ratio=0.1,
         lr_schedule="linear",
     )
-    lr = lambda s: float(dpo.lr_schedule(config)(s))
+    lr = lambda s: float(config.lr_at(s))
     assert lr(0) == 0 and lr(5) == pytest.approx(0.5) and lr(10) == pytest.approx(1.0)
     # Linear from the peak at step 10 toward 0.1 at step 100, until the cooldown starts at step 80...
     assert lr(50) == pytest.approx(1.0 - 0.9 * 40 / 90)
@@ -168,12 +168,12 @@ def test_schedule_warmup_linear_decay_and_cooldown():
 
 def test_constant_schedule_with_cooldown_is_warmup_stable_decay():
     config = dpo.Config(learning_rate=2.0, num_train_steps=10, warmup=2, cooldown=4, lr_schedule="constant")
-    lrs = [float(dpo.lr_schedule(config)(s)) for s in range(11)]
+    lrs = [float(config.lr_at(s)) for s in range(11)]
     np.testing.assert_allclose(lrs, [0, 1, 2, 2, 2, 2, 2, 1.5, 1, 0.5, 0], atol=1e-6)
 
 
 def test_cosine_schedule_ends_at_min_lr():
     config = dpo.Config(learning_rate=1.0, num_train_steps=20, warmup=0, cooldown=0, lr_schedule="cosine",
                         min_lr_ratio=0.25)  # fmt: skip
-    lr = lambda s: float(dpo.lr_schedule(config)(s))
+    lr = lambda s: float(config.lr_at(s))
     assert lr(0) == pytest.approx(1.0) and lr(10) == pytest.approx(0.625) and lr(20) == pytest.approx(0.25)

@@ -177,7 +177,7 @@ def test_a_changed_config_is_refused_unless_overwrite(demo, uninterrupted, tmp_p
 
     same = SMALL_RUN | dict(model_name_or_path=str(demo[0]), train_data=str(demo[1]), output_dir=str(run))
     overwrite = dpo.Config(**same | dict(beta=0.2, overwrite=True))
-    bookkeeping.check_run_dir(run, overwrite, dpo.lr_schedule)
+    bookkeeping.check_run_dir(run, overwrite)
     bookkeeping.start_run_dir(run, overwrite)
     assert not any((run / name).exists() for name in ("checkpoints", "hf", "metrics.jsonl"))
 
@@ -193,9 +193,7 @@ def test_a_resume_takes_what_computes_the_same_and_refuses_what_would_not(tmp_pa
         train_data="x", output_dir=str(run), num_train_steps=8, lora_rank=4, lora_targets=("q", "v")
     )
     (run / "config.json").write_text(json.dumps(json.loads(json.dumps(vars(first)))))
-    check = lambda **change: bookkeeping.check_run_dir(
-        run, dataclasses.replace(first, **change), dpo.lr_schedule
-    )
+    check = lambda **change: bookkeeping.check_run_dir(run, dataclasses.replace(first, **change))
     check(microbatch_size=32, prefix_sharing=False, packing=True, remat="none", logits_chunk_size=64)
     check(lora_alpha=8.0, lora_targets=("v", "q"))
     for change in [dict(lora_alpha=4.0), dict(lora_targets=("q",)), dict(group_by_length=True)]:
@@ -215,10 +213,7 @@ def test_a_resume_takes_what_computes_the_same_and_refuses_what_would_not(tmp_pa
     first = dataclasses.replace(first, **constant)
     (run / "config.json").write_text(json.dumps(json.loads(json.dumps(vars(first)))))
     lengths, peak = [5, 8, 100], first.learning_rate
-    taken = [
-        np.asarray(dpo.lr_schedule(dataclasses.replace(first, num_train_steps=n))(np.arange(4)))
-        for n in lengths
-    ]
+    taken = [np.asarray(dataclasses.replace(first, num_train_steps=n).lr_at(np.arange(4))) for n in lengths]
     np.testing.assert_allclose(taken, [[0.0, 0.5 * peak, peak, peak]] * 3, rtol=1e-6)  # f32 rates
     for length in lengths:
         check(num_train_steps=length)
@@ -244,7 +239,7 @@ def test_overwrite_resumes_the_same_run_and_says_what_it_deletes(tmp_path, capsy
         (run / "config.json").write_text(json.dumps(dataclasses.asdict(first)))
 
     def start(now, **given):  # what dpo.main does before training
-        bookkeeping.check_run_dir(run, now, dpo.lr_schedule)
+        bookkeeping.check_run_dir(run, now)
         bookkeeping.start_run_dir(run, now, **given)
         return capsys.readouterr().out.splitlines(), [n for n in everything if (run / n).exists()]
 
@@ -252,7 +247,7 @@ def test_overwrite_resumes_the_same_run_and_says_what_it_deletes(tmp_path, capsy
     for now, given in [
         (config, {}),  # the same command
         (dataclasses.replace(config, steps_per_checkpoint=7, microbatch_size=4), {}),  # operational changes
-        (config, dict(lr_schedule=dpo.lr_schedule, data_id="d1")),  # the same data
+        (config, dict(data_id="d1")),  # the same data
     ]:
         said, kept = start(now, **given)
         assert kept == everything and said == [f"overwrite: {run} holds a run of this config and data, which "
@@ -270,7 +265,7 @@ def test_overwrite_resumes_the_same_run_and_says_what_it_deletes(tmp_path, capsy
     constant = dataclasses.replace(config, lr_schedule="constant", warmup=0, cooldown=0)
     saved_run(constant)
     longer = dataclasses.replace(constant, num_train_steps=12)
-    assert start(longer, lr_schedule=dpo.lr_schedule)[1] == everything
+    assert start(longer)[1] == everything
 
 
 HOLD_THE_LOCK = """

@@ -204,3 +204,6 @@ def test_help_explains_every_field():
         assert "--config." + field.replace("_", "-") in text
     assert "strength of the pull toward the reference" in text
     assert all(name in text for name in dpo.losses.LOSSES)  # --config.loss-type's choices
+    # The description is the docstring's examples, each on its line: no paragraph joined into one (#32).
+    assert "python dpo.py --help" in result.stdout and "--config.reference-mode precompute" in result.stdout
+    assert max(map(len, result.stdout.splitlines())) <= 200
