@@ -190,14 +190,19 @@ def run_lock(run: Path):
     """One run at a time in `run`: while inside, process 0 holds an flock on run/lock, which names its host
     and process id; a second run is refused in one line naming them. The OS releases an flock when its process
     dies, however (kill -9 included), and a lost host's lease runs out on a network file system, so a run
-    that died never blocks the resume: the file stays, naming the last holder, and is taken over. Where the
-    file system cannot lock, says so and goes on. Every process enters; a refusal stops them all."""
-    refusal, lock = None, None
-    if sharding.is_writer():
+    that died never blocks the resume: its file stays, naming the last holder, and is taken over. A run that
+    ends (done, stopped, refused) removes the file, so the run directory holds nothing of it. Where the file
+    system cannot lock, says so and goes on. Every process enters; a refusal stops them all."""
+    refusal, lock, path = None, None, run / "lock"
+    while sharding.is_writer() and lock is None:
         run.mkdir(parents=True, exist_ok=True)
-        lock = os.open(run / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not path.exists() or os.stat(path).st_ino != os.fstat(lock).st_ino:  # its holder removed it
+                os.close(lock)
+                lock = None
+                continue
             os.ftruncate(lock, 0)
             os.pwrite(lock, f"host {socket.gethostname()}, process id {os.getpid()}\n".encode(), 0)
         except BlockingIOError:  # held: the file names the holder
@@ -205,7 +210,7 @@ def run_lock(run: Path):
             refusal = f"{run} is in use by another run ({holder}): wait for it to end, or use another "
             refusal += "output_dir"
         except OSError as e:  # no locks on this file system (a FUSE mount, NFS without its lock service)
-            say(f"warning: {run}/lock: {e.strerror}, so a second run in {run} at once would not be refused")
+            say(f"warning: {path}: {e.strerror}, so a second run in {run} at once would not be refused")
     # The other processes stop too, rather than wait for process 0 in a collective until they time out.
     if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)):
         refusal = refusal or f"{run} is in use by another run (process 0 names it)"
@@ -214,6 +219,8 @@ def run_lock(run: Path):
             raise ValueError(refusal)
         yield
     finally:
+        if lock is not None and not refusal:
+            path.unlink(missing_ok=True)  # before the flock goes: a run that opened it meanwhile retries
         if lock is not None:
             os.close(lock)  # releases the flock
 
