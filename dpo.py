@@ -277,6 +277,7 @@ class Rows(NamedTuple):
     attended: jax.Array  # the lengths of the sequences attention runs over (step_flops)
     ran: jax.Array | None  # the tokens the model ran (step_flops); None: all of `attended`'s
     tail: jax.Array  # [N, T] bool: scored targets past the pair's shorter side (LD-DPO's verbose part)
+    chosen_sequence: jax.Array  # [N, T] bool: every target of a chosen sequence, prompt included (ORPO's NLL)
 
 
 def rows_of(batch: dict) -> Rows:
@@ -295,9 +296,10 @@ def _rows_of_sides(batch: dict) -> Rows:
     place = jnp.cumsum(scored, axis=1)  # each scored target's place among its side's, from 1
     shorter = batch_reshape(place[:, -1], (b, 2)).min(1, keepdims=True)
     shorter = batch_reshape(jnp.broadcast_to(shorter, (b, 2)), (2 * b,))
+    lengths = batch_reshape(batch["lengths"], (2 * b,))
     return Rows(
         tokens=tokens,
-        inputs=dict(lengths=batch_reshape(batch["lengths"], (2 * b,))),
+        inputs=dict(lengths=lengths),
         targets=targets,
         scored=scored,
         by_pair=lambda x: batch_reshape(x.sum(-1), (b, 2)),
@@ -307,6 +309,7 @@ def _rows_of_sides(batch: dict) -> Rows:
         attended=batch["lengths"],
         ran=None,
         tail=(place > shorter[:, None]) & (scored > 0),
+        chosen_sequence=(jnp.arange(2 * b) % 2 == 0)[:, None] & (jnp.arange(t) < lengths[:, None] - 1),
     )
 
 
@@ -329,7 +332,16 @@ def _rows_of_sequences(batch: dict) -> Rows:
         attended=batch["view_lengths"],
         ran=jnp.sum(batch["pair"] >= 0, dtype=jnp.float32),
         tail=_tail_of_sequences(batch),
+        chosen_sequence=_chosen_sequence(batch),
     )
+
+
+def _chosen_sequence(batch: dict) -> jax.Array:
+    """Rows.chosen_sequence of rows of several sequences: a shared or chosen token before its chosen
+    sequence's last (positions count within each side's sequence)."""
+    pair = batch["pair"]
+    length = jnp.take_along_axis(batch["lengths"][..., 0], jnp.maximum(pair, 0), axis=1)  # [R, W]
+    return (pair >= 0) & (batch["side"] != data.REJECTED) & (batch["positions"] < length - 1)
 
 
 def _tail_of_sequences(batch: dict) -> jax.Array:
@@ -354,9 +366,11 @@ def _per_pair_side(batch: dict, x: jax.Array) -> jax.Array:
 
 
 def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lora=None):
-    """(summed log-probs [b, 2], TokenStats each [b, 2]) of each pair's chosen (column 0) and rejected (column
-    1) under `params` (and, with LoRA, the adapters `lora` on them), in rows_of's pair order. One forward
-    pass over the batch's rows; rows of several sequences run a shared prompt once."""
+    """(summed log-probs [b, 2], TokenStats each [b, 2], sequence) of each pair's chosen (column 0) and
+    rejected (column 1) under `params` (and, with LoRA, the adapters `lora` on them), in rows_of's pair order;
+    sequence: for a loss that reads it (losses.reads_sequence), the summed log-probs [b] and the tokens [b]
+    of each whole chosen sequence, prompt included, else None. One forward pass over the batch's rows; rows
+    of several sequences run a shared prompt once."""
     dtype = model.dtype_of(config.compute_dtype)
     # forward casts each layer's weights to the compute dtype as it gathers them: no full-model copy.
     attention = None if config.attention_impl == "auto" else config.attention_impl
@@ -365,10 +379,17 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lor
     lm_head = jax.sharding.reshard(model.lm_head_weight(params).astype(dtype), P(None, "tensor"))
     rows = rows_of(batch)
     hidden = model.forward(params, rows.tokens, arch, compute_dtype=dtype, **rows.inputs, **options)
-    logps, stats = token_logps(hidden, lm_head, rows.targets, rows.scored, config.logits_chunk_size)
+    whole = losses.reads_sequence(config.loss_type)
+    mask = rows.scored | rows.chosen_sequence if whole else rows.scored
+    logps, stats = token_logps(hidden, lm_head, rows.targets, mask, config.logits_chunk_size)
+    sequence = None
+    if whole:  # the chosen sequences' sums, then the scored targets' as without them
+        chosen = lambda x: rows.by_pair(jnp.where(rows.chosen_sequence, x, 0))[:, 0]
+        sequence = chosen(logps), chosen(jnp.ones_like(logps))
+        logps, stats = jax.tree.map(lambda x: jnp.where(rows.scored, x, 0.0), (logps, stats))
     if config.ld_alpha is not None:  # LD-DPO: the verbose part of the longer side counts ld_alpha
         logps = jnp.where(rows.tail, config.ld_alpha * logps, logps)
-    return rows.by_pair(logps), jax.tree.map(rows.by_pair, stats)
+    return rows.by_pair(logps), jax.tree.map(rows.by_pair, stats), sequence
 
 
 # --- the fused LM head and log-softmax
@@ -604,6 +625,7 @@ class PairLogps(NamedTuple):
     stats: TokenStats  # each [b, 2]: the policy's token stats, summed
     tokens: jax.Array  # [b, 2]: scored tokens
     weight: jax.Array  # [b]: 1 for a pair, 0 for padding
+    sequence: tuple | None = None  # the whole chosen sequences' log-probs and tokens, each [b] (pair_logps)
 
 
 def policy_logps(params, base, batch: dict, arch, config: Config):
@@ -617,11 +639,11 @@ def batch_logps(params, frozen: Frozen, batch: dict, arch, config: Config) -> Pa
     """The policy's log-probs of the batch's pairs and the reference's: run live on its weights, read from the
     batch when precomputed, or none for a reference-free loss."""
     rows = rows_of(batch)
-    policy, stats = policy_logps(params, frozen.base, batch, arch, config)
+    policy, stats, sequence = policy_logps(params, frozen.base, batch, arch, config)
     reference = rows.ref_logps if config.uses_reference else None
     if config.live_reference:
         reference = jax.lax.stop_gradient(pair_logps(frozen.reference, batch, arch, config)[0])
-    return PairLogps(policy, reference, stats, rows.scored_tokens, rows.weight)
+    return PairLogps(policy, reference, stats, rows.scored_tokens, rows.weight, sequence)
 
 
 def loss(params, frozen: Frozen, batch: dict, arch, config: Config, totals=None):
@@ -633,13 +655,15 @@ def loss(params, frozen: Frozen, batch: dict, arch, config: Config, totals=None)
 def objective(logps: PairLogps, config: Config, totals=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """losses.dpo_loss of the pairs and their metric sums (with the loss times the pairs, so that it adds up
     too), on replicated arrays: a loss that couples the batch sorts them."""
-    policy, reference, stats, tokens, weight = jax.tree.map(lambda x: jax.sharding.reshard(x, P()), logps)
+    policy, reference, stats, tokens, weight, sequence = jax.tree.map(
+        lambda x: jax.sharding.reshard(x, P()), logps
+    )
     pair_weight = losses.wpo_weights(stats, tokens) if config.use_weighting else None
-    value, rewards = losses.dpo_loss(policy, reference, tokens, weight, config, totals, pair_weight)
+    value, rewards = losses.dpo_loss(policy, reference, tokens, weight, config, totals, pair_weight, sequence)
     pairs = jnp.sum(weight) if totals is None else totals[0]
     sums = metric_sums(policy, rewards, stats, tokens, weight) | {"loss": value * pairs}
     for row in map(losses.LOSSES.get, config.loss_type):  # a loss's own metrics (ORPO's)
-        sums |= row.metrics(policy, tokens, weight) if row.metrics else {}
+        sums |= row.metrics(policy, tokens, weight, sequence) if row.metrics else {}
     return value, sums
 
 
@@ -672,10 +696,10 @@ DENOMINATORS = {
     "logits/rejected": "tokens/rejected",
     "entropy": "tokens",
     "mean_token_accuracy": "tokens/chosen",
-    "nll_loss": "tokens/chosen",
+    "nll_loss": "tokens/chosen_sequence",
     "loss": "pairs",
 }
-COUNTS = ("pairs", "tokens", "tokens/chosen", "tokens/rejected")
+COUNTS = ("pairs", "tokens", "tokens/chosen", "tokens/rejected", "tokens/chosen_sequence")
 
 
 def normalize(sums: dict) -> dict:
@@ -701,7 +725,10 @@ def grads_summed_over_microbatches(params, frozen: Frozen, batch: dict, arch, co
     if config.num_microbatches == 1:
         return jax.grad(loss, has_aux=True)(params, frozen, batch, arch, config)
     rows = rows_of(batch)
-    totals = jnp.sum(rows.weight), jnp.sum(rows.weight * rows.scored_tokens[:, 0])
+    sequence = None  # the chosen sequences' tokens, where a loss reads them
+    if losses.reads_sequence(config.loss_type):
+        sequence = jnp.sum(rows.weight * rows.by_pair(rows.chosen_sequence)[:, 0])
+    totals = jnp.sum(rows.weight), jnp.sum(rows.weight * rows.scored_tokens[:, 0]), sequence
 
     def add(grads, micro):
         more, sums = jax.grad(loss, has_aux=True)(params, frozen, micro, arch, config, totals)

@@ -35,6 +35,9 @@ class Terms(NamedTuple):
     reference: jax.Array  # [B, 2] the reference's (zeros without one)
     tokens: jax.Array  # [B, 2] scored tokens, at least 1
     nll: jax.Array  # scalar: the chosen tokens' mean negative log-likelihood over the batch (RPO's term)
+    sequence_nll: (
+        jax.Array | None
+    )  # the same over the whole chosen sequences, prompt included (sequence rows)
     mean: Callable  # x [B] -> its mean over the batch's pairs (WPO-weighted with use_weighting)
     weights_mean: jax.Array | float  # WPO's pair weights' mean over the batch (1.0 without use_weighting)
     ranked: Callable  # x [B] -> sorted over the real pairs, padding last (the batch losses' matching)
@@ -99,18 +102,18 @@ class Loss:
     # per-pair terms, and the step takes it on the whole batch, over microbatches too.
     couples: Literal["never", "always", "weighted"] = "never"
     alone: bool = False  # its own objective: not summed with others
+    sequence: bool = False  # reads sequence_nll: the step then scores every token of the chosen sequences
     knobs: tuple[str, ...] = ()  # the Config fields it reads that not every loss does
     requires: Callable | None = None  # config -> its refusal in one line, or None
-    metrics: Callable | None = None  # (policy, tokens, weight) -> its own metric sums, as metric_sums'
+    metrics: Callable | None = None  # (policy, tokens, weight, sequence) -> its own metric sums, as dpo's
 
 
-def orpo_metrics(policy, tokens, weight) -> dict:
-    """TRL's ORPO metrics, as sums over the pairs (nll_loss over tokens/chosen)."""
+def orpo_metrics(policy, tokens, weight, sequence) -> dict:
+    """TRL's ORPO metrics, as sums over the pairs (nll_loss over the chosen sequences' tokens)."""
     odds = jax.lax.stop_gradient(log_odds(policy, tokens))
-    nll = -jnp.sum(weight * jax.lax.stop_gradient(policy[:, 0]))
-    return dict(
-        log_odds_ratio=jnp.sum(weight * log_s(odds)), log_odds_chosen=jnp.sum(weight * odds), nll_loss=nll
-    )
+    nll = -jnp.sum(weight * jax.lax.stop_gradient(sequence[0]))
+    sums = dict(log_odds_ratio=jnp.sum(weight * log_s(odds)), log_odds_chosen=jnp.sum(weight * odds))
+    return sums | {"nll_loss": nll, "tokens/chosen_sequence": jnp.sum(weight * sequence[1])}
 
 
 SMOOTHING = ("label_smoothing",)
@@ -137,11 +140,12 @@ LOSSES = {
     ),
     # the sft term minus b log s(the log odds ratio of the sides' mean token probabilities), as TRL
     "orpo": Loss(
-        lambda t: t.nll - t.b * t.mean(log_s(log_odds(t.policy, t.tokens))),
+        lambda t: t.sequence_nll - t.b * t.mean(log_s(log_odds(t.policy, t.tokens))),
         "ORPO, Hong 2024 (TRL's ORPOTrainer)",
         reference=False,
         weighted=False,
         alone=True,
+        sequence=True,  # TRL: "orpo chosen nll loss is computed over the full prompt and response"
         metrics=orpo_metrics,
     ),
     # margins matched by rank over the whole batch (every device and microbatch of the step)
@@ -191,6 +195,10 @@ def wpo_weights(stats, tokens) -> jax.Array:
 
 def uses_reference(loss_type) -> bool:
     return any(LOSSES[name].reference for name in loss_type)
+
+
+def reads_sequence(loss_type) -> bool:
+    return any(LOSSES[name].sequence for name in loss_type)
 
 
 def couples_batch(loss_type, use_weighting: bool) -> bool:
@@ -249,19 +257,23 @@ def check(config) -> None:
 
 
 def dpo_loss(
-    policy, reference, tokens, weight, config, totals=None, pair_weight=None
+    policy, reference, tokens, weight, config, totals=None, pair_weight=None, sequence=None
 ) -> tuple[jax.Array, jax.Array]:
     """The loss of a batch (config.loss_type's rows summed with config.loss_weights) and each pair's implicit
     rewards.
 
     policy, reference [B, 2]: summed log-probs of (chosen, rejected) under the policy and the reference
     (reference None for the reference-free losses); tokens [B, 2]: scored tokens of each; weight [B]: 1
-    for a pair, 0 for padding; pair_weight [B]: WPO's weights (use_weighting), gradient-free, or None.
-    `totals` (pairs, chosen tokens) are the denominators when this batch is one microbatch of a larger one.
+    for a pair, 0 for padding; pair_weight [B]: WPO's weights (use_weighting), gradient-free, or None;
+    sequence ([B], [B]): the summed log-probs and the tokens of each whole chosen sequence, prompt included
+    (for a `sequence` row, else None). `totals` (pairs, chosen tokens, chosen sequences' tokens or None) are
+    the denominators when this batch is one microbatch of a larger one.
     Rewards [B, 2] are b (policy - reference), or b policy / tokens without a reference; gradient-free.
     """
     b, ls = config.beta, config.label_smoothing
-    pairs, chosen_tokens = totals if totals is not None else (jnp.sum(weight), jnp.sum(weight * tokens[:, 0]))
+    if totals is None:
+        totals = jnp.sum(weight), jnp.sum(weight * tokens[:, 0]), sequence and jnp.sum(weight * sequence[1])
+    pairs, chosen_tokens, sequence_tokens = totals
     tokens = jnp.maximum(tokens, 1)
     if reference is None:  # reference-free: log-probs stand in where log-ratios would be, as SimPO reads them
         reference = jnp.zeros_like(policy)
@@ -274,9 +286,9 @@ def dpo_loss(
     real = weight > 0  # sorted over the real pairs only: padding goes to the end, then is left out
     ranked = lambda x: jnp.sort(jnp.where(real, x, jnp.inf))
     rank_mean = lambda x: jnp.sum(jnp.where(jnp.arange(len(x)) < jnp.sum(real), x, 0.0)) / pairs
-    terms = Terms(
-        b, ls, c, r, bh, per_token, policy, reference, tokens, nll, mean, w_mean, ranked, rank_mean, config
-    )
+    sequence_nll = None if sequence is None else -jnp.sum(weight * sequence[0]) / sequence_tokens
+    parts = b, ls, c, r, bh, per_token, policy, reference, tokens, nll, sequence_nll, mean, w_mean
+    terms = Terms(*parts, ranked, rank_mean, config)
     weights = config.loss_weights or (1.0,) * len(config.loss_type)
     loss = 0.0
     for name, w in zip(config.loss_type, weights, strict=True):

@@ -608,23 +608,28 @@ def orpo_log_odds(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens):
     return (pc - pr) - (log1mexp(pc) - log1mexp(pr))
 
 
-def orpo_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, beta):
+def orpo_loss(
+    chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, beta, sequence_logps, sequence_tokens
+):
     """ORPO (Hong et al. 2024), ORPOTrainer: loss = nll - mean(beta * logsigmoid(log_odds)), lambda = beta.
-    nll here is the chosen completion tokens' mean NLL (sft_loss); TRL 1.16's ORPOTrainer takes it over the
-    chosen prompt and completion tokens together (its comment: "computed over the full prompt and
-    response"), which needs the prompt's log-probs: pass them in chosen_logps/chosen_tokens to get that."""
+    The log odds read the completions' mean token log-probs; nll is TRL 1.16's over the chosen prompt and
+    completion tokens together (its comment: "orpo chosen nll loss is computed over the full prompt and
+    response"): sequence_logps and sequence_tokens are each whole chosen sequence's summed log-probs and
+    its targets (every token after the first)."""
     odds = orpo_log_odds(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)
-    return float(sft_loss(chosen_logps, chosen_tokens) - np.mean(beta * logsigmoid(odds)))
+    return float(sft_loss(sequence_logps, sequence_tokens) - np.mean(beta * logsigmoid(odds)))
 
 
-def orpo_metrics(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens):
+def orpo_metrics(
+    chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, sequence_logps, sequence_tokens
+):
     """ORPOTrainer's logged log_odds_ratio = mean(logsigmoid(log_odds)), log_odds_chosen = mean(log_odds),
-    nll_loss (the chosen tokens' mean NLL, as in orpo_loss)."""
+    nll_loss (the whole chosen sequences' mean NLL, as in orpo_loss)."""
     odds = orpo_log_odds(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)
     return {
         "log_odds_ratio": float(np.mean(logsigmoid(odds))),
         "log_odds_chosen": float(np.mean(odds)),
-        "nll_loss": sft_loss(chosen_logps, chosen_tokens),
+        "nll_loss": sft_loss(sequence_logps, sequence_tokens),
     }
 
 

@@ -26,6 +26,8 @@ RNG = np.random.default_rng(0)
 POLICY = -30 + 10 * RNG.normal(size=(B, 2))  # summed log-probs: chosen, rejected
 REFERENCE = POLICY + 3 * RNG.normal(size=(B, 2))
 TOKENS = RNG.integers(1, 20, size=(B, 2)).astype(np.float64)
+# ORPO's NLL: each whole chosen sequence's log-probs and targets, prompt included
+SEQUENCE = POLICY[:, 0] - 25 + 5 * RNG.normal(size=B), TOKENS[:, 0] + RNG.integers(5, 30, size=B)
 
 
 def reference_loss(name, policy, reference, beta, ls, tau=0.05, gamma=0.5):
@@ -38,7 +40,7 @@ def reference_loss(name, policy, reference, beta, ls, tau=0.05, gamma=0.5):
     if name == "sft":
         return ref.sft_loss(pc, nc)
     if name == "orpo":
-        return ref.orpo_loss(pc, pr, nc, nr, beta)
+        return ref.orpo_loss(pc, pr, nc, nr, beta, *SEQUENCE)
     return ref.per_pair_losses(name, pc, pr, rc, rr, nc, nr, beta, ls, tau, gamma).mean()
 
 
@@ -46,8 +48,10 @@ def ours(name, ls, **config):
     config = dpo.Config(loss_type=(name,), label_smoothing=ls, **config)
     reference = None if not config.uses_reference else jnp.asarray(REFERENCE, jnp.float32)
 
+    sequence = tuple(map(jnp.asarray, SEQUENCE)) if losses.reads_sequence(config.loss_type) else None
+
     def loss(policy, reference):
-        return losses.dpo_loss(policy, reference, jnp.asarray(TOKENS), jnp.ones(B), config)
+        return losses.dpo_loss(policy, reference, jnp.asarray(TOKENS), jnp.ones(B), config, sequence=sequence)
 
     return loss, jnp.asarray(POLICY, jnp.float32), reference
 
@@ -132,9 +136,10 @@ def test_a_loss_couples_the_batch_exactly_where_its_row_says(use_weighting):
         ls = 0.1 if "label_smoothing" in row.knobs else 0.0
         config = dpo.Config(loss_type=(name,), label_smoothing=ls, use_weighting=use_weighting)
         ref_logps = jnp.asarray(reference) if row.reference else None
-        totals = (jnp.float32(8), jnp.sum(jnp.asarray(tokens)[:, 0]))
+        sequence = (jnp.asarray(policy[:, 0] - 40), jnp.asarray(tokens[:, 0] + 30)) if row.sequence else None
+        totals = (jnp.float32(8), jnp.sum(jnp.asarray(tokens)[:, 0]), row.sequence and jnp.sum(sequence[1]))
 
-        def grad(rows, totals=None, config=config, ref_logps=ref_logps):
+        def grad(rows, totals=None, config=config, ref_logps=ref_logps, sequence=sequence):
             scale = jnp.asarray(pair_weight[rows]) if use_weighting else None
             loss = lambda p: losses.dpo_loss(
                 p,
@@ -144,6 +149,7 @@ def test_a_loss_couples_the_batch_exactly_where_its_row_says(use_weighting):
                 config,
                 totals,
                 scale,
+                None if sequence is None else tuple(x[rows] for x in sequence),
             )[0]
             return np.asarray(jax.grad(loss)(jnp.asarray(policy[rows], jnp.float32)))
 

@@ -173,19 +173,55 @@ def test_ld_dpo_scales_the_verbose_tail_as_trl_and_every_layout_agrees(pairs):  
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
 
 
+def test_orpo_nll_scores_the_whole_chosen_sequence_as_trl_in_every_layout(pairs):  # noqa: F811
+    """ORPO's NLL reads each chosen sequence's every target, prompt included (TRL's ORPOTrainer), against full
+    logits in numpy; prefix sharing and packing give the plain layout's sums, and the scored log-probs stay
+    the replies' (the same as without ORPO)."""
+    dataset, arch = pairs
+    config = dpo.Config(train_data="x", loss_type=("orpo",), logits_chunk_size=64)
+    with jax.set_mesh(ONE_DEVICE):
+        params = model.init_params(arch, jax.random.key(0), ONE_DEVICE)
+        plain = sharding.global_batch(batch_of(dataset), ONE_DEVICE)
+        rows = dpo.rows_of(plain)
+        hidden = model.forward(params, rows.tokens, arch, compute_dtype=jnp.float32, **rows.inputs)
+        logits = np.asarray(hidden, np.float64) @ np.asarray(model.lm_head_weight(params), np.float64)
+        got, replies = {}, {}
+        for layout in (None, *LAYOUTS):
+            batch = sharding.global_batch(batch_of(dataset, layout), ONE_DEVICE)
+            logps, _, (whole, count) = jax.jit(dpo.pair_logps, static_argnums=(2, 3))(
+                params, batch, arch, config
+            )
+            real = np.asarray(dpo.rows_of(batch).weight) > 0
+            got[layout] = np.stack([whole, count], 1)[real][np.lexsort(np.asarray(whole)[real][None])]
+            replies[layout] = np.sort(np.asarray(logps)[real].ravel())
+    lengths, tokens = np.asarray(plain["lengths"])[:, 0], np.asarray(rows.tokens)[::2]  # the chosen sides
+    log_softmax = logits[::2] - np.log(np.exp(logits[::2]).sum(-1, keepdims=True))
+    want = []
+    for i, n in enumerate(lengths):  # targets 1..n-1, each given the tokens before it
+        want.append([log_softmax[i, np.arange(n - 1), tokens[i, 1:n]].sum(), n - 1])
+    want = np.array(want)[np.argsort(np.array(want)[:, 0])]
+    for layout, value in got.items():
+        np.testing.assert_allclose(value, want, rtol=1e-5, err_msg=str(layout))
+        np.testing.assert_allclose(replies[layout], replies[None], rtol=1e-5, err_msg=str(layout))
+    scored = np.asarray(plain["loss_mask"])[:, 0].sum(-1)
+    assert np.all(lengths - 1 > scored)  # the prompts' tokens count too
+
+
 def test_orpo_loss_and_metrics_match_trl_and_it_runs_without_a_reference(pairs):  # noqa: F811
     config = dpo.Config(loss_type=("orpo",), beta=0.25)
     assert not config.uses_reference
     policy = jnp.asarray(POLICY / 10)  # mean token log-probs near 0 too, where log(1 - exp) needs care
+    sequence = POLICY[:, 0] / 10 - 20, TOKENS[:, 0] + 9  # whole chosen sequences: the prompt's tokens too
+    stats = dpo.TokenStats(*[jnp.zeros((B, 2))] * 3)
     logps = dpo.PairLogps(
-        policy, None, dpo.TokenStats(*[jnp.zeros((B, 2))] * 3), jnp.asarray(TOKENS), jnp.ones(B)
+        policy, None, stats, jnp.asarray(TOKENS), jnp.ones(B), tuple(map(jnp.asarray, sequence))
     )
     with jax.set_mesh(ONE_DEVICE):
         loss, sums = dpo.objective(logps, config)
     metrics = dpo.normalize(sums)
     (pc, pr), (nc, nr) = (POLICY / 10).T, TOKENS.T
-    assert float(loss) == pytest.approx(ref.orpo_loss(pc, pr, nc, nr, 0.25), rel=1e-5)
-    for key, value in ref.orpo_metrics(pc, pr, nc, nr).items():
+    assert float(loss) == pytest.approx(ref.orpo_loss(pc, pr, nc, nr, 0.25, *sequence), rel=1e-5)
+    for key, value in ref.orpo_metrics(pc, pr, nc, nr, *sequence).items():
         assert float(metrics[key]) == pytest.approx(value, rel=1e-5), key
     want = ref.implicit_rewards("orpo", pc, pr, None, None, 0.25, nc, nr)
     assert float(metrics["rewards/margins"]) == pytest.approx(np.mean(want[0] - want[1]), rel=1e-5)
@@ -206,21 +242,35 @@ def test_orpo_loss_and_metrics_match_trl_and_it_runs_without_a_reference(pairs):
 
 
 def test_orpo_gradient_matches_trl_and_a_padding_pair_adds_nothing():
-    """The gradient over the log-probs against central differences of TRL's formula in float64; a padding
-    pair (log-prob 0 over 0 tokens, weight 0) gets a gradient of exactly 0, not NaN."""
+    """The gradient over the log-probs (the sides' and the whole chosen sequences') against central
+    differences of TRL's formula in float64; a padding pair (log-prob 0 over 0 tokens, weight 0) gets a
+    gradient of exactly 0, not NaN."""
     config = dpo.Config(loss_type=("orpo",), beta=0.25)
     policy, tokens = np.vstack([POLICY / 10, [[0.0, 0.0]]]), np.vstack([TOKENS, [[0, 0]]])
+    sequence = np.c_[policy[:, 0] - 20, tokens[:, 0] + 9] * np.r_[np.ones(B), 0.0][:, None]  # [logps, tokens]
     weight = jnp.asarray(np.r_[np.ones(B), 0.0])
-    loss = lambda x: losses.dpo_loss(x, None, jnp.asarray(tokens), weight, config)[0]
-    grad = np.asarray(jax.grad(loss)(jnp.asarray(policy)))
-    assert np.all(grad[B:] == 0)
-    f = lambda x: ref.orpo_loss(x[:B, 0], x[:B, 1], TOKENS[:, 0], TOKENS[:, 1], 0.25)
-    step, want = 1e-6, np.zeros((B, 2))
+    loss = lambda x, s: losses.dpo_loss(
+        x, None, jnp.asarray(tokens), weight, config, sequence=(s, sequence[:, 1])
+    )[0]
+    grads = [
+        np.asarray(g)
+        for g in jax.grad(loss, argnums=(0, 1))(jnp.asarray(policy), jnp.asarray(sequence[:, 0]))
+    ]
+    assert np.all(grads[0][B:] == 0) and np.all(grads[1][B:] == 0)
+    f = lambda x, s: ref.orpo_loss(
+        x[:B, 0], x[:B, 1], TOKENS[:, 0], TOKENS[:, 1], 0.25, s[:B], sequence[:B, 1]
+    )
+    step, want = 1e-6, [np.zeros((B, 2)), np.zeros(B)]
     for i, j in np.ndindex(B, 2):
         bump = np.zeros_like(policy)
         bump[i, j] = step
-        want[i, j] = (f(policy + bump) - f(policy - bump)) / (2 * step)
-    np.testing.assert_allclose(grad[:B], want, rtol=1e-3, atol=1e-6)
+        want[0][i, j] = (f(policy + bump, sequence[:, 0]) - f(policy - bump, sequence[:, 0])) / (2 * step)
+    for i in range(B):
+        bump = np.zeros(B + 1)
+        bump[i] = step
+        want[1][i] = (f(policy, sequence[:, 0] + bump) - f(policy, sequence[:, 0] - bump)) / (2 * step)
+    np.testing.assert_allclose(grads[0][:B], want[0], rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(grads[1][:B], want[1], rtol=1e-3, atol=1e-6)
 
 
 def test_wpo_with_sft_over_microbatches_equals_one_batch(pairs):  # noqa: F811

@@ -141,7 +141,7 @@ def loss_and_grads(params, batch, arch, config, reference):
     """The DPO loss of the batch and its gradient, from dpo.py's pieces."""
 
     def loss(params):
-        policy, _ = dpo.pair_logps(params, batch, arch, config)
+        policy = dpo.pair_logps(params, batch, arch, config)[0]
         rows = dpo.rows_of(batch)
         ref = rows.ref_logps if "ref_logps" in batch else dpo.pair_logps(reference, batch, arch, config)[0]
         return losses.dpo_loss(policy, jax.lax.stop_gradient(ref), rows.scored_tokens, rows.weight, config)[0]
