@@ -8,7 +8,7 @@
 Sections:
   logps     dpo.token_logps (chunked LM head + log-softmax) against full logits, value and gradient:
             compiled peak memory at Llama 3 sizes, and time.
-  step      one DPO train step with random weights: tokens/s, MFU (dpo.step_flops over the real tokens,
+  step      one DPO train step with random weights: tokens/s, MFU (model.step_flops over the real tokens,
             divided by the chips' dense bf16 peak), compile time, compiled peak memory; variants
             reference:remat:attention (reference live or precompute; remat none, full, save_matmuls;
             attention auto, xla, cudnn).
@@ -319,7 +319,7 @@ def bench_step(shapes, variants, pairs, seq, steps, mesh, dtype, profile, togeth
             for v, runner in runners.items():
                 step_s, flops = (
                     float(np.median(seconds[v])),
-                    dpo.step_flops(cfg, lengths, v.startswith("live")),
+                    model.step_flops(cfg, lengths, v.startswith("live")),
                 )
                 mfu = f"{flops / step_s / (peak * chips):.1%}" if peak else "n/a (no known peak)"
                 rows.append([shape, v, b, seq, runner.compile_seconds, step_s, lengths.sum() / step_s])
@@ -332,7 +332,7 @@ def bench_step(shapes, variants, pairs, seq, steps, mesh, dtype, profile, togeth
             del runners
     note = (
         f"{chips} x {jax.devices()[0].device_kind}, compute {jnp.dtype(dtype)}, random weights, rows of full "
-        f"length; step s: median of {steps}. MFU: dpo.step_flops (6N policy + 2N live reference per token + "
+        f"length; step s: median of {steps}. MFU: model.step_flops (6N policy + 2N live reference a token + "
         "causal attention) / dense bf16 peak."
     )
     header = "shape | reference:remat:attention | pairs | seq | compile s | step s | tokens/s | TFLOP/s | MFU"
@@ -430,7 +430,7 @@ def processed_flops(batch: dict) -> float:
     attention over every sequence (plain) or view (prefix sharing, packing) at its padded width."""
     views = batch["views"].shape if "views" in batch else batch["input_ids"].shape
     widths = np.full(views[:2], views[2] if "views" in batch else views[-1])
-    return float(dpo.step_flops(SHAPES["8b"], widths, True, tokens=batch["input_ids"].size))
+    return float(model.step_flops(SHAPES["8b"], widths, True, tokens=batch["input_ids"].size))
 
 
 def bench_sharing(cfg, mesh, dtype, pairs_per_batch: int, steps: int, max_seq_len: int = 2048) -> dict:
@@ -466,7 +466,7 @@ def bench_sharing(cfg, mesh, dtype, pairs_per_batch: int, steps: int, max_seq_le
         f"{jnp.dtype(dtype).name}, {jax.devices()[0].device_kind}); the same first {steps} batches in each "
         "layout, each width compiled before it is timed. Targets with prefix sharing: >= 1.15x "
         "(UltraFeedback-like), >= 1.45x (long prompts). 8B work ratio: the plain layout's FLOPs over this "
-        "layout's at Llama 3.1 8B's shape (dpo.step_flops over every processed token and attention view, "
+        "layout's at Llama 3.1 8B's shape (model.step_flops over every processed token and attention view, "
         "padding included), computed, not timed: what a device that runs both at the same rate gains."
     )
     header = "mix | layout | tokens processed / step | step s | pairs/s | speed-up | 8B work ratio"

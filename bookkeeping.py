@@ -1,22 +1,24 @@
 """The run's bookkeeping around dpo.py's train step, in the order main meets it; nothing here is traced.
 
   say                the one console writer: process 0's lines
-  run directory      check_run_dir (before anything is written; what a resume may change:
+  run directory      open_run: check_run_dir (before anything is written; what a resume may change:
                      OPERATIONAL_FIELDS, and num_train_steps where the steps taken keep their learning
-                     rates), run_lock (one run at a time in it), start_run_dir (config.json)
-  inputs             load_inputs: model and reference configs, mesh, tokenizer and data, all checked first
+                     rates), run_lock (one run at a time in it), start_run_dir (config.json; overwrite)
+  inputs             load_inputs: model and reference configs, mesh, tokenizer and data, all checked first;
+                     loaders: the batches and the few batch shapes planned for the whole run
   checkpoints        one .npy file per array, written atomically, each host reading back only its slices
-  the reference      precompute_reference_logps: its log-probs once, cached beside the tokenized data
-  metrics            MetricsLog (metrics.jsonl, Weights & Biases, the console line, MFU)
-  compilation cache  use_compilation_cache: compiled programs kept across runs, and the hits counted
+  the reference      ReferenceCache: its log-probs' files beside the tokenized data, what is left to compute
+  metrics            MetricsLog (metrics.jsonl, Weights & Biases, the console line, MFU), Progress lines
+  compiled programs  Programs (dpo's jitted functions compiled for their planned shapes, on threads), the
+                     persistent compilation cache and its hits
   stopping           stop_requests (SIGTERM, Ctrl-C), check_update (a step whose update was not finite),
-                     before_first_step (on a resume, the eval and export a stop or a kill skipped)
-  export             exporter: hf/step-N for transformers, with LoRA also a PEFT adapter
-  the demo           make_demo: a tiny Llama, its tokenizer and synthetic pairs, for `python dpo.py`
+                     skipped_at_resume (the eval and export a stop or a kill skipped)
+  export             export_files, save_export: hf/step-N for transformers, with LoRA also a PEFT adapter
+  the demo           make_demo and DEMO_SETTINGS: a tiny Llama, its tokenizer and synthetic pairs
 
-It imports model, data and sharding, never dpo: it reads the Config by field name, and takes dpo.pair_logps
-(for the reference cache) as an argument. Left out on purpose: other checkpoint formats (Orbax,
-tensorstore), remote storage, asynchronous saving.
+It imports model, data and sharding, never dpo, and receives none of its functions: it reads the Config by
+field name (and its lr_at), and stores and loads what dpo's programs compute. Left out on purpose: other
+checkpoint formats (Orbax, tensorstore), remote storage, asynchronous saving.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -443,6 +446,26 @@ def loaders(config, inputs: Inputs) -> Loaders:
     return Loaders(train, validation, shapes, blank)
 
 
+@contextlib.contextmanager
+def open_run(config):
+    """The run directory checked, then held (one run at a time in it), the inputs loaded and checked, the
+    batches planned (the last check on the data), config.json written: everything is checked before anything
+    is written or deleted. Yields (run directory, config, inputs, loaders)."""
+    run, given = Path(config.output_dir), config  # config.json records the config as given
+    demo = config.model_name_or_path == "demo"
+    if demo:  # the demo's model and pairs, made in the run directory once it has passed its check
+        pairs = config.train_data or str(run / "demo" / "pairs.jsonl")
+        config = dataclasses.replace(config, model_name_or_path=str(run / "demo" / "model"), train_data=pairs)
+    check_run_dir(run, given)  # a copied demo run finds its files anew
+    with run_lock(run):  # a second run in the same directory is refused, naming this one
+        if demo:
+            make_demo(run / "demo", config.seed)
+        inputs = load_inputs(run, config)
+        batches = loaders(config, inputs)  # plans the batch shapes: the last check on the data
+        start_run_dir(run, given, inputs.data_id)
+        yield run, config, inputs, batches
+
+
 # --- checkpoints: one .npy file per array, so a restoring host reads only its slices
 
 
@@ -783,6 +806,51 @@ def cache_hits() -> int:
     return len(_cache_hits)
 
 
+class Programs:
+    """make_steps' functions compiled for each shape they are planned for: the train and eval steps and the
+    reference's pass for their batch shapes (data.plan_shapes), the merge once. Called by kind with its
+    arguments, a batch last (its shape picks the program). A batch that no planned shape holds (none should:
+    the plan covers every batch of the run) compiles when first met, and is counted as unplanned."""
+
+    def __init__(self, steps: dict, shapes: dict):
+        self.steps, self.shapes, self.compiled = steps, shapes, {}  # kind -> step; kind -> shapes
+        self.seconds, self.from_cache, self.unplanned = 0.0, 0, 0
+
+    def compile(self, arguments) -> None:
+        """Every planned program at once: traced here one after another (tracing holds the GIL), then
+        compiled on threads, which XLA runs in parallel. `arguments(kind, shape)`: the program's arguments,
+        with a blank batch of that shape."""
+        started, hits = time.time(), cache_hits()
+        kinds = [(kind, shape) for kind, shapes in self.shapes.items() for shape in shapes]
+        lowered = [self.steps[kind].lower(*arguments(kind, shape)) for kind, shape in kinds]
+        with ThreadPoolExecutor(max(min(len(lowered), os.cpu_count() or 1), 1)) as pool:
+            compiled = pool.map(lambda program: program.compile(), lowered)
+            self.compiled |= dict(zip(kinds, compiled, strict=True))
+        self.seconds, self.from_cache = time.time() - started, cache_hits() - hits
+
+    def __call__(self, kind: str, *args):
+        key = (kind, data.shape_of(args[-1]) if "input_ids" in args[-1] else None)  # the merge has no batch
+        if key not in self.compiled:
+            started, self.unplanned = time.time(), self.unplanned + 1
+            self.compiled[key] = self.steps[kind].lower(*args).compile()
+            self.seconds += time.time() - started
+        return self.compiled[key](*args)
+
+    def report(self) -> str:
+        if not self.compiled:
+            return "none: no step is left to run"
+        text = lambda shape: "x".join(map(str, shape if shape.slots else shape[:2]))
+        shown = lambda s: f" ({', '.join(map(text, s))})" if s[0] else ""
+        planned = [f"{len(s)} {kind}{shown(s)}" for kind, s in self.shapes.items() if s]
+        extra = f" and {self.unplanned} unplanned" if self.unplanned else ""
+        rows = any(shape and shape.slots for shapes in self.shapes.values() for shape in shapes)
+        legend = "rows x width x pair slots x view width" if rows else "pairs x width"
+        return (
+            f"compiled {', '.join(planned)}{extra} in {self.seconds:.1f} s, {self.from_cache} of "
+            f"{len(self.compiled)} from the cache (batch shapes: {legend})"
+        )
+
+
 # --- stopping
 
 
@@ -888,6 +956,17 @@ DEMO_SETTINGS = {
     "log_every": 10,
     "output_dir": "runs/demo",
 }
+
+
+def demo_config(given, demo):
+    """The demo's config: `demo`, the command line parsed over DEMO_SETTINGS, where `given` is it parsed over
+    the defaults; says which of the demo's settings apply (a field not on the command line parses to
+    whichever default it is given, and a value given always wins)."""
+    default = type(given)()
+    kept = lambda k: getattr(given, k) == getattr(default, k) and getattr(demo, k) == DEMO_SETTINGS[k]
+    if applied := ", ".join(f"{k}={v}" for k, v in DEMO_SETTINGS.items() if kept(k)):
+        say(f"demo: {applied} (change any with --config.FIELD VALUE)")
+    return demo
 
 
 DEMO_TOPICS = {

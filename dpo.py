@@ -13,32 +13,23 @@
 
 The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected y_l) is
     -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
-where pi is the policy being trained and ref the frozen starting model; losses.py holds it and the variants
-researchers compare, under TRL's names, as one table. Each step runs the policy and the reference once over
-chosen and rejected as one batch (`prefix_sharing`, the default: each pair's prompt once; `packing`: several
-pairs a row), turns final hidden states into summed log-probs with a chunked LM head that never builds the
-logits, and takes one AdamW step (over microbatches when they are set; an update whose loss or gradient is
-not finite is not applied). With `lora_rank` only LoRA adapters train; with `reference_mode precompute` the
-reference's log-probs are computed once, before training, and cached beside the data.
-
-Here, in order: Config, the two batch layouts (rows_of) and pair_logps, the fused log-prob kernel
-(token_logps), the optimizer, the steps (the loop calls train_step, which calls the gradients of `loss`),
-Programs (every program of the run, compiled before step 1), then main. The run around the step (run
-directory, inputs, checkpoints, metrics, the reference cache's files, export files, the demo) is
-bookkeeping.py's; model.py holds the models, sharding.py the mesh, data.py the tokenizer and loader. Left out
-on purpose: generation, KV caches, quantization, pipeline parallelism.
+where pi is the policy being trained and ref the frozen starting model; losses.py holds it and its variants.
+Here, in order: Config; the two batch layouts (rows_of) and pair_logps, one forward pass over a batch's
+chosen and rejected; the fused LM head and log-softmax that never builds the logits (token_logps); the
+optimizer; the steps (the loop calls train_step, which takes the gradients of `loss`, over microbatches when
+they are set); compile_programs (every program of the run, compiled before step 1); main. bookkeeping.py
+keeps the run around the step; model.py holds the models, sharding.py the mesh, data.py the tokenizer and
+the loader. Left out on purpose: generation, KV caches, quantization, pipeline parallelism.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
@@ -62,8 +53,7 @@ CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
 need = losses.need  # a config refusal: one line, no traceback (cli)
-# --help's description: the docstring's title and example commands (its prose is for readers of the code,
-# and tyro joins each paragraph into one line)
+# --help's description: the docstring's examples (tyro would join each paragraph of its prose into a line)
 HELP = "\n\n".join(__doc__.split("\n\n")[:2])
 SMOOTHING_HELP = f"flipped-label share, read by {', '.join(losses.having('label_smoothing'))}"
 
@@ -192,11 +182,8 @@ class Config:
             need(not self.lora_rank, "sync_ref_model with lora_rank is not supported")
             steps = self.ref_model_sync_steps
             need(steps <= self.num_train_steps, f"ref_model_sync_steps {steps} > num_train_steps: no sync")
-        idle = [
-            n
-            for n in ("ref_model_mixup_alpha", "ref_model_sync_steps")
-            if getattr(self, n) != getattr(Config, n)
-        ]
+        knobs = ("ref_model_mixup_alpha", "ref_model_sync_steps")
+        idle = [n for n in knobs if getattr(self, n) != getattr(Config, n)]
         need(self.sync_ref_model or not idle, f"{', '.join(idle)} without sync_ref_model does nothing")
         need(0 <= self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha must be in [0, 1]")
 
@@ -248,10 +235,6 @@ class Config:
     def precomputed_reference(self) -> bool:  # the reference's log-probs come with the batches
         return self.uses_reference and self.reference_mode == "precompute"
 
-    @property
-    def batch_loss(self) -> bool:  # a loss that couples the batch's pairs: no sum of per-pair gradients
-        return losses.couples_batch(self.loss_type, self.use_weighting)
-
 
 # --- one forward pass over chosen and rejected, in either batch layout
 
@@ -274,8 +257,8 @@ class Rows(NamedTuple):
     scored_tokens: jax.Array  # [b, 2]: the scored tokens of each pair's chosen and rejected
     weight: jax.Array  # [b]: 1 for a pair, 0 for padding
     ref_logps: jax.Array | None  # [b, 2]: the precomputed reference's log-probs, when the batch has them
-    attended: jax.Array  # the lengths of the sequences attention runs over (step_flops)
-    ran: jax.Array | None  # the tokens the model ran (step_flops); None: all of `attended`'s
+    attended: jax.Array  # the lengths of the sequences attention runs over (model.step_flops)
+    ran: jax.Array | None  # the tokens the model ran (model.step_flops); None: all of `attended`'s
     tail: jax.Array  # [N, T] bool: scored targets past the pair's shorter side (LD-DPO's verbose part)
     chosen_sequence: jax.Array  # [N, T] bool: every target of a chosen sequence, prompt included (ORPO's NLL)
 
@@ -581,19 +564,6 @@ class TrainState:
 # --- the train and eval steps
 
 
-def step_flops(arch: model.LlamaConfig, lengths, live_reference: bool, lora: bool = False, tokens=None):
-    """Model FLOPs of one DPO step over the real tokens, numpy or traced: 6N per token for the policy's
-    forward and backward (4N with LoRA: frozen weights get no gradient), 2N for a live reference's forward,
-    plus causal attention (QK^T and PV over half the T x T square: 2 * 2 * T^2 / 2 * H * Q per layer for a
-    forward pass) over each sequence of `lengths`. `tokens`: how many ran, when not their sum (a shared
-    prompt runs once)."""
-    passes = (4 if lora else 6) + (2 if live_reference else 0)
-    lengths = lengths.astype(np.float32)
-    tokens = lengths.sum() if tokens is None else tokens
-    attention = 2 * arch.num_layers * arch.num_heads * arch.head_dim * (lengths**2).sum()
-    return passes * float(arch.num_matmul_params) * tokens + passes / 2 * attention  # float: no int32 wrap
-
-
 class Frozen(NamedTuple):
     """The weights a step reads but does not train."""
 
@@ -739,17 +709,24 @@ def grads_summed_over_microbatches(params, frozen: Frozen, batch: dict, arch, co
     return grads, jax.tree.map(partial(jnp.sum, axis=0), sums)  # each microbatch's sums, added up
 
 
+def whole_batch_logps(params, frozen: Frozen, batch: dict, arch, config: Config):
+    """(the batch as microbatches, their PairLogps as one replicated batch [b, ...]): every microbatch's
+    log-probs, forward only, one after another (only one microbatch's activations alive at a time)."""
+    micro = microbatches(batch, config.num_microbatches)
+    logps = jax.lax.map(lambda m: batch_logps(params, frozen, m, arch, config), micro)
+    return micro, jax.tree.map(lambda x: jax.sharding.reshard(x, P()).reshape(-1, *x.shape[2:]), logps)
+
+
 def grads_whole_batch(params, frozen: Frozen, batch: dict, arch, config: Config):
-    """The gradients and metric sums of a loss that couples the batch's pairs (Config.batch_loss: aot sorts
+    """The gradients and metric sums of a loss that couples the batch's pairs (losses.couples_batch: aot sorts
     them all), in microbatches: every microbatch's log-probs first (forward only), the loss's gradient with
     respect to all of them, then each microbatch's backward pass with its share of that gradient (a VJP),
     added up."""
-    micro = microbatches(batch, config.num_microbatches)
-    logps = jax.lax.map(lambda m: batch_logps(params, frozen, m, arch, config), micro)  # each [M, b/M, ...]
-    whole = jax.tree.map(lambda x: jax.sharding.reshard(x, P()).reshape(-1, *x.shape[2:]), logps)
+    micro, whole = whole_batch_logps(params, frozen, batch, arch, config)
     of_policy = lambda policy: objective(whole._replace(policy=policy), config)
     d_policy, sums = jax.grad(of_policy, has_aux=True)(whole.policy)
-    d_policy = jax.sharding.reshard(d_policy.reshape(logps.policy.shape), P(None, sharding.BATCH_AXES, None))
+    d_policy = d_policy.reshape(config.num_microbatches, -1, *d_policy.shape[1:])
+    d_policy = jax.sharding.reshard(d_policy, P(None, sharding.BATCH_AXES, None))
     # A microbatch's backward pass: the gradient of its policy log-probs, weighted by their share of d_policy.
     weighted = lambda p, m, d: jnp.sum(policy_logps(p, frozen.base, m, arch, config)[0] * d)
     add = lambda grads, m_d: (jax.tree.map(jnp.add, grads, jax.grad(weighted)(params, *m_d)), None)
@@ -760,7 +737,7 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, arch, config: Con
     """One optimizer step on a batch: the gradients, summed over microbatches or, for a batch loss split into
     microbatches, of the whole batch; AdamW; the step's metrics. An update whose loss or gradient is not
     finite is not applied (bookkeeping.check_update decides whether to stop)."""
-    whole_batch = config.num_microbatches > 1 and config.batch_loss
+    whole_batch = config.num_microbatches > 1 and losses.couples_batch(config.loss_type, config.use_weighting)
     gradients = grads_whole_batch if whole_batch else grads_summed_over_microbatches
     with jax.named_scope("forward_backward"):
         grads, sums = gradients(state.params, with_reference(state, frozen), batch, arch, config)
@@ -769,7 +746,7 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, arch, config: Con
     metrics["learning_rate"] = config.lr_at(state.step)
     metrics["tokens"] = jnp.sum(batch["lengths"])  # for throughput, counted where the batch already is
     rows, live = rows_of(batch), config.live_reference
-    metrics["flops"] = step_flops(arch, rows.attended, live, lora=config.lora_rank > 0, tokens=rows.ran)
+    metrics["flops"] = model.step_flops(arch, rows.attended, live, lora=config.lora_rank > 0, tokens=rows.ran)
     with jax.named_scope("optimizer"):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -792,23 +769,14 @@ def eval_step(params, frozen: Frozen, batch: dict, arch, config: Config) -> dict
     return objective(whole_batch_logps(params, frozen, batch, arch, config)[1], config)[1]
 
 
-def whole_batch_logps(params, frozen: Frozen, batch: dict, arch, config: Config):
-    """(microbatches, their PairLogps each [M, b/M, ...], the same as one replicated batch [b, ...]): every
-    microbatch's log-probs, forward only, one after another."""
-    micro = microbatches(batch, config.num_microbatches)
-    logps = jax.lax.map(lambda m: batch_logps(params, frozen, m, arch, config), micro)
-    return micro, jax.tree.map(lambda x: jax.sharding.reshard(x, P()).reshape(-1, *x.shape[2:]), logps)
-
-
 def make_steps(arch: model.LlamaConfig, config: Config, optimizer) -> dict:
     """The run's jitted functions by kind: training(state, frozen, batch) with the state donated,
     evaluation(params, frozen, batch), reference(params, batch) (the log-probs that reference_mode precompute
     caches) and merge(base, adapters) (LoRA's export)."""
     merge = partial(model.merge_lora, scale=config.lora_scale, dtype=config.hf_save_dtype)
+    train = partial(train_step, arch=arch, config=config, optimizer=optimizer)
     return dict(
-        training=jax.jit(
-            partial(train_step, arch=arch, config=config, optimizer=optimizer), donate_argnums=0
-        ),
+        training=jax.jit(train, donate_argnums=0),
         evaluation=jax.jit(partial(eval_step, arch=arch, config=config)),
         reference=jax.jit(lambda params, batch: pair_logps(params, batch, arch, config)[0]),
         merge=jax.jit(merge),
@@ -816,51 +784,6 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer) -> dict:
 
 
 # --- compiled programs: every program of the run, compiled before the first step
-
-
-class Programs:
-    """make_steps' functions compiled for each shape they are planned for: the train and eval steps and the
-    reference's pass for their batch shapes (data.plan_shapes), the merge once. Called by kind with its
-    arguments, a batch last (its shape picks the program). A batch that no planned shape holds (none should:
-    the plan covers every batch of the run) compiles when first met, and is counted as unplanned."""
-
-    def __init__(self, steps: dict, shapes: dict):
-        self.steps, self.shapes, self.compiled = steps, shapes, {}  # kind -> step; kind -> shapes
-        self.seconds, self.from_cache, self.unplanned = 0.0, 0, 0
-
-    def compile(self, arguments) -> None:
-        """Every planned program at once: traced here one after another (tracing holds the GIL), then
-        compiled on threads, which XLA runs in parallel. `arguments(kind, shape)`: the program's arguments,
-        with a blank batch of that shape."""
-        started, hits = time.time(), bookkeeping.cache_hits()
-        kinds = [(kind, shape) for kind, shapes in self.shapes.items() for shape in shapes]
-        lowered = [self.steps[kind].lower(*arguments(kind, shape)) for kind, shape in kinds]
-        with ThreadPoolExecutor(max(min(len(lowered), os.cpu_count() or 1), 1)) as pool:
-            compiled = pool.map(lambda program: program.compile(), lowered)
-            self.compiled |= dict(zip(kinds, compiled, strict=True))
-        self.seconds, self.from_cache = time.time() - started, bookkeeping.cache_hits() - hits
-
-    def __call__(self, kind: str, *args):
-        key = (kind, data.shape_of(args[-1]) if "input_ids" in args[-1] else None)  # the merge has no batch
-        if key not in self.compiled:
-            started, self.unplanned = time.time(), self.unplanned + 1
-            self.compiled[key] = self.steps[kind].lower(*args).compile()
-            self.seconds += time.time() - started
-        return self.compiled[key](*args)
-
-    def report(self) -> str:
-        if not self.compiled:
-            return "none: no step is left to run"
-        text = lambda shape: "x".join(map(str, shape if shape.slots else shape[:2]))
-        shown = lambda s: f" ({', '.join(map(text, s))})" if s[0] else ""
-        planned = [f"{len(s)} {kind}{shown(s)}" for kind, s in self.shapes.items() if s]
-        extra = f" and {self.unplanned} unplanned" if self.unplanned else ""
-        rows = any(shape and shape.slots for shapes in self.shapes.values() for shape in shapes)
-        legend = "rows x width x pair slots x view width" if rows else "pairs x width"
-        return (
-            f"compiled {', '.join(planned)}{extra} in {self.seconds:.1f} s, {self.from_cache} of "
-            f"{len(self.compiled)} from the cache (batch shapes: {legend})"
-        )
 
 
 def compile_programs(steps: dict, batches: bookkeeping.Loaders, start: Start, config: Config, mesh):
@@ -875,7 +798,7 @@ def compile_programs(steps: dict, batches: bookkeeping.Loaders, start: Start, co
         reference=list(dict.fromkeys(s for cache in start.caches for s in cache.shapes)),
         merge=[None] if config.lora_rank and (left or done) else [],  # a resume may owe an export
     )
-    programs = Programs(steps, shapes)
+    programs = bookkeeping.Programs(steps, shapes)
     if count := sum(map(len, shapes.values())):
         bookkeeping.say(f"compiling {count} program{'s' * (count > 1)} before the first step ...")
     arguments = dict(  # each program's arguments before its batch
@@ -884,10 +807,10 @@ def compile_programs(steps: dict, batches: bookkeeping.Loaders, start: Start, co
         reference=(start.reference_weights,),
         merge=(frozen.base, state.params),
     )
+    blank = lambda kind, shape: (
+        [] if shape is None else [sharding.global_batch(batches.blank(kind, shape), mesh)]
+    )
     with jax.set_mesh(mesh):
-        blank = lambda kind, shape: (
-            () if shape is None else (sharding.global_batch(batches.blank(kind, shape), mesh),)
-        )
         programs.compile(lambda kind, shape: (*arguments[kind], *blank(kind, shape)))
     return programs
 
@@ -901,10 +824,8 @@ class Start(NamedTuple):
     state: TrainState
     resume_step: int | None  # the step of the checkpoint it resumed from; None: a fresh start
     frozen: Frozen
-    # reference_mode precompute: the reference's log-probs of the training and validation pairs, and its
-    # weights while a cache lacks some (None once they are all there)
-    caches: list[bookkeeping.ReferenceCache]
-    reference_weights: dict | None
+    caches: list[bookkeeping.ReferenceCache]  # reference_mode precompute: the train and validation pairs'
+    reference_weights: dict | None  # precompute: the reference's weights while a cache lacks log-probs
 
 
 def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer) -> Start:
@@ -918,9 +839,8 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
     base = model.load_params(inputs.model_dir, arch, mesh, dtype=compute_dtype) if lora else None
     abstract = jax.eval_shape(create, model.abstract_params(arch, mesh, lora))
     if config.sync_ref_model:  # TR-DPO's moving reference is state: checkpoints hold it
-        like = lambda x: jax.ShapeDtypeStruct(
-            x.shape, model.dtype_of(config.reference_dtype), sharding=x.sharding
-        )
+        dtype = model.dtype_of(config.reference_dtype)
+        like = lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
         abstract = dataclasses.replace(abstract, reference=jax.tree.map(like, abstract.params))
     state = bookkeeping.restore_checkpoint(run, abstract, mesh, inputs.data_id)
     resume_step = None if state is None else int(state.step)
@@ -929,9 +849,8 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
     elif state is None:
         state = jax.jit(create)(model.load_params(inputs.model_dir, arch, mesh))
     caches = bookkeeping.reference_caches(inputs, config) if config.precomputed_reference else []
-    load_reference = (
-        any(len(cache.todo) for cache in caches) or config.live_reference and state.reference is None
-    )
+    todo = any(len(cache.todo) for cache in caches)  # the precomputed reference lacks some log-probs
+    load_reference = todo or config.live_reference and state.reference is None
     reference = None  # a moving one came back with its checkpoint
     if load_reference and lora and inputs.reference_dir == inputs.model_dir:  # the base without its adapters
         reference = base
@@ -945,7 +864,7 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
     return Start(state, resume_step, Frozen(base, reference), [], None)
 
 
-def precompute_reference(programs: Programs, start: Start, mesh) -> list[np.ndarray]:
+def precompute_reference(programs: bookkeeping.Programs, start: Start, mesh) -> list[np.ndarray]:
     """reference_mode precompute: the reference's log-probs of every pair that its caches lack, by the
     compiled forward pass, kept as they come (bookkeeping.ReferenceCache); then each cache's table [n, 2]."""
     for cache in start.caches:
@@ -966,9 +885,7 @@ def evaluate(evaluation, params, frozen: Frozen, batches, mesh) -> dict[str, flo
     return {f"eval/{k}": float(v) for k, v in normalize(totals).items()}
 
 
-def export_hf(
-    programs: Programs, run: Path, state: TrainState, frozen: Frozen, files: bookkeeping.ExportFiles
-):
+def export_hf(programs: bookkeeping.Programs, run: Path, state: TrainState, frozen: Frozen, files) -> None:
     """hf/step-N for transformers: the weights, with LoRA the base with its adapters merged in (the compiled
     merge) and the adapters themselves for PEFT."""
     lora = frozen.base is not None
@@ -976,31 +893,11 @@ def export_hf(
     bookkeeping.save_export(run, int(state.step), merged, state.params if lora else None, files)
 
 
-@contextlib.contextmanager
-def open_run(config: Config):
-    """The run directory checked, then held (one run at a time in it), the inputs loaded and checked, the
-    batches planned (the last check on the data), config.json written: everything is checked before anything
-    is written or deleted. Yields (run directory, config, inputs, loaders)."""
-    run, given = Path(config.output_dir), config  # config.json records the config as given
-    demo = config.model_name_or_path == "demo"
-    if demo:  # the demo's model and pairs, made in the run directory once it has passed its check
-        pairs = config.train_data or str(run / "demo" / "pairs.jsonl")
-        config = dataclasses.replace(config, model_name_or_path=str(run / "demo" / "model"), train_data=pairs)
-    bookkeeping.check_run_dir(run, given)  # a copied demo run finds its files anew
-    with bookkeeping.run_lock(run):  # a second run in the same directory is refused, naming this one
-        if demo:
-            bookkeeping.make_demo(run / "demo", config.seed)
-        inputs = bookkeeping.load_inputs(run, config)
-        batches = bookkeeping.loaders(config, inputs)  # plans the batch shapes: the last check on the data
-        bookkeeping.start_run_dir(run, given, inputs.data_id)
-        yield run, config, inputs, batches
-
-
 def main(config: Config) -> Path:
     started, say = time.time(), bookkeeping.say
     sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
     bookkeeping.use_compilation_cache(config.compilation_cache_dir)
-    with open_run(config) as (run, config, inputs, batches):
+    with bookkeeping.open_run(config) as (run, config, inputs, batches):
         # --- the state, the programs; the batches from where the state stands
         mesh, optimizer = inputs.mesh, make_optimizer(config)
         with jax.set_mesh(mesh):
@@ -1073,15 +970,7 @@ def parse_args(args: list[str] | None = None) -> Config:
     config = parse(Config())
     if config.model_name_or_path != "demo":
         return config
-    demo, default = parse(Config(**bookkeeping.DEMO_SETTINGS)), Config()
-    # A field not on the command line parses to whichever default it is given.
-    not_given = lambda k: (
-        getattr(config, k) == getattr(default, k) and getattr(demo, k) == bookkeeping.DEMO_SETTINGS[k]
-    )
-    applied = ", ".join(f"{k}={v}" for k, v in bookkeeping.DEMO_SETTINGS.items() if not_given(k))
-    if applied:
-        bookkeeping.say(f"demo: {applied} (change any with --config.FIELD VALUE)")
-    return demo
+    return bookkeeping.demo_config(config, parse(Config(**bookkeeping.DEMO_SETTINGS)))
 
 
 def cli() -> None:

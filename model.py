@@ -616,6 +616,19 @@ def logits(params: dict, tokens: jax.Array, arch: LlamaConfig, **forward_kwargs)
     return jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32, out_sharding=out)
 
 
+def step_flops(arch: LlamaConfig, lengths, live_reference: bool, lora: bool = False, tokens=None):
+    """Model FLOPs of one DPO step over the real tokens, numpy or traced: 6N per token for the policy's
+    forward and backward (4N with LoRA: frozen weights get no gradient), 2N for a live reference's forward,
+    plus causal attention (QK^T and PV over half the T x T square: 2 * 2 * T^2 / 2 * H * Q per layer for a
+    forward pass) over each sequence of `lengths`. `tokens`: how many ran, when not their sum (a shared
+    prompt runs once)."""
+    passes = (4 if lora else 6) + (2 if live_reference else 0)
+    lengths = lengths.astype(np.float32)
+    tokens = lengths.sum() if tokens is None else tokens
+    attention = 2 * arch.num_layers * arch.num_heads * arch.head_dim * (lengths**2).sum()
+    return passes * float(arch.num_matmul_params) * tokens + passes / 2 * attention  # float: no int32 wrap
+
+
 def merge_lora(params: dict, lora: dict, scale: float, dtype=jnp.float32) -> dict:
     """The params with each adapter folded into its weight, W + scale * A B (sharded as W), for export. The
     sum is taken in f32 and rounded once, to `dtype` (the export's): in the base's own dtype (bf16 when it

@@ -132,7 +132,7 @@ def test_the_flop_count_of_rows_does_not_wrap_at_a_real_model_size():
     """Rows count the tokens that ran as a traced integer; at Llama 3.1 8B's size the product is ~1e15."""
     arch = model.LlamaConfig(128256, 4096, 14336, 32, 32, 8, 128)
     lengths = np.array([[900, 700], [300, 0]], np.int32)
-    flops = jax.jit(lambda t: dpo.step_flops(arch, lengths, True, tokens=t))(jnp.int32(1500))
+    flops = jax.jit(lambda t: model.step_flops(arch, lengths, True, tokens=t))(jnp.int32(1500))
     attention = 2 * 32 * 32 * 128 * float((lengths.astype(np.float64) ** 2).sum())
     assert float(flops) == pytest.approx(8 * arch.num_matmul_params * 1500 + 4 * attention, rel=1e-6)
 
