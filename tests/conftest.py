@@ -5,10 +5,11 @@ optimisation off, and XLA:CPU's older elemental emitter for fused loops in place
 (about a third of the compile time at that level: the demo's train step in 0.7 s instead of 2.2 s; the suite
 in 349 s instead of 430 s on 2 cores). Both are XLA:CPU backend settings: the program JAX lowers (its ops,
 shapes, shardings, collectives) is the same, and what changes is the machine code of its loops, so the
-rounding of a few elementwise functions (exp, log) by an ulp here and there: numbers are not bit for bit
-the default build's (neither are they at optimisation level 0 alone). Every tolerance against a reference is set above that rounding floor
-(_tolerance.py), and every bit-exact test compares two runs under the same flags, so a bug of this code
-shows the same under either; only a bug of XLA's emitters could hide, and that is not what these test."""
+rounding of a few elementwise functions (exp, log) by an ulp here and there: numbers are not bit for bit the
+default build's (neither are they at optimisation level 0 alone). Every tolerance against a reference is set
+above that rounding floor (_tolerance.py), and every bit-exact test compares two runs under the same flags, so
+a bug of this code shows the same under either; only a bug of XLA's emitters could hide, and that is not what
+these test."""
 
 import os
 import tempfile
