@@ -22,7 +22,8 @@ Sections:
             multi-turn length mixes: tokens processed and pairs/s.
   trl       TRL's DPOTrainer (needs `pip install trl`) against ours on the same model and short pairs
             (SmolLM2-135M's shape, and a tiny Llama): step time, before and after padded_width.
-  compile   compile time of the train step against the number of layers (scanned, so flat).
+  compile   the demo's and the 1B shape's train step: StableHLO lines and compile seconds of d01cd22's code
+            (git archive) and of this folder's, in alternating fresh processes; compile time against depth.
   memory    the largest per-chip batch of the 1B, 3B and 8B shapes under FSDP: computed from the sizes,
             and from compiled programs (on an accelerator against its memory; on CPU as a cross-check).
   tokenize  data.tokenize pairs/s on UltraFeedback-sized synthetic pairs.
@@ -115,6 +116,8 @@ class Args:
     )
     run_pairs: int = 544  # shapes: pairs of the timed dpo.py runs (32 of them held out for validation)
     json_out: str | None = None  # also write every table here as JSON
+    compile_against: str = "d01cd22"  # compile: the commit whose train step the current one is set against
+    compile_rounds: int = 3  # compile: fresh processes per version (medians reported)
 
 
 TABLES: list[dict] = []
@@ -626,7 +629,95 @@ def bench_vs_trl(steps: int) -> dict:
     return results
 
 
-# --- compile time against depth
+# --- compile: the train step's program against an older commit's, and compile time against depth
+
+# What a child process lowers and compiles in the folder of one version of the code (its dpo, model, bench):
+# the demo's train step (its model, settings and planned training shape, 32 pairs of 24 tokens with prefix
+# sharing) and the 1B shape's, abstract (bf16, one pair of 2048 tokens, as the memory plan lowers it). Only
+# functions both versions have are used.
+PROBE = """
+import json, resource, sys, tempfile, time
+from pathlib import Path
+import jax, jax.numpy as jnp
+import bench, bookkeeping, data, dpo, model, sharding
+
+cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_SELF))
+mesh = sharding.make_mesh(1, -1, 1, devices=jax.devices()[:1])
+
+def demo():
+    model_dir, _ = bookkeeping.make_demo(Path(tempfile.mkdtemp()), 0)
+    arch = model.LlamaConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    config = dpo.Config(**{k: v for k, v in dpo.DEMO_SETTINGS.items() if k != "output_dir"})
+    optimizer = dpo.make_optimizer(config)
+    with jax.set_mesh(mesh):
+        train_step, _ = dpo.make_steps(arch, config, optimizer)
+        params = model.init_params(arch, jax.random.key(0), mesh)
+        state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(params)
+        batch = sharding.global_batch(data.blank_batch(data.Shape(32, 24, 1, 16)), mesh)
+        return train_step.lower(state, dpo.Frozen(None, params), batch)
+
+one_b = lambda: bench.abstract_step(bench.SHAPES["1b"], bench.run_config(1), mesh, jnp.bfloat16, 2048)
+out = {}
+for name, lower in [("demo", demo), ("1b", one_b)]:
+    lowered = lower()
+    text = lowered.as_text()
+    start, used = time.perf_counter(), cpu()
+    lowered.compile()
+    out[name] = dict(lines=len(text.splitlines()), constraints=text.count("sdy.sharding_constraint"),
+                     seconds=time.perf_counter() - start, cpu_seconds=cpu() - used)
+print(json.dumps(out))
+"""
+
+
+def probe_compile(folder: Path) -> dict:
+    """PROBE's figures for the code in `folder`, in a fresh process (nothing cached, the same XLA_FLAGS)."""
+    env = dict(os.environ, PYTHONPATH=str(folder), JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=folder, env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        raise RuntimeError(f"compile probe in {folder} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_compile_against(commit: str, rounds: int) -> dict:
+    """The demo's and the 1B shape's train step, StableHLO lines (and how many of them are explicit mode's
+    sharding constraints) and compile seconds, of the code at `commit` (its files from `git archive`) and of
+    this folder's, measured in alternating fresh processes, `rounds` each: the medians, and their ratio."""
+    here = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory() as tmp:
+        git = ["git", "-C", str(here), "archive", commit]
+        archive = subprocess.run(git, capture_output=True, check=False)
+        if archive.returncode:
+            print(f"\n(compile against {commit}: skipped, no git history here)")
+            return {}
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        runs = {commit: [], "now": []}
+        for _ in range(rounds):
+            for name, folder in ((commit, Path(tmp)), ("now", here)):
+                runs[name].append(probe_compile(folder))
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    rows, summary = [], {}
+    for program in ("demo", "1b"):
+        figures = {
+            name: {k: median([r[program][k] for r in found]) for k in found[0][program]}
+            for name, found in runs.items()
+        }
+        before, now = figures[commit], figures["now"]
+        for key in ("lines", "constraints", "seconds", "cpu_seconds"):
+            rows.append([program, key.replace("_", " "), before[key], now[key], now[key] / before[key]])
+        summary[program] = figures
+    note = (
+        f"Medians of {rounds} fresh processes each, alternating, on {os.cpu_count()} CPU cores, XLA_FLAGS "
+        f"{os.environ.get('XLA_FLAGS', '') or 'unset'}. demo: the demo's train step (32 pairs of 24 tokens, "
+        "prefix sharing); 1b: Llama 3.2 1B's, abstract, bf16, 1 pair of 2048 tokens (the memory plan's). "
+        "constraints: the lines that are sdy.sharding_constraint (explicit mode writes one after each op). "
+        "cpu seconds: compile time summed over threads, steadier than wall time on a shared machine."
+    )
+    header = f"program | figure | {commit} | now | ratio"
+    table(f"Train step program: {commit} against now", header, rows, note)
+    return summary
 
 
 def bench_compile(cfg, mesh, dtype, pairs: int, seq: int, depths) -> None:
@@ -1030,6 +1121,7 @@ def main(args: Args) -> None:
     if "trl" in sections:
         summary["trl"] = bench_vs_trl(3 if on_cpu else steps)
     if "compile" in sections:
+        summary["compile"] = bench_compile_against(args.compile_against, args.compile_rounds)
         depths = (2, 8, 32) if on_cpu else (4, 16, 32)
         bench_compile(SHAPES[shapes[0]], mesh, dtype, (args.batch or 8) * mesh.devices.size, seq, depths)
     if "memory" in sections:
