@@ -634,7 +634,7 @@ def bench_vs_trl(steps: int) -> dict:
 # What a child process lowers and compiles in the folder of one version of the code (its dpo, model, bench):
 # the demo's train step (its model, settings and planned training shape, 32 pairs of 24 tokens with prefix
 # sharing) and the 1B shape's, abstract (bf16, one pair of 2048 tokens, as the memory plan lowers it). Only
-# functions both versions have are used.
+# functions both versions have are used, or each version's spelling.
 PROBE = """
 import json, resource, sys, tempfile, time
 from pathlib import Path
@@ -647,10 +647,12 @@ mesh = sharding.make_mesh(1, -1, 1, devices=jax.devices()[:1])
 def demo():
     model_dir, _ = bookkeeping.make_demo(Path(tempfile.mkdtemp()), 0)
     arch = model.LlamaConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
-    config = dpo.Config(**{k: v for k, v in dpo.DEMO_SETTINGS.items() if k != "output_dir"})
+    settings = getattr(dpo, "DEMO_SETTINGS", None) or bookkeeping.DEMO_SETTINGS  # moved in #31
+    config = dpo.Config(**{k: v for k, v in settings.items() if k != "output_dir"})
     optimizer = dpo.make_optimizer(config)
     with jax.set_mesh(mesh):
-        train_step, _ = dpo.make_steps(arch, config, optimizer)
+        steps = dpo.make_steps(arch, config, optimizer)  # (train, eval) before #31, a dict by kind since
+        train_step = steps["training"] if isinstance(steps, dict) else steps[0]
         params = model.init_params(arch, jax.random.key(0), mesh)
         state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(params)
         batch = sharding.global_batch(data.blank_batch(data.Shape(32, 24, 1, 16)), mesh)
