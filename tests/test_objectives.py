@@ -311,6 +311,14 @@ def test_wpo_with_sft_over_microbatches_equals_one_batch(pairs):  # noqa: F811
         (dict(ref_model_sync_steps=0, sync_ref_model=True), "ref_model_sync_steps must be > 0"),
         (dict(ref_model_mixup_alpha=0.5), "ref_model_mixup_alpha without sync_ref_model does nothing"),
         (dict(f_alpha_divergence_coef=0.3), "f_alpha_divergence_coef without f_divergence_type alpha_div"),
+        (
+            dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1e9),
+            "f_alpha_divergence_coef must",
+        ),
+        (
+            dict(sync_ref_model=True, ref_model_sync_steps=5, num_train_steps=3),
+            "ref_model_sync_steps 5 > num_",
+        ),
     ],
 )
 def test_a_knob_where_it_does_not_apply_is_refused(settings, message):

@@ -206,6 +206,28 @@ def test_train_and_eval_steps_match_with_microbatches_and_a_precomputed_referenc
         assert float(metrics["flops"]) < float(plain_metrics["flops"])  # but fewer ran: the prompts once
 
 
+def test_evaluation_runs_in_training_microbatches(pairs):
+    """A run that fits in memory by microbatches must not evaluate train_batch_size pairs at once (#32):
+    the eval program's temporary memory with microbatch_size is below the whole batch's, its sums the same."""
+    dataset, arch = pairs
+    temp, metrics = [], []
+    with jax.set_mesh(ONE_DEVICE):
+        params, reference = (model.init_params(arch, jax.random.key(seed), ONE_DEVICE) for seed in (0, 1))
+        batch = sharding.global_batch(batch_of(dataset), ONE_DEVICE)
+        for micro in (None, 2):
+            config = dpo.Config(
+                train_data="x", train_batch_size=8, microbatch_size=micro, logits_chunk_size=64
+            )
+            eval_step = dpo.make_steps(arch, config, dpo.make_optimizer(config))["evaluation"]
+            compiled = eval_step.lower(params, dpo.Frozen(None, reference), batch).compile()
+            temp.append(compiled.memory_analysis().temp_size_in_bytes)
+            metrics.append(
+                dpo.normalize(jax.device_get(compiled(params, dpo.Frozen(None, reference), batch)))
+            )
+    assert temp[1] < temp[0], temp
+    assert_metrics_close(metrics[1], metrics[0], metrics[0].keys(), config.beta)
+
+
 def test_packed_evaluation_leaves_out_the_fill_up_copies_and_sums_the_same(pairs):
     """An eval pass whose last batch is filled up with weight-0 copies: packed rows hold only the real pairs
     of it, and the eval metrics equal the plain layout's."""

@@ -121,3 +121,17 @@ def test_interrupted_precompute_resumes(demo, tmp_path):
     assert np.all(resumed[done] == marker)  # kept, not recomputed
     np.testing.assert_allclose(resumed[~done], complete[~done], rtol=1e-5, atol=1e-5)
     assert not list((data_copy / "reference").glob("*.partial.npz"))
+
+
+def test_a_long_pass_says_how_far_it_is(capsys, monkeypatch):
+    """The reference's pass and an evaluation say done of total, the rate and what is left now and then (#32),
+    not only once they end."""
+    clock = iter([0.0, 10.0, 40.0, 50.0, 100.0])
+    monkeypatch.setattr(bookkeeping.time, "time", lambda: next(clock))
+    progress = bookkeeping.Progress("reference log-probs", "pairs", total=400, every=30.0)  # starts at 0 s
+    for _ in range(4):  # at 10 s (too soon to say), 40 s, 50 s (too soon again), 100 s
+        progress.advance(100)
+    assert capsys.readouterr().out.splitlines() == [
+        "reference log-probs: 200 of 400 pairs, 5.0 pairs/s, about 40 s left",
+        "reference log-probs: 400 of 400 pairs, 4.0 pairs/s, about 0 s left",
+    ]
