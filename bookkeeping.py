@@ -196,7 +196,7 @@ def run_lock(run: Path):
     that died never blocks the resume: its file stays, naming the last holder, and is taken over. A run that
     ends (done, stopped, refused) removes the file, so the run directory holds nothing of it. Where the file
     system cannot lock, says so and goes on. Every process enters; a refusal stops them all."""
-    refusal, lock, path = None, None, run / "lock"
+    refusal, lock, path, created = None, None, run / "lock", not run.exists()
     while sharding.is_writer() and lock is None:
         run.mkdir(parents=True, exist_ok=True)
         lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -224,6 +224,8 @@ def run_lock(run: Path):
     finally:
         if lock is not None and not refusal:
             path.unlink(missing_ok=True)  # before the flock goes: a run that opened it meanwhile retries
+            if created and not any(run.iterdir()):  # a run refused before it wrote anything
+                run.rmdir()
         if lock is not None:
             os.close(lock)  # releases the flock
 
@@ -458,11 +460,17 @@ def open_run(config):
         config = dataclasses.replace(config, model_name_or_path=str(run / "demo" / "model"), train_data=pairs)
     check_run_dir(run, given)  # a copied demo run finds its files anew
     with run_lock(run):  # a second run in the same directory is refused, naming this one
-        if demo:
-            make_demo(run / "demo", config.seed)
-        inputs = load_inputs(run, config)
-        batches = loaders(config, inputs)  # plans the batch shapes: the last check on the data
-        start_run_dir(run, given, inputs.data_id)
+        made = demo and not (run / "demo").exists()
+        try:
+            if demo:
+                make_demo(run / "demo", config.seed)
+            inputs = load_inputs(run, config)
+            batches = loaders(config, inputs)  # plans the batch shapes: the last check on the data
+            start_run_dir(run, given, inputs.data_id)
+        except BaseException:  # refused: the demo it made goes too
+            if made and sharding.is_writer():
+                sharding.remove(run / "demo")
+            raise
         yield run, config, inputs, batches
 
 
@@ -574,11 +582,11 @@ def _reference_key(reference_dir: Path, dataset: data.PairDataset, config) -> st
 
 
 def reference_caches(inputs: Inputs, config) -> list[ReferenceCache]:
-    """The precomputed reference's caches of the training and the validation pairs."""
-    return [
-        ReferenceCache(dataset, inputs.reference_dir, config)
-        for dataset in (inputs.train_set, inputs.val_set)
-    ]
+    """The precomputed reference's caches of the training and the validation pairs: the same cache twice where
+    the validation pairs are a split of the training data, so that its pass runs once."""
+    train = ReferenceCache(inputs.train_set, inputs.reference_dir, config)
+    same = inputs.val_set.path == inputs.train_set.path
+    return [train, train if same else ReferenceCache(inputs.val_set, inputs.reference_dir, config)]
 
 
 class ReferenceCache:
@@ -634,15 +642,15 @@ class ReferenceCache:
                 np.savez(tmp, logps=self.logps)
             self.saved_at = time.time()
 
-    def finish(self) -> np.ndarray:
-        """The complete table, written once."""
+    def finish(self) -> None:
+        """The complete table (`logps`), written once: nothing is left to do."""
         if sharding.is_writer() and not self.final.exists():
             with sharding.atomic(self.final) as tmp:
                 np.save(tmp, self.logps)
             self.progress.unlink(missing_ok=True)
         if len(self.todo):
             multihost_utils.sync_global_devices(f"reference done {self.final}")
-        return self.logps
+        self.todo = self.todo[:0]
 
 
 class Progress:
@@ -960,10 +968,12 @@ DEMO_SETTINGS = {
 
 def demo_config(given, demo):
     """The demo's config: `demo`, the command line parsed over DEMO_SETTINGS, where `given` is it parsed over
-    the defaults; says which of the demo's settings apply (a field not on the command line parses to
-    whichever default it is given, and a value given always wins)."""
-    default = type(given)()
-    kept = lambda k: getattr(given, k) == getattr(default, k) and getattr(demo, k) == DEMO_SETTINGS[k]
+    the defaults (None: refused there, as values that only the demo's settings hold); says which of the
+    demo's settings apply (a field not on the command line parses to whichever default it is given, and a
+    value given always wins)."""
+    default = type(demo)()
+    unset = lambda k: given is None or getattr(given, k) == getattr(default, k)
+    kept = lambda k: unset(k) and getattr(demo, k) == DEMO_SETTINGS[k]
     if applied := ", ".join(f"{k}={v}" for k, v in DEMO_SETTINGS.items() if kept(k)):
         say(f"demo: {applied} (change any with --config.FIELD VALUE)")
     return demo

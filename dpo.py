@@ -867,11 +867,12 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
 def precompute_reference(programs: bookkeeping.Programs, start: Start, mesh) -> list[np.ndarray]:
     """reference_mode precompute: the reference's log-probs of every pair that its caches lack, by the
     compiled forward pass, kept as they come (bookkeeping.ReferenceCache); then each cache's table [n, 2]."""
-    for cache in start.caches:
+    for cache in start.caches:  # one cache may serve both (finish: nothing left to do)
         for rows, batch in cache.batches():
             logps = programs("reference", start.reference_weights, sharding.global_batch(batch, mesh))
             cache.record(rows, sharding.to_host(logps))
-    return [cache.finish() for cache in start.caches]
+        cache.finish()
+    return [cache.logps for cache in start.caches]
 
 
 def evaluate(evaluation, params, frozen: Frozen, batches, mesh) -> dict[str, float]:
@@ -967,8 +968,14 @@ def parse_args(args: list[str] | None = None) -> Config:
 
         return data.tyro_cli(command, args=args, description=HELP)
 
-    config = parse(Config())
-    if config.model_name_or_path != "demo":
+    try:
+        config = parse(Config())
+    except ValueError:  # values that may hold only with the demo's settings (its batch of 32)
+        args = sys.argv[1:] if args is None else args
+        if any(a.split("=")[0].replace("_", "-") == "--config.model-name-or-path" for a in args):
+            raise  # not the demo
+        config = None
+    if config is not None and config.model_name_or_path != "demo":
         return config
     return bookkeeping.demo_config(config, parse(Config(**bookkeeping.DEMO_SETTINGS)))
 

@@ -249,7 +249,8 @@ def check(config) -> None:
     ]:
         lacking = [name for name in losses if not getattr(LOSSES[name], flag)]
         need(not on or not lacking, refusal.format(", ".join(lacking)))
-    idle = given("reference_mode", "reference_model_path", "reference_dtype")
+    # f_divergence_type scores log-ratios: sft admits it beside others, but alone reads no reference
+    idle = given("reference_mode", "reference_model_path", "reference_dtype", "f_divergence_type")
     need(uses_reference(losses) or not idle, f"{', '.join(idle)}: the losses given read no reference")
 
 

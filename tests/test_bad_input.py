@@ -519,6 +519,10 @@ def test_command_line_mistakes_are_one_line(demo, tmp_path):
         (["--config.lr-schedule", "steep"], ["invalid choice 'steep'", "cosine"]),
         (["--config.loss-type"], ["loss_type names no loss; give one or more of sigmoid hinge"]),
         (["--config.lora-rank", "4", "--config.lora-alpha", "0"], ["lora_alpha must be > 0"]),
+        # the demo's batch is 32, not the default's 128: the refusal names the one the run would have
+        (["--config.microbatch-size", "12"], ["microbatch_size 12 must divide train_batch_size 32"]),
+        # refused once the demo is made: the demo goes with it, and the run directory it made
+        (["--config.train-data", tmp_path / "none.jsonl"], [f"{tmp_path / 'none.jsonl'}: no such file"]),
     ]
     for args, fragments in cases:
         line = one_line_error(run_cli("dpo.py", *args, *run), *fragments)

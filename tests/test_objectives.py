@@ -319,6 +319,10 @@ def test_wpo_with_sft_over_microbatches_equals_one_batch(pairs):  # noqa: F811
             dict(sync_ref_model=True, ref_model_sync_steps=5, num_train_steps=3),
             "ref_model_sync_steps 5 > num_",
         ),
+        (
+            dict(f_divergence_type="forward_kl", loss_type=("sft",)),
+            "f_divergence_type: the losses given read",
+        ),
     ],
 )
 def test_a_knob_where_it_does_not_apply_is_refused(settings, message):

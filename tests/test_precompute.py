@@ -42,7 +42,7 @@ def precompute(model_dir, tokenized) -> np.ndarray:
         return dpo.precompute_reference(programs, start, mesh)[0]
 
 
-def test_precomputed_reference_trains_like_the_live_one(demo):
+def test_precomputed_reference_trains_like_the_live_one(demo, capsys):
     root, model_dir, tokenized = demo
     runs = {}
     for reference in ("live", "precompute"):
@@ -60,6 +60,8 @@ def test_precomputed_reference_trains_like_the_live_one(demo):
             **SMALL,
         )
         dpo.main(config)
+        # validation is a split of the training data: one cache, one pass
+        assert capsys.readouterr().out.count("reference log-probs: ") == (reference == "precompute")
         runs[reference] = [
             json.loads(line) for line in (root / reference / "metrics.jsonl").read_text().splitlines()
         ]
