@@ -379,8 +379,7 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lor
 
 
 class TokenStats(NamedTuple):
-    """Per target, gradient-free and 0 where the target is not scored: TRL's logit, entropy and token-accuracy
-    metrics (metric_sums)."""
+    """Per target, gradient-free, 0 where it is not scored: TRL's logit, entropy and accuracy metrics."""
 
     mean_logit: jax.Array  # the mean logit over the vocabulary
     entropy: jax.Array  # of the next-token distribution
@@ -719,9 +718,8 @@ def whole_batch_logps(params, frozen: Frozen, batch: dict, arch, config: Config)
 
 def grads_whole_batch(params, frozen: Frozen, batch: dict, arch, config: Config):
     """The gradients and metric sums of a loss that couples the batch's pairs (losses.couples_batch: aot sorts
-    them all), in microbatches: every microbatch's log-probs first (forward only), the loss's gradient with
-    respect to all of them, then each microbatch's backward pass with its share of that gradient (a VJP),
-    added up."""
+    them all), in microbatches: every microbatch's log-probs (forward only), the loss's gradient with respect
+    to all of them, then each microbatch's backward pass with its share of that gradient (a VJP), summed."""
     micro, whole = whole_batch_logps(params, frozen, batch, arch, config)
     of_policy = lambda policy: objective(whole._replace(policy=policy), config)
     d_policy, sums = jax.grad(of_policy, has_aux=True)(whole.policy)
@@ -959,8 +957,7 @@ def main(config: Config) -> Path:
 
 def parse_args(args: list[str] | None = None) -> Config:
     """The Config from the command line. When the model is the demo, the fields not given take the demo's
-    values (bookkeeping.DEMO_SETTINGS), and the demo says which; a value given on the command line always
-    wins."""
+    values (bookkeeping.DEMO_SETTINGS), and the demo says which; a value given always wins."""
 
     def parse(default: Config) -> Config:
         def command(config: Config = default) -> Config:
