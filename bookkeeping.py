@@ -9,9 +9,10 @@
   checkpoints        one .npy file per array, written atomically, each host reading back only its slices
   the reference      ReferenceCache: its log-probs' files beside the tokenized data, what is left to compute
   metrics            MetricsLog (metrics.jsonl, Weights & Biases, the console line, MFU), Progress lines
-  compiled programs  Programs (dpo's jitted functions compiled for their planned shapes, on threads), the
+  compiled programs  compile_lowered (what dpo lowered, compiled on threads), programs_report, the
                      persistent compilation cache and its hits
-  stopping           stop_requests (SIGTERM, Ctrl-C), check_update (a step whose update was not finite),
+  stopping           stop_requests (SIGTERM, Ctrl-C), one_line_errors (the command line's exits),
+                     check_update (a step whose update was not finite),
                      skipped_at_resume (the eval and export a stop or a kill skipped)
   export             export_files, save_export: hf/step-N for transformers, with LoRA also a PEFT adapter
   the demo           make_demo and DEMO_SETTINGS: a tiny Llama, its tokenizer and synthetic pairs
@@ -32,6 +33,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -197,10 +199,10 @@ def run_lock(run: Path):
     ends (done, stopped, refused) removes the file, so the run directory holds nothing of it. Where the file
     system cannot lock, says so and goes on. Every process enters; a refusal stops them all."""
     refusal, lock, path, created = None, None, run / "lock", not run.exists()
-    while sharding.is_writer() and lock is None:
-        run.mkdir(parents=True, exist_ok=True)
-        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    while sharding.is_writer() and lock is None and refusal is None:
         try:
+            run.mkdir(parents=True, exist_ok=True)
+            lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if not path.exists() or os.stat(path).st_ino != os.fstat(lock).st_ino:  # its holder removed it
                 os.close(lock)
@@ -212,8 +214,11 @@ def run_lock(run: Path):
             holder = os.pread(lock, 200, 0).decode(errors="replace").strip() or "it is starting"
             refusal = f"{run} is in use by another run ({holder}): wait for it to end, or use another "
             refusal += "output_dir"
-        except OSError as e:  # no locks on this file system (a FUSE mount, NFS without its lock service)
-            say(f"warning: {path}: {e.strerror}, so a second run in {run} at once would not be refused")
+        except OSError as e:  # no run directory (a read-only disk); no locks (a FUSE mount, NFS without them)
+            if lock is None:
+                refusal = f"{path}: {e.strerror or e}"
+            else:
+                say(f"warning: {path}: {e.strerror}, so a second run in {run} at once would not be refused")
     # The other processes stop too, rather than wait for process 0 in a collective until they time out.
     if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)):
         refusal = refusal or f"{run} is in use by another run (process 0 names it)"
@@ -814,49 +819,32 @@ def cache_hits() -> int:
     return len(_cache_hits)
 
 
-class Programs:
-    """make_steps' functions compiled for each shape they are planned for: the train and eval steps and the
-    reference's pass for their batch shapes (data.plan_shapes), the merge once. Called by kind with its
-    arguments, a batch last (its shape picks the program). A batch that no planned shape holds (none should:
-    the plan covers every batch of the run) compiles when first met, and is counted as unplanned."""
-
-    def __init__(self, steps: dict, shapes: dict):
-        self.steps, self.shapes, self.compiled = steps, shapes, {}  # kind -> step; kind -> shapes
-        self.seconds, self.from_cache, self.unplanned = 0.0, 0, 0
-
-    def compile(self, arguments) -> None:
-        """Every planned program at once: traced here one after another (tracing holds the GIL), then
-        compiled on threads, which XLA runs in parallel. `arguments(kind, shape)`: the program's arguments,
-        with a blank batch of that shape."""
-        started, hits = time.time(), cache_hits()
-        kinds = [(kind, shape) for kind, shapes in self.shapes.items() for shape in shapes]
-        lowered = [self.steps[kind].lower(*arguments(kind, shape)) for kind, shape in kinds]
-        with ThreadPoolExecutor(max(min(len(lowered), os.cpu_count() or 1), 1)) as pool:
-            compiled = pool.map(lambda program: program.compile(), lowered)
-            self.compiled |= dict(zip(kinds, compiled, strict=True))
-        self.seconds, self.from_cache = time.time() - started, cache_hits() - hits
-
-    def __call__(self, kind: str, *args):
-        key = (kind, data.shape_of(args[-1]) if "input_ids" in args[-1] else None)  # the merge has no batch
-        if key not in self.compiled:
-            started, self.unplanned = time.time(), self.unplanned + 1
-            self.compiled[key] = self.steps[kind].lower(*args).compile()
-            self.seconds += time.time() - started
-        return self.compiled[key](*args)
-
-    def report(self) -> str:
-        if not self.compiled:
-            return "none: no step is left to run"
-        text = lambda shape: "x".join(map(str, shape if shape.slots else shape[:2]))
-        shown = lambda s: f" ({', '.join(map(text, s))})" if s[0] else ""
-        planned = [f"{len(s)} {kind}{shown(s)}" for kind, s in self.shapes.items() if s]
-        extra = f" and {self.unplanned} unplanned" if self.unplanned else ""
-        rows = any(shape and shape.slots for shapes in self.shapes.values() for shape in shapes)
-        legend = "rows x width x pair slots x view width" if rows else "pairs x width"
-        return (
-            f"compiled {', '.join(planned)}{extra} in {self.seconds:.1f} s, {self.from_cache} of "
-            f"{len(self.compiled)} from the cache (batch shapes: {legend})"
+def compile_lowered(lowered: dict) -> tuple[dict, float, int]:
+    """Programs that dpo lowered, by key, compiled on threads (XLA compiles them in parallel): (the compiled
+    programs by key, the seconds it took, how many the persistent cache served). Nothing is traced here."""
+    started, hits = time.time(), cache_hits()
+    with ThreadPoolExecutor(max(min(len(lowered), os.cpu_count() or 1), 1)) as pool:
+        compiled = dict(
+            zip(lowered, pool.map(lambda program: program.compile(), lowered.values()), strict=True)
         )
+    return compiled, time.time() - started, cache_hits() - hits
+
+
+def programs_report(shapes: dict, compiled: int, seconds: float, from_cache: int, unplanned: int) -> str:
+    """The run's last word on its programs: what was compiled for which shapes, how long it took, how many
+    programs the cache served."""
+    if not compiled:
+        return "none: no step is left to run"
+    text = lambda shape: "x".join(map(str, shape if shape.slots else shape[:2]))
+    shown = lambda s: f" ({', '.join(map(text, s))})" if s[0] else ""
+    planned = [f"{len(s)} {kind}{shown(s)}" for kind, s in shapes.items() if s]
+    extra = f" and {unplanned} unplanned" if unplanned else ""
+    rows = any(shape and shape.slots for kind_shapes in shapes.values() for shape in kind_shapes)
+    legend = "rows x width x pair slots x view width" if rows else "pairs x width"
+    return (
+        f"compiled {', '.join(planned)}{extra} in {seconds:.1f} s, {from_cache} of {compiled} from the cache "
+        f"(batch shapes: {legend})"
+    )
 
 
 # --- stopping
@@ -886,6 +874,27 @@ def stop_requests():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """The command line's exits: a user's mistake, a full disk or a lost file is one line on stderr and exit
+    code 2 (DPO_TRACEBACK=1 shows the traceback instead); a second Ctrl-C, or one before training, 130."""
+    try:
+        yield
+    except KeyboardInterrupt:  # nothing half-written stays
+        print("error: interrupted; run the same command to go on from the newest checkpoint", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError, FloatingPointError) as e:
+        if os.environ.get("DPO_TRACEBACK"):
+            raise
+        if isinstance(e, OSError) and e.filename:  # a full disk, no permission
+            e = (
+                f"{e.filename}: {e.strerror or e}. Fix that (a full disk: free some space) and run the same "
+                "command: it resumes from the newest complete checkpoint"
+            )
+        print(f"error: {e}  (DPO_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 def check_update(step: int, metrics: dict, config, run: Path) -> None:

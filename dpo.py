@@ -55,6 +55,7 @@ CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 need = losses.need  # a config refusal: one line, no traceback (cli)
 # --help's description: the docstring's examples (tyro would join each paragraph of its prose into a line)
 HELP = "\n\n".join(__doc__.split("\n\n")[:2])
+LossName = Literal[tuple(losses.LOSSES)]
 SMOOTHING_HELP = f"flipped-label share, read by {', '.join(losses.having('label_smoothing'))}"
 
 
@@ -76,9 +77,7 @@ class Config:
     overwrite: bool = False  # replace a run with another config: deletes its checkpoints/, hf/, metrics.jsonl
     # --- the loss (losses.py: each one's formula, paper and what it reads)
     beta: float = 0.1  # strength of the pull toward the reference (0.01-0.05 free, 0.1-0.5 close)
-    loss_type: tuple[Literal[tuple(losses.LOSSES)], ...] = (
-        "sigmoid",
-    )  # one or more, summed with loss_weights
+    loss_type: tuple[LossName, ...] = ("sigmoid",)  # one or more losses (losses.py), summed with loss_weights
     loss_weights: tuple[float, ...] | None = None  # one weight per loss_type; None: 1 each
     label_smoothing: Annotated[float, tyro.conf.arg(help=SMOOTHING_HELP)] = 0.0
     discopop_tau: float = 0.05  # discopop's temperature
@@ -617,7 +616,7 @@ def batch_logps(params, frozen: Frozen, batch: dict, arch, config: Config) -> Pa
 
 def loss(params, frozen: Frozen, batch: dict, arch, config: Config, totals=None):
     """The loss of a batch's pairs and their metric sums: what the train step differentiates. `totals`: the
-    whole batch's (pairs, chosen tokens) when this batch is one of its microbatches (losses.dpo_loss)."""
+    whole batch's when this batch is one of its microbatches (losses.dpo_loss)."""
     return objective(batch_logps(params, frozen, batch, arch, config), config, totals)
 
 
@@ -784,6 +783,29 @@ def make_steps(arch: model.LlamaConfig, config: Config, optimizer) -> dict:
 # --- compiled programs: every program of the run, compiled before the first step
 
 
+class Programs:
+    """make_steps' functions compiled for the shapes they are planned for (compile_programs), called by kind
+    with their arguments, a batch last (its shape picks the program; the merge has none). A batch that no
+    planned shape holds (none should: the plan covers every batch of the run) compiles when first met, and
+    is counted as unplanned."""
+
+    def __init__(self, steps: dict, shapes: dict):
+        self.steps, self.shapes, self.compiled = steps, shapes, {}  # kind -> step; kind -> shapes
+        self.seconds, self.from_cache, self.unplanned = 0.0, 0, 0
+
+    def compile(self, lowered: dict) -> None:
+        compiled, seconds, hits = bookkeeping.compile_lowered(lowered)
+        self.compiled |= compiled
+        self.seconds, self.from_cache = self.seconds + seconds, self.from_cache + hits
+
+    def __call__(self, kind: str, *args):
+        key = (kind, data.shape_of(args[-1]) if "input_ids" in args[-1] else None)
+        if key not in self.compiled:
+            self.unplanned += 1
+            self.compile({key: self.steps[kind].lower(*args)})
+        return self.compiled[key](*args)
+
+
 def compile_programs(steps: dict, batches: bookkeeping.Loaders, start: Start, config: Config, mesh):
     """Programs of the run, compiled before the first step (or found in the compilation cache) for every
     shape of its plan that is left to run: training while steps are left, evaluation then and at step 0, the
@@ -796,7 +818,7 @@ def compile_programs(steps: dict, batches: bookkeeping.Loaders, start: Start, co
         reference=list(dict.fromkeys(s for cache in start.caches for s in cache.shapes)),
         merge=[None] if config.lora_rank and (left or done) else [],  # a resume may owe an export
     )
-    programs = bookkeeping.Programs(steps, shapes)
+    programs = Programs(steps, shapes)
     if count := sum(map(len, shapes.values())):
         bookkeeping.say(f"compiling {count} program{'s' * (count > 1)} before the first step ...")
     arguments = dict(  # each program's arguments before its batch
@@ -808,8 +830,9 @@ def compile_programs(steps: dict, batches: bookkeeping.Loaders, start: Start, co
     blank = lambda kind, shape: (
         [] if shape is None else [sharding.global_batch(batches.blank(kind, shape), mesh)]
     )
-    with jax.set_mesh(mesh):
-        programs.compile(lambda kind, shape: (*arguments[kind], *blank(kind, shape)))
+    with jax.set_mesh(mesh):  # traced one after another (tracing holds the GIL), then compiled on threads
+        planned = [(kind, shape) for kind, kind_shapes in shapes.items() for shape in kind_shapes]
+        programs.compile({key: steps[key[0]].lower(*arguments[key[0]], *blank(*key)) for key in planned})
     return programs
 
 
@@ -862,7 +885,7 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
     return Start(state, resume_step, Frozen(base, reference), [], None)
 
 
-def precompute_reference(programs: bookkeeping.Programs, start: Start, mesh) -> list[np.ndarray]:
+def precompute_reference(programs: Programs, start: Start, mesh) -> list[np.ndarray]:
     """reference_mode precompute: the reference's log-probs of every pair that its caches lack, by the
     compiled forward pass, kept as they come (bookkeeping.ReferenceCache); then each cache's table [n, 2]."""
     for cache in start.caches:  # one cache may serve both (finish: nothing left to do)
@@ -884,7 +907,7 @@ def evaluate(evaluation, params, frozen: Frozen, batches, mesh) -> dict[str, flo
     return {f"eval/{k}": float(v) for k, v in normalize(totals).items()}
 
 
-def export_hf(programs: bookkeeping.Programs, run: Path, state: TrainState, frozen: Frozen, files) -> None:
+def export_hf(programs: Programs, run: Path, state: TrainState, frozen: Frozen, files) -> None:
     """hf/step-N for transformers: the weights, with LoRA the base with its adapters merged in (the compiled
     merge) and the adapters themselves for PEFT."""
     lora = frozen.base is not None
@@ -904,6 +927,7 @@ def main(config: Config) -> Path:
         programs = compile_programs(make_steps(inputs.arch, config, optimizer), batches, start, config, mesh)
         with jax.set_mesh(mesh):
             tables = precompute_reference(programs, start, mesh)
+        start = start._replace(reference_weights=None)  # freed: training never reads them
         state, frozen, done = start.state, start.frozen, start.resume_step or 0  # done: steps taken before
         train_batches, evaluation = batches.train(done, *tables[:1]), partial(programs, "evaluation")
         validation = lambda: batches.validation(*tables[1:])
@@ -947,7 +971,14 @@ def main(config: Config) -> Path:
                     bookkeeping.save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
                 if step % config.steps_per_hf_export == 0 or last:
                     export_hf(programs, run, state, frozen, files)
-    say(f"programs: {programs.report()}")
+    report = (
+        programs.shapes,
+        len(programs.compiled),
+        programs.seconds,
+        programs.from_cache,
+        programs.unplanned,
+    )
+    say(f"programs: {bookkeeping.programs_report(*report)}")
     bookkeeping.say_done(run)
     return run
 
@@ -979,21 +1010,8 @@ def parse_args(args: list[str] | None = None) -> Config:
 
 def cli() -> None:
     """`python dpo.py`: a user's mistake, a full disk or a lost file is one line on stderr and exit code 2."""
-    try:
+    with bookkeeping.one_line_errors():
         main(parse_args())
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training: nothing half-written stays
-        print("error: interrupted; run the same command to go on from the newest checkpoint", file=sys.stderr)
-        sys.exit(130)
-    except (ValueError, OSError, FloatingPointError) as e:
-        if os.environ.get("DPO_TRACEBACK"):
-            raise
-        if isinstance(e, OSError) and e.filename:  # a full disk, no permission
-            e = (
-                f"{e.filename}: {e.strerror or e}. Fix that (a full disk: free some space) and run the same "
-                "command: it resumes from the newest complete checkpoint"
-            )
-        print(f"error: {e}  (DPO_TRACEBACK=1 shows the traceback)", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

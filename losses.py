@@ -237,18 +237,15 @@ def check(config) -> None:
         need(not (refusal := LOSSES[name].requires and LOSSES[name].requires(config)), refusal)
     # A setting that every loss given must take: (it is on, the row's property it needs, the refusal).
     # ld_alpha: TRL's sft reads the unscaled log-probs, which the step does not keep apart.
+    f_losses = f"f_divergence_type {kind} works with {', '.join(having('f_divergence'))} only, not {{}}"
     for on, flag, refusal in [
         (config.use_weighting, "weighted", "use_weighting does not apply to {}"),
         (config.ld_alpha is not None, "reference", "ld_alpha does not apply to {}"),
-        (
-            kind != "reverse_kl",
-            "f_divergence",
-            f"f_divergence_type {kind} works with {', '.join(having('f_divergence'))} only, not {{}}",
-        ),
-        (config.sync_ref_model, "reference", "sync_ref_model moves a reference: {} use none"),
+        (kind != "reverse_kl", "f_divergence", f_losses),
     ]:
         lacking = [name for name in losses if not getattr(LOSSES[name], flag)]
         need(not on or not lacking, refusal.format(", ".join(lacking)))
+    need(uses_reference(losses) or not config.sync_ref_model, "sync_ref_model moves a reference: none read")
     # f_divergence_type scores log-ratios: sft admits it beside others, but alone reads no reference
     idle = given("reference_mode", "reference_model_path", "reference_dtype", "f_divergence_type")
     need(uses_reference(losses) or not idle, f"{', '.join(idle)}: the losses given read no reference")

@@ -158,6 +158,9 @@ def test_a_loss_couples_the_batch_exactly_where_its_row_says(use_weighting):
         halves[np.r_[0:8:2, 1:8:2]] = halves.copy()
         coupled = not np.allclose(halves, whole, rtol=1e-5, atol=1e-7)
         assert coupled == losses.couples_batch((name,), use_weighting), (name, use_weighting)
+        # a whole-sequence NLL has its gradient only where the step sums per-pair terms (grads_whole_batch
+        # differentiates the replies' log-probs alone)
+        assert not (row.sequence and row.couples != "never"), name
 
 
 def test_token_accuracy_counts_a_tie_for_the_first_index_only():

@@ -37,7 +37,7 @@ def precompute(model_dir, tokenized) -> np.ndarray:
     with jax.set_mesh(mesh):
         cache = bookkeeping.ReferenceCache(data.PairDataset(tokenized), model_dir, config)
         weights = model.load_params(model_dir, arch, mesh)
-        programs = bookkeeping.Programs(dpo.make_steps(arch, config, dpo.make_optimizer(config)), {})
+        programs = dpo.Programs(dpo.make_steps(arch, config, dpo.make_optimizer(config)), {})
         start = dpo.Start(None, None, dpo.Frozen(None, None), [cache], weights)
         return dpo.precompute_reference(programs, start, mesh)[0]
 
