@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,6 +281,9 @@ def test_a_second_run_in_a_run_directory_is_refused_and_a_dead_runs_lock_is_take
     """Two runs in one output_dir at once wrote every metrics line twice and raced over the checkpoints: the
     second is refused in one line naming the first's host and process id. A run killed with kill -9 (or a
     lock file naming a process long gone) never blocks the resume."""
+    with pytest.raises(ValueError, match="/proc/no/run/lock: "):  # a run directory that cannot be made
+        with bookkeeping.run_lock(Path("/proc/no/run")):
+            pass
     run, me = tmp_path / "run", f"host {socket.gethostname()}, process id"
     environment = os.environ | dict(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     holder = subprocess.Popen(

@@ -328,6 +328,9 @@ def test_wpo_with_sft_over_microbatches_equals_one_batch(pairs):  # noqa: F811
 def test_a_knob_where_it_does_not_apply_is_refused(settings, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         dpo.Config(**settings)
+    # where one loss given takes it, a mix is accepted (TRL's too): a knob is refused only where idle
+    dpo.Config(loss_type=("sigmoid", "sft"), sync_ref_model=True, f_divergence_type="js_divergence")
+    dpo.Config(loss_type=("sigmoid", "hinge"), label_smoothing=0.1)
 
 
 # --- TR-DPO's moving reference: the mixup by hand, checkpoints that hold it, and an exact resume
