@@ -448,7 +448,9 @@ def loaders(config, inputs: Inputs) -> Loaders:
     validation = lambda reference=None: data.eval_batches(
         inputs.val_set, val_idx, reference=reference, **evaluation
     )
-    with_reference = lambda kind: config.precomputed_reference and kind != "reference"  # the pass makes them
+    with_reference = lambda kind: (
+        config.reference_mode == "precompute" and kind != "reference"
+    )  # it makes them
     blank = lambda kind, shape: data.blank_batch(shape, with_reference(kind), jax.process_count())
     return Loaders(train, validation, shapes, blank)
 

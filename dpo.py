@@ -14,12 +14,10 @@
 The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected y_l) is
     -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
 where pi is the policy being trained and ref the frozen starting model; losses.py holds it and its variants.
-Here, in order: Config; the two batch layouts (rows_of) and pair_logps, one forward pass over a batch's
-chosen and rejected; the fused LM head and log-softmax that never builds the logits (token_logps); the
-optimizer; the steps (the loop calls train_step, which takes the gradients of `loss`, over microbatches when
-they are set); compile_programs (every program of the run, compiled before step 1); main. bookkeeping.py
-keeps the run around the step; model.py holds the models, sharding.py the mesh, data.py the tokenizer and
-the loader. Left out on purpose: generation, KV caches, quantization, pipeline parallelism.
+Here, in order: Config; the batch layouts (rows_of) and pair_logps, one forward pass over chosen and rejected;
+the fused LM head and log-softmax (token_logps); the optimizer; the steps (the loop calls train_step, which
+takes the gradients of `loss`); Programs, compiled before step 1; main. bookkeeping.py keeps the run around
+the step. Left out on purpose: generation, KV caches, quantization, pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -53,8 +51,7 @@ CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 
 need = losses.need  # a config refusal: one line, no traceback (cli)
-# --help's description: the docstring's examples (tyro would join each paragraph of its prose into a line)
-HELP = "\n\n".join(__doc__.split("\n\n")[:2])
+HELP = "\n\n".join(__doc__.split("\n\n")[:2])  # --help: the examples (tyro joins prose into one line)
 LossName = Literal[tuple(losses.LOSSES)]
 SMOOTHING_HELP = f"flipped-label share, read by {', '.join(losses.having('label_smoothing'))}"
 
@@ -172,8 +169,7 @@ class Config:
         need(ld is None or 0 <= ld <= 1, f"ld_alpha must be in [0, 1] or None, got {ld}")
         idle = self.f_divergence_type != "alpha_divergence" and coef != Config.f_alpha_divergence_coef
         need(not idle, "f_alpha_divergence_coef without f_divergence_type alpha_divergence does nothing")
-        # f-DPO's alpha-divergences run from the forward (0) to the reverse KL (1); far outside, the score's
-        # exponential meets its cap and the loss is a constant with no gradient.
+        # f-DPO's alpha-divergences run from the forward (0) to the reverse KL (1); far out, no gradient.
         need(0 <= coef <= 1, f"f_alpha_divergence_coef must be in [0, 1], got {coef}")
         if self.sync_ref_model:
             need(self.reference_mode == "live", "sync_ref_model needs reference_mode live: it moves")
@@ -229,10 +225,6 @@ class Config:
     @property
     def live_reference(self) -> bool:  # the reference runs in every step
         return self.uses_reference and self.reference_mode == "live"
-
-    @property
-    def precomputed_reference(self) -> bool:  # the reference's log-probs come with the batches
-        return self.uses_reference and self.reference_mode == "precompute"
 
 
 # --- one forward pass over chosen and rejected, in either batch layout
@@ -533,10 +525,7 @@ token_logps.defvjp(_logps_forward, _logps_backward)
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
-    keystr = jax.tree_util.keystr
-    not_norm = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: "norm" not in keystr(path), params
-    )
+    not_norm = partial(jax.tree.map_with_path, lambda path, _: "norm" not in jax.tree_util.keystr(path))
     clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity()
     adamw = optax.adamw(
         config.lr_at, config.adam_b1, config.adam_b2, weight_decay=config.weight_decay, mask=not_norm
@@ -598,9 +587,8 @@ class PairLogps(NamedTuple):
 
 def policy_logps(params, base, batch: dict, arch, config: Config):
     """pair_logps under the weights that train: the whole model, or LoRA's adapters `params` on the base."""
-    if config.lora_rank:
-        return pair_logps(base, batch, arch, config, lora=params)
-    return pair_logps(params, batch, arch, config)
+    weights, lora = (base, params) if config.lora_rank else (params, None)
+    return pair_logps(weights, batch, arch, config, lora=lora)
 
 
 def batch_logps(params, frozen: Frozen, batch: dict, arch, config: Config) -> PairLogps:
@@ -821,18 +809,13 @@ def compile_programs(steps: dict, batches: bookkeeping.Loaders, start: Start, co
     programs = Programs(steps, shapes)
     if count := sum(map(len, shapes.values())):
         bookkeeping.say(f"compiling {count} program{'s' * (count > 1)} before the first step ...")
-    arguments = dict(  # each program's arguments before its batch
-        training=(state, frozen),
-        evaluation=(state.params, with_reference(state, frozen)),
-        reference=(start.reference_weights,),
-        merge=(frozen.base, state.params),
-    )
-    blank = lambda kind, shape: (
-        [] if shape is None else [sharding.global_batch(batches.blank(kind, shape), mesh)]
-    )
+    # each program's arguments before its batch (a blank one of the shape: all padding); the merge has none
+    arguments = dict(training=(state, frozen), evaluation=(state.params, with_reference(state, frozen)))
+    arguments |= dict(reference=(start.reference_weights,), merge=(frozen.base, state.params))
     with jax.set_mesh(mesh):  # traced one after another (tracing holds the GIL), then compiled on threads
-        planned = [(kind, shape) for kind, kind_shapes in shapes.items() for shape in kind_shapes]
-        programs.compile({key: steps[key[0]].lower(*arguments[key[0]], *blank(*key)) for key in planned})
+        blank = lambda kind, shape: [sharding.global_batch(batches.blank(kind, shape), mesh)] if shape else []
+        lowered = {(k, s): steps[k].lower(*arguments[k], *blank(k, s)) for k in shapes for s in shapes[k]}
+        programs.compile(lowered)
     return programs
 
 
@@ -856,12 +839,11 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
     arch, mesh = inputs.arch, inputs.mesh
     create = partial(TrainState.create, optimizer=optimizer)
     lora = model.lora_weights(arch, config.lora_rank, config.lora_targets) if config.lora_rank else None
-    compute_dtype = model.dtype_of(config.compute_dtype)
+    compute_dtype, reference_dtype = map(model.dtype_of, (config.compute_dtype, config.reference_dtype))
     base = model.load_params(inputs.model_dir, arch, mesh, dtype=compute_dtype) if lora else None
     abstract = jax.eval_shape(create, model.abstract_params(arch, mesh, lora))
     if config.sync_ref_model:  # TR-DPO's moving reference is state: checkpoints hold it
-        dtype = model.dtype_of(config.reference_dtype)
-        like = lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        like = lambda x: jax.ShapeDtypeStruct(x.shape, reference_dtype, sharding=x.sharding)
         abstract = dataclasses.replace(abstract, reference=jax.tree.map(like, abstract.params))
     state = bookkeeping.restore_checkpoint(run, abstract, mesh, inputs.data_id)
     resume_step = None if state is None else int(state.step)
@@ -869,14 +851,13 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
         state = jax.jit(create)(model.init_params(arch, jax.random.key(config.seed), mesh, lora))
     elif state is None:
         state = jax.jit(create)(model.load_params(inputs.model_dir, arch, mesh))
-    caches = bookkeeping.reference_caches(inputs, config) if config.precomputed_reference else []
+    caches = bookkeeping.reference_caches(inputs, config) if config.reference_mode == "precompute" else []
     todo = any(len(cache.todo) for cache in caches)  # the precomputed reference lacks some log-probs
     load_reference = todo or config.live_reference and state.reference is None
     reference = None  # a moving one came back with its checkpoint
     if load_reference and lora and inputs.reference_dir == inputs.model_dir:  # the base without its adapters
         reference = base
     elif load_reference:
-        reference_dtype = model.dtype_of(config.reference_dtype)
         reference = model.load_params(inputs.reference_dir, arch, mesh, dtype=reference_dtype)
     if caches:  # the reference runs once, before training (precompute_reference), and not in the steps
         return Start(state, resume_step, Frozen(base, None), caches, reference)
