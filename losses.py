@@ -164,7 +164,7 @@ def f_divergence_score(x, config):
     if kind == "forward_kl":
         return 1 - jnp.exp(-x)
     if kind == "js_divergence":
-        return jnp.log(2.0) + jax.nn.log_sigmoid(x)
+        return jnp.log(2.0) + log_s(x)
     if kind == "alpha_divergence" and abs(a - 1) >= 1e-6:  # a = 1 is its limit, reverse_kl
         return jnp.expm1(jnp.minimum((a - 1) * x, 80.0)) / (a - 1)  # capped as TRL, to stay finite
     return x
