@@ -53,7 +53,7 @@ CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 need = losses.need  # a config refusal: one line, no traceback (cli)
 HELP = "\n\n".join(__doc__.split("\n\n")[:2])  # --help: the examples (tyro joins prose into one line)
 LossName = Literal[tuple(losses.LOSSES)]
-SMOOTHING_HELP = f"flipped-label share, read by {', '.join(losses.having('label_smoothing'))}"
+SMOOTHING_HELP = f"flipped-label share, read by {', '.join(losses.reading('label_smoothing'))}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -787,7 +787,7 @@ class Programs:
         self.seconds, self.from_cache = self.seconds + seconds, self.from_cache + hits
 
     def __call__(self, kind: str, *args):
-        key = (kind, data.shape_of(args[-1]) if "input_ids" in args[-1] else None)
+        key = (kind, None if kind == "merge" else data.shape_of(args[-1]))
         if key not in self.compiled:
             self.unplanned += 1
             self.compile({key: self.steps[kind].lower(*args)})

@@ -208,9 +208,9 @@ def couples_batch(loss_type, use_weighting: bool) -> bool:
     return any(LOSSES[name].couples in coupling for name in loss_type)
 
 
-def having(flag: str) -> list[str]:
-    """The losses whose row has `flag` set, or names it among its knobs."""
-    return [name for name, row in LOSSES.items() if getattr(row, flag, flag in row.knobs)]
+def reading(knob: str) -> list[str]:
+    """The losses whose row names `knob` among the Config fields it reads."""
+    return [name for name, row in LOSSES.items() if knob in row.knobs]
 
 
 def need(ok, message: str) -> None:
@@ -231,13 +231,14 @@ def check(config) -> None:
     need(weights is None or max(weights) > 0, f"loss_weights {weights} are all 0: nothing would train")
     given = lambda *fields: [f for f in fields if getattr(config, f) != getattr(type(config), f)]
     for knob in given(*dict.fromkeys(k for row in LOSSES.values() for k in row.knobs)):
-        need(set(having(knob)) & set(losses), f"{knob} is used by {', '.join(having(knob))} only")
+        need(set(reading(knob)) & set(losses), f"{knob} is used by {', '.join(reading(knob))} only")
     for name in losses:
         need(not LOSSES[name].alone or len(losses) == 1, f"{name} is its own objective (TRL's): alone")
         need(not (refusal := LOSSES[name].requires and LOSSES[name].requires(config)), refusal)
     # A setting that every loss given must take: (it is on, the row's property it needs, the refusal).
     # ld_alpha: TRL's sft reads the unscaled log-probs, which the step does not keep apart.
-    f_losses = f"f_divergence_type {kind} works with {', '.join(having('f_divergence'))} only, not {{}}"
+    f_rows = ", ".join(name for name, row in LOSSES.items() if row.f_divergence)
+    f_losses = f"f_divergence_type {kind} works with {f_rows} only, not {{}}"
     for on, flag, refusal in [
         (config.use_weighting, "weighted", "use_weighting does not apply to {}"),
         (config.ld_alpha is not None, "reference", "ld_alpha does not apply to {}"),

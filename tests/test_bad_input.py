@@ -544,7 +544,7 @@ def test_help_says_what_overwrite_deletes_what_max_seq_len_does_and_who_uses_lab
     help_of = lambda flag: text.split(f"--config.{flag} ")[1].split(" --config.")[0]
     assert all(word in help_of("overwrite,") for word in ("deletes", "checkpoints/", "hf/", "metrics.jsonl"))
     assert "raw data: longer pairs dropped; tokenized data: refused" in help_of("max-seq-len")
-    assert all(name in help_of("label-smoothing") for name in losses.having("label_smoothing"))
+    assert all(name in help_of("label-smoothing") for name in losses.reading("label_smoothing"))
     # Every flag says what it does, not only its default.
     for flag, metavar in [("chat-template-kwargs", "|STR"), ("f-divergence-type", "alpha_divergence}")]:
         assert not help_of(flag).split(metavar, 1)[1].split()[0].startswith("(default"), help_of(flag)

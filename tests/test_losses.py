@@ -58,7 +58,7 @@ def ours(name, ls, **config):
 
 @pytest.mark.parametrize("name", tuple(losses.LOSSES))
 def test_every_loss_matches_its_formula_in_value_and_gradient(name):
-    beta, ls = 0.1, 0.1 if name in losses.having("label_smoothing") else 0.0
+    beta, ls = 0.1, 0.1 if name in losses.reading("label_smoothing") else 0.0
     loss, policy, reference = ours(name, ls, beta=beta)
     value = lambda p, r: reference_loss(name, p, r, beta, ls)
     (got, rewards), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(policy, reference)

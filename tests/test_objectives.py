@@ -67,9 +67,9 @@ def test_f_divergences_match_trl_in_value_and_gradient(kind, coef):
     try:
         knobs = dict(f_divergence_type=kind, f_alpha_divergence_coef=coef)
         for name in [
-            n for n in losses.having("f_divergence") if losses.LOSSES[n].reference
+            n for n, row in losses.LOSSES.items() if row.f_divergence and row.reference
         ]:  # sft below, in a mix
-            ls = 0.1 if name in losses.having("label_smoothing") else 0.0
+            ls = 0.1 if name in losses.reading("label_smoothing") else 0.0
             config = dpo.Config(
                 loss_type=(name,), label_smoothing=ls, f_divergence_type=kind, f_alpha_divergence_coef=coef
             )
