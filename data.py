@@ -15,7 +15,8 @@ smallest of the run's few planned shapes that holds it (plan_shapes, from every 
 before step 1): a pair's two sequences side by side, or, with prefix sharing or packing, rows of several
 sequences with the views the model's attention needs (Layout describes both).
 
-Row formats (FORMATS, detected from the columns and the first rows): conversation, prompt_completion, plain.
+Row formats (FORMATS, detected from the columns and the first rows): conversation, prompt_completion, plain,
+transcript (Anthropic/hh-rlhf as published).
 Chat templates get what transformers' apply_chat_template passes them: a row's `tools` column (function
 schemas) as tools=, and --chat-template-kwargs (e.g. '{"enable_thinking": false}' for Qwen3) as extra
 variables. Tokenizers: tokenizer.json files are used as they are (transformers does the same for Llama 3's),
@@ -56,7 +57,9 @@ FORMATS = {
     "conversation": "`chosen`/`rejected` message lists sharing the prompt turns (UltraFeedback binarized)",
     "prompt_completion": "`prompt` (string or messages), `chosen`/`rejected` (strings or assistant messages)",
     "plain": "`prompt`, `chosen`, `rejected` strings, no chat template (base models)",
+    "transcript": "`chosen`/`rejected` strings, each a whole `Human: ... Assistant: ...` dialogue (hh-rlhf)",
 }
+TURN = re.compile(r"\n\n(Human|Assistant): ")  # a turn of an hh-rlhf transcript
 ROLES = ("system", "user", "assistant", "tool")
 SIDES = ("chosen", "rejected")
 SETTINGS_KEY = b"dpo_jax.settings"  # Parquet metadata key of the settings (summary.json repeats them)
@@ -335,6 +338,19 @@ def _text(row: dict, field: str) -> str:
     return value
 
 
+def _transcript(row: dict, field: str) -> list[dict]:
+    """A side of an Anthropic/hh-rlhf row, "\\n\\nHuman: ...\\n\\nAssistant: ...", as its turns (user and
+    assistant messages, their text as it stands), validated as any message list."""
+    head, *parts = TURN.split(_text(row, field))
+    if head or not parts:
+        raise RejectedRow("malformed transcript", f"{field} does not start with a Human or Assistant turn")
+    turns = [
+        {"role": "user" if who == "Human" else "assistant", "content": text}
+        for who, text in zip(parts[::2], parts[1::2], strict=True)
+    ]
+    return _messages({field: turns}, field)
+
+
 def _messages(row: dict, field: str, role: str | None = None) -> list[dict]:
     """The validated message list in `field`; given a role, a plain string becomes one message of it."""
     value = row.get(field)
@@ -381,8 +397,9 @@ def _parse_row(row, fmt: str, system_field: str | None) -> tuple:
     if fmt == "plain":
         prompt, chosen, rejected = (_text(row, name) for name in ("prompt", "chosen", "rejected"))
     else:
-        if fmt == "conversation":
-            chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+        if fmt in ("conversation", "transcript"):
+            side = _messages if fmt == "conversation" else _transcript
+            chosen, rejected = side(row, "chosen"), side(row, "rejected")
             prompt = chosen[:-1]
         else:
             prompt = _messages(row, "prompt", "user")
@@ -390,7 +407,7 @@ def _parse_row(row, fmt: str, system_field: str | None) -> tuple:
         for name, side in (("chosen", chosen), ("rejected", rejected)):
             if side[-1]["role"] != "assistant":
                 raise RejectedRow("no assistant turn", f"{name} does not end with an assistant turn")
-        if fmt == "conversation":
+        if fmt in ("conversation", "transcript"):
             if rejected[:-1] != prompt:
                 raise RejectedRow("prompt differs", "chosen and rejected do not share their prompt turns")
             _check_prompt_field(row.get("prompt"), prompt)
@@ -646,6 +663,8 @@ def _row_format(columns: list[str], row) -> str | None:
         if isinstance(chosen, list):
             has_prompt_turns = any(isinstance(m, dict) and m.get("role") != "assistant" for m in chosen)
             return "prompt_completion" if "prompt" in columns and not has_prompt_turns else "conversation"
+        if isinstance(chosen, str) and "prompt" not in columns and TURN.search(chosen):
+            return "transcript"
         if isinstance(chosen, str) and "prompt" in columns and isinstance(row.get("prompt"), str | list):
             return "plain" if isinstance(row["prompt"], str) else "prompt_completion"
     return None
@@ -811,7 +830,7 @@ def tokenize(
     split: str = "train",
     max_seq_len: int = 2048,
     overflow: Literal["drop", "truncate", "raise"] = "drop",
-    format: Literal["auto", "conversation", "prompt_completion", "plain"] = "auto",
+    format: Literal["auto", "conversation", "prompt_completion", "plain", "transcript"] = "auto",
     chat_template: str | None = None,
     chat_template_kwargs: str | None = None,
     system_field: str | None = None,
@@ -834,7 +853,8 @@ def tokenize(
             (keeping the whole prompt and at least one scored token, else drop); or raise.
         format: Row format, auto-detected by default. conversation: chosen/rejected message lists sharing
             the prompt turns; prompt_completion: prompt plus chosen/rejected completions (strings become
-            user/assistant turns); plain: strings without a chat template (BOS/EOS from the tokenizer).
+            user/assistant turns); plain: strings without a chat template (BOS/EOS from the tokenizer);
+            transcript: Anthropic/hh-rlhf's whole dialogues as strings, the shared turns the prompt.
         chat_template: A Jinja file, or the name of one of the tokenizer's named templates, to use instead
             of the tokenizer's own chat template.
         chat_template_kwargs: A JSON object of extra template variables, as transformers' and TRL's

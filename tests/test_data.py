@@ -4,6 +4,7 @@ atomic and idempotent output, Hub-layout inputs, the CLI, and the batch loader a
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -357,6 +358,61 @@ def test_plain_rows_use_the_tokenizers_bos_and_eos(tmp_path):
         data.tokenize(
             write_jsonl(tmp_path / "c.jsonl", conversation_rows()), str(directory), str(tmp_path / "c")
         )
+
+
+def trl_extract_dialogue(example: dict) -> dict:
+    """TRL's hh-rlhf conversion (trl/examples/datasets/hh-rlhf-helpful-base.py), written out: the prompt is
+    the two transcripts' common start up to its last Assistant turn, split into turns; each reply the rest."""
+    chosen, rejected, marker = example["chosen"], example["rejected"], "\n\nAssistant: "
+    same = itertools.takewhile(lambda ab: ab[0] == ab[1], zip(chosen, rejected, strict=False))
+    prompt = "".join(a for a, _ in same)  # their common start
+    if not prompt.endswith(marker):
+        prompt = prompt[: prompt.rfind(marker)] + marker
+    chosen_line, rejected_line = chosen[len(prompt) :], rejected[len(prompt) :]
+    lines = re.split(r"(\n\nAssistant: |\n\nHuman: )", prompt[: -len(marker)])[1:]
+    turns = [
+        {"role": "user" if lines[i] == "\n\nHuman: " else "assistant", "content": lines[i + 1]}
+        for i in range(0, len(lines), 2)
+    ]
+    reply = lambda text: [{"role": "assistant", "content": text}]
+    return {"prompt": turns, "chosen": reply(chosen_line), "rejected": reply(rejected_line)}
+
+
+def test_hh_rlhf_transcripts_tokenize_as_trls_conversion_and_malformed_ones_are_rejected(
+    tokenizers_dir, tmp_path
+):
+    """Anthropic/hh-rlhf as published: two strings a row, each a whole dialogue. The shared turns are the
+    prompt and each side's last Assistant turn its reply, the same tokens as TRL's conversion gives; a
+    transcript without a final Assistant turn, with other earlier turns or not starting with a turn is
+    rejected with its reason."""
+    h, a = "\n\nHuman: ", "\n\nAssistant: "
+    history = f"{h}What is a cat?{a}An animal.{h}And a dog?"
+    good = [
+        {"chosen": f"{h}Hi there{a}Hello! How can I help?", "rejected": f"{h}Hi there{a}Go away."},
+        {
+            "chosen": f"{history}{a}Also an animal.",
+            "rejected": f"{history}{a}Also a plant.",
+        },  # shared history
+        {
+            "chosen": f"{h}Name a color{a}Red, like a rose.",
+            "rejected": f"{h}Name a color{a}Red.",
+        },  # same start
+    ]
+    bad = [
+        {"chosen": f"{h}Hi{a}Hello.{h}Thanks", "rejected": f"{h}Hi{a}Bye."},  # no final Assistant turn
+        {"chosen": f"{h}Hi{a}Hello.", "rejected": f"{h}Hey{a}Bye."},  # other earlier turns
+        {"chosen": f"Hi{a}Hello.", "rejected": f"Hi{a}Bye."},  # text before the first turn
+    ]
+    tokenizer, ours, theirs = str(tokenizers_dir / "llama31"), tmp_path / "ours", tmp_path / "theirs"
+    summary = data.tokenize(write_jsonl(tmp_path / "hh.jsonl", good + bad), tokenizer, str(ours))
+    converted = write_jsonl(tmp_path / "trl.jsonl", map(trl_extract_dialogue, good))
+    data.tokenize(converted, tokenizer, str(theirs))
+    assert summary["format"] == "transcript" and summary["rows_written"] == len(good)
+    sides = ("chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask")
+    for got, want in zip(read_rows(ours), read_rows(theirs), strict=True):
+        assert [got[k] for k in sides] == [want[k] for k in sides]
+    rejects = [json.loads(line) for line in (ours / "rejects.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in rejects] == ["no assistant turn", "prompt differs", "malformed transcript"]
 
 
 # --- bad rows and errors -----------------------------------------------------------------------------------
