@@ -15,6 +15,7 @@
                      check_update (a step whose update was not finite),
                      skipped_at_resume (the eval and export a stop or a kill skipped)
   export             export_files, save_export: hf/step-N for transformers, with LoRA also a PEFT adapter
+  the report         write_report: report.md and curves.png (matplotlib, optional), report_command
   the demo           make_demo and DEMO_SETTINGS: a tiny Llama, its tokenizer and synthetic pairs
 
 It imports model, data and sharding, never dpo, and receives none of its functions: it reads the Config by
@@ -152,7 +153,8 @@ def _new_length_problem(run: Path, taken: int, before, now) -> str | None:
 
 def say_done(run: Path) -> None:
     """The run's last line: what its directory holds."""
-    made = [name for name in ("config.json", "metrics.jsonl", "checkpoints/", "hf/") if (run / name).exists()]
+    names = ("config.json", "metrics.jsonl", "checkpoints/", "hf/", "report.md", "curves.png")
+    made = [name for name in names if (run / name).exists()]
     loads = " (transformers loads hf/step-N as it is)" if "hf/" in made else ""
     say(f"done. run directory {run.resolve()}: {', '.join(made)}{loads}")
 
@@ -953,6 +955,98 @@ def save_export(run: Path, step: int, params, adapters, files: ExportFiles) -> N
         saved = dict(dtype=config.hf_save_dtype, generation_config=files.generation, extra_files=extra)
         model.save_hf(params, files.arch, out, **saved)
     say(f"step {step} | exported {out}")
+
+
+# --- the run report: report.md and curves.png, from config.json and metrics.jsonl
+
+CURVES = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "learning_rate")
+
+
+def write_report(
+    run: Path, defaults: dict, seconds: float | None = None, programs: str | None = None
+) -> Path:
+    """run/report.md: what ran (model, data, the settings that differ from `defaults`, steps, wall time,
+    tokens/s and MFU), the final train and eval numbers, the compiled programs (when the run that ends gives
+    them); and run/curves.png of CURVES against steps, train and eval, where matplotlib is installed (the
+    report says how to get it where not). Process 0 reads and writes both (atomically): the others may see
+    no run directory at all."""
+    if not sharding.is_writer():
+        return run / "report.md"
+    config, defaults = json.loads((run / "config.json").read_text()), json.loads(json.dumps(defaults))
+    lines = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if _step_of(line) >= 0
+    ]
+    train, evals = [m for m in lines if "loss" in m], [m for m in lines if "eval/loss" in m]
+    changed = [f"| `{k}` | `{v}` |" for k, v in config.items() if k in defaults and v != defaults[k]]
+    mean = lambda key: np.mean([m[key] for m in train if key in m]) if any(key in m for m in train) else None
+    rate, mfu = mean("throughput/tokens_per_second"), mean("throughput/mfu")
+    final = lambda m, keys: " | ".join(f"{k} {m[k]:.4g}" for k in keys if k in m) if m else "none"
+    text = [
+        f"# Run report: {run.resolve().name}",
+        f"model `{config['model_name_or_path']}`, data `{config['train_data'] or 'the demo pairs'}`, "
+        f"validation "
+        f"`{config['validation_data'] or 'a split of the data'}`",
+        f"steps {train[-1]['step'] if train else 0} of {config['num_train_steps']}"
+        + (f", wall time {seconds:.0f} s" if seconds is not None else "")
+        + (f", {rate:.0f} tokens/s" if rate is not None else "")
+        + (f", MFU {mfu:.1%}" if mfu is not None else ""),
+        "",
+        "| setting (not the default) | value |",
+        "|---|---|",
+        *changed,
+        "",
+        f"final train (step {train[-1]['step'] if train else '-'}): "
+        + final(train[-1] if train else {}, CURVES[:-1]),
+        f"final eval (step {evals[-1]['step'] if evals else '-'}): "
+        + final(evals[-1] if evals else {}, [f"eval/{k}" for k in CURVES[:-1]]),
+    ]
+    text += [f"programs: {programs}"] if programs else []
+    text += ["", _plot_curves(run, train, evals)]
+    with sharding.atomic(run / "report.md") as tmp:
+        tmp.write_text("\n".join(text) + "\n")
+    return run / "report.md"
+
+
+def _plot_curves(run: Path, train: list[dict], evals: list[dict]) -> str:
+    """curves.png, where matplotlib is installed; the report's line about it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: a file
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return (
+            'curves.png: needs matplotlib (`pip install -e ".[plot]"`), then `python dpo.py report RUN_DIR`'
+        )
+    figure = curves_figure(train, evals)
+    with sharding.atomic(run / "curves.png") as tmp:
+        figure.savefig(tmp, format="png", dpi=80)
+    plt.close(figure)
+    return "![curves](curves.png)"
+
+
+def curves_figure(train: list[dict], evals: list[dict]):
+    """A panel per CURVES key against steps: the train line and the eval line (metrics.jsonl's lines)."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 3, figsize=(13, 7), layout="constrained")
+    for ax, key in zip(axes.flat, CURVES, strict=True):
+        for name, rows, field in (("train", train, key), ("eval", evals, f"eval/{key}")):
+            if points := [(m["step"], m[field]) for m in rows if field in m]:
+                ax.plot(*zip(*points, strict=True), label=name, marker="." if name == "eval" else None)
+        ax.set(title=key, xlabel="step")
+        if ax.get_lines():  # a run with no step yet has no train line
+            ax.legend()
+    return figure
+
+
+def report_command(args: list[str], defaults: dict) -> None:
+    """`python dpo.py report RUN_DIR`: the report of a run, finished or not."""
+    if len(args) != 1 or not (Path(args[0]) / "metrics.jsonl").exists():
+        raise ValueError(
+            f"usage: python dpo.py report RUN_DIR (a run directory with metrics.jsonl), got {args}"
+        )
+    say(f"wrote {write_report(Path(args[0]), defaults)}")
 
 
 # --- the offline demo (a tiny Llama, a word-level tokenizer with a chat template, synthetic pairs)

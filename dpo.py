@@ -793,6 +793,10 @@ class Programs:
             self.compile({key: self.steps[kind].lower(*args)})
         return self.compiled[key](*args)
 
+    def report(self) -> str:
+        counts = len(self.compiled), self.seconds, self.from_cache, self.unplanned
+        return bookkeeping.programs_report(self.shapes, *counts)
+
 
 def compile_programs(steps: dict, batches: bookkeeping.Loaders, start: Start, config: Config, mesh):
     """Programs of the run, compiled before the first step (or found in the compilation cache) for every
@@ -952,14 +956,8 @@ def main(config: Config) -> Path:
                     bookkeeping.save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
                 if step % config.steps_per_hf_export == 0 or last:
                     export_hf(programs, run, state, frozen, files)
-    report = (
-        programs.shapes,
-        len(programs.compiled),
-        programs.seconds,
-        programs.from_cache,
-        programs.unplanned,
-    )
-    say(f"programs: {bookkeeping.programs_report(*report)}")
+    say(f"programs: {programs.report()}")
+    bookkeeping.write_report(run, dataclasses.asdict(Config()), time.time() - started, programs.report())
     bookkeeping.say_done(run)
     return run
 
@@ -992,6 +990,8 @@ def parse_args(args: list[str] | None = None) -> Config:
 def cli() -> None:
     """`python dpo.py`: a user's mistake, a full disk or a lost file is one line on stderr and exit code 2."""
     with bookkeeping.one_line_errors():
+        if sys.argv[1:2] == ["report"]:  # python dpo.py report RUN_DIR: report.md and curves.png of a run
+            return bookkeeping.report_command(sys.argv[2:], dataclasses.asdict(Config()))
         main(parse_args())
 
 

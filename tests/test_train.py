@@ -57,6 +57,31 @@ def newest_params(out: Path) -> dict[str, np.ndarray]:
     return {str(f.relative_to(folder)): np.load(f) for f in sorted(folder.rglob("*.npy"))}
 
 
+def assert_the_report_shows_the_run(out, lines):
+    """report.md says what ran and how it ended; curves.png holds every listed curve, train and eval, with
+    metrics.jsonl's values; without matplotlib report.md says how to get the picture (#36)."""
+    report = (out / "report.md").read_text()
+    evals, train = [m for m in lines if "eval/loss" in m], [m for m in lines if "loss" in m]
+    assert "`num_train_steps` | `40`" in report and f"eval/loss {evals[-1]['eval/loss']:.4g}" in report
+    assert "steps 40 of 40" in report and "programs: compiled 1 training" in report
+    assert (out / "curves.png").stat().st_size > 0 and "![curves](curves.png)" in report
+    figure = bookkeeping.curves_figure(train, evals)
+    assert [ax.get_title() for ax in figure.axes] == list(bookkeeping.CURVES)
+    for ax, key in zip(figure.axes, bookkeeping.CURVES, strict=True):
+        lines_of = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines_of) == ({"train"} if key == "learning_rate" else {"train", "eval"})
+        np.testing.assert_allclose(lines_of["train"].get_ydata(), [m[key] for m in train])
+        if key != "learning_rate":
+            np.testing.assert_allclose(lines_of["eval"].get_ydata(), [m[f"eval/{key}"] for m in evals])
+    (out / "curves.png").unlink()
+    installed, sys.modules["matplotlib"] = sys.modules["matplotlib"], None  # as if not installed:
+    try:
+        bookkeeping.write_report(out, {})  # the report still comes, without the picture
+    finally:
+        sys.modules["matplotlib"] = installed
+    assert not (out / "curves.png").exists() and 'pip install -e ".[plot]"' in (out / "report.md").read_text()
+
+
 def test_demo_learns_the_preference_and_exports_for_transformers(tmp_path):
     import torch
     import transformers
@@ -72,6 +97,7 @@ def test_demo_learns_the_preference_and_exports_for_transformers(tmp_path):
     assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
     assert evals[-1]["eval/rewards/accuracies"] >= 0.9 and evals[-1]["eval/loss"] < math.log(2)
     assert json.loads((out / "config.json").read_text())["num_train_steps"] == 40
+    assert_the_report_shows_the_run(out, lines)
 
     # The export loads in transformers as it is and computes our logits.
     export = out / "hf" / "step-40"
