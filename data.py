@@ -851,10 +851,9 @@ def tokenize(
         max_seq_len: Longest sequence kept, in tokens, for each of chosen and rejected.
         overflow: For a pair with a side over max_seq_len: drop it; truncate the responses from their end
             (keeping the whole prompt and at least one scored token, else drop); or raise.
-        format: Row format, auto-detected by default. conversation: chosen/rejected message lists sharing
-            the prompt turns; prompt_completion: prompt plus chosen/rejected completions (strings become
-            user/assistant turns); plain: strings without a chat template (BOS/EOS from the tokenizer);
-            transcript: Anthropic/hh-rlhf's whole dialogues as strings, the shared turns the prompt.
+        format: Row format (FORMATS), auto-detected by default: conversation (chosen/rejected message lists),
+            prompt_completion (prompt plus completions; strings become user/assistant turns), plain (no chat
+            template), transcript (Anthropic/hh-rlhf's whole dialogues, the shared turns the prompt).
         chat_template: A Jinja file, or the name of one of the tokenizer's named templates, to use instead
             of the tokenizer's own chat template.
         chat_template_kwargs: A JSON object of extra template variables, as transformers' and TRL's
