@@ -177,10 +177,13 @@ def _delete_another_run(run: Path, config, data_id: str | None) -> None:
     """overwrite starts afresh only where the run in `run` is another run: the same command after a stop
     request (or a requeued job that keeps the flag) resumes, as the stop message says it will."""
     difference, taken = _difference(run, config), saved_steps(run)
-    if not difference and data_id and taken:  # the data_id its checkpoints record (restore_checkpoint)
-        done = json.loads((run / "checkpoints" / f"step-{taken[-1]}" / "done.json").read_text())
-        if done.get("data", data_id) != data_id:
-            difference = ("the training or validation data changed since its checkpoints", "")
+    if (
+        not difference
+        and data_id
+        and taken
+        and _other_data(run / "checkpoints" / f"step-{taken[-1]}", data_id)
+    ):
+        difference = ("the training or validation data changed since its checkpoints", "")
     if not difference:
         say(f"overwrite: {run} holds a run of this config and data, which goes on: nothing deleted")
         return
@@ -490,6 +493,12 @@ def _leaf_name(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")  # e.g. opt_state/1/0/mu/layers/wq
 
 
+def _other_data(folder: Path, data_id: str) -> bool:
+    """Whether the checkpoint in `folder` was trained on other data than `data_id` (its done.json records
+    the data's id; one written before it did says nothing)."""
+    return json.loads((folder / "done.json").read_text()).get("data", data_id) != data_id
+
+
 def saved_steps(run: Path) -> list[int]:
     """Steps of the complete checkpoints: those with the done.json marker, which is written last."""
     return sorted(int(d.name[5:]) for d in (run / "checkpoints").glob("step-*") if (d / "done.json").exists())
@@ -549,7 +558,7 @@ def restore_checkpoint(run: Path, abstract, mesh, data_id: str):
             continue
         if skipped:
             say(f"skipped {'; '.join(skipped)}: it does not load completely")
-        if json.loads((folder / "done.json").read_text()).get("data", data_id) != data_id:
+        if _other_data(folder, data_id):
             raise ValueError(
                 f"the training or validation data changed since {folder} was written (tokenized anew): use "
                 "another output_dir, or --config.overwrite to start afresh"

@@ -956,8 +956,8 @@ def main(config: Config) -> Path:
                     bookkeeping.save_checkpoint(run, state, config.keep_checkpoints, inputs.data_id)
                 if step % config.steps_per_hf_export == 0 or last:
                     export_hf(programs, run, state, frozen, files)
-    say(f"programs: {programs.report()}")
-    bookkeeping.write_report(run, dataclasses.asdict(Config()), time.time() - started, programs.report())
+    say(f"programs: {(compiled := programs.report())}")
+    bookkeeping.write_report(run, dataclasses.asdict(Config()), time.time() - started, compiled)
     bookkeeping.say_done(run)
     return run
 
