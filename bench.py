@@ -242,15 +242,14 @@ def abstract_step(cfg, config: dpo.Config, mesh, dtype, seq: int):
     """The train step lowered on shapes alone (nothing allocated): (lowered, state avals)."""
     optimizer = dpo.make_optimizer(config)
     with jax.set_mesh(mesh):
-        train_step = dpo.make_steps(cfg, config, optimizer)["training"]
+        train_step = dpo.make_steps(cfg, config)["training"]
         state = jax.eval_shape(
             lambda p: dpo.TrainState.create(p, optimizer), model.abstract_params(cfg, mesh)
         )
         ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=s.sharding), state.params)
         lengths = np.full((config.train_batch_size, 2), seq)
-        return train_step.lower(
-            state, dpo.Frozen(None, ref), sharding.global_batch(synthetic_batch(cfg, lengths, seq), mesh)
-        )
+        batch = sharding.global_batch(synthetic_batch(cfg, lengths, seq), mesh)
+        return train_step.lower(state, dpo.Frozen(None, ref), config.hyperparameters(), batch)
 
 
 class StepRunner:
@@ -268,11 +267,14 @@ class StepRunner:
             )
         )
         with jax.set_mesh(mesh):
-            self.step = dpo.make_steps(cfg, config, optimizer)["training"]
+            self.step = dpo.make_steps(cfg, config)["training"]
             self.state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(load(0))
             # A tree of its own: the state's params are donated at every step.
             reference = load(1, dtype) if config.live_reference else None
-            self.frozen = dpo.Frozen(base=None, reference=reference)
+            self.inputs = (
+                dpo.Frozen(base=None, reference=reference),
+                config.hyperparameters(),
+            )  # besides the state
 
     def run(self, batch: dict[str, np.ndarray]) -> float:
         """Seconds of one step; a new shape is compiled and run once first, uncounted."""
@@ -285,13 +287,13 @@ class StepRunner:
             )  # packed rows vary in more than width
             if width not in self.compiled:
                 start = time.perf_counter()
-                self.compiled[width] = self.step.lower(self.state, self.frozen, batch).compile()
+                self.compiled[width] = self.step.lower(self.state, *self.inputs, batch).compile()
                 self.compile_seconds += time.perf_counter() - start
                 self.state, metrics = jax.block_until_ready(
-                    self.compiled[width](self.state, self.frozen, batch)
+                    self.compiled[width](self.state, *self.inputs, batch)
                 )
             start = time.perf_counter()
-            self.state, metrics = jax.block_until_ready(self.compiled[width](self.state, self.frozen, batch))
+            self.state, metrics = jax.block_until_ready(self.compiled[width](self.state, *self.inputs, batch))
             return time.perf_counter() - start
 
 
@@ -650,13 +652,15 @@ def demo():
     settings = getattr(dpo, "DEMO_SETTINGS", None) or bookkeeping.DEMO_SETTINGS  # moved in #31
     config = dpo.Config(**{k: v for k, v in settings.items() if k != "output_dir"})
     optimizer = dpo.make_optimizer(config)
+    swept = hasattr(config, "hyperparameters")  # step inputs since #36
     with jax.set_mesh(mesh):
-        steps = dpo.make_steps(arch, config, optimizer)  # (train, eval) before #31, a dict by kind since
-        train_step = steps["training"] if isinstance(steps, dict) else steps[0]
+        steps = dpo.make_steps(arch, config) if swept else dpo.make_steps(arch, config, optimizer)
+        train_step = steps["training"] if isinstance(steps, dict) else steps[0]  # a dict by kind since #31
         params = model.init_params(arch, jax.random.key(0), mesh)
         state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(params)
         batch = sharding.global_batch(data.blank_batch(data.Shape(32, 24, 1, 16)), mesh)
-        return train_step.lower(state, dpo.Frozen(None, params), batch)
+        inputs = (config.hyperparameters(),) if swept else ()
+        return train_step.lower(state, dpo.Frozen(None, params), *inputs, batch)
 
 one_b = lambda: bench.abstract_step(bench.SHAPES["1b"], bench.run_config(1), mesh, jnp.bfloat16, 2048)
 out = {}
@@ -967,8 +971,13 @@ def bench_agree(shape: str, pairs: int = 2, seq: int = 256) -> dict:
                 jax.tree.structure(tree), list(map(jax.device_put, jax.tree.leaves(tree), where))
             )
             params, reference = map(put, weights)
-            eval_step = dpo.make_steps(cfg, config, dpo.make_optimizer(config))["evaluation"]
-            sums = eval_step(params, dpo.Frozen(None, reference), sharding.global_batch(batch, mesh))
+            eval_step = dpo.make_steps(cfg, config)["evaluation"]
+            sums = eval_step(
+                params,
+                dpo.Frozen(None, reference),
+                config.hyperparameters(),
+                sharding.global_batch(batch, mesh),
+            )
             results.append({k: float(v) for k, v in dpo.normalize(jax.device_get(sums)).items()})
     cpu_metrics, accelerator = results
     keys = ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "entropy")

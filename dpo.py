@@ -22,6 +22,7 @@ the step. Left out on purpose: generation, KV caches, quantization, pipeline par
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -50,6 +51,14 @@ ADAPTABLE = tuple(model.LORA_TARGETS)  # lora_targets' choices
 CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dpo-jax")
 
 
+# What a sweep changes: the compiled steps take these settings as inputs (Config.hyperparameters), not as
+# constants, so another value compiles nothing. Traced there, none may decide a Python `if`; None or not
+# (ld_alpha, max_grad_norm) makes another program.
+SWEPT = (
+    *("beta", "label_smoothing", "loss_weights", "simpo_gamma", "discopop_tau", "ld_alpha"),
+    *("f_alpha_divergence_coef", "ref_model_mixup_alpha", "ref_model_sync_steps", "learning_rate"),
+    *("min_lr_ratio", "num_train_steps", "weight_decay", "max_grad_norm"),
+)
 need = losses.need  # a config refusal: one line, no traceback (cli)
 HELP = "\n\n".join(__doc__.split("\n\n")[:2])  # --help: the examples (tyro joins prose into one line)
 LossName = Literal[tuple(losses.LOSSES)]
@@ -186,28 +195,42 @@ class Config:
         """warmup or cooldown in steps: a fraction of the run when < 1, else steps."""
         return int(length * self.num_train_steps) if length < 1 else int(length)
 
-    def lr_at(self, step):
+    def hyperparameters(self) -> dict:
+        """What a sweep changes, given to the compiled steps as inputs rather than built into them as
+        constants, so that every value runs the same programs: SWEPT's values, and warmup and cooldown."""
+        return {name: getattr(self, name) for name in SWEPT} | {"lengths": self.lengths()}
+
+    def traced(self, hyperparameters: dict) -> Config:
+        """This config inside a step, SWEPT's values the step's inputs (tracers: no check runs on them)."""
+        config = copy.copy(self)
+        config.__dict__.update({name: hyperparameters[name] for name in SWEPT})
+        return config
+
+    def lengths(self) -> tuple[int, int]:
+        """warmup and cooldown in steps, the cooldown within the run (lr_at)."""
+        return self.in_steps(self.warmup), min(self.in_steps(self.cooldown), max(self.num_train_steps, 1))
+
+    def lr_at(self, step, lengths: tuple | None = None):
         """The learning rate at `step` (traced or numpy; optax's schedule): linear warmup from 0 to the
         peak, then lr_schedule's shape from the peak toward min_lr over the rest of the run, with the last
         `cooldown` steps annealing linearly to min_lr from wherever the shape stands (`constant`:
-        warmup-stable-decay)."""
-        peak_lr, total = self.learning_rate, max(self.num_train_steps, 1)
-        warm, cool = self.in_steps(self.warmup), min(self.in_steps(self.cooldown), total)
-        low = peak_lr * self.min_lr_ratio
+        warmup-stable-decay). lengths: a step's input (traced); default this config's."""
+        (warm, cool), total = lengths or self.lengths(), jnp.maximum(self.num_train_steps, 1)
+        peak, low = self.learning_rate, self.learning_rate * self.min_lr_ratio
 
         def shape(step):
-            frac = jnp.clip((step - warm) / max(total - warm, 1), 0.0, 1.0)
+            frac = jnp.clip((step - warm) / jnp.maximum(total - warm, 1), 0.0, 1.0)
             if self.lr_schedule == "linear":
-                return peak_lr + (low - peak_lr) * frac
+                return peak + (low - peak) * frac
             if self.lr_schedule == "cosine":
-                return low + (peak_lr - low) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
-            return jnp.full_like(frac, peak_lr)
+                return low + (peak - low) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+            return jnp.full_like(frac, peak)
 
         step = jnp.asarray(step, jnp.float32)
-        value = jnp.where(step < warm, peak_lr * step / max(warm, 1), shape(step))
+        value = jnp.where(step < warm, peak * step / jnp.maximum(warm, 1), shape(step))
         cool_start = total - cool
-        at_start = shape(jnp.float32(cool_start))
-        cooled = at_start + (low - at_start) * (step - cool_start) / max(cool, 1)
+        at_start = shape(jnp.asarray(cool_start, jnp.float32))
+        cooled = at_start + (low - at_start) * (step - cool_start) / jnp.maximum(cool, 1)
         return jnp.where((cool > 0) & (step >= cool_start) & (step >= warm), cooled, value)
 
     @property
@@ -524,13 +547,14 @@ token_logps.defvjp(_logps_forward, _logps_backward)
 # --- optimizer and learning-rate schedule
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
+def make_optimizer(config: Config, lengths: tuple | None = None) -> optax.GradientTransformation:
+    """AdamW after clipping; in a step, `config` is traced and `lengths` its input (Config.lr_at)."""
     not_norm = partial(jax.tree.map_with_path, lambda path, _: "norm" not in jax.tree_util.keystr(path))
-    clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity()
-    adamw = optax.adamw(
-        config.lr_at, config.adam_b1, config.adam_b2, weight_decay=config.weight_decay, mask=not_norm
+    clip = (
+        optax.identity() if config.max_grad_norm is None else optax.clip_by_global_norm(config.max_grad_norm)
     )
-    return optax.chain(clip, adamw)
+    lr, (b1, b2) = partial(config.lr_at, lengths=lengths), (config.adam_b1, config.adam_b2)
+    return optax.chain(clip, optax.adamw(lr, b1, b2, weight_decay=config.weight_decay, mask=not_norm))
 
 
 @jax.tree_util.register_dataclass
@@ -718,22 +742,23 @@ def grads_whole_batch(params, frozen: Frozen, batch: dict, arch, config: Config)
     return jax.lax.scan(add, jax.tree.map(jnp.zeros_like, params), (micro, d_policy))[0], sums
 
 
-def train_step(state: TrainState, frozen: Frozen, batch: dict, arch, config: Config, optimizer):
+def train_step(state: TrainState, frozen: Frozen, hyperparameters: dict, batch: dict, arch, config: Config):
     """One optimizer step on a batch: the gradients, summed over microbatches or, for a batch loss split into
     microbatches, of the whole batch; AdamW; the step's metrics. An update whose loss or gradient is not
     finite is not applied (bookkeeping.check_update decides whether to stop)."""
+    config, lengths = config.traced(hyperparameters), hyperparameters["lengths"]
     whole_batch = config.num_microbatches > 1 and losses.couples_batch(config.loss_type, config.use_weighting)
     gradients = grads_whole_batch if whole_batch else grads_summed_over_microbatches
     with jax.named_scope("forward_backward"):
         grads, sums = gradients(state.params, with_reference(state, frozen), batch, arch, config)
     metrics = normalize(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["learning_rate"] = config.lr_at(state.step)
+    metrics["learning_rate"] = config.lr_at(state.step, lengths)
     metrics["tokens"] = jnp.sum(batch["lengths"])  # for throughput, counted where the batch already is
     rows, live = rows_of(batch), config.live_reference
     metrics["flops"] = model.step_flops(arch, rows.attended, live, lora=config.lora_rank > 0, tokens=rows.ran)
     with jax.named_scope("optimizer"):
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = make_optimizer(config, lengths).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient leaves the weights untouched; the host decides whether to stop.
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -746,24 +771,26 @@ def train_step(state: TrainState, frozen: Frozen, batch: dict, arch, config: Con
     return state, metrics
 
 
-def eval_step(params, frozen: Frozen, batch: dict, arch, config: Config) -> dict:
+def eval_step(params, frozen: Frozen, hyperparameters: dict, batch: dict, arch, config: Config) -> dict:
     """The metric sums of a batch, in training's microbatches (forward only, so one microbatch's activations
     at a time) with the objective over the whole batch; evaluate adds them up over the validation pairs."""
+    config = config.traced(hyperparameters)
     if config.num_microbatches == 1:
         return loss(params, frozen, batch, arch, config)[1]
     return objective(whole_batch_logps(params, frozen, batch, arch, config)[1], config)[1]
 
 
-def make_steps(arch: model.LlamaConfig, config: Config, optimizer) -> dict:
-    """The run's jitted functions by kind: training(state, frozen, batch) with the state donated,
-    evaluation(params, frozen, batch), reference(params, batch) (the log-probs that reference_mode precompute
-    caches) and merge(base, adapters) (LoRA's export)."""
+def make_steps(arch: model.LlamaConfig, config: Config) -> dict:
+    """The run's jitted functions by kind: training(state, frozen, hyperparameters, batch) with the state
+    donated, evaluation(params, frozen, hyperparameters, batch), reference(params, hyperparameters, batch)
+    (the log-probs that reference_mode precompute caches) and merge(base, adapters) (LoRA's export); the
+    hyperparameters are config.hyperparameters()."""
     merge = partial(model.merge_lora, scale=config.lora_scale, dtype=config.hf_save_dtype)
-    train = partial(train_step, arch=arch, config=config, optimizer=optimizer)
+    reference = lambda params, hyper, batch: pair_logps(params, batch, arch, config.traced(hyper))[0]
     return dict(
-        training=jax.jit(train, donate_argnums=0),
+        training=jax.jit(partial(train_step, arch=arch, config=config), donate_argnums=0),
         evaluation=jax.jit(partial(eval_step, arch=arch, config=config)),
-        reference=jax.jit(lambda params, batch: pair_logps(params, batch, arch, config)[0]),
+        reference=jax.jit(reference),
         merge=jax.jit(merge),
     )
 
@@ -814,8 +841,9 @@ def compile_programs(steps: dict, batches: bookkeeping.Loaders, start: Start, co
     if count := sum(map(len, shapes.values())):
         bookkeeping.say(f"compiling {count} program{'s' * (count > 1)} before the first step ...")
     # each program's arguments before its batch (a blank one of the shape: all padding); the merge has none
-    arguments = dict(training=(state, frozen), evaluation=(state.params, with_reference(state, frozen)))
-    arguments |= dict(reference=(start.reference_weights,), merge=(frozen.base, state.params))
+    hyper, reference = config.hyperparameters(), with_reference(state, frozen)
+    arguments = dict(training=(state, frozen, hyper), evaluation=(state.params, reference, hyper))
+    arguments |= dict(reference=(start.reference_weights, hyper), merge=(frozen.base, state.params))
     with jax.set_mesh(mesh):  # traced one after another (tracing holds the GIL), then compiled on threads
         blank = lambda kind, shape: [sharding.global_batch(batches.blank(kind, shape), mesh)] if shape else []
         lowered = {(k, s): steps[k].lower(*arguments[k], *blank(k, s)) for k in shapes for s in shapes[k]}
@@ -836,12 +864,12 @@ class Start(NamedTuple):
     reference_weights: dict | None  # precompute: the reference's weights while a cache lacks log-probs
 
 
-def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer) -> Start:
+def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs) -> Start:
     """What trains (the model, or LoRA's adapters) resumes from the newest checkpoint that loads, or starts
     fresh; the frozen weights are LoRA's base and the reference (live: its weights; precompute: its caches
     of log-probs, and its weights while they lack some)."""
     arch, mesh = inputs.arch, inputs.mesh
-    create = partial(TrainState.create, optimizer=optimizer)
+    create = partial(TrainState.create, optimizer=make_optimizer(config))
     lora = model.lora_weights(arch, config.lora_rank, config.lora_targets) if config.lora_rank else None
     compute_dtype, reference_dtype = map(model.dtype_of, (config.compute_dtype, config.reference_dtype))
     base = model.load_params(inputs.model_dir, arch, mesh, dtype=compute_dtype) if lora else None
@@ -870,22 +898,22 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs, optimizer
     return Start(state, resume_step, Frozen(base, reference), [], None)
 
 
-def precompute_reference(programs: Programs, start: Start, mesh) -> list[np.ndarray]:
+def precompute_reference(programs: Programs, start: Start, hyper: dict, mesh) -> list[np.ndarray]:
     """reference_mode precompute: the reference's log-probs of every pair that its caches lack, by the
     compiled forward pass, kept as they come (bookkeeping.ReferenceCache); then each cache's table [n, 2]."""
     for cache in start.caches:  # one cache may serve both (finish: nothing left to do)
         for rows, batch in cache.batches():
-            logps = programs("reference", start.reference_weights, sharding.global_batch(batch, mesh))
+            logps = programs("reference", start.reference_weights, hyper, sharding.global_batch(batch, mesh))
             cache.record(rows, sharding.to_host(logps))
         cache.finish()
     return [cache.logps for cache in start.caches]
 
 
-def evaluate(evaluation, params, frozen: Frozen, batches, mesh) -> dict[str, float]:
+def evaluate(evaluation, params, frozen: Frozen, hyper: dict, batches, mesh) -> dict[str, float]:
     """The eval/ metrics over every batch: their sums added up, then divided once."""
     totals, progress = {}, bookkeeping.Progress("evaluation", "batches")
     for batch in batches:
-        sums = evaluation(params, frozen, sharding.global_batch(batch, mesh))
+        sums = evaluation(params, frozen, hyper, sharding.global_batch(batch, mesh))
         for k, v in jax.device_get(sums).items():
             totals[k] = totals.get(k, 0.0) + float(v)
         progress.advance(1)
@@ -906,17 +934,19 @@ def main(config: Config) -> Path:
     bookkeeping.use_compilation_cache(config.compilation_cache_dir)
     with bookkeeping.open_run(config) as (run, config, inputs, batches):
         # --- the state, the programs; the batches from where the state stands
-        mesh, optimizer = inputs.mesh, make_optimizer(config)
+        mesh, hyper = inputs.mesh, config.hyperparameters()
         with jax.set_mesh(mesh):
-            start = start_state(run, config, inputs, optimizer)
-        programs = compile_programs(make_steps(inputs.arch, config, optimizer), batches, start, config, mesh)
+            start = start_state(run, config, inputs)
+        programs = compile_programs(make_steps(inputs.arch, config), batches, start, config, mesh)
         with jax.set_mesh(mesh):
-            tables = precompute_reference(programs, start, mesh)
+            tables = precompute_reference(programs, start, hyper, mesh)
         start = start._replace(reference_weights=None)  # freed: training never reads them
         state, frozen, done = start.state, start.frozen, start.resume_step or 0  # done: steps taken before
         train_batches, evaluation = batches.train(done, *tables[:1]), partial(programs, "evaluation")
         validation = lambda: batches.validation(*tables[1:])
-        eval_now = lambda s: evaluate(evaluation, s.params, with_reference(s, frozen), validation(), mesh)
+        eval_now = lambda s: evaluate(
+            evaluation, s.params, with_reference(s, frozen), hyper, validation(), mesh
+        )
         files = bookkeeping.export_files(config, inputs)
 
         # --- the loop
@@ -934,7 +964,9 @@ def main(config: Config) -> Path:
                     f"batch {config.train_batch_size} pairs, compute {dtype}")  # fmt: skip
                 upcoming = next(train_batches)
             for step in range(done + 1, config.num_train_steps + 1):
-                state, metrics = programs("training", state, frozen, sharding.global_batch(upcoming, mesh))
+                state, metrics = programs(
+                    "training", state, frozen, hyper, sharding.global_batch(upcoming, mesh)
+                )
                 if step < config.num_train_steps:  # dispatch is async: read the next batch while it runs
                     upcoming = next(train_batches)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -165,8 +165,10 @@ def f_divergence_score(x, config):
         return 1 - jnp.exp(-x)
     if kind == "js_divergence":
         return jnp.log(2.0) + log_s(x)
-    if kind == "alpha_divergence" and abs(a - 1) >= 1e-6:  # a = 1 is its limit, reverse_kl
-        return jnp.expm1(jnp.minimum((a - 1) * x, 80.0)) / (a - 1)  # capped as TRL, to stay finite
+    if kind == "alpha_divergence":  # a = 1 is its limit, reverse_kl; `a` is a step's input (dpo.SWEPT)
+        limit = jnp.abs(a - 1) < 1e-6
+        d = jnp.where(limit, 1.0, a - 1)  # finite where its branch is not taken, so is the gradient
+        return jnp.where(limit, x, jnp.expm1(jnp.minimum(d * x, 80.0)) / d)  # capped as TRL, to stay finite
     return x
 
 

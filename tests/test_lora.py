@@ -87,8 +87,10 @@ def test_adapters_are_sharded_like_their_weights_and_a_mesh_equals_one_device(de
             for array, w in zip(jax.tree.leaves(lora), jax.tree.leaves(table), strict=True):
                 assert array.sharding.spec == w.spec  # A like the input axes, B like the output axes
             state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(lora)
-            train_step = dpo.make_steps(arch, config, optimizer)["training"]
-            _, metrics = train_step(state, dpo.Frozen(base, base), sharding.global_batch(batch, mesh))
+            train_step = dpo.make_steps(arch, config)["training"]
+            _, metrics = train_step(
+                state, dpo.Frozen(base, base), config.hyperparameters(), sharding.global_batch(batch, mesh)
+            )
             results.append(jax.device_get(metrics))
     # the loss and margins cancel: to the rounding floor of their log-probs (tests/_tolerance.py)
     keys = ("loss", "grad_norm", "rewards/margins", "logps/chosen")

@@ -242,13 +242,15 @@ def one_step(demo, mesh, batch=None, **settings):
         batch = next(data.train_batches(dataset, range(len(dataset)), batch_size=16, seed=0, max_seq_len=64))
     arch, optimizer = model.load_config(model_dir), dpo.make_optimizer(config)
     with jax.set_mesh(mesh):
-        train_step = dpo.make_steps(arch, config, optimizer)["training"]
+        train_step = dpo.make_steps(arch, config)["training"]
         state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(
             model.load_params(model_dir, arch, mesh)
         )
         # A reference that differs from the policy, so that the log-ratios are not all zero.
         reference = model.init_params(arch, jax.random.key(1), mesh) if config.uses_reference else None
-        state, metrics = train_step(state, dpo.Frozen(None, reference), sharding.global_batch(batch, mesh))
+        state, metrics = train_step(
+            state, dpo.Frozen(None, reference), config.hyperparameters(), sharding.global_batch(batch, mesh)
+        )
     return jax.device_get(metrics), batch
 
 

@@ -228,11 +228,14 @@ def test_orpo_loss_and_metrics_match_trl_and_it_runs_without_a_reference(pairs):
     dataset, arch = pairs  # a train step holds and runs no reference
     with jax.set_mesh(ONE_DEVICE):
         optimizer = dpo.make_optimizer(config)
-        train_step = dpo.make_steps(arch, config, optimizer)["training"]
+        train_step = dpo.make_steps(arch, config)["training"]
         create = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))  # fresh buffers: donated
         state = create(model.init_params(arch, jax.random.key(0), ONE_DEVICE))
         _, metrics = train_step(
-            state, dpo.Frozen(None, None), sharding.global_batch(batch_of(dataset, "both"), ONE_DEVICE)
+            state,
+            dpo.Frozen(None, None),
+            config.hyperparameters(),
+            sharding.global_batch(batch_of(dataset, "both"), ONE_DEVICE),
         )
     assert np.isfinite(float(metrics["loss"])) and {"log_odds_ratio", "log_odds_chosen", "nll_loss"} <= set(
         metrics
@@ -283,13 +286,17 @@ def test_wpo_with_sft_over_microbatches_equals_one_batch(pairs):  # noqa: F811
         config = dpo.Config(microbatch_size=micro, loss_type=("sigmoid", "sft"), **settings)
         with jax.set_mesh(ONE_DEVICE):
             optimizer = dpo.make_optimizer(config)
-            train_step = dpo.make_steps(arch, config, optimizer)["training"]
+            train_step = dpo.make_steps(arch, config)["training"]
             create = jax.jit(lambda p, o=optimizer: dpo.TrainState.create(p, o))
             state = create(model.init_params(arch, jax.random.key(0), ONE_DEVICE))
             reference = model.init_params(arch, jax.random.key(1), ONE_DEVICE)
             rows = 1 if micro is None else 2
             batch = sharding.global_batch(batch_of(dataset, "both", row_multiple=rows), ONE_DEVICE)
-            results.append(jax.device_get(train_step(state, dpo.Frozen(None, reference), batch)[1]))
+            results.append(
+                jax.device_get(
+                    train_step(state, dpo.Frozen(None, reference), config.hyperparameters(), batch)[1]
+                )
+            )
     for key in ("loss", "grad_norm"):
         assert float(results[1][key]) == pytest.approx(float(results[0][key]), rel=1e-5), key
 

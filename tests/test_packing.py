@@ -185,15 +185,17 @@ def test_train_and_eval_steps_match_with_microbatches_and_a_precomputed_referenc
         )
         optimizer = dpo.make_optimizer(config)
         with jax.set_mesh(mesh):
-            steps = dpo.make_steps(arch, config, optimizer)
+            steps = dpo.make_steps(arch, config)
             train_step, eval_step = steps["training"], steps["evaluation"]
             state = jax.jit(lambda p, o=optimizer: dpo.TrainState.create(p, o))(
                 model.init_params(arch, jax.random.key(0), mesh)
             )
             rows = 4 * (micro and config.train_batch_size // micro or 1)
             batch = sharding.global_batch(batch_of(dataset, kind, row_multiple=rows, reference=table), mesh)
-            sums = jax.device_get(eval_step(state.params, dpo.Frozen(None, None), batch))
-            _, metrics = train_step(state, dpo.Frozen(None, None), batch)
+            sums = jax.device_get(
+                eval_step(state.params, dpo.Frozen(None, None), config.hyperparameters(), batch)
+            )
+            _, metrics = train_step(state, dpo.Frozen(None, None), config.hyperparameters(), batch)
             runs.append((dpo.normalize(sums), jax.device_get(metrics)))
     keys = ("loss", "rewards/margins", "logps/chosen", "entropy", "mean_token_accuracy", "logits/rejected")
     for (sums, metrics), (plain_sums, plain_metrics) in zip(runs[1:], [runs[0]] * 2, strict=True):
@@ -218,11 +220,17 @@ def test_evaluation_runs_in_training_microbatches(pairs):
             config = dpo.Config(
                 train_data="x", train_batch_size=8, microbatch_size=micro, logits_chunk_size=64
             )
-            eval_step = dpo.make_steps(arch, config, dpo.make_optimizer(config))["evaluation"]
-            compiled = eval_step.lower(params, dpo.Frozen(None, reference), batch).compile()
+            eval_step = dpo.make_steps(arch, config)["evaluation"]
+            compiled = eval_step.lower(
+                params, dpo.Frozen(None, reference), config.hyperparameters(), batch
+            ).compile()
             temp.append(compiled.memory_analysis().temp_size_in_bytes)
             metrics.append(
-                dpo.normalize(jax.device_get(compiled(params, dpo.Frozen(None, reference), batch)))
+                dpo.normalize(
+                    jax.device_get(
+                        compiled(params, dpo.Frozen(None, reference), config.hyperparameters(), batch)
+                    )
+                )
             )
     assert temp[1] < temp[0], temp
     assert_metrics_close(metrics[1], metrics[0], metrics[0].keys(), config.beta)
@@ -238,9 +246,16 @@ def test_packed_evaluation_leaves_out_the_fill_up_copies_and_sums_the_same(pairs
     )
     with jax.set_mesh(ONE_DEVICE):
         params, reference = (model.init_params(arch, jax.random.key(seed), ONE_DEVICE) for seed in (0, 1))
-        eval_step = dpo.make_steps(arch, config, dpo.make_optimizer(config))["evaluation"]
+        eval_step = dpo.make_steps(arch, config)["evaluation"]
         plain, packed = (
-            dpo.evaluate(eval_step, params, dpo.Frozen(None, reference), batches(layout), ONE_DEVICE)
+            dpo.evaluate(
+                eval_step,
+                params,
+                dpo.Frozen(None, reference),
+                config.hyperparameters(),
+                batches(layout),
+                ONE_DEVICE,
+            )
             for layout in (None, data.Layout(True, True))
         )
     last = list(batches(data.Layout(True, True)))[-1]

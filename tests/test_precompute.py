@@ -37,9 +37,9 @@ def precompute(model_dir, tokenized) -> np.ndarray:
     with jax.set_mesh(mesh):
         cache = bookkeeping.ReferenceCache(data.PairDataset(tokenized), model_dir, config)
         weights = model.load_params(model_dir, arch, mesh)
-        programs = dpo.Programs(dpo.make_steps(arch, config, dpo.make_optimizer(config)), {})
+        programs = dpo.Programs(dpo.make_steps(arch, config), {})
         start = dpo.Start(None, None, dpo.Frozen(None, None), [cache], weights)
-        return dpo.precompute_reference(programs, start, mesh)[0]
+        return dpo.precompute_reference(programs, start, config.hyperparameters(), mesh)[0]
 
 
 def test_precomputed_reference_trains_like_the_live_one(demo, capsys):

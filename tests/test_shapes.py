@@ -109,7 +109,7 @@ def test_planned_shapes_give_the_same_loss_as_each_batchs_own(pairs):  # noqa: F
     steps += [(order[12 + 4 * i : 16 + 4 * i], np.ones(4, np.float32)) for i in range(2)]
     with jax.set_mesh(mesh):
         params, reference = (model.init_params(arch, jax.random.key(seed), mesh) for seed in (0, 1))
-        eval_step = dpo.make_steps(arch, config, dpo.make_optimizer(config))["evaluation"]
+        eval_step = dpo.make_steps(arch, config)["evaluation"]
         for layout in LAYOUTS.values():
             layout = layout and layout._replace(row_multiple=2)
             shapes = data.plan_shapes(dataset, steps, count=2, max_seq_len=256, layout=layout)
@@ -121,7 +121,12 @@ def test_planned_shapes_give_the_same_loss_as_each_batchs_own(pairs):  # noqa: F
                 sums = [
                     dpo.normalize(
                         jax.device_get(
-                            eval_step(params, dpo.Frozen(None, reference), sharding.global_batch(b, mesh))
+                            eval_step(
+                                params,
+                                dpo.Frozen(None, reference),
+                                config.hyperparameters(),
+                                sharding.global_batch(b, mesh),
+                            )
                         )
                     )
                     for b in (planned, own)
@@ -129,21 +134,29 @@ def test_planned_shapes_give_the_same_loss_as_each_batchs_own(pairs):  # noqa: F
                 assert_metrics_close(*sums, sums[1].keys(), config.beta, losses=1)
 
 
-def test_a_second_run_compiles_nothing_and_says_so(tmp_path):
-    """Two runs of the same settings in two run directories: the second adds no entry to the compilation
-    cache and says its programs came from it (a rerun, a resume or a second run alike)."""
-    cache = tmp_path / "cache"
+def test_a_sweep_compiles_nothing_after_its_first_run_and_says_so(tmp_path):
+    """A first run, then a run of the same shapes with every setting a sweep changes changed (dpo.SWEPT and
+    the schedule's): the second adds no entry to the compilation cache and says its programs came from it
+    (a rerun, a resume or a sweep alike), and its numbers are those of the same run compiled afresh."""
+    swept = dict(
+        beta=0.3, learning_rate=2e-3, label_smoothing=0.1, warmup=1, cooldown=0.5, num_train_steps=3,
+        min_lr_ratio=0.1, weight_decay=0.01, max_grad_norm=0.5,
+    )  # fmt: skip
     runs = []
-    for name in ("first", "second"):
+    for name, cache, changed in [
+        ("first", "cache", {}),
+        ("second", "cache", swept),
+        ("afresh", "own", swept),
+    ]:
         settings = dict(
             output_dir=tmp_path / name,
-            compilation_cache_dir=cache,
+            compilation_cache_dir=tmp_path / cache,
             num_train_steps=2,
             steps_per_eval=2,
             max_eval_batches=2,
             train_batch_size=8,
         )
-        flags = [f"--config.{key.replace('_', '-')}={value}" for key, value in settings.items()]
+        flags = [f"--config.{key.replace('_', '-')}={value}" for key, value in (settings | changed).items()]
         done = subprocess.run(
             [sys.executable, os.path.join(ROOT, "dpo.py"), *flags],
             cwd=tmp_path,
@@ -152,13 +165,22 @@ def test_a_second_run_compiles_nothing_and_says_so(tmp_path):
             env=os.environ | {"DPO_TRACEBACK": "1"},
         )
         assert done.returncode == 0, done.stderr
-        runs.append((done.stdout, sorted(p.name for p in cache.iterdir())))
-    (first, entries), (second, again) = runs
+        runs.append((done.stdout, sorted(p.name for p in (tmp_path / cache).iterdir())))
+    (first, entries), (second, again), _ = runs
     line = lambda out: next(x for x in out.splitlines() if x.startswith("programs: compiled"))
     assert "0 of" in line(first) and entries
     count = line(second).split(" from the cache")[0].rsplit(" of ", 1)
     assert count[0].endswith(count[1]) and int(count[1]) >= 2, line(second)  # "..., N of N from the cache"
     assert again == entries
-    metrics = [json.loads(x) for x in (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
-    assert not list(itertools.chain(cache.glob("*.tmp"), cache.glob("*-tmp")))
+    metrics = {
+        name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("second", "afresh")
+    }
+    assert [m["step"] for m in metrics["second"] if "loss" in m] == [1, 2, 3]
+    timing = "throughput/tokens_per_second"
+    equal = lambda m: [{k: v for k, v in record.items() if k != timing} for record in m]
+    assert equal(metrics["second"]) == equal(metrics["afresh"])  # bit for bit
+    lr = {m["step"]: m["learning_rate"] for m in metrics["second"] if "loss" in m}  # at the step's start
+    # warmup 1 step, then linear toward min_lr (2e-4) at step 3: halfway at the last step's start
+    assert lr == {1: 0.0, 2: pytest.approx(2e-3), 3: pytest.approx(1.1e-3)}
+    assert not list(itertools.chain((tmp_path / "cache").glob("*.tmp"), (tmp_path / "cache").glob("*-tmp")))
