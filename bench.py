@@ -6,7 +6,7 @@
     python bench.py --device cpu --only memory        # the computed memory plan (and a compiled cross-check)
 
 Sections:
-  logps     dpo.token_logps (chunked LM head + log-softmax) against full logits, value and gradient:
+  logps     model.token_logps (chunked LM head + log-softmax) against full logits, value and gradient:
             compiled peak memory at Llama 3 sizes, and time.
   step      one DPO train step with random weights: tokens/s, MFU (model.step_flops over the real tokens,
             divided by the chips' dense bf16 peak), compile time, compiled peak memory; variants
@@ -160,7 +160,7 @@ def naive_logps(hidden, lm_head, targets, mask):
 
 def bench_logps(on_cpu: bool, dtype, time_tokens: int | None) -> dict:
     chunk = dpo.Config().logits_chunk_size
-    fused = lambda h, w, t, m: dpo.token_logps(h, w, t, m, chunk_size=chunk)[0].sum(-1)
+    fused = lambda h, w, t, m: model.token_logps(h, w, t, m, chunk_size=chunk)[0].sum(-1)
     grad = lambda fn: jax.jit(jax.grad(lambda h, w, t, m: jnp.sum(fn(h, w, t, m)), argnums=(0, 1)))
     d, v = 4096, 128256
 

@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -85,8 +86,12 @@ def check_run_dir(run: Path, config) -> None:
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"output_dir {run}: {folder} is a file, not a directory")
     own = run.resolve()
-    for name in ["model_name_or_path", "reference_model_path", "tokenizer", "train_data", "validation_data"]:
-        value = getattr(config, name)
+    inputs = [(n, getattr(config, n)) for n in ("model_name_or_path", "reference_model_path", "tokenizer")]
+    inputs += [
+        ("train_data", config.train_data),
+        *(("validation_data", v) for v in config.validation_data or ()),
+    ]
+    for name, value in inputs:
         if name == "model_name_or_path" and value == "demo":  # made inside the run directory, as it should be
             continue
         where = Path(value).resolve() if value and Path(value).exists() else None
@@ -126,10 +131,12 @@ def _difference(run: Path, config) -> tuple[str, str] | None:
 
 def _as_computed(fields: dict) -> dict:
     """A config's fields with the values that compute the same thing spelled one way: lora_alpha None is
-    2 * lora_rank, and lora_targets is a set."""
-    alpha, rank = fields.get("lora_alpha"), fields.get("lora_rank", 0)
+    2 * lora_rank, lora_targets is a set, and one validation set may be a string (as before #36)."""
+    alpha, rank, sets = fields.get("lora_alpha"), fields.get("lora_rank", 0), fields.get("validation_data")
     return fields | dict(
-        lora_alpha=2 * rank if alpha is None else alpha, lora_targets=sorted(fields["lora_targets"])
+        lora_alpha=2 * rank if alpha is None else alpha,
+        lora_targets=sorted(fields["lora_targets"]),
+        validation_data=[sets] if isinstance(sets, str) else sets,
     )
 
 
@@ -252,9 +259,8 @@ class Inputs(NamedTuple):
     mesh: jax.sharding.Mesh
     tokenizer_dir: Path
     train_set: data.PairDataset
-    val_set: data.PairDataset
     train_idx: np.ndarray
-    val_idx: np.ndarray
+    validation: dict[str, tuple[data.PairDataset, np.ndarray]]  # each set by name: its pairs, the rows used
     data_id: str  # a hash of the tokenized data's summaries: checkpoints record it
 
 
@@ -292,38 +298,59 @@ def load_inputs(run: Path, config) -> Inputs:
             say(f"warning: {name} ({steps} steps) is longer than the run ({config.num_train_steps} steps)")
     tokenizer = config.tokenizer or str(model_dir)
     tokenizer_dir = resolved("tokenizer") if config.tokenizer else model_dir
-    train_set = prepare_data("train", tokenizer, run, config)
-    if config.validation_data is not None:
-        val_set = prepare_data("validation", tokenizer, run, config)
-        train_idx, val_idx = np.arange(len(train_set)), np.arange(len(val_set))
-        if config.validation_split_fraction is not None:
-            say(f"validation: {config.validation_data} (so validation_split_fraction is not used)")
-        if sharding.is_writer():  # it only says something
-            check_validation(train_set, val_set)
-    else:
-        val_set = train_set
-        fraction, copies = config.validation_split_fraction, train_set.first_copy  # copies stay on one side
-        train_idx, val_idx = data.split_indices(len(train_set), fraction, config.seed, copies)
-    for dataset in {train_set.path: train_set, val_set.path: val_set}.values():
+    train_set = prepare_data(
+        "train", Path(config.train_data or "").name, config.train_data, tokenizer, run, config
+    )
+    train_idx, validation = validation_sets(run, config, tokenizer, train_set)
+    datasets = [train_set, *(dataset for dataset, _ in validation.values())]
+    for dataset in {dataset.path: dataset for dataset in datasets}.values():
         check_vocabulary(dataset, arch, tokenizer_dir)
-    say(f"data: {len(train_idx)} training pairs, {len(val_idx)} validation pairs")
-    summaries = b"".join((dataset.path / "summary.json").read_bytes() for dataset in (train_set, val_set))
+    named = lambda name: f" in {name}" if len(validation) > 1 else ""
+    pairs = ", ".join(f"{len(rows)} validation pairs{named(name)}" for name, (_, rows) in validation.items())
+    say(f"data: {len(train_idx)} training pairs, {pairs}")
+    summaries = b"".join((dataset.path / "summary.json").read_bytes() for dataset in datasets)
     data_id = hashlib.sha256(summaries).hexdigest()[:16]
     return Inputs(
-        model_dir, reference_dir, arch, mesh, tokenizer_dir, train_set, val_set, train_idx, val_idx, data_id
+        model_dir, reference_dir, arch, mesh, tokenizer_dir, train_set, train_idx, validation, data_id
     )
 
 
-def prepare_data(role: str, tokenizer: str, run: Path, config) -> data.PairDataset:
-    """train_data or validation_data (with train_split or validation_split), as `role` says: a data.py
-    output dir as it is; raw data is tokenized once into the run's data/ (process 0). That copy is made
-    again when the raw data or its settings change, unless the run has checkpoints to resume."""
-    source, split = getattr(config, f"{role}_data"), getattr(config, f"{role}_split")
+def validation_sets(run: Path, config, tokenizer: str, train_set: data.PairDataset):
+    """(the training rows, the validation sets by name: (their pairs, the rows evaluated)): validation_data's
+    sets, each SOURCE (named by its file or dataset name) or NAME=SOURCE; else a split of the training
+    data."""
+    if config.validation_data is None:
+        fraction, copies = config.validation_split_fraction, train_set.first_copy  # copies stay on one side
+        train_idx, val_idx = data.split_indices(len(train_set), fraction, config.seed, copies)
+        return train_idx, {"validation": (train_set, val_idx)}
+    named = [source.split("=", 1) if re.match(r"[\w.-]+=", source) else [Path(source).stem, source]
+             for source in config.validation_data]  # fmt: skip
+    names = [name for name, _ in named]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(
+            f"validation_data: more than one set is named {', '.join(twice)}: NAME=SOURCE names one"
+        )
+    if config.validation_split_fraction is not None:
+        say(f"validation: {' '.join(config.validation_data)} (so validation_split_fraction is not used)")
+    sets = {name: prepare_data("validation", name, source, tokenizer, run, config) for name, source in named}
+    if sharding.is_writer():  # it only says something
+        for dataset in sets.values():
+            check_validation(train_set, dataset)
+    return np.arange(len(train_set)), {
+        name: (dataset, np.arange(len(dataset))) for name, dataset in sets.items()
+    }
+
+
+def prepare_data(role: str, name: str, source: str, tokenizer: str, run: Path, config) -> data.PairDataset:
+    """The training data or a validation set, as `role` says (with train_split or validation_split): a
+    data.py output dir as it is; raw data is tokenized once into the run's data/ (process 0). That copy is
+    made again when the raw data or its settings change, unless the run has checkpoints to resume."""
+    split = getattr(config, f"{role}_split")
     if data.is_tokenized(source):
         dataset = data.PairDataset(source)
         _check_template_kwargs(dataset, role, config)
         return dataset
-    out = run / "data" / f"{role}-{Path(source).name or 'data'}-{split}"  # training and validation apart
+    out = run / "data" / f"{role}-{name or 'data'}-{split}"  # training and each validation set apart
     replace = config.overwrite or not saved_steps(run)
     if sharding.is_writer():
         try:
@@ -401,16 +428,16 @@ def check_vocabulary(dataset: data.PairDataset, arch: model.LlamaConfig, tokeniz
 
 class Loaders(NamedTuple):
     train: Callable  # (start_step, reference=None) -> the training batches from that step on
-    validation: Callable  # (reference=None) -> a pass over the validation batches
+    validation: Callable  # (name, reference=None) -> a pass over that validation set's batches
     shapes: dict  # "training", "evaluation" -> the batch shapes planned for them (data.plan_shapes)
     blank: Callable  # (kind, shape) -> a batch of that shape, all padding: what its program compiles on
 
 
 def loaders(config, inputs: Inputs) -> Loaders:
-    """The training batches from where a run starts, a pass over the validation pairs (the first
+    """The training batches from where a run starts, a pass over each validation set's pairs (the first
     max_eval_batches batches' worth, shortest first: the sums do not care about order, and like lengths pad
     less), and the few batch shapes that every batch of the run is laid out in, planned over all of the
-    run's steps and its validation pass so that they compile before the first step. Planning is the last
+    run's steps and its validation passes so that they compile before the first step. Planning is the last
     check on the data (too few pairs for a batch, tokenized pairs over max_seq_len): it runs before the
     run directory is written. `reference`: the precomputed reference's log-probs of each pair, by row."""
     # Packed rows split evenly over the batch axes' devices and the microbatches (evaluation's too).
@@ -419,24 +446,24 @@ def loaders(config, inputs: Inputs) -> Loaders:
     layout = data.Layout(config.prefix_sharing, config.packing, row_multiple=rows)
     size, processes = config.train_batch_size, dict(process_count=jax.process_count())
     cap = None if config.max_eval_batches is None else config.max_eval_batches * size
-    val_idx = data.by_length(inputs.val_set, inputs.val_idx[:cap])
     shuffle = dict(batch_size=size, seed=config.seed, group_by_length=config.group_by_length)
     order = data.train_order(inputs.train_set, inputs.train_idx, **shuffle)
-    orders = dict(
-        training=(
-            inputs.train_set,
-            [order(step) for step in range(config.num_train_steps)],
-            data.TRAIN_SHAPES,
-        ),
-        evaluation=(inputs.val_set, data.eval_order(val_idx, size), data.EVAL_SHAPES),
-    )
     # Planned over the whole run whatever the start, so that a resumed run meets the programs it compiled
-    # before (from the cache).
+    # before (from the cache); each validation set's pass apart.
     plan = dict(max_seq_len=config.max_seq_len, layout=layout, **processes)
-    shapes = {
-        kind: data.plan_shapes(dataset, batches, count=count, **plan) if batches else []
-        for kind, (dataset, batches, count) in orders.items()
+    planned = lambda dataset, batches, count: (
+        data.plan_shapes(dataset, batches, count=count, **plan) if batches else []
+    )
+    steps = [order(step) for step in range(config.num_train_steps)]
+    evaluated = {name: (d, data.by_length(d, rows[:cap])) for name, (d, rows) in inputs.validation.items()}
+    passes = {
+        name: planned(d, data.eval_order(rows, size), data.EVAL_SHAPES)
+        for name, (d, rows) in evaluated.items()
     }
+    shapes = dict(
+        training=planned(inputs.train_set, steps, data.TRAIN_SHAPES),
+        evaluation=list(dict.fromkeys(shape for each in passes.values() for shape in each)),
+    )
     common = dict(
         max_seq_len=config.max_seq_len, process_index=jax.process_index(), layout=layout, **processes
     )
@@ -449,9 +476,8 @@ def loaders(config, inputs: Inputs) -> Loaders:
         **shuffle,
         **common,
     )
-    evaluation = dict(shapes=shapes["evaluation"], batch_size=size, **common)
-    validation = lambda reference=None: data.eval_batches(
-        inputs.val_set, val_idx, reference=reference, **evaluation
+    validation = lambda name, reference=None: data.eval_batches(
+        *evaluated[name], reference=reference, shapes=passes[name], batch_size=size, **common
     )
     with_reference = lambda kind: (
         config.reference_mode == "precompute" and kind != "reference"
@@ -600,11 +626,13 @@ def _reference_key(reference_dir: Path, dataset: data.PairDataset, config) -> st
 
 
 def reference_caches(inputs: Inputs, config) -> list[ReferenceCache]:
-    """The precomputed reference's caches of the training and the validation pairs: the same cache twice where
-    the validation pairs are a split of the training data, so that its pass runs once."""
-    train = ReferenceCache(inputs.train_set, inputs.reference_dir, config)
-    same = inputs.val_set.path == inputs.train_set.path
-    return [train, train if same else ReferenceCache(inputs.val_set, inputs.reference_dir, config)]
+    """The precomputed reference's caches of the training pairs and of each validation set, in that order:
+    one cache for every use of one dataset (a split of the training data), so that its pass runs once."""
+    datasets, caches = [inputs.train_set, *(dataset for dataset, _ in inputs.validation.values())], {}
+    for dataset in datasets:
+        if dataset.path not in caches:
+            caches[dataset.path] = ReferenceCache(dataset, inputs.reference_dir, config)
+    return [caches[dataset.path] for dataset in datasets]
 
 
 class ReferenceCache:
@@ -718,7 +746,7 @@ class MetricsLog:
         kept = [line for line in lines if 0 <= _step_of(line) <= resume_step]
         with sharding.atomic(self.path) as tmp:  # replaced whole: a crash here loses no lines
             tmp.write_text("".join(line + "\n" for line in kept))
-        self.evaluated = {_step_of(line) for line in kept if "eval/loss" in json.loads(line)}
+        self.evaluated = {_step_of(line) for line in kept if eval_sets([json.loads(line)])}
         if config.wandb_project:
             try:
                 import wandb
@@ -763,9 +791,17 @@ class MetricsLog:
 
     def eval(self, step: int, metrics: dict[str, float]) -> None:
         self.write(step, metrics)
-        say(
-            f"step {step} | eval loss {metrics['eval/loss']:.4f} acc {metrics['eval/rewards/accuracies']:.3f}"
-        )
+        for prefix in eval_sets([metrics]):  # "eval/", or "eval/NAME/" for each of several sets
+            name = prefix[len("eval/") : -1] + " " if prefix != "eval/" else ""
+            loss, accuracy = metrics[f"{prefix}loss"], metrics[f"{prefix}rewards/accuracies"]
+            say(f"step {step} | eval {name}loss {loss:.4f} acc {accuracy:.3f}")
+
+
+def eval_sets(records: list[dict]) -> list[str]:
+    """The key prefixes of the validation sets in metrics records: "eval/" for one set, "eval/NAME/" for each
+    of several (dpo.evaluate)."""
+    keys = {key for record in records for key in record}
+    return sorted(key[: -len("loss")] for key in keys if key.startswith("eval/") and key.endswith("/loss"))
 
 
 def skipped_at_resume(run: Path, done: int, config, log: MetricsLog) -> tuple[bool, bool]:
@@ -985,7 +1021,7 @@ def write_report(
     lines = [
         json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if _step_of(line) >= 0
     ]
-    train, evals = [m for m in lines if "loss" in m], [m for m in lines if "eval/loss" in m]
+    train, evals = [m for m in lines if "loss" in m], [m for m in lines if eval_sets([m])]
     changed = [f"| `{k}` | `{v}` |" for k, v in config.items() if k in defaults and v != defaults[k]]
     mean = lambda key: np.mean([m[key] for m in train if key in m]) if any(key in m for m in train) else None
     rate, mfu = mean("throughput/tokens_per_second"), mean("throughput/mfu")
@@ -993,8 +1029,7 @@ def write_report(
     text = [
         f"# Run report: {run.resolve().name}",
         f"model `{config['model_name_or_path']}`, data `{config['train_data'] or 'the demo pairs'}`, "
-        f"validation "
-        f"`{config['validation_data'] or 'a split of the data'}`",
+        f"validation `{' '.join(config['validation_data'] or ['a split of the data'])}`",
         f"steps {train[-1]['step'] if train else 0} of {config['num_train_steps']}"
         + (f", wall time {seconds:.0f} s" if seconds is not None else "")
         + (f", {rate:.0f} tokens/s" if rate is not None else "")
@@ -1006,8 +1041,11 @@ def write_report(
         "",
         f"final train (step {train[-1]['step'] if train else '-'}): "
         + final(train[-1] if train else {}, CURVES[:-1]),
-        f"final eval (step {evals[-1]['step'] if evals else '-'}): "
-        + final(evals[-1] if evals else {}, [f"eval/{k}" for k in CURVES[:-1]]),
+        *(
+            f"final {prefix[:-1]} (step {evals[-1]['step']}): "
+            + final(evals[-1], [prefix + k for k in CURVES[:-1]])
+            for prefix in eval_sets(evals[-1:])
+        ),
     ]
     text += [f"programs: {programs}"] if programs else []
     text += ["", _plot_curves(run, train, evals)]
@@ -1035,14 +1073,16 @@ def _plot_curves(run: Path, train: list[dict], evals: list[dict]) -> str:
 
 
 def curves_figure(train: list[dict], evals: list[dict]):
-    """A panel per CURVES key against steps: the train line and the eval line (metrics.jsonl's lines)."""
+    """A panel per CURVES key against steps: the train line and each validation set's eval line
+    (metrics.jsonl's lines)."""
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 3, figsize=(13, 7), layout="constrained")
+    lines = [("train", train, ""), *((prefix[:-1], evals, prefix) for prefix in eval_sets(evals))]
     for ax, key in zip(axes.flat, CURVES, strict=True):
-        for name, rows, field in (("train", train, key), ("eval", evals, f"eval/{key}")):
+        for name, rows, field in ((name, rows, prefix + key) for name, rows, prefix in lines):
             if points := [(m["step"], m[field]) for m in rows if field in m]:
-                ax.plot(*zip(*points, strict=True), label=name, marker="." if name == "eval" else None)
+                ax.plot(*zip(*points, strict=True), label=name, marker="." if rows is evals else None)
         ax.set(title=key, xlabel="step")
         if ax.get_lines():  # a run with no step yet has no train line
             ax.legend()

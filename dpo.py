@@ -14,10 +14,10 @@
 The DPO loss (Rafailov et al., 2023) for a pair (prompt x, chosen y_w, rejected y_l) is
     -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
 where pi is the policy being trained and ref the frozen starting model; losses.py holds it and its variants.
-Here, in order: Config; the batch layouts (rows_of) and pair_logps, one forward pass over chosen and rejected;
-the fused LM head and log-softmax (token_logps); the optimizer; the steps (the loop calls train_step, which
-takes the gradients of `loss`); Programs, compiled before step 1; main. bookkeeping.py keeps the run around
-the step. Left out on purpose: generation, KV caches, quantization, pipeline parallelism.
+Here, in order: Config; the batch layouts (rows_of) and pair_logps, one forward pass over chosen and rejected
+(model.forward, then model.token_logps: the fused LM head and log-softmax); the optimizer; the steps (the loop
+calls train_step, which takes the gradients of `loss`); Programs, compiled before step 1; main. bookkeeping.py
+keeps the run around the step. Left out on purpose: generation, KV caches, quantization, pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ class Config:
     chat_template_kwargs: str | None = None
     train_data: str | None = None  # data.py output dir, or raw data: Hub dataset id, dir, .parquet/.jsonl
     train_split: str = "train"  # split of a raw Hub dataset (UltraFeedback: train_prefs)
-    validation_data: str | None = None  # separate validation data; when given, used instead of a split
+    # separate validation sets, used instead of a split: each SOURCE or NAME=SOURCE, logged as eval/NAME/...
+    validation_data: tuple[str, ...] | None = None
     validation_split: str = "test"  # split of a raw Hub validation dataset (UltraFeedback: test_prefs)
     validation_split_fraction: float | None = 0.1  # train_data held out for eval when no validation_data
     max_seq_len: int = 2048  # longest side (tokens); raw data: longer pairs dropped; tokenized data: refused
@@ -144,6 +145,8 @@ class Config:
 
     def __post_init__(self):
         micro, frac = self.microbatch_size, self.validation_split_fraction
+        if isinstance(self.validation_data, str):  # one set, given as a string (Python, an old config.json)
+            object.__setattr__(self, "validation_data", (self.validation_data,))
         for name, value in dataclasses.asdict(self).items():
             need(not isinstance(value, float) or math.isfinite(value), f"{name} must be finite, got {value}")
         positive = (
@@ -161,6 +164,7 @@ class Config:
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(frac is None or 0 < frac < 1, f"validation_split_fraction must be in (0, 1) or None, got {frac}")
         need(frac is not None or self.validation_data, "validation_split_fraction None needs validation_data")
+        need(self.validation_data != (), "validation_data names no set: give one or more, or leave it out")
         need(self.max_seq_len >= 8, f"max_seq_len must be >= 8, got {self.max_seq_len}")
         need(self.lora_targets, f"lora_targets names no projection; give some of {' '.join(ADAPTABLE)}")
         need(len(self.lora_targets) == len(set(self.lora_targets)), "lora_targets: name each one once")
@@ -378,7 +382,7 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lor
     hidden = model.forward(params, rows.tokens, arch, compute_dtype=dtype, **rows.inputs, **options)
     whole = losses.reads_sequence(config.loss_type)
     mask = rows.scored | rows.chosen_sequence if whole else rows.scored
-    logps, stats = token_logps(hidden, lm_head, rows.targets, mask, config.logits_chunk_size)
+    logps, stats = model.token_logps(hidden, lm_head, rows.targets, mask, config.logits_chunk_size)
     sequence = None
     if whole:  # the chosen sequences' sums, then the scored targets' as without them
         chosen = lambda x: rows.by_pair(jnp.where(rows.chosen_sequence, x, 0))[:, 0]
@@ -387,161 +391,6 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lor
     if config.ld_alpha is not None:  # LD-DPO: the verbose part of the longer side counts ld_alpha
         logps = jnp.where(rows.tail, config.ld_alpha * logps, logps)
     return rows.by_pair(logps), jax.tree.map(rows.by_pair, stats), sequence
-
-
-# --- the fused LM head and log-softmax
-
-
-class TokenStats(NamedTuple):
-    """Per target, gradient-free, 0 where it is not scored: TRL's logit, entropy and accuracy metrics."""
-
-    mean_logit: jax.Array  # the mean logit over the vocabulary
-    entropy: jax.Array  # of the next-token distribution
-    argmax_hit: jax.Array  # 1 where the target is the argmax (its first id, as torch), else 0
-    wpo: jax.Array | None = None  # log p(target) - log sum_v p(v)^2: WPO's per-token weight (wpo_weights)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def token_logps(hidden, lm_head, targets, mask, chunk_size: int = 4096) -> tuple[jax.Array, TokenStats]:
-    """Log-probs of the scored targets, without ever materialising [N, T, V] logits.
-
-    hidden [N, T, D] final hidden states; lm_head [D, V]; targets [N, T] int (targets[n, t] is the
-    token after position t); mask [N, T] bool (True: targets[n, t] is scored). Returns [N, T] f32:
-        mask[n, t] * log_softmax(hidden[n, t] @ lm_head)[targets[n, t]]
-    and the TokenStats, each [N, T]. Computed over chunks of about `chunk_size` vocabulary entries: the
-    forward pass keeps a running log-sum-exp (f32) and the target's logit (_Running); the backward pass (a
-    custom VJP) recomputes one chunk's logits at a time, writes that chunk's LM-head gradient columns in place
-    and adds its share of the hidden-state gradient. Only one chunk's [N, T, C] logits are alive at any
-    moment, and no [D, V]-sized buffer is ever accumulated. Call it under a mesh (jax.set_mesh).
-    """
-    return _logps_forward(hidden, lm_head, targets, mask, chunk_size)[0]
-
-
-def _spec(x: jax.Array) -> tuple:
-    spec = tuple(jax.typeof(x).sharding.spec)
-    return spec + (None,) * (x.ndim - len(spec))
-
-
-def _chunking(lm_head: jax.Array, chunk_size: int) -> tuple[int, int, int]:
-    """(S, n, C): the head's vocabulary is split over S tensor-parallel shards (S = 1 without tensor
-    parallelism); each shard's columns are cut into n contiguous chunks of C."""
-    spec = _spec(lm_head)
-    axes = () if spec[1] is None else spec[1] if isinstance(spec[1], tuple) else (spec[1],)
-    shards = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
-    count = math.ceil(lm_head.shape[1] / chunk_size)
-    return shards, count, math.ceil(lm_head.shape[1] // shards / count)
-
-
-class _Chunk(NamedTuple):
-    """Chunk i of the LM head: C consecutive columns of every one of its S shards, so that it stays split over
-    the tensor axis like the whole head. The last chunk starts early enough to end at the shard's end; its
-    columns that the chunk before already covered are not new."""
-
-    head: jax.Array  # [D, S, C]
-    start: jax.Array  # where the chunk starts inside a shard
-    new: jax.Array  # [C] bool: the columns no chunk before covered
-    ids: jax.Array  # [S, C]: each new column's vocabulary id, -1 for the others
-    logits: jax.Array  # [N, T, S, C] f32, -inf in the columns that are not new
-
-
-def _chunk_logits(hidden, lm_head, i, chunk_size) -> _Chunk:
-    (d, v), (shards, _, width) = lm_head.shape, _chunking(lm_head, chunk_size)
-    # Viewing the head as [D, S, V/S] here, inside the loop, lets XLA slice it where it lies; the same
-    # reshape outside the loop made XLA:CPU copy the whole head.
-    view = jnp.reshape(lm_head, (d, shards, v // shards), out_sharding=P(*_spec(lm_head), None))
-    start = jnp.minimum(i * width, v // shards - width)
-    head = jax.lax.dynamic_slice_in_dim(view, start, width, axis=2)
-    logits = jnp.einsum("ntd,dsc->ntsc", hidden, head, preferred_element_type=jnp.float32)
-    offset = start + jnp.arange(width)  # column inside the shard
-    new = offset >= i * width
-    ids = jnp.where(new, jnp.arange(shards)[:, None] * (v // shards) + offset, -1)
-    return _Chunk(head, start, new, ids, jnp.where(new, logits, -jnp.inf))
-
-
-class _Running(NamedTuple):
-    """The forward pass's scan carry: per token [N, T], over the chunks so far."""
-
-    high: jax.Array  # the largest logit
-    first: jax.Array  # int32: the smallest vocabulary id holding it (the argmax as torch takes it)
-    total: jax.Array  # sum of exp(logit - high)
-    weighted: jax.Array  # sum of exp(logit - high) * logit
-    target: jax.Array  # the target's logit
-    plain: jax.Array  # sum of the logits
-    squared: jax.Array  # sum of exp(logit - high)^2 (WPO's sum of squared probabilities)
-
-
-def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
-    def step(running: _Running, i) -> tuple[_Running, None]:
-        chunk = _chunk_logits(hidden, lm_head, i, chunk_size)
-        top = chunk.logits.max((-2, -1))
-        high = jnp.maximum(running.high, top)
-        # The chunk's first id at its top: chunks do not come in id order (each spans every tensor shard).
-        at_top = jnp.where(chunk.logits == top[..., None, None], chunk.ids, jnp.iinfo(jnp.int32).max)
-        at_top = jnp.min(at_top, (-2, -1))
-        first = jnp.where(top == running.high, jnp.minimum(running.first, at_top), running.first)
-        shrink, exp = jnp.exp(running.high - high), jnp.exp(chunk.logits - high[..., None, None])
-        finite = jnp.where(chunk.new, chunk.logits, 0.0)
-        # A one-hot select rather than a gather: it stays local when the vocabulary is split.
-        target = jnp.sum(jnp.where(chunk.ids == targets[..., None, None], chunk.logits, 0.0), (-2, -1))
-        return _Running(
-            high=high,
-            first=jnp.where(top > running.high, at_top, first),
-            total=running.total * shrink + exp.sum((-2, -1)),
-            weighted=running.weighted * shrink + (exp * finite).sum((-2, -1)),
-            target=running.target + target,
-            plain=running.plain + finite.sum((-2, -1)),
-            squared=running.squared * shrink**2 + (exp * exp).sum((-2, -1)),
-        ), None
-
-    zero = jnp.zeros_like(hidden[..., 0], dtype=jnp.float32)  # [N, T], sharded like the rows
-    count = _chunking(lm_head, chunk_size)[1]
-    start = _Running(zero - jnp.inf, jnp.zeros_like(zero, dtype=jnp.int32), zero, zero, zero, zero, zero)
-    running, _ = jax.lax.scan(step, start, jnp.arange(count))
-    logsumexp = running.high + jnp.log(running.total)
-    logp = running.target - logsumexp
-    stats = TokenStats(
-        mean_logit=running.plain / lm_head.shape[1],
-        entropy=logsumexp - running.weighted / running.total,
-        argmax_hit=(running.first == targets).astype(jnp.float32),  # a tie counts for its first id only
-        # log sum_v p(v)^2 = log squared - 2 log total: both scaled by the same running maximum
-        wpo=logp - jnp.log(running.squared) + 2 * jnp.log(running.total),
-    )
-    stats = jax.lax.stop_gradient(jax.tree.map(lambda x: jnp.where(mask, x, 0.0), stats))
-    residuals = (hidden, lm_head, targets, mask, logsumexp)
-    return (jnp.where(mask, logp, 0.0), stats), residuals
-
-
-def _logps_backward(chunk_size, residuals, grads):
-    hidden, lm_head, targets, mask, logsumexp = residuals
-    (d, v), (shards, count, width) = lm_head.shape, _chunking(lm_head, chunk_size)
-    scale = jnp.where(mask, grads[0], 0.0)[..., None, None]  # d loss / d log p(target)
-    head_spec = P(*_spec(lm_head), None)
-
-    def step(carry, i):
-        d_hidden, d_head = carry
-        chunk = _chunk_logits(hidden, lm_head, i, chunk_size)
-        # d log p(target) / d logits = onehot(target) - softmax(logits), one chunk of columns at a time.
-        probs = jnp.exp(chunk.logits - logsumexp[..., None, None])
-        d_logits = (scale * ((chunk.ids == targets[..., None, None]) - probs)).astype(hidden.dtype)
-        # Sums over the chunk's columns (split over tensor) and over the rows (split over data x fsdp):
-        # the out_shardings ask for those all-reduces.
-        f32 = dict(preferred_element_type=jnp.float32)
-        d_hidden += jnp.einsum("ntsc,dsc->ntd", d_logits, chunk.head, **f32, out_sharding=P(*_spec(hidden)))
-        d_w = jnp.einsum("ntd,ntsc->dsc", hidden, d_logits, **f32, out_sharding=head_spec)
-        # Added in place rather than set: the columns the last chunk shares with the one before
-        # carry a zero gradient here and keep theirs.
-        d_w += jax.lax.dynamic_slice_in_dim(d_head, chunk.start, width, axis=2)
-        d_head = jax.lax.dynamic_update_slice_in_dim(d_head, d_w.astype(d_head.dtype), chunk.start, axis=2)
-        return (d_hidden, d_head), None
-
-    d_head = jnp.zeros((d, shards, v // shards), lm_head.dtype, out_sharding=head_spec)
-    zero = (jnp.zeros_like(hidden, dtype=jnp.float32), d_head)
-    (d_hidden, d_head), _ = jax.lax.scan(step, zero, jnp.arange(count))
-    d_head = jnp.reshape(d_head, (d, v), out_sharding=P(*_spec(lm_head)))
-    return d_hidden.astype(hidden.dtype), d_head, None, None
-
-
-token_logps.defvjp(_logps_forward, _logps_backward)
 
 
 # --- optimizer and learning-rate schedule
@@ -603,7 +452,7 @@ class PairLogps(NamedTuple):
 
     policy: jax.Array  # [b, 2] summed log-probs of chosen and rejected under the policy
     reference: jax.Array | None  # [b, 2] under the reference; None for the reference-free losses
-    stats: TokenStats  # each [b, 2]: the policy's token stats, summed
+    stats: model.TokenStats  # each [b, 2]: the policy's token stats, summed
     tokens: jax.Array  # [b, 2]: scored tokens
     weight: jax.Array  # [b]: 1 for a pair, 0 for padding
     sequence: tuple | None = None  # the whole chosen sequences' log-probs and tokens, each [b] (pair_logps)
@@ -647,10 +496,10 @@ def objective(logps: PairLogps, config: Config, totals=None) -> tuple[jax.Array,
     return value, sums
 
 
-def metric_sums(policy, rewards, stats: TokenStats, tokens, weight) -> dict[str, jax.Array]:
+def metric_sums(policy, rewards, stats: model.TokenStats, tokens, weight) -> dict[str, jax.Array]:
     """Weighted sums over a batch's pairs of everything logged (TRL's keys and definitions): each metric is
     sums[key] / sums[DENOMINATORS.get(key, "pairs")], so sums of several batches add up. stats: each [B, 2],
-    the scored tokens' summed token stats (token_logps)."""
+    the scored tokens' summed token stats (model.token_logps)."""
     w = weight[:, None]
     chosen, rejected = rewards[:, 0], rewards[:, 1]
     return {
@@ -909,15 +758,21 @@ def precompute_reference(programs: Programs, start: Start, hyper: dict, mesh) ->
     return [cache.logps for cache in start.caches]
 
 
-def evaluate(evaluation, params, frozen: Frozen, hyper: dict, batches, mesh) -> dict[str, float]:
-    """The eval/ metrics over every batch: their sums added up, then divided once."""
-    totals, progress = {}, bookkeeping.Progress("evaluation", "batches")
-    for batch in batches:
-        sums = evaluation(params, frozen, hyper, sharding.global_batch(batch, mesh))
-        for k, v in jax.device_get(sums).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-        progress.advance(1)
-    return {f"eval/{k}": float(v) for k, v in normalize(totals).items()}
+def evaluate(evaluation, params, frozen: Frozen, hyper: dict, passes: dict, mesh) -> dict[str, float]:
+    """The eval/ metrics of each validation set (passes: its name -> its batches), over every batch of it:
+    their sums added up, then divided once; with several sets, each set's under eval/NAME/."""
+    metrics = {}
+    for name, batches in passes.items():
+        label = "evaluation" if len(passes) == 1 else f"evaluation of {name}"
+        totals, progress = {}, bookkeeping.Progress(label, "batches")
+        for batch in batches:
+            sums = evaluation(params, frozen, hyper, sharding.global_batch(batch, mesh))
+            for k, v in jax.device_get(sums).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            progress.advance(1)
+        prefix = "eval/" if len(passes) == 1 else f"eval/{name}/"
+        metrics |= {prefix + k: float(v) for k, v in normalize(totals).items()}
+    return metrics
 
 
 def export_hf(programs: Programs, run: Path, state: TrainState, frozen: Frozen, files) -> None:
@@ -942,11 +797,10 @@ def main(config: Config) -> Path:
             tables = precompute_reference(programs, start, hyper, mesh)
         start = start._replace(reference_weights=None)  # freed: training never reads them
         state, frozen, done = start.state, start.frozen, start.resume_step or 0  # done: steps taken before
-        train_batches, evaluation = batches.train(done, *tables[:1]), partial(programs, "evaluation")
-        validation = lambda: batches.validation(*tables[1:])
-        eval_now = lambda s: evaluate(
-            evaluation, s.params, with_reference(s, frozen), hyper, validation(), mesh
-        )
+        tables = dict(enumerate(tables))  # precompute: the train pairs' log-probs, then each validation set's
+        train_batches, evaluation = batches.train(done, tables.get(0)), partial(programs, "evaluation")
+        passes = lambda: {n: batches.validation(n, tables.get(i)) for i, n in enumerate(inputs.validation, 1)}
+        eval_now = lambda s: evaluate(evaluation, s.params, with_reference(s, frozen), hyper, passes(), mesh)
         files = bookkeeping.export_files(config, inputs)
 
         # --- the loop

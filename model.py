@@ -32,6 +32,9 @@ What the DPO step gets (call inside `jax.set_mesh(mesh)`, under jit):
                           reshard(w.astype(dt), P(None, "tensor")); the logits then come out
                           P(("data", "fsdp"), None, "tensor"), vocab split, as in `logits` below.
   dtype_of(name)          the compute dtype a setting names ("auto": f32 on CPU, bf16 on accelerators).
+  token_logps(...)        the targets' log-probs from forward's hidden states and that gathered head, fused
+                          and chunked over the vocabulary: no [B, T, V] logits (and TokenStats for TRL's
+                          metrics).
 """
 
 import contextlib
@@ -44,6 +47,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import huggingface_hub
 import jax
@@ -614,6 +618,161 @@ def logits(params: dict, tokens: jax.Array, arch: LlamaConfig, **forward_kwargs)
     head = reshard(lm_head_weight(params).astype(hidden.dtype), P(None, "tensor"))
     out = P(sharding.BATCH_AXES, None, "tensor")
     return jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32, out_sharding=out)
+
+
+# --- the fused LM head and log-softmax: the log-probs of a DPO step -----------------------------------
+
+
+class TokenStats(NamedTuple):
+    """Per target, gradient-free, 0 where it is not scored: TRL's logit, entropy and accuracy metrics."""
+
+    mean_logit: jax.Array  # the mean logit over the vocabulary
+    entropy: jax.Array  # of the next-token distribution
+    argmax_hit: jax.Array  # 1 where the target is the argmax (its first id, as torch), else 0
+    wpo: jax.Array | None = None  # log p(target) - log sum_v p(v)^2: WPO's per-token weight (wpo_weights)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def token_logps(hidden, lm_head, targets, mask, chunk_size: int = 4096) -> tuple[jax.Array, TokenStats]:
+    """Log-probs of the scored targets, without ever materialising [N, T, V] logits.
+
+    hidden [N, T, D] final hidden states; lm_head [D, V]; targets [N, T] int (targets[n, t] is the
+    token after position t); mask [N, T] bool (True: targets[n, t] is scored). Returns [N, T] f32:
+        mask[n, t] * log_softmax(hidden[n, t] @ lm_head)[targets[n, t]]
+    and the TokenStats, each [N, T]. Computed over chunks of about `chunk_size` vocabulary entries: the
+    forward pass keeps a running log-sum-exp (f32) and the target's logit (_Running); the backward pass (a
+    custom VJP) recomputes one chunk's logits at a time, writes that chunk's LM-head gradient columns in place
+    and adds its share of the hidden-state gradient. Only one chunk's [N, T, C] logits are alive at any
+    moment, and no [D, V]-sized buffer is ever accumulated. Call it under a mesh (jax.set_mesh).
+    """
+    return _logps_forward(hidden, lm_head, targets, mask, chunk_size)[0]
+
+
+def _spec(x: jax.Array) -> tuple:
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def _chunking(lm_head: jax.Array, chunk_size: int) -> tuple[int, int, int]:
+    """(S, n, C): the head's vocabulary is split over S tensor-parallel shards (S = 1 without tensor
+    parallelism); each shard's columns are cut into n contiguous chunks of C."""
+    spec = _spec(lm_head)
+    axes = () if spec[1] is None else spec[1] if isinstance(spec[1], tuple) else (spec[1],)
+    shards = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
+    count = math.ceil(lm_head.shape[1] / chunk_size)
+    return shards, count, math.ceil(lm_head.shape[1] // shards / count)
+
+
+class _Chunk(NamedTuple):
+    """Chunk i of the LM head: C consecutive columns of every one of its S shards, so that it stays split over
+    the tensor axis like the whole head. The last chunk starts early enough to end at the shard's end; its
+    columns that the chunk before already covered are not new."""
+
+    head: jax.Array  # [D, S, C]
+    start: jax.Array  # where the chunk starts inside a shard
+    new: jax.Array  # [C] bool: the columns no chunk before covered
+    ids: jax.Array  # [S, C]: each new column's vocabulary id, -1 for the others
+    logits: jax.Array  # [N, T, S, C] f32, -inf in the columns that are not new
+
+
+def _chunk_logits(hidden, lm_head, i, chunk_size) -> _Chunk:
+    (d, v), (shards, _, width) = lm_head.shape, _chunking(lm_head, chunk_size)
+    # Viewing the head as [D, S, V/S] here, inside the loop, lets XLA slice it where it lies; the same
+    # reshape outside the loop made XLA:CPU copy the whole head.
+    view = jnp.reshape(lm_head, (d, shards, v // shards), out_sharding=P(*_spec(lm_head), None))
+    start = jnp.minimum(i * width, v // shards - width)
+    head = jax.lax.dynamic_slice_in_dim(view, start, width, axis=2)
+    logits = jnp.einsum("ntd,dsc->ntsc", hidden, head, preferred_element_type=jnp.float32)
+    offset = start + jnp.arange(width)  # column inside the shard
+    new = offset >= i * width
+    ids = jnp.where(new, jnp.arange(shards)[:, None] * (v // shards) + offset, -1)
+    return _Chunk(head, start, new, ids, jnp.where(new, logits, -jnp.inf))
+
+
+class _Running(NamedTuple):
+    """The forward pass's scan carry: per token [N, T], over the chunks so far."""
+
+    high: jax.Array  # the largest logit
+    first: jax.Array  # int32: the smallest vocabulary id holding it (the argmax as torch takes it)
+    total: jax.Array  # sum of exp(logit - high)
+    weighted: jax.Array  # sum of exp(logit - high) * logit
+    target: jax.Array  # the target's logit
+    plain: jax.Array  # sum of the logits
+    squared: jax.Array  # sum of exp(logit - high)^2 (WPO's sum of squared probabilities)
+
+
+def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
+    def step(running: _Running, i) -> tuple[_Running, None]:
+        chunk = _chunk_logits(hidden, lm_head, i, chunk_size)
+        top = chunk.logits.max((-2, -1))
+        high = jnp.maximum(running.high, top)
+        # The chunk's first id at its top: chunks do not come in id order (each spans every tensor shard).
+        at_top = jnp.where(chunk.logits == top[..., None, None], chunk.ids, jnp.iinfo(jnp.int32).max)
+        at_top = jnp.min(at_top, (-2, -1))
+        first = jnp.where(top == running.high, jnp.minimum(running.first, at_top), running.first)
+        shrink, exp = jnp.exp(running.high - high), jnp.exp(chunk.logits - high[..., None, None])
+        finite = jnp.where(chunk.new, chunk.logits, 0.0)
+        # A one-hot select rather than a gather: it stays local when the vocabulary is split.
+        target = jnp.sum(jnp.where(chunk.ids == targets[..., None, None], chunk.logits, 0.0), (-2, -1))
+        return _Running(
+            high=high,
+            first=jnp.where(top > running.high, at_top, first),
+            total=running.total * shrink + exp.sum((-2, -1)),
+            weighted=running.weighted * shrink + (exp * finite).sum((-2, -1)),
+            target=running.target + target,
+            plain=running.plain + finite.sum((-2, -1)),
+            squared=running.squared * shrink**2 + (exp * exp).sum((-2, -1)),
+        ), None
+
+    zero = jnp.zeros_like(hidden[..., 0], dtype=jnp.float32)  # [N, T], sharded like the rows
+    count = _chunking(lm_head, chunk_size)[1]
+    start = _Running(zero - jnp.inf, jnp.zeros_like(zero, dtype=jnp.int32), zero, zero, zero, zero, zero)
+    running, _ = jax.lax.scan(step, start, jnp.arange(count))
+    logsumexp = running.high + jnp.log(running.total)
+    logp = running.target - logsumexp
+    stats = TokenStats(
+        mean_logit=running.plain / lm_head.shape[1],
+        entropy=logsumexp - running.weighted / running.total,
+        argmax_hit=(running.first == targets).astype(jnp.float32),  # a tie counts for its first id only
+        # log sum_v p(v)^2 = log squared - 2 log total: both scaled by the same running maximum
+        wpo=logp - jnp.log(running.squared) + 2 * jnp.log(running.total),
+    )
+    stats = jax.lax.stop_gradient(jax.tree.map(lambda x: jnp.where(mask, x, 0.0), stats))
+    residuals = (hidden, lm_head, targets, mask, logsumexp)
+    return (jnp.where(mask, logp, 0.0), stats), residuals
+
+
+def _logps_backward(chunk_size, residuals, grads):
+    hidden, lm_head, targets, mask, logsumexp = residuals
+    (d, v), (shards, count, width) = lm_head.shape, _chunking(lm_head, chunk_size)
+    scale = jnp.where(mask, grads[0], 0.0)[..., None, None]  # d loss / d log p(target)
+    head_spec = P(*_spec(lm_head), None)
+
+    def step(carry, i):
+        d_hidden, d_head = carry
+        chunk = _chunk_logits(hidden, lm_head, i, chunk_size)
+        # d log p(target) / d logits = onehot(target) - softmax(logits), one chunk of columns at a time.
+        probs = jnp.exp(chunk.logits - logsumexp[..., None, None])
+        d_logits = (scale * ((chunk.ids == targets[..., None, None]) - probs)).astype(hidden.dtype)
+        # Sums over the chunk's columns (split over tensor) and over the rows (split over data x fsdp):
+        # the out_shardings ask for those all-reduces.
+        f32 = dict(preferred_element_type=jnp.float32)
+        d_hidden += jnp.einsum("ntsc,dsc->ntd", d_logits, chunk.head, **f32, out_sharding=P(*_spec(hidden)))
+        d_w = jnp.einsum("ntd,ntsc->dsc", hidden, d_logits, **f32, out_sharding=head_spec)
+        # Added in place rather than set: the columns the last chunk shares with the one before
+        # carry a zero gradient here and keep theirs.
+        d_w += jax.lax.dynamic_slice_in_dim(d_head, chunk.start, width, axis=2)
+        d_head = jax.lax.dynamic_update_slice_in_dim(d_head, d_w.astype(d_head.dtype), chunk.start, axis=2)
+        return (d_hidden, d_head), None
+
+    d_head = jnp.zeros((d, shards, v // shards), lm_head.dtype, out_sharding=head_spec)
+    zero = (jnp.zeros_like(hidden, dtype=jnp.float32), d_head)
+    (d_hidden, d_head), _ = jax.lax.scan(step, zero, jnp.arange(count))
+    d_head = jnp.reshape(d_head, (d, v), out_sharding=P(*_spec(lm_head)))
+    return d_hidden.astype(hidden.dtype), d_head, None, None
+
+
+token_logps.defvjp(_logps_forward, _logps_backward)
 
 
 def step_flops(arch: LlamaConfig, lengths, live_reference: bool, lora: bool = False, tokens=None):

@@ -371,11 +371,19 @@ def test_data_that_changes_under_a_run_is_refused_and_training_and_validation_ne
         (dict(lora_targets=("q", "v")), "lora_targets does nothing without lora_rank"),
         (dict(loss_weights=(0.0,)), "loss_weights (0.0,) are all 0: nothing would train"),
         (dict(loss_type=("sigmoid", "sft"), loss_weights=(0.0, 0.0)), "are all 0"),
+        (dict(validation_data=()), "validation_data names no set"),  # it would evaluate nothing
     ],
 )
 def test_nonsense_numbers_are_refused(settings, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         dpo.Config(**settings)
+
+
+def test_two_validation_sets_of_one_name_are_refused_before_any_is_read(tmp_path):
+    for sets in (["a=x.jsonl", "a=y.jsonl"], ["one/a.jsonl", "two/a.jsonl"], ["org/a", "a=b.jsonl"]):
+        config = dpo.Config(train_data="t", validation_data=sets)
+        with pytest.raises(ValueError, match="more than one set is named a: NAME=SOURCE names one"):
+            bookkeeping.validation_sets(tmp_path, config, "tokenizer", None)
 
 
 def test_a_run_saved_before_a_field_existed_resumes(demo, trained, tmp_path):
@@ -563,8 +571,10 @@ def test_copies_of_a_pair_never_straddle_the_validation_split(demo, tmp_path):
     inputs = bookkeeping.load_inputs(tmp_path / "run", config)
     assert inputs.train_set.summary["duplicate_pairs"] == 400
     copies = inputs.train_set.first_copy
-    assert len(set(copies)) == 200 and not set(copies[inputs.train_idx]) & set(copies[inputs.val_idx])
-    assert 55 <= len(inputs.val_idx) <= 62 and len(inputs.val_idx) % 3 == 0  # whole pairs, about a tenth
+    (split, val_idx), *_ = inputs.validation.values()  # a split of the training data: one set
+    assert split is inputs.train_set and len(inputs.validation) == 1
+    assert len(set(copies)) == 200 and not set(copies[inputs.train_idx]) & set(copies[val_idx])
+    assert 55 <= len(val_idx) <= 62 and len(val_idx) % 3 == 0  # whole pairs, about a tenth
 
 
 def test_chat_template_kwargs_other_than_tokenized_datas_are_one_line(demo, tmp_path):

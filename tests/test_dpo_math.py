@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import dpo
 import losses
+import model
 import sharding
 
 ONE_DEVICE = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -43,9 +44,9 @@ def test_fused_logps_equal_naive_in_value_and_gradient(chunk):
     def weighted(fn):
         return lambda h, w: jnp.sum(cotangent * fn(h, w, targets, mask))
 
-    fused = lambda h, w, t, m: dpo.token_logps(h, w, t, m, chunk_size=chunk)[0].sum(-1)
+    fused = lambda h, w, t, m: model.token_logps(h, w, t, m, chunk_size=chunk)[0].sum(-1)
     with jax.set_mesh(ONE_DEVICE):
-        value = dpo.token_logps(hidden, lm_head, targets, mask, chunk_size=chunk)[0].sum(-1)
+        value = model.token_logps(hidden, lm_head, targets, mask, chunk_size=chunk)[0].sum(-1)
         grads = jax.grad(weighted(fused), argnums=(0, 1))(hidden, lm_head)
     np.testing.assert_allclose(value, naive_logps(hidden, lm_head, targets, mask), rtol=1e-5, atol=1e-4)
     expected = jax.grad(weighted(naive_logps), argnums=(0, 1))(hidden, lm_head)
@@ -58,7 +59,7 @@ def test_fused_logps_on_a_mesh_equal_naive_in_value_and_gradient(chunk):
     hidden, lm_head, targets, mask = random_inputs(3, n=8, t=16, d=16, v=64)
     loss = lambda fn: lambda h, w: jnp.sum(jnp.arange(8.0) * fn(h, w, targets, mask))
     expected = jax.value_and_grad(loss(naive_logps), argnums=(0, 1))(hidden, lm_head)
-    fused = lambda h, w, t, m: dpo.token_logps(h, w, t, m, chunk_size=chunk)[0].sum(-1)
+    fused = lambda h, w, t, m: model.token_logps(h, w, t, m, chunk_size=chunk)[0].sum(-1)
     with jax.set_mesh(sharding.make_mesh(2, 2, 2)):
         batch = P(("data", "fsdp"))
         hidden_s, head_s = jax.device_put(hidden, batch), jax.device_put(lm_head, P(None, "tensor"))
@@ -74,7 +75,7 @@ def test_fused_logps_in_bfloat16_stay_close_to_the_f32_formula():
     hidden, lm_head, targets, mask = random_inputs(5, n=4, t=32, d=32, v=300)
     loss = lambda fn: lambda h, w: jnp.sum(fn(h, w, targets, mask))
     want, want_grads = jax.value_and_grad(loss(naive_logps), argnums=(0, 1))(hidden, lm_head)
-    fused = lambda h, w, t, m: dpo.token_logps(h, w, t, m, chunk_size=64)[0].sum(-1)
+    fused = lambda h, w, t, m: model.token_logps(h, w, t, m, chunk_size=64)[0].sum(-1)
     bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
     with jax.set_mesh(ONE_DEVICE):
         got, grads = jax.value_and_grad(loss(fused), argnums=(0, 1))(bf16(hidden), bf16(lm_head))
@@ -136,7 +137,7 @@ def test_pair_metrics_follow_the_guide_definitions():
     policy = jnp.array([[-1.0, -3.0], [-2.0, -1.0], [-5.0, -5.0]])
     reference = jnp.array([[-2.0, -2.0], [-2.0, -2.0], [-5.0, -5.0]])
     weight = jnp.array([1.0, 1.0, 0.0])  # the third pair is padding and must not count
-    tokens, stats = jnp.ones((3, 2)), dpo.TokenStats(*[jnp.zeros((3, 2))] * 3)
+    tokens, stats = jnp.ones((3, 2)), model.TokenStats(*[jnp.zeros((3, 2))] * 3)
     _, rewards = losses.dpo_loss(policy, reference, tokens, weight, config)
     sums = dpo.metric_sums(policy, rewards, stats, tokens, weight)
     assert float(sums["pairs"]) == 2

@@ -178,7 +178,7 @@ def test_token_accuracy_counts_a_tie_for_the_first_index_only():
         logits = hidden.astype(np.float64) @ head
         want = (np.argmax(logits, axis=-1) == targets) & mask  # np.argmax: the first index, as torch
         with jax.set_mesh(ONE_DEVICE):
-            _, stats = dpo.token_logps(hidden, head, targets, mask, chunk_size=16)
+            _, stats = model.token_logps(hidden, head, targets, mask, chunk_size=16)
         np.testing.assert_array_equal(np.asarray(stats.argmax_hit), want.astype(np.float32))
         assert float(stats.argmax_hit.sum()) / mask.sum() == ref.mean_token_accuracy(logits, targets, mask)
 
@@ -192,7 +192,7 @@ def test_token_metrics_match_full_logits():
     targets = np.where(rng.random((n, t)) < 0.4, logits.argmax(-1), rng.integers(0, v, (n, t)))  # some hits
     mask = rng.random((n, t)) < 0.7
     with jax.set_mesh(ONE_DEVICE):
-        logps, stats = dpo.token_logps(hidden, lm_head, targets.astype(np.int32), mask, chunk_size=16)
+        logps, stats = model.token_logps(hidden, lm_head, targets.astype(np.int32), mask, chunk_size=16)
     logps, stats = logps.sum(-1), jax.tree.map(lambda x: x.sum(-1), stats)  # 0 where not scored: per row
     for row in range(n):  # the kernel's per-row sums over the scored tokens, divided by their count
         one = lambda fn, *args, row=row: fn(*(x[row : row + 1] for x in args))

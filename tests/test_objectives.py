@@ -116,7 +116,7 @@ def test_wpo_weights_from_the_fused_head_match_full_logits():
     targets = rng.integers(0, v, (n, t))
     mask = rng.random((n, t)) < 0.7
     with jax.set_mesh(ONE_DEVICE):
-        _, stats = dpo.token_logps(hidden, lm_head, targets.astype(np.int32), mask, chunk_size=16)
+        _, stats = model.token_logps(hidden, lm_head, targets.astype(np.int32), mask, chunk_size=16)
     per_pair = lambda x: jnp.asarray(x).sum(-1).reshape(2, 2)
     got = losses.wpo_weights(jax.tree.map(per_pair, stats), per_pair(mask.astype(np.float32)))
     chosen_first = [0, 2, 1, 3]
@@ -136,7 +136,7 @@ def test_ld_dpo_scales_the_verbose_tail_as_trl_and_every_layout_agrees(pairs):  
         rows = dpo.rows_of(plain)
         hidden = model.forward(params, rows.tokens, arch, compute_dtype=jnp.float32, **rows.inputs)
         head = model.lm_head_weight(params)
-        per_token, _ = jax.device_get(dpo.token_logps(hidden, head, rows.targets, rows.scored, 64))
+        per_token, _ = jax.device_get(model.token_logps(hidden, head, rows.targets, rows.scored, 64))
         scored = np.asarray(rows.scored)
         got = {}
         for layout in (None, *LAYOUTS):
@@ -212,7 +212,7 @@ def test_orpo_loss_and_metrics_match_trl_and_it_runs_without_a_reference(pairs):
     assert not config.uses_reference
     policy = jnp.asarray(POLICY / 10)  # mean token log-probs near 0 too, where log(1 - exp) needs care
     sequence = POLICY[:, 0] / 10 - 20, TOKENS[:, 0] + 9  # whole chosen sequences: the prompt's tokens too
-    stats = dpo.TokenStats(*[jnp.zeros((B, 2))] * 3)
+    stats = model.TokenStats(*[jnp.zeros((B, 2))] * 3)
     logps = dpo.PairLogps(
         policy, None, stats, jnp.asarray(TOKENS), jnp.ones(B), tuple(map(jnp.asarray, sequence))
     )

@@ -253,7 +253,7 @@ def test_packed_evaluation_leaves_out_the_fill_up_copies_and_sums_the_same(pairs
                 params,
                 dpo.Frozen(None, reference),
                 config.hyperparameters(),
-                batches(layout),
+                {"the pairs": batches(layout)},
                 ONE_DEVICE,
             )
             for layout in (None, data.Layout(True, True))

@@ -172,6 +172,36 @@ def test_overfitting_a_handful_of_pairs_reaches_accuracy_one(demo, tmp_path):
     assert lines[-1]["eval/rewards/accuracies"] == 1.0 and lines[-1]["eval/loss"] < 0.1
 
 
+def test_two_evaluation_sets_log_each_under_its_name_as_it_gives_alone(demo, tmp_path, capsys):
+    """validation_data with two sets, one named by its file and one NAME=SOURCE: each is evaluated at every
+    eval step under eval/NAME/ (the console and the report too), and its numbers are those of a run with it
+    as the only set, which logs under eval/ as before; training is the same."""
+    rows = demo[1].read_text().splitlines()
+    (tmp_path / "first.jsonl").write_text("\n".join(rows[:24]) + "\n")
+    (tmp_path / "second.jsonl").write_text("\n".join(rows[24:56]) + "\n")
+    sets = [str(tmp_path / "first.jsonl"), f"held={tmp_path / 'second.jsonl'}"]
+    settings = dict(num_train_steps=2, steps_per_eval=2)
+    both = run(demo, tmp_path / "both", validation_data=sets, **settings)
+    assert "step 2 | eval first loss" in capsys.readouterr().out
+    alone = {
+        name: run(demo, tmp_path / name, validation_data=[s], **settings)
+        for name, s in zip(["first", "held"], sets, strict=True)
+    }
+    evals = lambda lines, prefix: [
+        {k[len(prefix) :]: v for k, v in m.items() if k.startswith(prefix)}
+        for m in lines
+        if prefix + "loss" in m
+    ]
+    strip = lambda lines: [
+        {k: v for k, v in m.items() if "eval/" not in k and "throughput" not in k} for m in lines
+    ]
+    for name, lines in alone.items():
+        assert len(evals(lines, "eval/")) == 2 and evals(both, f"eval/{name}/") == evals(lines, "eval/")
+        assert strip(both) == strip(lines)
+    report = (tmp_path / "both" / "report.md").read_text()
+    assert "final eval/first (step 2)" in report and "final eval/held (step 2): eval/held/loss" in report
+
+
 def test_mesh_shapes_and_microbatches_give_the_same_losses(demo, tmp_path):
     base = run(demo, tmp_path / "fsdp", num_train_steps=3, mesh_fsdp=8)
     for data, fsdp, tensor in [(8, 1, 1), (2, 2, 2), (1, 4, 2)]:
