@@ -122,7 +122,8 @@ class Config:
     # --- compute and parallelism
     compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU/TPU, f32 on CPU
     reference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # frozen reference weights, as above
-    remat: Literal["none", "full", "save_matmuls"] = "full"  # what each layer keeps for the backward pass
+    # what each layer keeps for the backward pass; offload: full's, in host memory
+    remat: Literal["none", "full", "save_matmuls", "offload"] = "full"
     attention_impl: Literal["auto", "xla", "cudnn"] = "auto"  # jax.nn.dot_product_attention backend
     logits_chunk_size: int = 4096  # vocabulary entries per chunk of the fused LM head + log-softmax
     mesh_data: int = 1  # pure data-parallel replicas

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, reshard
 from jax.sharding import PartitionSpec as P
@@ -528,10 +529,18 @@ def _qkv(project, h, w: dict, arch: LlamaConfig):
 
 # Per-layer activation checkpointing: "full" keeps only each layer's input; "save_matmuls" also keeps the
 # projections' outputs (dots without batch dims, so not the [B, H, T, T] attention scores).
+# "offload" keeps what "full" keeps, each layer's input ([B, T, D], L of them), in host memory between the
+# forward and the backward pass (pinned_host: the accelerator copies it back as the backward pass reaches it).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=["layer_input"],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 
@@ -588,6 +597,7 @@ def forward(
 
     def layer(x, weights):  # one decoder layer
         w, adapters = weights
+        x = checkpoint_name(x, "layer_input")  # what remat "offload" moves to the host
 
         def project(spec, h, name, out=None):  # h times the weight `name`, and its LoRA adapter if any
             adapter = None if adapters is None else adapters.get(name)

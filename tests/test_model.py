@@ -220,13 +220,17 @@ def test_remat_policies_give_the_same_gradients(checkpoints):
     params = model.load_params(path, cfg, mesh)
     tokens = random_tokens(2, 16)
     with jax.set_mesh(mesh):
-        grads = {}
+        grads, saved = {}, {}
         for remat in model.REMAT_POLICIES:
             loss = lambda p, remat=remat: model.logits(p, tokens, cfg, remat=remat).sum()
             grads[remat] = jax.tree.leaves(jax.jit(jax.grad(loss))(params))
-    for remat in ["full", "save_matmuls"]:
+            saved[remat] = str(jax.make_jaxpr(jax.grad(loss))(params))
+    for remat in ["full", "save_matmuls", "offload"]:
         for expected, actual in zip(grads["none"], grads[remat], strict=True):
             assert rel_err(actual, expected) < 1e-5
+    # offload recomputes what full does, from the same layer inputs, kept in host memory meanwhile
+    assert all(np.array_equal(a, b) for a, b in zip(grads["full"], grads["offload"], strict=True))
+    assert "f32<host>[" in saved["offload"] and "<host>" not in saved["full"]
     with pytest.raises(ValueError, match="remat='some'"):
         model.forward(params, tokens, cfg, remat="some")
 
