@@ -59,7 +59,7 @@ SMOOTHING_HELP = f"flipped-label share, read by {', '.join(losses.reading('label
 @dataclasses.dataclass(frozen=True)
 class Config:
     # --- model and data
-    model_name_or_path: str = "demo"  # Hub id or local dir: Llama, Qwen2.5, Qwen3, Mistral; "demo": tiny one
+    model_name_or_path: str = "demo"  # Hub id or local dir: Llama, Qwen2.5, Qwen3, Mistral, Gemma 2/3; "demo"
     reference_model_path: str | None = None  # frozen reference model; default: the policy's starting weights
     tokenizer: str | None = None  # HF Hub id or local dir; default: the model's own
     # raw data: JSON template variables, e.g. {"enable_thinking": false}
@@ -292,11 +292,10 @@ def _rows_of_sequences(batch: dict) -> Rows:
     [R * K, ...], the pairs' sums gathered by slot and side; attention runs per view, a shared prompt once."""
     by_pair = partial(_per_pair_side, batch)
     flat = lambda x: batch_reshape(x, (-1, *x.shape[2:]))
+    views = (batch["views"], batch["view_lengths"], batch["slot"])
     return Rows(
         tokens=batch["input_ids"],
-        inputs=dict(
-            positions=batch["positions"], views=(batch["views"], batch["view_lengths"], batch["slot"])
-        ),
+        inputs=dict(positions=batch["positions"], views=views),
         targets=batch["targets"],
         scored=batch["target_mask"],
         by_pair=by_pair,
@@ -355,7 +354,8 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lor
     hidden = model.forward(params, rows.tokens, arch, compute_dtype=dtype, **rows.inputs, **options)
     whole = losses.reads_sequence(config.loss_type)
     mask = rows.scored | rows.chosen_sequence if whole else rows.scored
-    logps, stats = token_logps(hidden, lm_head, rows.targets, mask, config.logits_chunk_size)
+    cap, chunk = arch.final_logit_softcapping, config.logits_chunk_size
+    logps, stats = token_logps(hidden, lm_head, rows.targets, mask, chunk, cap)
     sequence = None
     if whole:  # the chosen sequences' sums, then the scored targets' as without them
         chosen = lambda x: rows.by_pair(jnp.where(rows.chosen_sequence, x, 0))[:, 0]
@@ -378,20 +378,20 @@ class TokenStats(NamedTuple):
     wpo: jax.Array | None = None  # log p(target) - log sum_v p(v)^2: WPO's per-token weight (wpo_weights)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def token_logps(hidden, lm_head, targets, mask, chunk_size: int = 4096) -> tuple[jax.Array, TokenStats]:
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def token_logps(hidden, lm_head, targets, mask, chunk_size=4096, cap=None) -> tuple[jax.Array, TokenStats]:
     """Log-probs of the scored targets, without ever materialising [N, T, V] logits.
 
     hidden [N, T, D] final hidden states; lm_head [D, V]; targets [N, T] int (targets[n, t] is the
     token after position t); mask [N, T] bool (True: targets[n, t] is scored). Returns [N, T] f32:
-        mask[n, t] * log_softmax(hidden[n, t] @ lm_head)[targets[n, t]]
+        mask[n, t] * log_softmax(model.softcap(hidden[n, t] @ lm_head, cap))[targets[n, t]]   (cap: Gemma 2's)
     and the TokenStats, each [N, T]. Computed over chunks of about `chunk_size` vocabulary entries: the
     forward pass keeps a running log-sum-exp (f32) and the target's logit (_Running); the backward pass (a
     custom VJP) recomputes one chunk's logits at a time, writes that chunk's LM-head gradient columns in place
     and adds its share of the hidden-state gradient. Only one chunk's [N, T, C] logits are alive at any
     moment, and no [D, V]-sized buffer is ever accumulated. Call it under a mesh (jax.set_mesh).
     """
-    return _logps_forward(hidden, lm_head, targets, mask, chunk_size)[0]
+    return _logps_forward(hidden, lm_head, targets, mask, chunk_size, cap)[0]
 
 
 def _spec(x: jax.Array) -> tuple:
@@ -418,17 +418,17 @@ class _Chunk(NamedTuple):
     start: jax.Array  # where the chunk starts inside a shard
     new: jax.Array  # [C] bool: the columns no chunk before covered
     ids: jax.Array  # [S, C]: each new column's vocabulary id, -1 for the others
-    logits: jax.Array  # [N, T, S, C] f32, -inf in the columns that are not new
+    logits: jax.Array  # [N, T, S, C] f32 (soft-capped), -inf in the columns that are not new
 
 
-def _chunk_logits(hidden, lm_head, i, chunk_size) -> _Chunk:
+def _chunk_logits(hidden, lm_head, i, chunk_size, cap) -> _Chunk:
     (d, v), (shards, _, width) = lm_head.shape, _chunking(lm_head, chunk_size)
     # Viewing the head as [D, S, V/S] here, inside the loop, lets XLA slice it where it lies; the same
     # reshape outside the loop made XLA:CPU copy the whole head.
     view = jnp.reshape(lm_head, (d, shards, v // shards), out_sharding=P(*_spec(lm_head), None))
     start = jnp.minimum(i * width, v // shards - width)
     head = jax.lax.dynamic_slice_in_dim(view, start, width, axis=2)
-    logits = jnp.einsum("ntd,dsc->ntsc", hidden, head, preferred_element_type=jnp.float32)
+    logits = model.softcap(jnp.einsum("ntd,dsc->ntsc", hidden, head, preferred_element_type=jnp.float32), cap)
     offset = start + jnp.arange(width)  # column inside the shard
     new = offset >= i * width
     ids = jnp.where(new, jnp.arange(shards)[:, None] * (v // shards) + offset, -1)
@@ -447,9 +447,9 @@ class _Running(NamedTuple):
     squared: jax.Array  # sum of exp(logit - high)^2 (WPO's sum of squared probabilities)
 
 
-def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
+def _logps_forward(hidden, lm_head, targets, mask, chunk_size, cap):
     def step(running: _Running, i) -> tuple[_Running, None]:
-        chunk = _chunk_logits(hidden, lm_head, i, chunk_size)
+        chunk = _chunk_logits(hidden, lm_head, i, chunk_size, cap)
         top = chunk.logits.max((-2, -1))
         high = jnp.maximum(running.high, top)
         # The chunk's first id at its top: chunks do not come in id order (each spans every tensor shard).
@@ -488,7 +488,7 @@ def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
     return (jnp.where(mask, logp, 0.0), stats), residuals
 
 
-def _logps_backward(chunk_size, residuals, grads):
+def _logps_backward(chunk_size, cap, residuals, grads):
     hidden, lm_head, targets, mask, logsumexp = residuals
     (d, v), (shards, count, width) = lm_head.shape, _chunking(lm_head, chunk_size)
     scale = jnp.where(mask, grads[0], 0.0)[..., None, None]  # d loss / d log p(target)
@@ -496,10 +496,11 @@ def _logps_backward(chunk_size, residuals, grads):
 
     def step(carry, i):
         d_hidden, d_head = carry
-        chunk = _chunk_logits(hidden, lm_head, i, chunk_size)
-        # d log p(target) / d logits = onehot(target) - softmax(logits), one chunk of columns at a time.
+        chunk = _chunk_logits(hidden, lm_head, i, chunk_size, cap)
+        # d log p(target) / d logits = (onehot(target) - softmax) * the soft cap's slope, a chunk at a time.
         probs = jnp.exp(chunk.logits - logsumexp[..., None, None])
-        d_logits = (scale * ((chunk.ids == targets[..., None, None]) - probs)).astype(hidden.dtype)
+        slope = 1.0 if cap is None else jnp.where(chunk.new, 1 - jnp.square(chunk.logits / cap), 0.0)
+        d_logits = (scale * slope * ((chunk.ids == targets[..., None, None]) - probs)).astype(hidden.dtype)
         # Sums over the chunk's columns (split over tensor) and over the rows (split over data x fsdp):
         # the out_shardings ask for those all-reduces.
         f32 = dict(preferred_element_type=jnp.float32)
@@ -527,9 +528,8 @@ token_logps.defvjp(_logps_forward, _logps_backward)
 def make_optimizer(config: Config) -> optax.GradientTransformation:
     not_norm = partial(jax.tree.map_with_path, lambda path, _: "norm" not in jax.tree_util.keystr(path))
     clip = optax.clip_by_global_norm(config.max_grad_norm) if config.max_grad_norm else optax.identity()
-    adamw = optax.adamw(
-        config.lr_at, config.adam_b1, config.adam_b2, weight_decay=config.weight_decay, mask=not_norm
-    )
+    decay = dict(weight_decay=config.weight_decay, mask=not_norm)
+    adamw = optax.adamw(config.lr_at, config.adam_b1, config.adam_b2, **decay)
     return optax.chain(clip, adamw)
 
 
