@@ -280,7 +280,6 @@ def load_inputs(run: Path, config) -> Inputs:
     field = "microbatch_size" if config.microbatch_size else "train_batch_size"  # what to change, named
     model.check_fits(arch, mesh, getattr(config, field), field)
     model.check_lora(arch, config.lora_rank, config.lora_targets)
-    model.check_window(arch, config.max_seq_len, model_dir)
     model.check_weights(model_dir, arch)  # from the file headers: no weight is read yet
     reference_dir = resolved("reference_model_path") if config.reference_model_path else model_dir
     reference_arch = model.load_config(reference_dir)

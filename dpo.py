@@ -68,7 +68,7 @@ SMOOTHING_HELP = f"flipped-label share, read by {', '.join(losses.reading('label
 @dataclasses.dataclass(frozen=True)
 class Config:
     # --- model and data
-    model_name_or_path: str = "demo"  # Hub id or local dir: Llama, Qwen2.5, Qwen3, Mistral; "demo": tiny one
+    model_name_or_path: str = "demo"  # Hub id or local dir: Llama, Qwen2.5, Qwen3, Mistral, Gemma 2/3; "demo"
     reference_model_path: str | None = None  # frozen reference model; default: the policy's starting weights
     tokenizer: str | None = None  # HF Hub id or local dir; default: the model's own
     # raw data: JSON template variables, e.g. {"enable_thinking": false}
@@ -320,11 +320,10 @@ def _rows_of_sequences(batch: dict) -> Rows:
     [R * K, ...], the pairs' sums gathered by slot and side; attention runs per view, a shared prompt once."""
     by_pair = partial(_per_pair_side, batch)
     flat = lambda x: batch_reshape(x, (-1, *x.shape[2:]))
+    views = (batch["views"], batch["view_lengths"], batch["slot"])
     return Rows(
         tokens=batch["input_ids"],
-        inputs=dict(
-            positions=batch["positions"], views=(batch["views"], batch["view_lengths"], batch["slot"])
-        ),
+        inputs=dict(positions=batch["positions"], views=views),
         targets=batch["targets"],
         scored=batch["target_mask"],
         by_pair=by_pair,
@@ -383,7 +382,8 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lor
     hidden = model.forward(params, rows.tokens, arch, compute_dtype=dtype, **rows.inputs, **options)
     whole = losses.reads_sequence(config.loss_type)
     mask = rows.scored | rows.chosen_sequence if whole else rows.scored
-    logps, stats = model.token_logps(hidden, lm_head, rows.targets, mask, config.logits_chunk_size)
+    cap, chunk = arch.final_logit_softcapping, config.logits_chunk_size
+    logps, stats = model.token_logps(hidden, lm_head, rows.targets, mask, chunk, cap)
     sequence = None
     if whole:  # the chosen sequences' sums, then the scored targets' as without them
         chosen = lambda x: rows.by_pair(jnp.where(rows.chosen_sequence, x, 0))[:, 0]

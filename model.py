@@ -7,11 +7,14 @@ adapters declared beside their weights (merged for export, or saved as a PEFT ad
 safetensors straight into shards, and an export that `transformers` loads unchanged. It reproduces
 `LlamaForCausalLM` checkpoints: Llama 2 and TinyLlama (rope_type default), Llama 3, 3.1 and 3.2
 (rope_type llama3), grouped-query and multi-query attention and tied embeddings; and the families that are
-the same block with small additions (_FAMILIES): Mistral, Qwen2 / Qwen2.5 (q, k, v biases) and Qwen3 (an
-RMSNorm over each head of q and k), exported as the same family. Anything in a config.json it could not
-reproduce exactly is refused in one line: other model types (MoE, Gemma), sliding-window layers (Qwen's
-use_sliding_window, sliding layer_types; a Mistral window shorter than the run's max_seq_len, check_window),
-other rope types, partial rotary embeddings, other biases, activations other than SiLU.
+the same block with small additions (_FAMILIES): Mistral (v0.1's sliding window), Qwen2 / Qwen2.5 (q, k, v
+biases; windows with use_sliding_window), Qwen3 (an RMSNorm over each head of q and k), Gemma 2 (1 + weight
+norms, a scaled embedding, GeGLU, sandwich norms, soft caps on scores and logits, alternating sliding and
+global layers) and Gemma 3 text (q and k norms, a local RoPE base for its sliding layers), exported as the
+same family. A sliding layer attends to its last sliding_window tokens (layer_types: each layer's kind).
+Anything in a config.json it could not reproduce exactly is refused in one line: other model types (MoE,
+Gemma 1, Gemma 3 with its vision tower), bidirectional attention, other rope types, partial rotary
+embeddings, other biases, other activations.
 Left out on purpose: KV caches and generation, dropout, quantization.
 
 Conventions
@@ -47,7 +50,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import huggingface_hub
 import jax
@@ -73,10 +76,19 @@ BATCH = P(sharding.BATCH_AXES, None, None)  # [B, T, D] between blocks
 class Llama3RopeScaling:
     """Llama 3.1's rope frequency rescaling (rope_type "llama3")."""
 
+    rope_type: ClassVar[str] = "llama3"
     factor: float
     low_freq_factor: float
     high_freq_factor: float
     original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class LinearRopeScaling:
+    """Every frequency divided by `factor` (rope_type "linear"): Gemma 3's global layers, 4B and up."""
+
+    rope_type: ClassVar[str] = "linear"
+    factor: float
 
 
 # transformers' names for the config fields it spells differently.
@@ -84,17 +96,44 @@ _HF_KEYS = {
     "num_layers": "num_hidden_layers",
     "num_heads": "num_attention_heads",
     "num_kv_heads": "num_key_value_heads",
+    "local_rope_theta": "rope_local_base_freq",
 }
 
 
 # The families read: what their config.json must hold (a key that is absent means the value shown), and
 # what an export writes. Each is Llama's block; what a family adds is a property below and a weight of _LAYER.
+_GEMMA = ("gemma2", "gemma3_text")
+_SILU, _GEGLU = dict(hidden_act="silu"), dict(hidden_activation="gelu_pytorch_tanh", attention_bias=False)
 _FAMILIES = {
-    "llama": dict(architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False),
-    "mistral": dict(architectures=["MistralForCausalLM"]),
-    "qwen2": dict(architectures=["Qwen2ForCausalLM"], use_sliding_window=False),
-    "qwen3": dict(architectures=["Qwen3ForCausalLM"], attention_bias=False, use_sliding_window=False),
+    "llama": dict(architectures=["LlamaForCausalLM"], **_SILU, attention_bias=False, mlp_bias=False),
+    "mistral": dict(architectures=["MistralForCausalLM"], **_SILU),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], **_SILU),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], **_SILU, attention_bias=False),
+    "gemma2": dict(architectures=["Gemma2ForCausalLM"], **_GEGLU),
+    "gemma3_text": dict(architectures=["Gemma3ForCausalLM"], **_GEGLU),
 }
+# What an absent key means where a family's transformers config differs from Llama's.
+_QWEN_DEFAULTS = dict(use_sliding_window=False, sliding_window=4096, max_window_layers=28)
+_GEMMA_DEFAULTS = dict(head_dim=256, tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096)
+_DEFAULTS = {
+    "mistral": dict(sliding_window=4096),
+    "qwen2": _QWEN_DEFAULTS,
+    "qwen3": _QWEN_DEFAULTS,
+    "gemma2": dict(**_GEMMA_DEFAULTS, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3_text": dict(
+        **_GEMMA_DEFAULTS, rope_theta=1e6, rope_local_base_freq=1e4, sliding_window_pattern=6
+    ),
+}
+# Our fields that only some families' config.json holds (read and exported for those alone).
+_FIELDS_OF = {
+    "sliding_window": ("mistral", "qwen2", "qwen3", *_GEMMA),
+    "layer_types": ("qwen2", "qwen3", *_GEMMA),
+    "query_pre_attn_scalar": _GEMMA,
+    "attn_logit_softcapping": _GEMMA,
+    "final_logit_softcapping": _GEMMA,
+    "local_rope_theta": ("gemma3_text",),
+}
+SLIDING, GLOBAL = "sliding_attention", "full_attention"  # transformers' layer_types
 
 
 @dataclass(frozen=True)
@@ -108,7 +147,7 @@ class LlamaConfig:
     head_dim: int  # Q
     rms_norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: Llama3RopeScaling | None = None
+    rope_scaling: Llama3RopeScaling | LinearRopeScaling | None = None
     tie_word_embeddings: bool = False  # Llama 3.2 1B/3B: the LM head is embed.T
     max_position_embeddings: int = 8192
     bos_token_id: int | None = None
@@ -116,7 +155,12 @@ class LlamaConfig:
     pad_token_id: int | None = None
     initializer_range: float = 0.02  # std of the normal init of every matrix (as transformers)
     model_type: str = "llama"  # the family (_FAMILIES): its weight names, and what it adds to Llama's block
-    sliding_window: int | None = None  # Mistral's attention window; a run refuses one shorter than its rows
+    sliding_window: int | None = None  # a sliding layer sees the last sliding_window tokens, itself included
+    layer_types: tuple[str, ...] = ()  # each layer's SLIDING or GLOBAL (transformers' names); (): all global
+    query_pre_attn_scalar: float | None = None  # Gemma: scores are scaled by its -1/2 power (else head_dim's)
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores become cap * tanh(scores / cap) (softcap)
+    final_logit_softcapping: float | None = None  # Gemma 2: the same on the LM head's logits
+    local_rope_theta: float | None = None  # Gemma 3: sliding layers' RoPE base, unscaled (else rope_theta)
 
     def __post_init__(self):
         sizes = "vocab_size hidden_size intermediate_size num_layers num_heads num_kv_heads head_dim".split()
@@ -130,14 +174,34 @@ class LlamaConfig:
             raise ValueError(f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        types = self.layer_types
+        if types and (len(types) != self.num_layers or not set(types) <= {SLIDING, GLOBAL}):
+            raise ValueError(f"layer_types {list(types)} is not {SLIDING} or {GLOBAL} for each layer")
+        scales = "query_pre_attn_scalar attn_logit_softcapping final_logit_softcapping local_rope_theta"
+        for name in scales.split() + (["sliding_window"] if any(self.sliding_layers) else []):
+            value = getattr(self, name)  # None: not used
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+            ):
+                raise ValueError(f"{name} {value!r} is not a positive number")
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:  # per layer: attends within its window (layer_types)
+        return tuple(kind == SLIDING for kind in self.layer_types) or (False,) * self.num_layers
 
     @property
     def qkv_bias(self) -> bool:  # Qwen2 / Qwen2.5: q, k and v projections with a bias
         return self.model_type == "qwen2"
 
     @property
-    def qk_norm(self) -> bool:  # Qwen3: an RMSNorm over each head of q and of k, before RoPE
-        return self.model_type == "qwen3"
+    def qk_norm(self) -> bool:  # Qwen3, Gemma 3: an RMSNorm over each head of q and of k, before RoPE
+        return self.model_type in ("qwen3", "gemma3_text")
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma 2 and 3: RMSNorm scales by 1 + weight, the embedding is multiplied by sqrt(D), the MLP is
+        GeGLU (tanh GELU), and attention's and the MLP's outputs are normed too (sandwich norms)."""
+        return self.model_type in _GEMMA
 
     @property
     def num_matmul_params(self) -> int:
@@ -156,27 +220,17 @@ class LlamaConfig:
             )
 
         family = hf.get("model_type", "llama")
-        if family not in _FAMILIES:  # MoE (mixtral, qwen3_moe), Gemma, ...
+        if family not in _FAMILIES:  # MoE (mixtral, qwen3_moe), Gemma 1, Gemma 3 with its vision tower, ...
             refuse("model_type", family)
-        for key, value in (_FAMILIES[family] | dict(hidden_act="silu")).items():
+        hf = _DEFAULTS.get(family, {}) | hf
+        for key, value in _FAMILIES[family].items():
             if hf.get(key) not in (None, value):
                 refuse(key, hf[key])
-        if "sliding_attention" in (hf.get("layer_types") or []):
-            refuse("layer_types", hf["layer_types"])
-        # The Hub's Llama 3.x config.json has rope_theta and rope_scaling at the top level; transformers 5
-        # writes rope_parameters = {rope_type, rope_theta, scaling...}. Same precedence as transformers 5.
-        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        partial_rotary_factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-        if partial_rotary_factor != 1.0:
-            refuse("partial_rotary_factor", partial_rotary_factor)
-        if rope_type not in ("default", "llama3"):
-            refuse("rope_type", rope_type)
-        scaling = None
-        if rope_type == "llama3":
-            factors = (float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
-            original = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
-            scaling = Llama3RopeScaling(*factors, int(original))
+        if hf.get("use_bidirectional_attention"):  # EmbeddingGemma: an encoder, not a causal LM
+            refuse("use_bidirectional_attention", hf["use_bidirectional_attention"])
+        rope_theta, scaling, local_rope_theta = _rope_from_hf(hf, family, refuse)
+        sliding_window, layer_types = _windows_from_hf(hf, family)
+        gemma = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
         eos, heads = hf.get("eos_token_id"), hf["num_attention_heads"]
         return cls(
             vocab_size=hf["vocab_size"],
@@ -187,7 +241,7 @@ class LlamaConfig:
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or (hf["hidden_size"] // heads if heads else 0),  # 0: refused
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rope_theta=rope_theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
@@ -196,29 +250,87 @@ class LlamaConfig:
             pad_token_id=hf.get("pad_token_id"),
             initializer_range=hf.get("initializer_range", 0.02),
             model_type=family,
-            # Qwen's window is off (use_sliding_window false, checked above); Mistral's: transformers' default
-            sliding_window=hf.get("sliding_window", 4096) if family == "mistral" else None,
+            sliding_window=sliding_window,
+            layer_types=layer_types,
+            local_rope_theta=local_rope_theta,
+            **{key: hf.get(key) for key in gemma if family in _FIELDS_OF[key]},
         )
 
     def to_hf(self, torch_dtype: str = "bfloat16") -> dict:
-        llama3 = {} if self.rope_scaling is None else {"rope_type": "llama3", **vars(self.rope_scaling)}
+        s = self.rope_scaling
+        scaling = {} if s is None else {"rope_type": s.rope_type, **vars(s)}
         eos = list(self.eos_token_id)
-        hf = dict(hidden_act="silu", use_cache=True, dtype=torch_dtype, torch_dtype=torch_dtype)
-        # Every field under transformers' name for it (a window only where the family has one); eos_token_id
-        # and rope_scaling are respelled below.
-        fields = {_HF_KEYS.get(k, k): v for k, v in vars(self).items()}
-        hf |= fields | _FAMILIES[self.model_type]
-        if self.model_type != "mistral":
-            del hf["sliding_window"]
+        hf = dict(use_cache=True, dtype=torch_dtype, torch_dtype=torch_dtype)
+        # Every field under transformers' name for it, those of some families only there (_FIELDS_OF);
+        # eos_token_id, rope_scaling and the layer types are respelled below.
+        mine = lambda k: self.model_type in _FIELDS_OF.get(k, [self.model_type])
+        hf |= {_HF_KEYS.get(k, k): v for k, v in vars(self).items() if mine(k)} | _FAMILIES[self.model_type]
         if self.model_type == "qwen2" and self.head_dim * self.num_heads == self.hidden_size:
             del hf["head_dim"]  # Qwen2's config has none (its modeling reads one when given)
         hf["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
         # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling, which 5 also
         # accepts (rope_scaling first): both spell the same values.
-        # llama3's rope_type, when there is one, replaces the default.
-        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta, **llama3}
-        hf["rope_scaling"] = llama3 or None
+        # A scaling's rope_type, when there is one, replaces the default.
+        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta, **scaling}
+        hf["rope_scaling"] = scaling or None
+        if self.local_rope_theta is not None:  # Gemma 3 in transformers 5: rope_parameters per layer type
+            local = {"rope_type": "default", "rope_theta": self.local_rope_theta}
+            hf["rope_parameters"] = {GLOBAL: hf["rope_parameters"], SLIDING: local}
+        if mine("layer_types"):
+            hf["layer_types"] = [SLIDING if sliding else GLOBAL for sliding in self.sliding_layers]
+        if self.model_type in ("qwen2", "qwen3"):  # Qwen's window: on from layer max_window_layers
+            hf["use_sliding_window"] = any(self.sliding_layers)
+            if any(self.sliding_layers):
+                hf["max_window_layers"] = self.sliding_layers.index(True)
         return hf
+
+
+def _rope_from_hf(hf: dict, family: str, refuse) -> tuple:
+    """(rope_theta, rope_scaling, local_rope_theta) of a config.json. The Hub's Llama 3.x config.json has
+    rope_theta and rope_scaling at the top level, Gemma 3's also rope_local_base_freq; transformers 5 writes
+    rope_parameters = {rope_type, rope_theta, scaling...}, for Gemma 3 one per layer type. Same precedence as
+    transformers 5."""
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    local = dict(rope.pop(SLIDING, None) or {})
+    rope = dict(rope.pop(GLOBAL, rope))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    partial_rotary_factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial_rotary_factor != 1.0:
+        refuse("partial_rotary_factor", partial_rotary_factor)
+    if rope_type not in (("default", "linear") if family == "gemma3_text" else ("default", "llama3")):
+        refuse("rope_type", rope_type)
+    if local.get("rope_type", "default") != "default":
+        refuse("rope_type", local["rope_type"])
+    scaling = None
+    if rope_type == "llama3":
+        factors = (float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        original = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
+        scaling = Llama3RopeScaling(*factors, int(original))
+    if rope_type == "linear":
+        scaling = LinearRopeScaling(float(rope["factor"]))
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    local_theta = local.get("rope_theta", hf.get("rope_local_base_freq"))
+    return theta, scaling, None if family != "gemma3_text" else float(local_theta)
+
+
+def _windows_from_hf(hf: dict, family: str) -> tuple[int | None, tuple[str, ...]]:
+    """(sliding_window, layer_types) as transformers reads them: Mistral's window is every layer's; Qwen's is
+    on with use_sliding_window, from layer max_window_layers on; Gemma 2 alternates sliding and global layers,
+    Gemma 3 has a global one every sliding_window_pattern; a layer_types list (Qwen, Gemma) names each layer.
+    No window: every layer is global."""
+    layers, window = hf["num_hidden_layers"], hf.get("sliding_window")
+    if family == "llama" or window is None or not hf.get("use_sliding_window", True):
+        return None, ()
+    if not isinstance(layers, int):
+        return window, ()  # refused as num_layers
+    if family in ("mistral", "qwen2", "qwen3"):
+        first = hf["max_window_layers"] if family != "mistral" else 0
+        sliding = [i >= first for i in range(layers)]
+    else:
+        pattern = 2 if family == "gemma2" else hf["sliding_window_pattern"]
+        sliding = [(i + 1) % pattern != 0 for i in range(layers)]
+    named = hf.get("layer_types") if family != "mistral" else None  # MistralConfig ignores layer_types
+    return window, tuple(named or (SLIDING if s else GLOBAL for s in sliding))
 
 
 # --- parameters -----------------------------------------------------------------------------------------
@@ -238,6 +350,7 @@ class Weight:
 
 F, T = "fsdp", "tensor"
 _ATTN = "model.layers.{}.self_attn."
+_LN = "model.layers.{}."
 # One decoder layer's weights, stacked on a leading L axis. nn.Linear stores [out, in]; we store [in, out]
 # split into named axes, so ours = hf.T reshaped.
 _LAYER = {
@@ -253,10 +366,17 @@ _LAYER = {
     "q_norm": Weight("LQ", P(None, None), "ones", _ATTN + "q_norm.weight", family="qk_norm"),
     "k_norm": Weight("LQ", P(None, None), "ones", _ATTN + "k_norm.weight", family="qk_norm"),
     "wo": Weight("LHQD", P(None, T, None, F), "normal", "model.layers.{}.self_attn.o_proj.weight", 2),
+    # Gemma's sandwich norms: its post_attention_layernorm norms attention's output (Llama's is mlp_norm).
+    "attn_out_norm": Weight(
+        "LD", P(None, None), "ones", _LN + "post_attention_layernorm.weight", family="gemma"
+    ),
     "mlp_norm": Weight("LD", P(None, None), "ones", "model.layers.{}.post_attention_layernorm.weight"),
     "w_gate": Weight("LDF", P(None, F, T), "normal", "model.layers.{}.mlp.gate_proj.weight", 1),
     "w_up": Weight("LDF", P(None, F, T), "normal", "model.layers.{}.mlp.up_proj.weight", 1),
     "w_down": Weight("LFD", P(None, T, F), "normal", "model.layers.{}.mlp.down_proj.weight", 1),
+    "mlp_out_norm": Weight(
+        "LD", P(None, None), "ones", _LN + "post_feedforward_layernorm.weight", family="gemma"
+    ),
 }
 _WEIGHTS = {  # in transformers' order; embed = lm_head.T when tied, so it is laid out as its transpose
     "embed": Weight("VD", P(T, F), "normal", "model.embed_tokens.weight"),
@@ -274,9 +394,16 @@ def _weights(arch: LlamaConfig) -> dict:
     against it."""
     weights = {k: w for k, w in _WEIGHTS.items() if k != "lm_head" or not arch.tie_word_embeddings}
     layer = {k: w for k, w in _LAYER.items() if not w.family or getattr(arch, w.family)}
+    if arch.gemma:  # Gemma's norm before the MLP has another name
+        layer["mlp_norm"] = dataclasses.replace(
+            layer["mlp_norm"], hf=_LN + "pre_feedforward_layernorm.weight"
+        )
     if arch.num_kv_heads == 1:
         whole_k = lambda w: P(*(None if a == "K" else s for a, s in zip(w.axes, w.spec, strict=True)))
         layer = {k: dataclasses.replace(w, spec=whole_k(w)) if "K" in w.axes else w for k, w in layer.items()}
+    if arch.gemma:  # its norms scale by 1 + weight: zeros are the identity
+        ones_to_zeros = lambda w: dataclasses.replace(w, init="zeros") if w.init == "ones" else w
+        return jax.tree.map(ones_to_zeros, weights | {"layers": layer})
     return weights | {"layers": layer}
 
 
@@ -354,18 +481,6 @@ def check_lora(arch: LlamaConfig, rank: int, targets) -> None:
         )
 
 
-def check_window(arch: LlamaConfig, max_seq_len: int, model_dir: Path) -> None:
-    """A sliding window (Mistral v0.1's 4096) attends to the last sliding_window tokens only: the same as
-    full attention while no sequence is longer, which is all this code computes. A shorter window than
-    max_seq_len is refused in one line, naming model_dir's config.json as load_config's refusals do."""
-    if arch.sliding_window is not None and arch.sliding_window < max_seq_len:
-        raise ValueError(
-            f"{Path(model_dir) / 'config.json'}: config.json has sliding_window={arch.sliding_window}, "
-            f"shorter than max_seq_len {max_seq_len}: attention within a window is not implemented; use "
-            f"max_seq_len <= {arch.sliding_window}"
-        )
-
-
 def param_specs(arch: LlamaConfig) -> dict:
     """PartitionSpec of every weight, same tree as the params."""
     return jax.tree.map(lambda w: w.spec, _weights(arch))
@@ -409,22 +524,32 @@ def lm_head_weight(params: dict) -> jax.Array:
 # --- forward ----------------------------------------------------------------------------------------------
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """In f32 whatever the compute dtype (as transformers), back to x's dtype."""
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """In f32 whatever the compute dtype (as transformers), back to x's dtype; scaled by offset + scale
+    (Gemma's offset is 1)."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (scale.astype(jnp.float32) * x32).astype(x.dtype)
+    return ((offset + scale.astype(jnp.float32)) * x32).astype(x.dtype)
 
 
-def rope_inverse_frequencies(arch: LlamaConfig) -> np.ndarray:
-    """[Q/2] f32, transformers' default and llama3 rope init redone in the same float32 steps (bit for bit
-    at Llama 3's theta; elsewhere torch's f32 pow may be one ulp off the correctly rounded one we use)."""
-    Q = arch.head_dim
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's soft cap, cap * tanh(x / cap): about x while small, never beyond +-cap; None: x."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def rope_inverse_frequencies(arch: LlamaConfig, sliding: bool = False) -> np.ndarray:
+    """[Q/2] f32, transformers' default, linear and llama3 rope init redone in the same float32 steps (bit for
+    bit at Llama 3's theta; elsewhere torch's f32 pow may be one ulp off the correctly rounded one we use).
+    sliding: a sliding layer's, with Gemma 3's own base and no scaling."""
+    Q, local = arch.head_dim, sliding and arch.local_rope_theta is not None
     exponents = np.arange(0, Q, 2).astype(np.float32) / np.float32(Q)
-    inv_freq = 1 / (np.float64(arch.rope_theta) ** exponents.astype(np.float64)).astype(np.float32)
-    s = arch.rope_scaling
+    theta = arch.local_rope_theta if local else arch.rope_theta
+    inv_freq = 1 / (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)
+    s = None if local else arch.rope_scaling
     if s is None:
         return inv_freq
+    if isinstance(s, LinearRopeScaling):
+        return inv_freq / np.float32(s.factor)
     # Llama 3.1: wavelengths longer than the pretraining context are stretched by `factor`, shorter than
     # context / high_freq_factor are kept, and the band between is interpolated smoothly.
     # torch computes `scalar / tensor` as (1 / tensor) * scalar; written the same way to match bit for bit.
@@ -450,15 +575,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _attention(q, k, v, lengths, impl):
+def _attention(q, k, v, lengths, impl, window=None, scale=None, cap=None):
     """Causal attention within each row's first `lengths` tokens; with `lengths` a tuple of views, within
-    each view (_view_attention)."""
+    each view (_view_attention). window: each token sees only the last `window` tokens, itself included
+    (transformers' sliding window: key > query - window). scale: of the scores (None: 1/sqrt(Q)); cap: Gemma
+    2's soft cap on them (_capped_attention)."""
     if isinstance(lengths, tuple):
-        return _view_attention(q, k, v, *lengths, impl)
+        return _view_attention(q, k, v, *lengths, impl, window=window, scale=scale, cap=cap)
 
     def attend(q, k, v, lengths):
+        if cap is not None:
+            return _capped_attention(q, k, v, lengths, window, scale or q.shape[-1] ** -0.5, cap)
         masks = dict(is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
-        return jax.nn.dot_product_attention(q, k, v, implementation=impl, **masks)
+        local = None if window is None else (window - 1, 0)  # (left, right) besides the token itself
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, local_window_size=local, implementation=impl, **masks
+        )
 
     if impl == "cudnn":
         # Explicit-mode workaround: the cuDNN kernel is a custom_partitioning primitive whose output type
@@ -468,12 +600,29 @@ def _attention(q, k, v, lengths, impl):
     return attend(q, k, v, lengths)
 
 
-def _view_attention(q, k, v, index, lengths, slot, impl):
+def _capped_attention(q, k, v, lengths, window, scale: float, cap: float):
+    """Gemma 2's attention (XLA): the scores soft-capped (softcap) before the masks, which neither
+    jax.nn.dot_product_attention nor cuDNN's kernel can do; the masks are theirs (causal, lengths, window)."""
+    b, t, heads, _ = q.shape
+    grouped = q.reshape(b, t, k.shape[2], heads // k.shape[2], q.shape[3])  # each kv head's query heads
+    scores = jnp.einsum("btkgq,bskq->bkgts", grouped, k, preferred_element_type=jnp.float32)
+    scores = softcap(scores * scale, cap)
+    query, key = jnp.arange(t)[:, None], jnp.arange(t)
+    seen = (key <= query) & (key > query - (window or t))
+    if lengths is not None:
+        seen = seen & (key < lengths[:, None, None, None, None])
+    # A large finite fill, not -inf: a pad query past its row's length may see nothing, and stays finite.
+    probs = jax.nn.softmax(jnp.where(seen, scores, -1e30), axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskq->btkgq", probs, v).reshape(q.shape)
+
+
+def _view_attention(q, k, v, index, lengths, slot, impl, **scores):
     """Attention over views of the rows (packing, prefix sharing): view j of row b is the sequence of the
     row's positions index[b, j] ([B, J, S]), e.g. [prompt | chosen] and [prompt | rejected] of a pair. Each
     view gathers its tokens' q, k, v (already rotated at their positions), attends causally within its
-    first lengths[b, j] tokens with the same kernel rows use, and every token of a row takes its output
-    from the flat view position slot[b, t]. Gathers along a row stay on its device."""
+    first lengths[b, j] tokens with the same kernel and masks rows use (`scores`: _attention's window, scale
+    and cap; a window counts the view's positions, which are its sequence's), and every token of a row takes
+    its output from the flat view position slot[b, t]. Gathers along a row stay on its device."""
     b, n, s = index.shape
 
     def split(x, shape):  # heads and head dim stay split as x's are (one kv head is whole: _weights)
@@ -483,7 +632,8 @@ def _view_attention(q, k, v, index, lengths, slot, impl):
     flat = index.reshape(b, n * s)[..., None, None]
     views = lambda x: split(jnp.take_along_axis(x, flat, axis=1), (b * n, s, *x.shape[2:]))
     lengths = jnp.reshape(lengths, (b * n,), out_sharding=P(sharding.BATCH_AXES))
-    out = split(_attention(views(q), views(k), views(v), lengths, impl), (b, n * s, *q.shape[2:]))
+    out = _attention(views(q), views(k), views(v), lengths, impl, **scores)
+    out = split(out, (b, n * s, *q.shape[2:]))
     return jnp.take_along_axis(out, slot[..., None, None], axis=1)
 
 
@@ -516,15 +666,61 @@ def _linear(spec: str, x, w: jax.Array, adapter: dict | None, scale: float, out=
 
 def _qkv(project, h, w: dict, arch: LlamaConfig):
     """q [B, T, H, Q], k and v [B, T, K, Q] of a layer's normed input h (`project`: h times a weight and its
-    adapter), with the family's additions: Qwen2's biases, Qwen3's RMSNorm over each head of q and k."""
+    adapter), with the family's additions: Qwen2's biases, Qwen3's and Gemma 3's RMSNorm over each head of q
+    and k."""
     q = project("btd,dhq->bthq", h, "wq")  # B over the batch axes, heads over tensor
     k = project("btd,dkq->btkq", h, "wk")
     v = project("btd,dkq->btkq", h, "wv")
     if arch.qkv_bias:
         q, k, v = (y + w[b].astype(y.dtype) for y, b in ((q, "bq"), (k, "bk"), (v, "bv")))
     if arch.qk_norm:
-        q, k = rms_norm(q, w["q_norm"], arch.rms_norm_eps), rms_norm(k, w["k_norm"], arch.rms_norm_eps)
+        q, k = _norm(q, w["q_norm"], arch), _norm(k, w["k_norm"], arch)
     return q, k, v
+
+
+def _norm(x: jax.Array, scale: jax.Array, arch: LlamaConfig) -> jax.Array:
+    return rms_norm(x, scale, arch.rms_norm_eps, 1.0 if arch.gemma else 0.0)
+
+
+def _embed(embed: jax.Array, tokens: jax.Array, arch: LlamaConfig, dtype) -> jax.Array:
+    with jax.named_scope("embed"):
+        # Gather the table whole first: a lookup into a vocab/fsdp-sharded table makes XLA replicate it
+        # through an inefficient path anyway; this way it is one all-gather (a reduce-scatter backward).
+        table = reshard(embed.astype(dtype), P(None, None))
+        x = table.at[tokens].get(out_sharding=BATCH)
+    # Gemma: times sqrt(D), rounded to the compute dtype first, as transformers does
+    return x * jnp.asarray(math.sqrt(arch.hidden_size), dtype) if arch.gemma else x
+
+
+def _attention_impl(arch: LlamaConfig, impl: str | None, dtype) -> str:
+    """None: cuDNN's fused kernel on GPU where it applies (far faster; jax's default is XLA everywhere), else
+    XLA. Gemma 2's soft-capped scores run on XLA only."""
+    capped = arch.attn_logit_softcapping is not None
+    if capped and impl == "cudnn":
+        raise ValueError("attention_impl cudnn cannot soft-cap attention scores (Gemma 2): use xla or auto")
+    Q = arch.head_dim
+    fits_cudnn = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and Q % 8 == 0 and Q <= 128 and not capped
+    return impl or ("cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "xla")
+
+
+def _attention_kinds(arch: LlamaConfig, positions, lengths, impl) -> list:
+    """The attention of each kind of layer the model has, global and/or sliding (in that order), as functions
+    of q, k, v: each rotates q and k with its own tables (Gemma 3: its own base), computed once here, and
+    attends within its window with the model's scale and soft cap."""
+    scale = None if arch.query_pre_attn_scalar is None else arch.query_pre_attn_scalar**-0.5
+
+    def kind(sliding: bool):
+        angles = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(arch, sliding)
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        window = arch.sliding_window if sliding else None
+
+        def attention(q, k, v):
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            return _attention(q, k, v, lengths, impl, window, scale, arch.attn_logit_softcapping)
+
+        return attention
+
+    return [kind(sliding) for sliding in sorted(set(arch.sliding_layers))]
 
 
 # Per-layer activation checkpointing: "full" keeps only each layer's input; "save_matmuls" also keeps the
@@ -577,49 +773,45 @@ def forward(
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; expected one of {list(REMAT_POLICIES)}")
-    if attention_impl is None:  # jax's default is XLA everywhere; on GPU cuDNN's fused kernel is far faster
-        Q = arch.head_dim
-        fits_cudnn = jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16) and Q % 8 == 0 and Q <= 128
-        attention_impl = "cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "xla"
-    with jax.named_scope("embed"):
-        # Gather the table whole first: a lookup into a vocab/fsdp-sharded table makes XLA replicate it
-        # through an inefficient path anyway; this way it is one all-gather (a reduce-scatter backward).
-        table = reshard(params["embed"].astype(compute_dtype), P(None, None))
-        x = table.at[tokens].get(out_sharding=BATCH)
+    impl = _attention_impl(arch, attention_impl, compute_dtype)
+    x = _embed(params["embed"], tokens, arch, compute_dtype)
     positions = jnp.arange(tokens.shape[1]) if positions is None else positions
-    angles = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(arch)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
     # A row (view) with no real token would attend to nothing; letting position 0 see itself keeps it finite.
     if views is not None:
         lengths = (views[0], jnp.maximum(views[1], 1).astype(jnp.int32), views[2])
     elif lengths is not None:
         lengths = reshard(jnp.maximum(lengths, 1).astype(jnp.int32), P(sharding.BATCH_AXES))
+    kinds = _attention_kinds(arch, positions, lengths, impl)
+    mlp_activation = functools.partial(jax.nn.gelu, approximate=True) if arch.gemma else jax.nn.silu
 
     def layer(x, weights):  # one decoder layer
-        w, adapters = weights
+        w, adapters, sliding = weights
         x = checkpoint_name(x, "layer_input")  # what remat "offload" moves to the host
+        out_norm = lambda y, name: _norm(y, w[name], arch) if arch.gemma else y  # Gemma's sandwich norms
 
         def project(spec, h, name, out=None):  # h times the weight `name`, and its LoRA adapter if any
             adapter = None if adapters is None else adapters.get(name)
             return _linear(spec, h, w[name], adapter, lora_scale, out)
 
         with jax.named_scope("attention"):
-            h = rms_norm(x, w["attn_norm"], arch.rms_norm_eps)
-            q, k, v = _qkv(project, h, w, arch)
-            o = _attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, lengths, attention_impl)
+            q, k, v = _qkv(project, _norm(x, w["attn_norm"], arch), w, arch)
+            # Layers of both kinds (Gemma, Qwen's max_window_layers): each picks its own as it runs.
+            o = jax.lax.switch(sliding, kinds, q, k, v) if len(kinds) > 1 else kinds[0](q, k, v)
             # The sum over heads spans the tensor axis: out_sharding asks for the all-reduce.
-            x = x + project("bthq,hqd->btd", o, "wo", BATCH)
+            x = x + out_norm(project("bthq,hqd->btd", o, "wo", BATCH), "attn_out_norm")
         with jax.named_scope("mlp"):
-            h = rms_norm(x, w["mlp_norm"], arch.rms_norm_eps)
+            h = _norm(x, w["mlp_norm"], arch)
             gate, up = project("btd,df->btf", h, "w_gate"), project("btd,df->btf", h, "w_up")  # F over tensor
-            x = x + project("btf,fd->btd", jax.nn.silu(gate) * up, "w_down", BATCH)
+            y = project("btf,fd->btd", mlp_activation(gate) * up, "w_down", BATCH)
+            x = x + out_norm(y, "mlp_out_norm")
         return x, None
 
     if remat != "none":
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
     # One traced layer, scanned over the stacked weights: compile time does not grow with depth.
-    x, _ = jax.lax.scan(layer, x, (params["layers"], lora))
-    return rms_norm(x, params["final_norm"], arch.rms_norm_eps)
+    sliding = jnp.asarray(arch.sliding_layers, jnp.int32)  # indexes kinds when there are two
+    x, _ = jax.lax.scan(layer, x, (params["layers"], lora, sliding))
+    return _norm(x, params["final_norm"], arch)
 
 
 def logits(params: dict, tokens: jax.Array, arch: LlamaConfig, **forward_kwargs) -> jax.Array:
@@ -627,7 +819,8 @@ def logits(params: dict, tokens: jax.Array, arch: LlamaConfig, **forward_kwargs)
     hidden = forward(params, tokens, arch, **forward_kwargs)
     head = reshard(lm_head_weight(params).astype(hidden.dtype), P(None, "tensor"))
     out = P(sharding.BATCH_AXES, None, "tensor")
-    return jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32, out_sharding=out)
+    logits = jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32, out_sharding=out)
+    return softcap(logits, arch.final_logit_softcapping)
 
 
 # --- the fused LM head and log-softmax: the log-probs of a DPO step -----------------------------------
@@ -642,20 +835,20 @@ class TokenStats(NamedTuple):
     wpo: jax.Array | None = None  # log p(target) - log sum_v p(v)^2: WPO's per-token weight (wpo_weights)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def token_logps(hidden, lm_head, targets, mask, chunk_size: int = 4096) -> tuple[jax.Array, TokenStats]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def token_logps(hidden, lm_head, targets, mask, chunk_size=4096, cap=None) -> tuple[jax.Array, TokenStats]:
     """Log-probs of the scored targets, without ever materialising [N, T, V] logits.
 
     hidden [N, T, D] final hidden states; lm_head [D, V]; targets [N, T] int (targets[n, t] is the
     token after position t); mask [N, T] bool (True: targets[n, t] is scored). Returns [N, T] f32:
-        mask[n, t] * log_softmax(hidden[n, t] @ lm_head)[targets[n, t]]
+        mask[n, t] * log_softmax(softcap(hidden[n, t] @ lm_head, cap))[targets[n, t]]   (cap: Gemma 2's)
     and the TokenStats, each [N, T]. Computed over chunks of about `chunk_size` vocabulary entries: the
     forward pass keeps a running log-sum-exp (f32) and the target's logit (_Running); the backward pass (a
     custom VJP) recomputes one chunk's logits at a time, writes that chunk's LM-head gradient columns in place
     and adds its share of the hidden-state gradient. Only one chunk's [N, T, C] logits are alive at any
     moment, and no [D, V]-sized buffer is ever accumulated. Call it under a mesh (jax.set_mesh).
     """
-    return _logps_forward(hidden, lm_head, targets, mask, chunk_size)[0]
+    return _logps_forward(hidden, lm_head, targets, mask, chunk_size, cap)[0]
 
 
 def _spec(x: jax.Array) -> tuple:
@@ -682,17 +875,17 @@ class _Chunk(NamedTuple):
     start: jax.Array  # where the chunk starts inside a shard
     new: jax.Array  # [C] bool: the columns no chunk before covered
     ids: jax.Array  # [S, C]: each new column's vocabulary id, -1 for the others
-    logits: jax.Array  # [N, T, S, C] f32, -inf in the columns that are not new
+    logits: jax.Array  # [N, T, S, C] f32 (soft-capped), -inf in the columns that are not new
 
 
-def _chunk_logits(hidden, lm_head, i, chunk_size) -> _Chunk:
+def _chunk_logits(hidden, lm_head, i, chunk_size, cap) -> _Chunk:
     (d, v), (shards, _, width) = lm_head.shape, _chunking(lm_head, chunk_size)
     # Viewing the head as [D, S, V/S] here, inside the loop, lets XLA slice it where it lies; the same
     # reshape outside the loop made XLA:CPU copy the whole head.
     view = jnp.reshape(lm_head, (d, shards, v // shards), out_sharding=P(*_spec(lm_head), None))
     start = jnp.minimum(i * width, v // shards - width)
     head = jax.lax.dynamic_slice_in_dim(view, start, width, axis=2)
-    logits = jnp.einsum("ntd,dsc->ntsc", hidden, head, preferred_element_type=jnp.float32)
+    logits = softcap(jnp.einsum("ntd,dsc->ntsc", hidden, head, preferred_element_type=jnp.float32), cap)
     offset = start + jnp.arange(width)  # column inside the shard
     new = offset >= i * width
     ids = jnp.where(new, jnp.arange(shards)[:, None] * (v // shards) + offset, -1)
@@ -711,9 +904,9 @@ class _Running(NamedTuple):
     squared: jax.Array  # sum of exp(logit - high)^2 (WPO's sum of squared probabilities)
 
 
-def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
+def _logps_forward(hidden, lm_head, targets, mask, chunk_size, cap):
     def step(running: _Running, i) -> tuple[_Running, None]:
-        chunk = _chunk_logits(hidden, lm_head, i, chunk_size)
+        chunk = _chunk_logits(hidden, lm_head, i, chunk_size, cap)
         top = chunk.logits.max((-2, -1))
         high = jnp.maximum(running.high, top)
         # The chunk's first id at its top: chunks do not come in id order (each spans every tensor shard).
@@ -752,7 +945,7 @@ def _logps_forward(hidden, lm_head, targets, mask, chunk_size):
     return (jnp.where(mask, logp, 0.0), stats), residuals
 
 
-def _logps_backward(chunk_size, residuals, grads):
+def _logps_backward(chunk_size, cap, residuals, grads):
     hidden, lm_head, targets, mask, logsumexp = residuals
     (d, v), (shards, count, width) = lm_head.shape, _chunking(lm_head, chunk_size)
     scale = jnp.where(mask, grads[0], 0.0)[..., None, None]  # d loss / d log p(target)
@@ -760,10 +953,11 @@ def _logps_backward(chunk_size, residuals, grads):
 
     def step(carry, i):
         d_hidden, d_head = carry
-        chunk = _chunk_logits(hidden, lm_head, i, chunk_size)
-        # d log p(target) / d logits = onehot(target) - softmax(logits), one chunk of columns at a time.
+        chunk = _chunk_logits(hidden, lm_head, i, chunk_size, cap)
+        # d log p(target) / d logits = (onehot(target) - softmax) * the soft cap's slope, a chunk at a time.
         probs = jnp.exp(chunk.logits - logsumexp[..., None, None])
-        d_logits = (scale * ((chunk.ids == targets[..., None, None]) - probs)).astype(hidden.dtype)
+        slope = 1.0 if cap is None else jnp.where(chunk.new, 1 - jnp.square(chunk.logits / cap), 0.0)
+        d_logits = (scale * slope * ((chunk.ids == targets[..., None, None]) - probs)).astype(hidden.dtype)
         # Sums over the chunk's columns (split over tensor) and over the rows (split over data x fsdp):
         # the out_shardings ask for those all-reduces.
         f32 = dict(preferred_element_type=jnp.float32)
@@ -968,8 +1162,10 @@ def save_hf(
     np_dtype, st_dtype = jnp.dtype(dtype), st_dtypes[dtype]
 
     # Every tensor in transformers' order: (name, shape, fetch), planned into shards before any is read.
+    table = _weights(arch)
+
     def entry(key, array, layer=None):
-        w = _WEIGHTS[key] if layer is None else _LAYER[key]
+        w = table[key] if layer is None else table["layers"][key]
         hf_shape = _hf_shape(w, array.shape)
 
         def fetch():

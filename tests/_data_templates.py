@@ -7,7 +7,8 @@ with a default system prompt and no BOS token), Llama 2 Chat (a BOS per user tur
 system prompt inside the first user turn) and Mistral Instruct. The last two get SentencePiece-style
 tokenizers like their models': "▁" for spaces, byte fallback, and transformers' LlamaTokenizer class,
 with config legacy false (Llama 2 here) and true (Mistral). Qwen2.5 Instruct and Qwen3 (its <think> blocks and
-enable_thinking) have their tool-calling templates verbatim.
+enable_thinking) have their tool-calling templates verbatim. Gemma 2 Instruct (<start_of_turn>, a system turn
+raises) and Gemma 3 Instruct (the system turn inside the first user turn) get byte-level BPE tokenizers.
 """
 
 import json
@@ -179,6 +180,62 @@ LLAMA2 = (
     "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
     "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
+
+# Gemma 2 (and Gemma 1) Instruct: a system turn raises inside the template.
+GEMMA2 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
+    "{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+
+# Gemma 3 Instruct: the system turn goes into the first user turn.
+GEMMA3 = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
 
 MISTRAL = """{%- if messages[0]['role'] == 'system' %}
     {%- set system_message = messages[0]['content'] %}
@@ -371,7 +428,10 @@ FAMILIES = {
     "llama2": (LLAMA2, ["<unk>", "<s>", "</s>"], "<s>", "</s>", " </s>"),  # a space before </s>
     "mistral": (MISTRAL, ["<unk>", "<s>", "</s>"], "<s>", "</s>", "</s>"),
     "qwen25": (QWEN25, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|im_end|>"),
+    "gemma3": (GEMMA3, GEMMA_SPECIALS, "<bos>", "<eos>", "<end_of_turn>"),
 }
+# Gemma 2's template rejects a system turn, which most rows here hold: test_data.py tests it on its own.
+GEMMA2_FAMILY = (GEMMA2, GEMMA_SPECIALS, "<bos>", "<eos>", "<end_of_turn>")
 # Qwen3's reply after the last query opens with a <think> block, so earlier turns render differently once a
 # later query follows (scored_turns all cannot cut them out): test_data.py tests it on its own.
 QWEN3_FAMILY = (
@@ -409,7 +469,9 @@ def build_tokenizer(
     """A byte-level BPE tokenizer (vocab ~400) with the family's special tokens, saved with a
     tokenizer_config.json that transformers' AutoTokenizer loads as a plain fast tokenizer. The Llama 2
     and Mistral families get build_sentencepiece_tokenizer's instead (template and bos_processor unused)."""
-    family_template, specials, bos, eos, _ = (FAMILIES | {"qwen3": QWEN3_FAMILY})[family]
+    family_template, specials, bos, eos, _ = (FAMILIES | {"qwen3": QWEN3_FAMILY, "gemma2": GEMMA2_FAMILY})[
+        family
+    ]
     if family in SENTENCEPIECE_LEGACY:
         return build_sentencepiece_tokenizer(directory, family_template, SENTENCEPIECE_LEGACY[family])
     tokenizer = Tokenizer(models.BPE())
@@ -435,6 +497,8 @@ def build_tokenizer(
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000,
     }
+    if "<end_of_turn>" in specials:  # as Gemma's tokenizer_config.json
+        config["additional_special_tokens"] = ["<start_of_turn>", "<end_of_turn>"]
     if template is not None:
         config["chat_template"] = family_template if template == "family" else template
     (directory / "tokenizer_config.json").write_text(json.dumps(config))

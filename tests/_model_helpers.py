@@ -26,17 +26,19 @@ TINY = dict(
 )
 
 
-# transformers' class names of each family model.py reads
-FAMILY_CLASSES = dict(llama="Llama", mistral="Mistral", qwen2="Qwen2", qwen3="Qwen3")
+# transformers' config class names of each family model.py reads
+FAMILY_CLASSES = dict(
+    llama="Llama", mistral="Mistral", qwen2="Qwen2", qwen3="Qwen3", gemma2="Gemma2", gemma3_text="Gemma3Text"
+)
 
 
 def make_hf_checkpoint(directory: Path, seed: int, max_shard_size=None, family="llama", **overrides):
-    """A random f32 LlamaForCausalLM (or the family's: Qwen2ForCausalLM, ...) saved with save_pretrained;
-    returns the torch model (eval mode)."""
+    """A random f32 LlamaForCausalLM (or the family's: Qwen2ForCausalLM, Gemma3ForCausalLM, ...) saved with
+    save_pretrained; returns the torch model (eval mode)."""
     torch.manual_seed(seed)
     name = FAMILY_CLASSES[family]
     config = getattr(transformers, f"{name}Config")(**{**TINY, **overrides}, attn_implementation="eager")
-    hf_model = getattr(transformers, f"{name}ForCausalLM")(config).float().eval()
+    hf_model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():  # norm scales are ones and biases zeros at init: randomize them so a mix-up shows
         for name, p in hf_model.named_parameters():
             if "norm" in name:

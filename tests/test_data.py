@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -135,6 +136,32 @@ def test_ids_match_transformers_and_masks_cover_assistant_turns(family, tokenize
         assert out["prompt_length"] == n
         for side in ("chosen", "rejected"):
             assert out[f"{side}_loss_mask"][n - 1 : n + 1] == [0, 1]
+
+
+def test_gemma2_rejects_a_system_turn_with_the_templates_message_and_scores_as_transformers(tmp_path):
+    """Gemma 2's template raises on a system turn (raise_exception): those rows go to rejects.jsonl with the
+    template's own message; the others, multi-turn among them, get apply_chat_template's tokens, and each
+    side scores its reply and the reply's <end_of_turn>."""
+    directory = build_tokenizer(tmp_path / "gemma2", "gemma2")
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    rows = conversation_rows()
+    data.tokenize(write_jsonl(tmp_path / "pairs.jsonl", rows), str(directory), str(tmp_path / "out"))
+    system = [i for i, row in enumerate(rows) if row["chosen"][0]["role"] == "system"]
+    with pytest.raises(jinja2.TemplateError) as raised:  # transformers' own message
+        hf.apply_chat_template(rows[system[0]]["chosen"])
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["reason"]) for r in rejects] == [(i, "template error") for i in system]
+    assert {r["detail"] for r in rejects} == {f"TemplateError: {raised.value}"}
+    kept = [row for i, row in enumerate(rows) if i not in system]
+    assert any(len(row["chosen"]) > 2 for row in kept)  # multi-turn
+    for row, out in zip(kept, read_rows(tmp_path / "out"), strict=True):
+        prompt = hf.apply_chat_template(row["chosen"][:-1], add_generation_prompt=True)["input_ids"]
+        assert out["prompt_length"] == len(prompt)
+        for side in ("chosen", "rejected"):
+            ids, mask = out[f"{side}_input_ids"], out[f"{side}_loss_mask"]
+            assert ids == hf_ids(hf, row[side])
+            reply = row[side][-1]["content"].strip() + "<end_of_turn>"
+            assert [hf.decode(run) for run in scored_runs(ids, mask)] == [reply]
 
 
 WEATHER_TOOL = {

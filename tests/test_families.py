@@ -1,8 +1,11 @@
-"""Qwen2 / Qwen2.5, Qwen3, Mistral and multi-query checkpoints against transformers' own classes: logits on
-one device and on a (2, 2, 2) mesh, the export round trip, one DPO step's loss and gradients against torch,
-LoRA adapters against PEFT, and the configs that are refused."""
+"""Qwen2 / Qwen2.5, Qwen3, Mistral, Gemma 2, Gemma 3 and multi-query checkpoints, sliding windows among
+them, against transformers' own classes: logits on one device and on a (2, 2, 2) mesh, the export round trip,
+one DPO step's loss and gradients against torch (prefix sharing, and with windows packing too), LoRA adapters
+against PEFT, the windows each config sets, and the configs that are refused."""
 
+import functools
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -19,6 +22,7 @@ import dpo
 import model
 import sharding
 
+SLIDING, GLOBAL = "sliding_attention", "full_attention"  # transformers' layer_types
 V = 512  # above the chat tokenizer's ids (~400); divides tensor=2
 CHECKPOINTS = {  # name: (family, transformers config overrides)
     "qwen2": ("qwen2", dict(vocab_size=V, rope_theta=1e6)),
@@ -28,6 +32,15 @@ CHECKPOINTS = {  # name: (family, transformers config overrides)
     "qwen3_tied": ("qwen3", dict(vocab_size=V, head_dim=16, tie_word_embeddings=True)),
     "mistral": ("mistral", dict(vocab_size=V, sliding_window=None)),
     "mqa": ("qwen2", dict(vocab_size=V, num_key_value_heads=1)),  # one kv head, with biases
+    # Windows of 4 tokens, shorter than the test rows; caps that bite (scores and logits reach about +-5).
+    "gemma2": ("gemma2", dict(vocab_size=V, head_dim=8, sliding_window=4, query_pre_attn_scalar=12,
+                              attn_logit_softcapping=3.0, final_logit_softcapping=2.0)),
+    "gemma3": ("gemma3_text", dict(vocab_size=V, head_dim=16, num_key_value_heads=1, sliding_window=4,
+                                   query_pre_attn_scalar=12, layer_types=[SLIDING, GLOBAL],
+                                   rope_scaling={"rope_type": "linear", "factor": 8.0})),  # 1B's one kv head
+    "mistral_window": ("mistral", dict(vocab_size=V, sliding_window=4)),  # v0.1: every layer
+    "qwen2_window": ("qwen2", dict(vocab_size=V, use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=1)),
 }  # fmt: skip
 MESHES = {"one device": None, "2x2x2": (2, 2, 2)}
 _logits = jax.jit(model.logits, static_argnames="arch")
@@ -130,17 +143,24 @@ def torch_logps(hf_model, ids, mask) -> torch.Tensor:
     return (picked * torch.tensor(np.asarray(mask[1:]), dtype=torch.float32)).sum()
 
 
-@pytest.mark.parametrize("name", ["qwen2_tied", "qwen3", "mistral", "mqa"])
-def test_one_dpo_step_loss_and_gradients_equal_torch(checkpoints, pairs, name, tmp_path):
+SEQUENCES_IN_ONE = [("qwen2_tied", False), ("qwen3", False), ("mistral", False), ("mqa", False)]
+WINDOWS_IN_VIEWS = [("gemma2", True), ("gemma3", True)]  # both kinds of layer; capped and jax.nn attention
+
+
+@pytest.mark.parametrize("name, packing", SEQUENCES_IN_ONE + WINDOWS_IN_VIEWS)
+def test_one_dpo_step_loss_and_gradients_equal_torch(checkpoints, pairs, name, packing, tmp_path):
     """The policy is the checkpoint, the reference another of the same family; prefix sharing (the default
-    layout) on a (2, 2, 2) mesh. Our gradients, exported under transformers' names, against torch's."""
+    layout), with packing too for the windowed families (each sequence's window within its view), on a
+    (2, 2, 2) mesh, against torch running each sequence alone. Our gradients, exported under transformers'
+    names, against torch's."""
     path, hf_model = checkpoints[name]
     family, overrides = CHECKPOINTS[name]
     hf_reference = make_hf_checkpoint(tmp_path / "reference", 99, family=family, **overrides)
     arch, mesh, beta = model.load_config(path), sharding.make_mesh(2, 2, 2), 0.1
     config = dpo.Config(train_data="x", beta=beta, logits_chunk_size=128, max_seq_len=64)
-    layout = data.Layout(prefix_sharing=True, packing=False, row_multiple=4)
+    layout = data.Layout(prefix_sharing=True, packing=packing, row_multiple=4)
     batch = next(data.train_batches(pairs, range(8), batch_size=8, seed=0, max_seq_len=64, layout=layout))
+    assert not packing or batch["pair"].max() > 0  # a row holds several pairs
     with jax.set_mesh(mesh):
         params = model.load_params(path, arch, mesh)
         frozen = dpo.Frozen(None, model.load_params(tmp_path / "reference", arch, mesh))
@@ -171,10 +191,31 @@ def test_one_dpo_step_loss_and_gradients_equal_torch(checkpoints, pairs, name, t
         )
 
 
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "mistral_window"])
+def test_dpo_trains_a_checkpoint_transformers_wrote(checkpoints, pairs, name, tmp_path):
+    """`python dpo.py` on the checkpoint as transformers saved it (with a tokenizer beside it): two steps
+    lower the evaluation loss on the training pairs, and the export loads as the family's class."""
+    path, hf_model = checkpoints[name]
+    shutil.copytree(path, tmp_path / "model")
+    for file in (pairs.path.parent / "chatml").iterdir():
+        shutil.copy(file, tmp_path / "model")
+    settings = dict(train_batch_size=8, num_train_steps=2, learning_rate=1e-2, warmup=0, max_seq_len=64,
+                    logits_chunk_size=128, steps_per_eval=2, mesh_fsdp=4, mesh_tensor=2)  # fmt: skip
+    paths = dict(
+        train_data=str(pairs.path), validation_data=str(pairs.path), output_dir=str(tmp_path / "run")
+    )
+    dpo.main(dpo.Config(model_name_or_path=str(tmp_path / "model"), **paths, **settings))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = (line["eval/loss"] for line in (lines[0], lines[-1]))
+    assert last < first == pytest.approx(np.log(2), rel=1e-6)  # the policy starts as the reference
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf" / "step-2")
+    assert type(exported) is type(hf_model)
+
+
 # --- LoRA against PEFT -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "mqa"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "mistral", "mqa", "gemma2", "gemma3"])
 def test_lora_adapter_loads_in_peft_with_our_logits(checkpoints, name, tmp_path):
     peft = pytest.importorskip("peft")
     path, _ = checkpoints[name]
@@ -205,10 +246,16 @@ def hf_config(family, **changes) -> dict:
 @pytest.mark.parametrize(
     "config, shown",
     [
-        (hf_config("Qwen2", use_sliding_window=True), "use_sliding_window=True"),
-        (hf_config("Qwen3", use_sliding_window=True), "use_sliding_window=True"),
         (hf_config("Qwen3", attention_bias=True), "attention_bias=True"),
-        (hf_config("Qwen2", layer_types=["full_attention", "sliding_attention"]), "layer_types="),
+        (
+            hf_config("Qwen2", layer_types=[GLOBAL], use_sliding_window=True, sliding_window=4),
+            "layer_types [",
+        ),
+        (hf_config("Gemma3Text", model_type="gemma3"), "model_type='gemma3'"),  # with its vision tower
+        (hf_config("Gemma3Text", use_bidirectional_attention=True), "use_bidirectional_attention=True"),
+        (hf_config("Gemma2", hidden_activation="gelu"), "hidden_activation='gelu'"),
+        (hf_config("Gemma2", attn_logit_softcapping=-1.0), "attn_logit_softcapping -1.0"),
+        (hf_config("Gemma2", rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_type='linear'"),
         (hf_config("Qwen3", model_type="qwen3_moe"), "model_type='qwen3_moe'"),
         (hf_config("Mistral", model_type="mixtral"), "model_type='mixtral'"),
         (hf_config("Mistral", model_type="gemma"), "model_type='gemma'"),
@@ -222,15 +269,39 @@ def test_configs_it_cannot_reproduce_are_refused_in_one_line(config, shown):
     assert shown in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_sliding_window_shorter_than_the_rows_is_refused(tmp_path):
-    v01 = model.LlamaConfig.from_hf(hf_config("Mistral", sliding_window=4096))  # Mistral 7B v0.1
-    assert v01.sliding_window == 4096 and model.LlamaConfig.from_hf(hf_config("Mistral")).sliding_window
-    model.check_window(v01, 4096, tmp_path)  # no row is longer than the window: full attention is the same
-    # Named like the other refusals of a config.json (load_config's): which file, then what in it.
-    shown = f"^{tmp_path}/config.json: config.json has sliding_window=4096, shorter than max_seq_len 8192"
-    with pytest.raises(ValueError, match=shown):
-        model.check_window(v01, 8192, tmp_path)
-    assert model.LlamaConfig.from_hf(hf_config("Mistral", sliding_window=None)).sliding_window is None
+WINDOWS = {  # transformers' config class and what a config.json sets
+    "Mistral v0.1": ("Mistral", dict(sliding_window=4096)),
+    "Mistral v0.2": ("Mistral", dict(sliding_window=None)),
+    "Qwen2.5": ("Qwen2", dict(sliding_window=8, max_window_layers=1)),  # use_sliding_window false
+    "Qwen2 windowed": ("Qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    "Qwen3 windowed": ("Qwen3", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)),
+    "Qwen2 named": ("Qwen2", dict(use_sliding_window=True, layer_types=[SLIDING, GLOBAL])),
+    "Gemma 2": ("Gemma2", dict(num_hidden_layers=5, sliding_window=16)),
+    "Gemma 3": ("Gemma3Text", dict(num_hidden_layers=8, sliding_window=16)),
+    "Gemma 3 pattern 2": ("Gemma3Text", dict(num_hidden_layers=5, sliding_window_pattern=2)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family, settings", WINDOWS.values(), ids=WINDOWS)
+def test_every_layer_gets_the_window_transformers_gives_it(family, settings):
+    """Mistral v0.1 at any length, Qwen's use_sliding_window from max_window_layers on, Gemma's alternation:
+    each layer's window (None: global) as transformers' config sets it, read from what transformers 5 writes
+    and from a Hub config.json (no layer_types: the pattern it implies)."""
+    hf = getattr(transformers, f"{family}Config")(**TINY | settings)
+    types = getattr(hf, "layer_types", None) or [SLIDING] * hf.num_hidden_layers  # Mistral: every layer
+    want = [hf.sliding_window if kind == SLIDING else None for kind in types]
+    written = hf.to_dict()
+    for config in (written, {k: v for k, v in written.items() if k != "layer_types"} | settings):
+        ours = model.LlamaConfig.from_hf(config)
+        assert [ours.sliding_window if sliding else None for sliding in ours.sliding_layers] == want
+
+
+def test_cudnn_attention_cannot_soft_cap_the_scores_and_says_so():
+    gemma2 = model.LlamaConfig.from_hf(hf_config("Gemma2", vocab_size=V, head_dim=8))
+    mesh = single_device_mesh()
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="^attention_impl cudnn cannot soft-cap"):
+        forward = functools.partial(model.forward, arch=gemma2, attention_impl="cudnn")
+        jax.eval_shape(forward, model.abstract_params(gemma2, mesh), jax.ShapeDtypeStruct((2, 8), np.int32))
 
 
 @pytest.mark.parametrize(
