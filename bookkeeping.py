@@ -322,7 +322,7 @@ def validation_sets(run: Path, config, tokenizer: str, train_set: data.PairDatas
         fraction, copies = config.validation_split_fraction, train_set.first_copy  # copies stay on one side
         train_idx, val_idx = data.split_indices(len(train_set), fraction, config.seed, copies)
         return train_idx, {"validation": (train_set, val_idx)}
-    named = [source.split("=", 1) if re.match(r"[\w.-]+=", source) else [Path(source).stem, source]
+    named = [source.split("=", 1) if re.match(r"[\w.-]+=", source) else [Path(source).name, source]
              for source in config.validation_data]  # fmt: skip
     names = [name for name, _ in named]
     if twice := sorted({name for name in names if names.count(name) > 1}):

@@ -182,10 +182,10 @@ def test_two_evaluation_sets_log_each_under_its_name_as_it_gives_alone(demo, tmp
     sets = [str(tmp_path / "first.jsonl"), f"held={tmp_path / 'second.jsonl'}"]
     settings = dict(num_train_steps=2, steps_per_eval=2)
     both = run(demo, tmp_path / "both", validation_data=sets, **settings)
-    assert "step 2 | eval first loss" in capsys.readouterr().out
+    assert "step 2 | eval first.jsonl loss" in capsys.readouterr().out
     alone = {
         name: run(demo, tmp_path / name, validation_data=[s], **settings)
-        for name, s in zip(["first", "held"], sets, strict=True)
+        for name, s in zip(["first.jsonl", "held"], sets, strict=True)
     }
     evals = lambda lines, prefix: [
         {k[len(prefix) :]: v for k, v in m.items() if k.startswith(prefix)}
@@ -199,7 +199,7 @@ def test_two_evaluation_sets_log_each_under_its_name_as_it_gives_alone(demo, tmp
         assert len(evals(lines, "eval/")) == 2 and evals(both, f"eval/{name}/") == evals(lines, "eval/")
         assert strip(both) == strip(lines)
     report = (tmp_path / "both" / "report.md").read_text()
-    assert "final eval/first (step 2)" in report and "final eval/held (step 2): eval/held/loss" in report
+    assert "final eval/first.jsonl (step 2)" in report and "final eval/held (step 2): eval/held/loss" in report
 
 
 def test_mesh_shapes_and_microbatches_give_the_same_losses(demo, tmp_path):
