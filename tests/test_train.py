@@ -184,7 +184,7 @@ def test_two_evaluation_sets_log_each_under_its_name_as_it_gives_alone(demo, tmp
     both = run(demo, tmp_path / "both", validation_data=sets, **settings)
     assert "step 2 | eval first.jsonl loss" in capsys.readouterr().out
     alone = {
-        name: run(demo, tmp_path / name, validation_data=[s], **settings)
+        name: run(demo, tmp_path / f"alone-{name}", validation_data=[s], **settings)
         for name, s in zip(["first.jsonl", "held"], sets, strict=True)
     }
     evals = lambda lines, prefix: [
@@ -199,7 +199,9 @@ def test_two_evaluation_sets_log_each_under_its_name_as_it_gives_alone(demo, tmp
         assert len(evals(lines, "eval/")) == 2 and evals(both, f"eval/{name}/") == evals(lines, "eval/")
         assert strip(both) == strip(lines)
     report = (tmp_path / "both" / "report.md").read_text()
-    assert "final eval/first.jsonl (step 2)" in report and "final eval/held (step 2): eval/held/loss" in report
+    assert (
+        "final eval/first.jsonl (step 2)" in report and "final eval/held (step 2): eval/held/loss" in report
+    )
 
 
 def test_mesh_shapes_and_microbatches_give_the_same_losses(demo, tmp_path):
