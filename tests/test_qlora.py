@@ -19,6 +19,7 @@ import torch
 import transformers
 from _model_helpers import make_hf_checkpoint
 from _tolerance import assert_metrics_close
+from jax.sharding import PartitionSpec as P
 
 import bookkeeping
 import data
@@ -26,13 +27,12 @@ import dpo
 import model
 import sharding
 
-P = jax.sharding.PartitionSpec
-
 bnb = pytest.importorskip("bitsandbytes.functional")
 ONE_DEVICE = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 MESH = sharding.make_mesh(2, 2, 2)  # fsdp splits the 64 inputs of wq, wk, wv, w_gate and w_up: one block
-# bitsandbytes' PyTorch kernels: its CPU library's binary search codes ~1% of the absmax values with the
-# neighbour of the nearest entry of its 8-bit map, where all its kernels mean the nearest.
+# The double quantisation through bitsandbytes' PyTorch kernel, not its CPU library, whose binary search codes
+# ~1% of the absmax values with the neighbour of the nearest entry of the 8-bit map (all its kernels mean the
+# nearest, and its PyTorch and CUDA ones pick it).
 TORCH_KERNEL = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
 
 
@@ -50,21 +50,18 @@ def bnb_nf4(w: np.ndarray):
     return packed, absmax, scale, offset, bnb.dequantize_4bit(packed, nested)
 
 
-def assert_nf4_equals_bitsandbytes(codes, absmax, scale, offset, w, dequantized=None):
-    """Our NF4 arrays of one layer (codes [in / 2, out], absmax [in / 64, out]) against bitsandbytes' of w
-    [out, in]: the codes bit for bit, the dequantised weight to f32 rounding (the offset, a mean, is summed in
-    another order)."""
+def assert_nf4_equals_bitsandbytes(codes, absmax, scale, offset, w, dequantized):
+    """Our NF4 arrays of one layer (codes [in / 2, out], absmax [in / 64, out]) and its dequantised weight
+    [in, out] against bitsandbytes' of w [out, in]: the codes bit for bit, the rest to f32 rounding (the
+    offset, a mean, is summed in another order)."""
     packed, want_absmax, want_scale, want_offset, want = bnb_nf4(w)
     out, inputs = w.shape
     assert np.array_equal(codes, packed.numpy().reshape(out, inputs // 2).T)
     assert np.array_equal(absmax, want_absmax.numpy().reshape(out, inputs // 64).T)
     np.testing.assert_allclose(scale, want_scale.numpy(), rtol=1e-6)
     np.testing.assert_allclose(offset, want_offset.item(), rtol=1e-6)
-    if dequantized is not None:
-        np.testing.assert_allclose(
-            dequantized, want.numpy().T, rtol=0, atol=1e-6 * np.abs(want.numpy()).max()
-        )
-    return want.numpy()
+    want = want.numpy().T
+    np.testing.assert_allclose(dequantized, want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
 def test_the_levels_are_bitsandbytes():
@@ -93,6 +90,7 @@ def dequantized(layers: dict) -> dict:
 
 @pytest.mark.parametrize("mesh", [ONE_DEVICE, MESH], ids=["one_device", "mesh_2x2x2"])
 def test_nf4_and_int8_bases_equal_bitsandbytes(tiny, mesh):
+    """load_params, quantising as it reads, and the forward pass's dequantisation (_gathered)."""
     directory, arch = tiny
     weights = safetensors.numpy.load_file(directory / "model.safetensors")
     with jax.set_mesh(mesh):
@@ -133,9 +131,8 @@ def test_real_shaped_weights_equal_bitsandbytes():
             assert_nf4_equals_bitsandbytes(*ours, w, np.asarray(dequantized({"w": q})["w"][0]))
             codes, absmax = model.quantize(w.T, "int8")
             want_codes, want_absmax, _ = bnb.int8_vectorwise_quant(torch.from_numpy(w.copy()))
-            assert np.array_equal(codes, want_codes.numpy().T) and np.array_equal(
-                absmax[0], want_absmax.numpy()
-            )
+            assert np.array_equal(codes, want_codes.numpy().T)
+            assert np.array_equal(absmax[0], want_absmax.numpy())
 
 
 RANK, SCALE = 4, 1.5
@@ -159,7 +156,7 @@ def demo(tmp_path_factory):
 
 def dequantized_by_bitsandbytes(directory, arch, mesh) -> dict:
     """The f32 base whose projections are bitsandbytes' NF4 round trip of the checkpoint's."""
-    weights, base = safetensors.numpy.load_file(directory / "model.safetensors"), None
+    weights = safetensors.numpy.load_file(directory / "model.safetensors")
     base = model.load_params(directory, arch, mesh)
     for name, spec in model.param_specs(arch)["layers"].items():
         w = model._LAYER[name]
@@ -218,41 +215,47 @@ def test_a_step_on_the_nf4_base_equals_one_on_its_dequantised_weights(tiny, demo
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
 
-def test_the_nf4_demo_learns_resumes_exactly_exports_the_original_base_and_refuses_a_changed_one(tmp_path):
-    """The demo with --config.lora-rank 8 --config.base-quantization nf4, its reference precomputed (by the
-    quantised base: at step 0 the loss is log 2). A resume re-quantises the base and ends bit for bit where
-    the uninterrupted run did; one whose model files changed is refused. PEFT loads the exported adapter onto
-    the original base with our adapters' change, and hf/step-N is that base plus the change, merged in f32."""
-    straight, resumed, changed = (tmp_path / name for name in ("straight", "resumed", "changed"))
-    settings = bookkeeping.DEMO_SETTINGS | dict(
-        lora_rank=8, base_quantization="nf4", reference_mode="precompute"
+def test_the_nf4_demo_learns_resumes_exactly_exports_the_original_base_and_refuses_a_changed_one(
+    demo, tmp_path
+):
+    """The demo's model, pairs and settings with --config.lora-rank 8 --config.base-quantization nf4, the
+    reference precomputed (by the quantised base: at step 0 the loss is log 2). A resume re-quantises the base
+    and ends bit for bit where the uninterrupted run did; one whose model files changed is refused. PEFT loads
+    the exported adapter onto the original base with our adapters' change, and hf/step-N is that base plus
+    the change, merged in f32."""
+    straight, resumed, changed, model_dir = (
+        tmp_path / name for name in ("straight", "resumed", "changed", "model")
     )
-    settings |= dict(num_train_steps=30, steps_per_eval=15, steps_per_checkpoint=15, hf_save_dtype="float32")
-    settings |= dict(output_dir=str(straight))
-    dpo.main(dpo.Config(**settings))
+    shutil.copytree(demo[0], model_dir)
+    settings = bookkeeping.DEMO_SETTINGS | dict(lora_rank=8, base_quantization="nf4", hf_save_dtype="float32")
+    settings |= dict(
+        model_name_or_path=str(model_dir), train_data=str(demo[2].path), reference_mode="precompute"
+    )
+    settings |= dict(num_train_steps=20, steps_per_eval=10, steps_per_checkpoint=10)
+    dpo.main(dpo.Config(**settings | dict(output_dir=str(straight))))
     evals = [line for line in map(json.loads, (straight / "metrics.jsonl").open()) if "eval/loss" in line]
     assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy is the quantised base
     assert evals[-1]["eval/rewards/accuracies"] >= 0.9 and evals[-1]["eval/loss"] < 0.65
     checkpoint = lambda run: {str(f.relative_to(run)): np.load(f) for f in sorted(run.rglob("*.npy"))}
-    final = checkpoint(straight / "checkpoints" / "step-30")
+    final = checkpoint(straight / "checkpoints" / "step-20")
     assert {k for k in final if k.startswith("params/")} == {  # the adapters; the base is made anew
         f"params/{name}/{side}.npy" for name in model.LORA_TARGETS.values() for side in "ab"
     }
-    for run in (resumed, changed):  # killed after its step-15 checkpoint, then the same command
-        shutil.copytree(straight, run, ignore=shutil.ignore_patterns("step-30"))
+    for run in (resumed, changed):  # killed after its step-10 checkpoint, then the same command
+        shutil.copytree(straight, run, ignore=shutil.ignore_patterns("step-20"))
     dpo.main(dpo.Config(**settings | dict(output_dir=str(resumed))))
-    again = checkpoint(resumed / "checkpoints" / "step-30")
+    again = checkpoint(resumed / "checkpoints" / "step-20")
     assert again.keys() == final.keys() and all(np.array_equal(again[k], final[k]) for k in final)
-    model_dir = straight / "demo" / "model"
-    weights = safetensors.numpy.load_file(changed / "demo" / "model" / "model.safetensors")
+    original = safetensors.numpy.load_file(model_dir / "model.safetensors")
+    weights = {name: w.copy() for name, w in original.items()}
     weights["model.layers.1.mlp.down_proj.weight"][0, :64] *= 1.5  # one block of one layer
-    safetensors.numpy.save_file(weights, changed / "demo" / "model" / "model.safetensors")
+    safetensors.numpy.save_file(weights, model_dir / "model.safetensors")
     with pytest.raises(ValueError, match=re.escape("base made from") + ".* differs from the one"):
         dpo.main(dpo.Config(**settings | dict(output_dir=str(changed))))
+    safetensors.numpy.save_file(original, model_dir / "model.safetensors")
 
     peft = pytest.importorskip("peft")
-    export, scale = straight / "hf" / "step-30", 2.0  # lora_alpha 2 * rank
-    original = safetensors.numpy.load_file(model_dir / "model.safetensors")
+    export, scale = straight / "hf" / "step-20", 2.0  # lora_alpha 2 * rank
     merged = safetensors.numpy.load_file(export / "model.safetensors")
     adapted = peft.PeftModel.from_pretrained(
         transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), export / "adapter"
