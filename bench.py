@@ -25,7 +25,8 @@ Sections:
   compile   the demo's and the 1B shape's train step: StableHLO lines and compile seconds of d01cd22's code
             (git archive) and of this folder's, in alternating fresh processes; compile time against depth.
   memory    the largest per-chip batch of the 1B, 3B and 8B shapes under FSDP: computed from the sizes,
-            and from compiled programs (on an accelerator against its memory; on CPU as a cross-check).
+            and from compiled programs (on an accelerator against its memory; on CPU as a cross-check);
+            then LoRA on a bf16, NF4 or int8 base (QLoRA) for 8B and Qwen2.5-7B on one 24, 48 or 80 GB GPU.
   tokenize  data.tokenize pairs/s on UltraFeedback-sized synthetic pairs.
   flags     (GPU) the step under a few XLA_FLAGS sets, each in a fresh process (XLA reads them at start).
 
@@ -94,6 +95,10 @@ SHAPES = {  # Hub configs of Llama 3.2 1B and 3B and Llama 3.1 8B (weights rando
         rope_scaling=dataclasses.replace(ROPE, factor=8.0),
     ),
 }
+SHAPES["qwen7b"] = model.LlamaConfig(  # Qwen2.5-7B's Hub config (weights random)
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+    head_dim=128, rope_theta=1e6, max_position_embeddings=32768, model_type="qwen2",
+)  # fmt: skip
 DEFAULT_PAIRS = {"tiny": 8, "1b": 8, "3b": 2, "8b": 2}  # per chip at sequence 2048 (see the memory plan)
 CHIPS = {"H100 80GB": 79.6 * GiB, "TPU v5p": 95e9}  # memory per chip
 
@@ -239,17 +244,25 @@ def run_config(batch_size: int, variant: str = "live:full:auto", dtype=jnp.float
 
 
 def abstract_step(cfg, config: dpo.Config, mesh, dtype, seq: int):
-    """The train step lowered on shapes alone (nothing allocated): (lowered, state avals)."""
+    """The train step lowered on shapes alone (nothing allocated): the model trained against a reference in
+    `dtype`, or with config.lora_rank the adapters on a base in `dtype` (its projections quantised as
+    config.base_quantization says) that is the reference too."""
     optimizer = dpo.make_optimizer(config)
+    lora = model.lora_weights(cfg, config.lora_rank, config.lora_targets) if config.lora_rank else None
+    in_dtype = lambda s: (
+        s if isinstance(s, model.Quantized) else jax.ShapeDtypeStruct(s.shape, dtype, sharding=s.sharding)
+    )
     with jax.set_mesh(mesh):
         train_step = dpo.make_steps(cfg, config)["training"]
         state = jax.eval_shape(
-            lambda p: dpo.TrainState.create(p, optimizer), model.abstract_params(cfg, mesh)
+            lambda p: dpo.TrainState.create(p, optimizer), model.abstract_params(cfg, mesh, lora)
         )
-        ref = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=s.sharding), state.params)
+        frozen = model.abstract_params(cfg, mesh, quantization=config.base_quantization)
+        frozen = jax.tree.map(in_dtype, frozen, is_leaf=lambda x: isinstance(x, model.Quantized))
         lengths = np.full((config.train_batch_size, 2), seq)
         batch = sharding.global_batch(synthetic_batch(cfg, lengths, seq), mesh)
-        return train_step.lower(state, dpo.Frozen(None, ref), config.hyperparameters(), batch)
+        frozen = dpo.Frozen(frozen if lora else None, frozen)
+        return train_step.lower(state, frozen, config.hyperparameters(), batch)
 
 
 class StepRunner:
@@ -742,16 +755,30 @@ def bench_compile(cfg, mesh, dtype, pairs: int, seq: int, depths) -> None:
 # --- memory plan: the largest per-chip batch
 
 
+# Bytes per weight of a LoRA base's projections: bf16, or quantised (NF4: 4 bits, an 8-bit absmax per 64 and
+# an f32 scale per 64 x 256; int8: 8 bits, an f32 absmax per output channel, left out).
+BASE_BYTES = {"none": 2.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+LORA_RANK = 16  # the memory plan's adapters: rank 16 on all seven projections
+
+
 def memory_plan_bytes(
-    cfg, seq: int, chips: int, live_reference: bool, flash: bool, chunk: int = 4096, lora: bool = False
+    cfg,
+    seq: int,
+    chips: int,
+    live_reference: bool,
+    flash: bool,
+    chunk: int = 4096,
+    lora: bool = False,
+    quantization: str = "none",
 ):
     """(fixed bytes, bytes per pair) on one chip under FSDP over `chips`, remat "full", bf16 compute.
 
     fixed: f32 params, grads and Adam update, Adam mu and nu (20 bytes/param) and a bf16 reference (2), all
     sharded; one layer's weights gathered in bf16 twice (this one and the next) with its f32 gradient; the
     embedding table and the LM head gathered whole in bf16, with the head's f32 gradient. With LoRA: the
-    frozen bf16 base alone (2 bytes/param; it is the reference too), and no weight gradients (the adapters'
-    few MB left out).
+    frozen base alone (it is the reference too; its projections BASE_BYTES[quantization] a weight, the rest
+    bf16), the adapters (LORA_RANK) at 20 bytes a parameter, no weight gradients, and the layer gathered
+    dequantised, in bf16.
     per pair (2 sequences of seq tokens, bf16): each layer's input (what remat "full" keeps); one layer's
     recomputed intermediates and their gradients; without flash attention, the [H, T, T] scores and
     probabilities and their gradients (f32); the fused LM head's chunk of `chunk` vocabulary entries: f32
@@ -766,10 +793,13 @@ def memory_plan_bytes(
         cfg.head_dim,
     )
     layer = d * q * (2 * h + 2 * k) + 3 * d * f
-    params = cfg.num_layers * layer + d * v * (1 if cfg.tie_word_embeddings else 2)
+    head = d * v * (1 if cfg.tie_word_embeddings else 2)
     gradients = 0 if lora else 4  # f32 bytes per parameter of the gathered layer's and the head's gradient
-    per_param = 2 if lora else 20 + 2 * live_reference
-    fixed = per_param * params / chips + layer * (2 * 2 + gradients) + d * v * (2 + 2 + gradients)
+    state = (20 + 2 * live_reference) * (cfg.num_layers * layer + head)
+    if lora:
+        adapters = LORA_RANK * cfg.num_layers * (7 * d + 2 * h * q + 2 * k * q + 3 * f)
+        state = cfg.num_layers * layer * BASE_BYTES[quantization] + 2 * head + 20 * adapters
+    fixed = state / chips + layer * (2 * 2 + gradients) + d * v * (2 + 2 + gradients)
     s = 2 * seq
     per_pair = cfg.num_layers * s * d * 2 + s * (4 * d + 3 * h * q + 3 * k * q + 3 * f) * 2 * 2 + s * d * 6
     per_pair += 0 if flash else 2 * h * seq * seq * 4 * 4
@@ -833,6 +863,57 @@ def bench_memory(on_accelerator: bool, mesh) -> None:
     table(
         f"Memory of the compiled train step on {chips} x {jax.devices()[0].device_kind}", header, rows, note
     )
+
+
+CARDS = {"24 GB": 24 * GiB, "48 GB": 48 * GiB, "80 GB": 79.6 * GiB}  # one GPU's memory
+
+
+def bench_qlora_memory(mesh) -> None:
+    """LoRA on a bf16, NF4 or int8 base (QLoRA), one GPU: the largest batch computed from the sizes, and a
+    cross-check of the formula against XLA's buffer assignment of the real train step on the CPU."""
+    shapes, rows = {"8b": "Llama-3.1-8B", "qwen7b": "Qwen2.5-7B"}, []
+    for (shape, name), quantization, seq in itertools.product(shapes.items(), BASE_BYTES, (2048, 4096)):
+        plan = memory_plan_bytes(SHAPES[shape], seq, 1, True, True, lora=True, quantization=quantization)
+        fits = [max(0, int((0.9 * memory - plan[0]) // plan[1])) for memory in CARDS.values()]
+        rows.append([name, quantization.replace("none", "bf16"), seq, plan[0] / GiB, *fits])
+    note = (
+        "COMPUTED, not measured (bench.memory_plan_bytes): pairs a forward pass (microbatch_size) on one GPU "
+        f"with cuDNN flash attention; LoRA rank {LORA_RANK} on all seven projections, the base the reference "
+        "too, remat full, bf16 compute, 10% of memory kept free. fixed: the base, the adapters' state, one "
+        "layer and the embedding and LM head gathered."
+    )
+    header = "model | base | seq | fixed GiB | " + " | ".join(CARDS)
+    table("QLoRA memory plan: largest batch on one GPU (pairs)", header, rows, note)
+    rows = []
+    for shape, quantization, seq in itertools.product(shapes, ("nf4", "int8"), (2048, 4096)):
+        config = partial(run_config, lora_rank=LORA_RANK, base_quantization=quantization)
+        lowered = [abstract_step(SHAPES[shape], config(p), mesh, jnp.bfloat16, seq) for p in (1, 2)]
+        base = abstract_base_bytes(SHAPES[shape], quantization, mesh)  # the reference: the same arrays
+        one, two = (peak_bytes(x.compile()) - base for x in lowered)
+        fixed, per_pair = memory_plan_bytes(
+            SHAPES[shape], seq, 1, True, False, lora=True, quantization=quantization
+        )
+        rows.append(
+            [shape, quantization, seq, one / GiB, (fixed + per_pair) / GiB, (two - one) / GiB, per_pair / GiB]
+        )
+    header = "shape | base | seq | compiled @1 pair GiB | formula | compiled per more pair GiB | formula"
+    note = (
+        "CPU compiler with XLA attention (the formula without flash attention): a cross-check, not a GPU "
+        "measurement. The base is an argument twice (as the base and as the reference), counted once."
+    )
+    table(
+        f"QLoRA: memory of the compiled train step on 1 x {jax.devices()[0].device_kind}", header, rows, note
+    )
+
+
+def abstract_base_bytes(cfg, quantization: str, mesh) -> int:
+    """The bytes of a LoRA base in bf16 with its projections quantised."""
+    base = model.abstract_params(cfg, mesh, quantization=quantization)
+    quantized = lambda x: isinstance(x, model.Quantized)
+    size = lambda x: (
+        sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(x)) if quantized(x) else 2 * x.size
+    )
+    return sum(size(x) for x in jax.tree.leaves(base, is_leaf=quantized))
 
 
 # --- shapes: the few batch shapes a run compiles, and what a short run spends before its first step
@@ -1137,6 +1218,7 @@ def main(args: Args) -> None:
         bench_compile(SHAPES[shapes[0]], mesh, dtype, (args.batch or 8) * mesh.devices.size, seq, depths)
     if "memory" in sections:
         bench_memory(not on_cpu, mesh)
+        bench_qlora_memory(mesh)
     if "tokenize" in sections:
         summary["tokenize"] = bench_tokenize(args.tokenize_pairs)
     if "agree" in sections and not on_cpu:

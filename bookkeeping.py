@@ -280,6 +280,7 @@ def load_inputs(run: Path, config) -> Inputs:
     field = "microbatch_size" if config.microbatch_size else "train_batch_size"  # what to change, named
     model.check_fits(arch, mesh, getattr(config, field), field)
     model.check_lora(arch, config.lora_rank, config.lora_targets)
+    model.check_quantization(arch, mesh, config.base_quantization)
     model.check_weights(model_dir, arch)  # from the file headers: no weight is read yet
     reference_dir = resolved("reference_model_path") if config.reference_model_path else model_dir
     reference_arch = model.load_config(reference_dir)
@@ -571,6 +572,24 @@ def _unreadable(folder: Path, abstract) -> str | None:
     return None
 
 
+def check_base(run: Path, config, base: dict | None, resuming: bool) -> None:
+    """A quantised base is made anew at every start (model.load_params): a resume checks that it is the one
+    its checkpoints were trained on, by the fingerprint that the start before wrote to base.json (the model's
+    files may have changed under the same name, e.g. a Hub revision)."""
+    if config.base_quantization == "none":
+        return
+    file, fingerprint = run / "base.json", model.fingerprint(base)
+    if resuming and file.exists() and json.loads(file.read_text())["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"the {config.base_quantization} base made from {config.model_name_or_path} differs from the one "
+            f"{run}/checkpoints were trained on (its files changed): use another output_dir, or "
+            "--config.overwrite to start afresh"
+        )
+    if sharding.is_writer():
+        with sharding.atomic(file) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+
+
 def restore_checkpoint(run: Path, abstract, mesh, data_id: str):
     """The newest checkpoint that loads completely (None: there is none yet), each process reading through
     a memory map only the slices its own devices hold. A damaged newer one is skipped, saying why; one
@@ -620,6 +639,7 @@ def _reference_key(reference_dir: Path, dataset: data.PairDataset, config) -> st
     identity = [[os.path.realpath(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     settings = [config.reference_dtype, config.compute_dtype, config.attention_impl]
     settings += [] if config.ld_alpha is None else [config.ld_alpha]  # LD-DPO scales the reference's too
+    settings += [] if config.base_quantization == "none" else [config.base_quantization]  # LoRA's base
     identity += [dataset.summary.get("settings"), *settings]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -987,8 +1007,14 @@ def export_files(config, inputs: Inputs) -> ExportFiles:
 
 def save_export(run: Path, step: int, params, adapters, files: ExportFiles) -> None:
     """hf/step-N: `params` for transformers and, with LoRA (`adapters`, `params` the merged weights), the
-    adapters for PEFT in hf/step-N/adapter."""
+    adapters for PEFT in hf/step-N/adapter. A quantised base's weights are merged into their originals, read
+    back from the model's files: the export is the original base plus the adapters."""
     config, out, extra = files.config, run / "hf" / f"step-{step}", files.tokenizer
+    original = config.base_quantization != "none"
+    if original:
+        params = model.merge_lora_from_file(
+            config.model_name_or_path, files.arch, params, adapters, config.lora_scale
+        )
     with tempfile.TemporaryDirectory() as tmp:
         if adapters is not None:
             alpha, adapter = config.lora_rank * config.lora_scale, Path(tmp) / "adapter"
@@ -998,7 +1024,8 @@ def save_export(run: Path, step: int, params, adapters, files: ExportFiles) -> N
             extra = extra + [adapter]
         saved = dict(dtype=config.hf_save_dtype, generation_config=files.generation, extra_files=extra)
         model.save_hf(params, files.arch, out, **saved)
-    say(f"step {step} | exported {out}")
+    merged = f" (the original base, not the {config.base_quantization} one, with the adapters merged in f32)"
+    say(f"step {step} | exported {out}{merged if original else ''}")
 
 
 # --- the run report: report.md and curves.png, from config.json and metrics.jsonl

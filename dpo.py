@@ -17,7 +17,8 @@ where pi is the policy being trained and ref the frozen starting model; losses.p
 Here, in order: Config; the batch layouts (rows_of) and pair_logps, one forward pass over chosen and rejected
 (model.forward, then model.token_logps: the fused LM head and log-softmax); the optimizer; the steps (the loop
 calls train_step, which takes the gradients of `loss`); Programs, compiled before step 1; main. bookkeeping.py
-keeps the run around the step. Left out on purpose: generation, KV caches, quantization, pipeline parallelism.
+keeps the run around the step. Left out on purpose: generation, KV caches, pipeline parallelism, quantization
+(but LoRA's base).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Config:
     lora_rank: int = 0  # adapters of this rank on the frozen model, the reference its base; 0: full tuning
     lora_alpha: float | None = None  # LoRA scale alpha / rank, alpha > 0; None: alpha = 2 * rank
     lora_targets: tuple[Literal[ADAPTABLE], ...] = ADAPTABLE  # the projections adapted (with lora_rank)
+    base_quantization: Literal["none", "nf4", "int8"] = "none"  # the frozen base's projections (QLoRA: nf4)
     # --- optimization
     train_batch_size: int = 128  # preference pairs per optimizer step (global, over all devices)
     microbatch_size: int | None = None  # pairs per forward/backward; gradients accumulate up to the batch
@@ -174,6 +176,7 @@ class Config:
         need(alpha is None or alpha > 0, f"lora_alpha must be > 0 (or None: 2 * lora_rank), got {alpha}")
         for name, unset in [("lora_alpha", alpha is None), ("lora_targets", self.lora_targets == ADAPTABLE)]:
             need(rank or unset, f"{name} does nothing without lora_rank (a full fine-tune would run)")
+        need(rank or self.base_quantization == "none", "base_quantization is for LoRA's base: set lora_rank")
         losses.check(self)  # the loss family's settings, read off its table
         self._check_knobs()
 
@@ -428,7 +431,7 @@ class TrainState:
 class Frozen(NamedTuple):
     """The weights a step reads but does not train."""
 
-    base: dict | None  # what LoRA's adapters sit on; None without LoRA
+    base: dict | None  # what LoRA's adapters sit on (its projections model.Quantized, or not); None without
     reference: dict | None  # with LoRA by default the base; None: precomputed (ref_logps) or not used
 
 
@@ -485,9 +488,8 @@ def loss(params, frozen: Frozen, batch: dict, arch, config: Config, totals=None)
 def objective(logps: PairLogps, config: Config, totals=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """losses.dpo_loss of the pairs and their metric sums (with the loss times the pairs, so that it adds up
     too), on replicated arrays: a loss that couples the batch sorts them."""
-    policy, reference, stats, tokens, weight, sequence = jax.tree.map(
-        lambda x: jax.sharding.reshard(x, P()), logps
-    )
+    replicated = jax.tree.map(lambda x: jax.sharding.reshard(x, P()), logps)
+    policy, reference, stats, tokens, weight, sequence = replicated
     pair_weight = losses.wpo_weights(stats, tokens) if config.use_weighting else None
     value, rewards = losses.dpo_loss(policy, reference, tokens, weight, config, totals, pair_weight, sequence)
     pairs = jnp.sum(weight) if totals is None else totals[0]
@@ -501,8 +503,7 @@ def metric_sums(policy, rewards, stats: model.TokenStats, tokens, weight) -> dic
     """Weighted sums over a batch's pairs of everything logged (TRL's keys and definitions): each metric is
     sums[key] / sums[DENOMINATORS.get(key, "pairs")], so sums of several batches add up. stats: each [B, 2],
     the scored tokens' summed token stats (model.token_logps)."""
-    w = weight[:, None]
-    chosen, rejected = rewards[:, 0], rewards[:, 1]
+    w, chosen, rejected = weight[:, None], rewards[:, 0], rewards[:, 1]
     return {
         "rewards/chosen": jnp.sum(weight * chosen),
         "rewards/rejected": jnp.sum(weight * rejected),
@@ -722,13 +723,14 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs) -> Start:
     create = partial(TrainState.create, optimizer=make_optimizer(config))
     lora = model.lora_weights(arch, config.lora_rank, config.lora_targets) if config.lora_rank else None
     compute_dtype, reference_dtype = map(model.dtype_of, (config.compute_dtype, config.reference_dtype))
-    base = model.load_params(inputs.model_dir, arch, mesh, dtype=compute_dtype) if lora else None
+    base = lora and model.load_params(inputs.model_dir, arch, mesh, compute_dtype, config.base_quantization)
     abstract = jax.eval_shape(create, model.abstract_params(arch, mesh, lora))
     if config.sync_ref_model:  # TR-DPO's moving reference is state: checkpoints hold it
         like = lambda x: jax.ShapeDtypeStruct(x.shape, reference_dtype, sharding=x.sharding)
         abstract = dataclasses.replace(abstract, reference=jax.tree.map(like, abstract.params))
     state = bookkeeping.restore_checkpoint(run, abstract, mesh, inputs.data_id)
     resume_step = None if state is None else int(state.step)
+    bookkeeping.check_base(run, config, base, resume_step is not None)  # a quantised base is made anew
     if state is None and lora:
         state = jax.jit(create)(model.init_params(arch, jax.random.key(config.seed), mesh, lora))
     elif state is None:

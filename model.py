@@ -3,8 +3,9 @@
 Here: `LlamaConfig` from a transformers config.json, one table declaring every weight (axes, mesh
 placement, initializer, transformers' name), sharded random init, `forward` -> final normed hidden states
 (rows of one sequence, or of several, each attending within its views: prefix sharing and packing), LoRA
-adapters declared beside their weights (merged for export, or saved as a PEFT adapter), loading
-safetensors straight into shards, and an export that `transformers` loads unchanged. It reproduces
+adapters declared beside their weights (merged for export, or saved as a PEFT adapter) on a frozen base that
+may be quantised (QLoRA: NF4 or int8, as bitsandbytes), loading safetensors straight into shards, and an
+export that `transformers` loads unchanged. It reproduces
 `LlamaForCausalLM` checkpoints: Llama 2 and TinyLlama (rope_type default), Llama 3, 3.1 and 3.2
 (rope_type llama3), grouped-query and multi-query attention and tied embeddings; and the families that are
 the same block with small additions (_FAMILIES): Mistral (v0.1's sliding window), Qwen2 / Qwen2.5 (q, k, v
@@ -15,7 +16,7 @@ same family. A sliding layer attends to its last sliding_window tokens (layer_ty
 Anything in a config.json it could not reproduce exactly is refused in one line: other model types (MoE,
 Gemma 1, Gemma 3 with its vision tower), bidirectional attention, other rope types, partial rotary
 embeddings, other biases, other activations.
-Left out on purpose: KV caches and generation, dropout, quantization.
+Left out on purpose: KV caches and generation, dropout, quantization other than a frozen base's (QLoRA).
 
 Conventions
   Mesh axes (sharding.py): data = replicas, fsdp = batch split and params sharded (gathered one layer
@@ -43,6 +44,7 @@ What the DPO step gets (call inside `jax.set_mesh(mesh)`, under jit):
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -486,10 +488,16 @@ def param_specs(arch: LlamaConfig) -> dict:
     return jax.tree.map(lambda w: w.spec, _weights(arch))
 
 
-def abstract_params(arch: LlamaConfig, mesh, weights: dict | None = None) -> dict:
+def abstract_params(arch: LlamaConfig, mesh, weights: dict | None = None, quantization: str = "none") -> dict:
     """Shape, dtype and sharding of every f32 weight (of `weights`, e.g. lora_weights; default the model's),
-    building nothing (to restore into)."""
-    one = lambda w: jax.ShapeDtypeStruct(_shape(arch, w), jnp.float32, sharding=NamedSharding(mesh, w.spec))
+    building nothing (to restore into); with quantization, the projections' Quantized arrays."""
+
+    def one(w: Weight):
+        if quantization != "none" and _quantizable(w):
+            parts = _quantized_parts(arch, w, quantization, mesh)
+            return Quantized(**parts, shape=_shape(arch, w)[1:], n_in=w.n_in)
+        return jax.ShapeDtypeStruct(_shape(arch, w), jnp.float32, sharding=NamedSharding(mesh, w.spec))
+
     return jax.tree.map(one, weights or _weights(arch))
 
 
@@ -519,6 +527,190 @@ def init_params(arch: LlamaConfig, key: jax.Array, mesh, weights: dict | None = 
 def lm_head_weight(params: dict) -> jax.Array:
     """[D, V], sharded P("fsdp", "tensor")."""
     return params["lm_head"] if "lm_head" in params else params["embed"].T
+
+
+# --- the quantised base (QLoRA): the frozen projections in NF4 or int8 under the adapters ----------------
+
+# QLoRA's 4-bit NormalFloat levels (Dettmers et al. 2023; bitsandbytes' table): quantiles of a normal
+# distribution scaled to [-1, 1], with an exact 0.
+NF4_LEVELS = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                       -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                       0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                       0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0],
+                      np.float32)  # fmt: skip
+NF4_BLOCK = 64  # weights per absmax, along the input axis
+SCALE_BLOCK = 256  # absmax values per second-level scale (double quantisation)
+
+
+def _dynamic_map() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map), the 256 values that NF4's double
+    quantisation codes the absmax values with: for k = 0..6, the midpoints of 2^k + 1 points evenly spaced
+    over [0.1, 1] times 10^(k - 6), with both signs, then 0 and 1. In float64, rounded once (bitsandbytes'
+    torch.linspace leaves a few of them an ulp away from that)."""
+    halves = []
+    for k in range(7):
+        points = np.linspace(0.1, 1, 2**k + 1)
+        halves.append(10.0 ** (k - 6) * (points[:-1] + points[1:]) / 2)
+    half = np.concatenate(halves)
+    return np.sort(np.concatenate([-half, half, [0.0, 1.0]]).astype(np.float32))
+
+
+DYNAMIC_MAP = _dynamic_map()
+# Each value is coded as the nearest level, a tie going to the lower one (torch.bucketize, as bitsandbytes).
+_NF4_BOUNDS, _DYNAMIC_BOUNDS = ((v[:-1] + v[1:]) / np.float32(2) for v in (NF4_LEVELS, DYNAMIC_MAP))
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Quantized:
+    """A frozen projection [L, in, out] (nn.Linear's [out, in] transposed: its input axes flattened, then its
+    output axes), quantised in blocks along the input axis as bitsandbytes quantises nn.Linear. NF4: codes
+    [L, in / 2, out] uint8, two 4-bit levels a byte (the first input in the high nibble), and absmax
+    [L, in / 64, out] uint8, each block's absmax double-quantised: DYNAMIC_MAP[absmax] * scale + offset, with
+    scale the largest |absmax - offset| of its group of 256 blocks in nn.Linear's order. int8: codes
+    [L, in, out] int8, absmax [L, 1, out] f32 per output channel."""
+
+    codes: jax.Array
+    absmax: jax.Array
+    scale: jax.Array | None = None  # NF4: [L, groups of 256 blocks] f32
+    offset: jax.Array | None = None  # NF4: [L] f32, the mean absmax of each layer's weight
+    shape: tuple = dataclasses.field(default=(), metadata=dict(static=True))  # one layer's, in our axes
+    n_in: int = dataclasses.field(default=1, metadata=dict(static=True))  # how many of them are inputs
+
+
+def _blockwise(blocks: np.ndarray, bounds: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """bitsandbytes' blockwise quantisation (its PyTorch kernels), in f32 as they compute: (codes, absmax)
+    with each value coded as the nearest level to value / its block's absmax (`bounds`: the midpoints
+    between the levels; a tie goes to the lower one, as torch.bucketize)."""
+    absmax = np.abs(blocks).max(axis=axis, keepdims=True)
+    scaled = np.clip(blocks * (np.float32(1) / np.maximum(absmax, np.float32(1e-38))), -1, 1)
+    return np.searchsorted(bounds, scaled).astype(np.uint8), absmax
+
+
+def quantize(x: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, absmax [in / block, out]) of one layer's weight x [in, out] f32, quantised along its input
+    axis as bitsandbytes does: nf4 (quantize_4bit) in blocks of 64, packed two codes a byte, the first in
+    the high nibble; int8 (int8_vectorwise_quant) one block per output channel, round(x * 127 / absmax)."""
+    if kind == "int8":  # torch's 127 / absmax is (1 / absmax) * 127; an all-zero channel stays 0
+        absmax = np.abs(x).max(axis=0, keepdims=True)
+        inverse = np.divide(np.float32(1), absmax, out=np.zeros_like(absmax), where=absmax > 0)
+        return np.round(x * (inverse * np.float32(127))).astype(np.int8), absmax
+    codes, absmax = _blockwise(x.reshape(-1, NF4_BLOCK, x.shape[1]), _NF4_BOUNDS, axis=1)
+    codes = codes.reshape(x.shape)
+    return codes[0::2] << 4 | codes[1::2], absmax[:, 0]
+
+
+def _double_quantize(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """bitsandbytes' double quantisation (quantize_4bit's compress_statistics) of the NF4 absmax of a stacked
+    weight [L, in / 64, out] f32: (codes uint8 of the same shape, scale [L, groups], offset [L]). Each layer's
+    absmax in nn.Linear's order ([out, in / 64] flattened), less their mean (the offset), is coded in groups
+    of 256 with DYNAMIC_MAP."""
+    layers, blocks, out = absmax.shape
+    flat = absmax.transpose(0, 2, 1).reshape(layers, -1)
+    offset = flat.mean(axis=1, dtype=np.float64).astype(np.float32)  # rounded once
+    groups = -(-flat.shape[1] // SCALE_BLOCK)
+    centred = np.zeros((layers, groups * SCALE_BLOCK), np.float32)  # the last group padded with zeros
+    centred[:, : flat.shape[1]] = flat - offset[:, None]
+    codes, scale = _blockwise(centred.reshape(layers, groups, SCALE_BLOCK), _DYNAMIC_BOUNDS, axis=2)
+    codes = codes.reshape(layers, -1)[:, : flat.shape[1]].reshape(layers, out, blocks)
+    return codes.transpose(0, 2, 1), scale[..., 0], offset
+
+
+def _dequantized(w: Quantized, dtype) -> jax.Array:
+    """One layer of a quantised weight, gathered over fsdp, in our axes and `dtype` (computed in f32 and
+    rounded once, as bitsandbytes' dequantize_4bit and int8_vectorwise_dequant)."""
+    (blocks, outputs), spec = w.absmax.shape, jax.typeof(w.codes).sharding.spec
+    if w.scale is None:  # int8
+        x = w.codes.astype(jnp.float32) * w.absmax * np.float32(1 / 127)
+    else:  # each block's group of 256 in nn.Linear's order ([out, blocks] flattened)
+        group = (jnp.arange(outputs) * blocks + jnp.arange(blocks)[:, None]) // SCALE_BLOCK
+        absmax = _lookup(DYNAMIC_MAP, w.absmax) * w.scale[group] + w.offset
+        levels = _lookup(NF4_LEVELS, jnp.stack([w.codes >> 4, w.codes & 15], axis=1))
+        levels = jnp.reshape(levels, (blocks, NF4_BLOCK, outputs), out_sharding=P(spec[0], None, spec[1]))
+        x = levels * absmax[:, None]
+    lead = lambda axes, split: (split, *[None] * (len(axes) - 1))
+    ours = P(*lead(w.shape[: w.n_in], spec[0]), *lead(w.shape[w.n_in :], spec[1]))
+    return jnp.reshape(x.astype(dtype), w.shape, out_sharding=ours)
+
+
+def _lookup(table: np.ndarray, codes: jax.Array) -> jax.Array:
+    """table[codes], sharded as the codes."""
+    return jnp.asarray(table).at[codes].get(out_sharding=jax.typeof(codes).sharding)
+
+
+def _quantizable(w: Weight) -> bool:
+    """A layer's projection (QLoRA quantises the nn.Linear layers; the embedding, the LM head, the norms and
+    the biases stay in the compute dtype)."""
+    return w.axes[0] == "L" and w.n_in > 0
+
+
+def _quantized_parts(arch: LlamaConfig, w: Weight, kind: str, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape, dtype and sharding of each array of the projection `w` quantised (Quantized's fields). The codes
+    lie as the weight does (its input axes split like the first of them, its output axes like theirs); each
+    absmax with its block, or whole along the input axis where a block straddles fsdp devices; NF4's scale
+    and offset, 4 bytes per 16,384 weights and per layer, whole on every device."""
+    (out, inputs), layers = _hf_shape(w, _shape(arch, w)), arch.num_layers
+    spec = P(None, w.spec[1], w.spec[1 + w.n_in])
+    blocks = inputs // NF4_BLOCK if kind == "nf4" else 1
+    straddled = blocks % (mesh.shape[spec[1]] if spec[1] else 1)
+    absmax_spec = P(None, None, spec[2]) if straddled else spec
+
+    def part(shape, dtype, where=spec):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, where))
+
+    if kind == "int8":
+        return dict(
+            codes=part((layers, inputs, out), jnp.int8),
+            absmax=part((layers, 1, out), jnp.float32, absmax_spec),
+        )
+    return dict(
+        codes=part((layers, inputs // 2, out), jnp.uint8),
+        absmax=part((layers, blocks, out), jnp.uint8, absmax_spec),
+        scale=part((layers, -(-blocks * out // SCALE_BLOCK)), jnp.float32, P()),
+        offset=part((layers,), jnp.float32, P()),
+    )
+
+
+def check_quantization(arch: LlamaConfig, mesh, kind: str) -> None:
+    """NF4 codes a projection in blocks of 64 along its input axis, two codes a byte: that axis must hold
+    whole blocks, and on each device whole blocks where tensor parallelism splits it (a block is dequantised
+    where it lies) or whole bytes where fsdp does (a block may straddle those: it is gathered first). One
+    line, naming the size."""
+    for w in jax.tree.leaves(_weights(arch)):
+        if kind != "nf4" or not _quantizable(w):
+            continue
+        inputs, axis = _hf_shape(w, _shape(arch, w))[1], w.spec[1]
+        devices = mesh.shape[axis] if axis else 1
+        size = " x ".join(_SIZE_FIELDS[a] for a in w.axes[1 : 1 + w.n_in]) + f" ({inputs})"
+        if inputs % NF4_BLOCK:
+            raise ValueError(f"base_quantization nf4: {size} is not a multiple of its blocks of {NF4_BLOCK}")
+        need = f"whole blocks of {NF4_BLOCK}" if axis == "tensor" else "an even count (two codes a byte)"
+        if inputs // devices % (NF4_BLOCK if axis == "tensor" else 2):
+            raise ValueError(
+                f"base_quantization nf4: {size} over {axis}={devices} leaves {inputs // devices} weights a "
+                f"device, and NF4 needs {need} there"
+            )
+
+
+def fingerprint(params: dict) -> str:
+    """A checksum of every array's bits (a resume re-quantises its base and compares it with the one its
+    checkpoints were trained on)."""
+    return hashlib.sha256(np.asarray(_checksums(params)).tobytes()).hexdigest()[:16]
+
+
+@jax.jit
+def _checksums(params: dict) -> jax.Array:
+    """[leaves] uint32: each array's bits, each position weighted by its own odd number, summed in uint32,
+    whose wrap-around makes every summation order (mesh, device) give the same."""
+
+    def checksum(x):
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+        position = jnp.uint32(0)
+        for axis, size in enumerate(x.shape):  # the row-major index
+            position = position * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+        return jnp.sum(bits * (2 * position * jnp.uint32(2654435761) + 1), dtype=jnp.uint32)
+
+    return jnp.stack([checksum(x) for x in jax.tree.leaves(params)])
 
 
 # --- forward ----------------------------------------------------------------------------------------------
@@ -637,9 +829,12 @@ def _view_attention(q, k, v, index, lengths, slot, impl, **scores):
     return jnp.take_along_axis(out, slot[..., None, None], axis=1)
 
 
-def _gathered(w: jax.Array, dtype) -> jax.Array:
+def _gathered(w: jax.Array | Quantized, dtype) -> jax.Array:
     """FSDP: one layer's weight cast to the compute dtype (halving the traffic in bf16) and gathered
-    whole over "fsdp" right before use; the tensor split stays. Only one layer is whole at a time."""
+    whole over "fsdp" right before use; the tensor split stays. Only one layer is whole at a time. A quantised
+    weight is gathered as it is (NF4: about a quarter of bf16's bytes), then dequantised."""
+    if isinstance(w, Quantized):
+        return _dequantized(jax.tree.map(lambda x: _gathered(x, x.dtype), w), dtype)
     spec = jax.typeof(w).sharding.spec
     return reshard(w.astype(dtype), P(*(None if a == "fsdp" else a for a in spec)))
 
@@ -995,15 +1190,41 @@ def step_flops(arch: LlamaConfig, lengths, live_reference: bool, lora: bool = Fa
 def merge_lora(params: dict, lora: dict, scale: float, dtype=jnp.float32) -> dict:
     """The params with each adapter folded into its weight, W + scale * A B (sharded as W), for export. The
     sum is taken in f32 and rounded once, to `dtype` (the export's): in the base's own dtype (bf16 when it
-    computes in bf16) a change under half its rounding step would be lost, as most of a run's are."""
-    layers = dict(params["layers"])
+    computes in bf16) a change under half its rounding step would be lost, as most of a run's are. Quantised
+    weights are left out: the export merges into their originals (merge_lora_from_file)."""
+    layers = {name: w for name, w in params["layers"].items() if not isinstance(w, Quantized)}
     for name, adapter in lora.items():
+        if name not in layers:
+            continue
         axes, n_in = _weights_axes(name)
         inputs, outputs = axes[:n_in], axes[n_in:]
         spec = P(*jax.typeof(layers[name]).sharding.spec)
         f32 = dict(precision="highest", preferred_element_type=jnp.float32, out_sharding=spec)
         delta = jnp.einsum(f"l{inputs}r,lr{outputs}->l{axes}", adapter["a"], adapter["b"], **f32)
         layers[name] = (layers[name].astype(jnp.float32) + scale * delta).astype(dtype)
+    return params | {"layers": layers}
+
+
+def merge_lora_from_file(path, arch: LlamaConfig, params: dict, lora: dict, scale: float) -> dict:
+    """For save_hf, merge_lora's result completed on the host: each layer weight that it left out (a quantised
+    base's) becomes a function of the layer that reads the original weight back from the checkpoint at `path`
+    (f32) and adds its adapter's change scale * A B in f32, so that the export holds the original base plus
+    the adapters, not the quantised base. Every process must call it (the adapters are gathered)."""
+    path, weights = resolve_path(path), _weights(arch)["layers"]
+    adapters = {name: [sharding.to_host(ab[k]).astype(np.float32) for k in "ab"] for name, ab in lora.items()}
+
+    def merged(name: str, layer: int) -> np.ndarray:
+        w = weights[name]
+        hf_shape = _hf_shape(w, _shape(arch, w))
+        with _checkpoint(path) as tensor:
+            x = tensor(w.hf.format(layer), hf_shape)[:, :].T.astype(np.float32)  # [in, out]
+        if name in adapters:
+            a, b = (ab[layer] for ab in adapters[name])
+            x += scale * (a.reshape(len(x), -1) @ b.reshape(-1, x.shape[1]))
+        return x.reshape(_shape(arch, w)[1:])
+
+    ours = params["layers"]
+    layers = {name: ours[name] if name in ours else functools.partial(merged, name) for name in weights}
     return params | {"layers": layers}
 
 
@@ -1107,13 +1328,16 @@ def check_weights(path, arch: LlamaConfig) -> None:
                 tensor(w.hf.format(layer), _hf_shape(w, _shape(arch, w)))
 
 
-def load_params(path, arch: LlamaConfig, mesh, dtype=jnp.float32) -> dict:
+def load_params(path, arch: LlamaConfig, mesh, dtype=jnp.float32, quantization: str = "none") -> dict:
     """Weights from a transformers safetensors checkpoint (one file or sharded with an index), each put
-    straight into its NamedSharding. Every host reads only the slices its own devices hold."""
+    straight into its NamedSharding. Every host reads only the slices its own devices hold. quantization
+    "nf4" or "int8": the layers' projections are quantised as they are read (Quantized), the rest in dtype."""
     np_dtype = np.dtype(dtype)
     with _checkpoint(resolve_path(path)) as tensor:
 
         def load(w: Weight):
+            if quantization != "none" and _quantizable(w):
+                return _load_quantized(tensor, arch, mesh, w, quantization)
             shape = _shape(arch, w)
             hf_shape = _hf_shape(w, shape)
 
@@ -1131,6 +1355,41 @@ def load_params(path, arch: LlamaConfig, mesh, dtype=jnp.float32) -> dict:
             return jax.make_array_from_callback(shape, NamedSharding(mesh, w.spec), read, dtype=np_dtype)
 
         return jax.tree.map(load, _weights(arch))
+
+
+def _load_quantized(tensor, arch: LlamaConfig, mesh, w: Weight, kind: str) -> Quantized:
+    """The projection `w` of the checkpoint (`tensor`: _checkpoint's), quantised as it is read: each device's
+    slice of the codes and of the absmax from the whole blocks that hold it, one layer at a time in f32 (a
+    block that straddles fsdp devices is read by each of them), then NF4's double quantisation."""
+    parts, (out, inputs) = _quantized_parts(arch, w, kind, mesh), _hf_shape(w, _shape(arch, w))
+    block = NF4_BLOCK if kind == "nf4" else inputs
+    rows_per = dict(codes=2 if kind == "nf4" else 1, absmax=block)  # input rows per row of each
+
+    @functools.cache  # a device's codes and absmax share one read, and so do replicas
+    def read_blocks(layers: tuple, rows: tuple, cols: tuple) -> list[np.ndarray]:
+        def one(layer: int) -> np.ndarray:  # [rows, cols] of the layer's weight
+            return tensor(w.hf.format(layer), (out, inputs))[slice(*cols), slice(*rows)].T.astype(np.float32)
+
+        quantized = [quantize(one(i), kind) for i in range(*layers)]  # (codes, absmax) of each layer
+        return [np.stack(arrays) for arrays in zip(*quantized, strict=True)]
+
+    def read(name: str, index: tuple) -> np.ndarray:
+        layers, rows, cols = (s.indices(n)[:2] for s, n in zip(index, parts[name].shape, strict=True))
+        first, last = (row * rows_per[name] for row in rows)  # the input rows asked for
+        start = first // block * block
+        codes, absmax = read_blocks(layers, (start, -(-last // block) * block), cols)
+        if name == "absmax":  # whole blocks
+            return absmax
+        return codes[:, (first - start) // rows_per["codes"] : (last - start) // rows_per["codes"]]
+
+    made = lambda name, read: jax.make_array_from_callback(parts[name].shape, parts[name].sharding, read)
+    arrays = {name: made(name, functools.partial(read, name)) for name in ("codes", "absmax")}
+    if kind == "nf4":  # the second level's groups run across devices: on the whole absmax, on each host
+        second = _double_quantize(sharding.to_host(arrays["absmax"]))
+        arrays |= {
+            k: made(k, x.__getitem__) for k, x in zip(("absmax", "scale", "offset"), second, strict=True)
+        }
+    return Quantized(**arrays, shape=_shape(arch, w)[1:], n_in=w.n_in)
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
@@ -1166,10 +1425,13 @@ def save_hf(
 
     def entry(key, array, layer=None):
         w = table[key] if layer is None else table["layers"][key]
-        hf_shape = _hf_shape(w, array.shape)
+        hf_shape = _hf_shape(w, _shape(arch, w))
 
         def fetch():
-            x = sharding.to_host(_export_cast(array, layer, np_dtype))  # whole on every host
+            if callable(array):  # an original weight read back and merged on the host (merge_lora_from_file)
+                x = array(layer).astype(np_dtype)
+            else:
+                x = sharding.to_host(_export_cast(array, layer, np_dtype))  # whole on every host
             return x.reshape(hf_shape[1], hf_shape[0]).T if w.n_in else x.reshape(hf_shape)
 
         return w.hf.format(layer), hf_shape, fetch

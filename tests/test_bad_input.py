@@ -369,6 +369,7 @@ def test_data_that_changes_under_a_run_is_refused_and_training_and_validation_ne
         # Flags that did nothing: a full fine-tune ran, or nothing trained.
         (dict(lora_alpha=8.0), "lora_alpha does nothing without lora_rank"),
         (dict(lora_targets=("q", "v")), "lora_targets does nothing without lora_rank"),
+        (dict(base_quantization="nf4"), "base_quantization is for LoRA's base: set lora_rank"),
         (dict(loss_weights=(0.0,)), "loss_weights (0.0,) are all 0: nothing would train"),
         (dict(loss_type=("sigmoid", "sft"), loss_weights=(0.0, 0.0)), "are all 0"),
         (dict(validation_data=()), "validation_data names no set"),  # it would evaluate nothing
