@@ -74,7 +74,7 @@ OPERATIONAL_FIELDS = set(
     "output_dir overwrite steps_per_eval max_eval_batches steps_per_checkpoint keep_checkpoints "
     "steps_per_hf_export hf_save_dtype log_every wandb_project coordinator_address num_processes "
     "process_id on_nonfinite compilation_cache_dir microbatch_size prefix_sharing packing remat "
-    "attention_impl logits_chunk_size".split()
+    "attention_impl logits_chunk_size mesh_context".split()
 )
 
 
@@ -276,7 +276,7 @@ def load_inputs(run: Path, config) -> Inputs:
 
     model_dir = resolved("model_name_or_path")
     arch = model.load_config(model_dir)
-    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor, config.mesh_context)
     field = "microbatch_size" if config.microbatch_size else "train_batch_size"  # what to change, named
     model.check_fits(arch, mesh, getattr(config, field), field)
     model.check_lora(arch, config.lora_rank, config.lora_targets)
@@ -443,7 +443,7 @@ def loaders(config, inputs: Inputs) -> Loaders:
     # Packed rows split evenly over the batch axes' devices and the microbatches (evaluation's too).
     devices = math.prod(inputs.mesh.shape[axis] for axis in sharding.BATCH_AXES)
     rows = devices * config.num_microbatches
-    layout = data.Layout(config.prefix_sharing, config.packing, row_multiple=rows)
+    layout = data.Layout(config.prefix_sharing, config.packing, rows, config.mesh_context)
     size, processes = config.train_batch_size, dict(process_count=jax.process_count())
     cap = None if config.max_eval_batches is None else config.max_eval_batches * size
     shuffle = dict(batch_size=size, seed=config.seed, group_by_length=config.group_by_length)
@@ -679,6 +679,7 @@ class ReferenceCache:
         self.todo = data.by_length(dataset, np.flatnonzero(np.isnan(self.logps).any(axis=1)))
         self.size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
         self.loader = dict(max_seq_len=config.max_seq_len, process_count=jax.process_count())
+        self.loader |= dict(layout=data.Layout(width_multiple=config.mesh_context))  # one pair a row
         # A few shapes for the whole pass: its batches run shortest first, so they span every length.
         order = data.eval_order(self.todo, self.size)
         self.shapes = (

@@ -1097,7 +1097,8 @@ class Layout(NamedTuple):
     """How the loader lays pairs out, and the one description of the batches it yields (numpy, this process's
     rows; dpo.rows_of reads them). prefix_sharing: one sequence a pair, its shared prefix once; packing:
     several pairs to a row. Rows per step come in multiples of row_multiple (dpo.py: the batch axes' devices
-    times the microbatches) and of the process count.
+    times the microbatches) and of the process count; row and view widths in multiples of width_multiple (the
+    context axis's devices, each of which holds a row's share of tokens).
 
     One pair a row (_padded: neither prefix_sharing nor packing), b pairs of width T:
       input_ids     [b, 2, T] int32   chosen (index 0) and rejected (1) side by side, right-padded with 0
@@ -1128,6 +1129,7 @@ class Layout(NamedTuple):
     prefix_sharing: bool = False
     packing: bool = False
     row_multiple: int = 1
+    width_multiple: int = 1
 
 
 # Batch shapes a run compiles (plan_shapes), each a program: on an accelerator a compile costs seconds to
@@ -1171,27 +1173,30 @@ def _rows_of(units, layout: Layout, max_seq_len: int, process_count: int):
     in whole multiples, the rows widening a step at a time while first-fit spills into more (a spilled row
     would cost a whole multiple). Without packing, one pair a row."""
     multiple, cap = math.lcm(layout.row_multiple, process_count), 2 * max_seq_len
+    padded = functools.partial(padded_width, max_seq_len=cap, multiple=layout.width_multiple)
     if not layout.packing:
-        rows, width = [[k] for k in range(len(units))], padded_width(int(units.max()), cap)
+        rows, width = [[k] for k in range(len(units))], padded(int(units.max()))
     else:
         tokens = int(units.sum())
         least = -(-tokens // (cap * multiple)) * multiple
-        width = padded_width(max(int(units.max()), -(-tokens // least)), cap)
+        width = padded(max(int(units.max()), -(-tokens // least)))
         while len(rows := _first_fit(units, width)) > least and width < cap:
-            width = padded_width(width + 1, cap)
+            width = padded(width + 1)
     return rows, width, -(-len(rows) // multiple) * multiple
 
 
 def _need(dataset, pairs, weight, layout, max_seq_len, process_count) -> tuple[Shape, list | None]:
     """The smallest shape that holds this batch, each dimension rounded as padded_width rounds it, and for
     rows of several sequences the rows (_rows_of) that _packed fills, planned once."""
+    longest = int(dataset.lengths[pairs].max())
+    view_width = padded_width(longest, max_seq_len, layout.width_multiple if layout else 1)
     if not _is_rows(layout):
-        return Shape(len(pairs), padded_width(int(dataset.lengths[pairs].max()), max_seq_len)), None
+        return Shape(len(pairs), view_width), None
     if layout.packing:  # the weight-0 copies that fill up an eval batch would only take room
         pairs = pairs[weight > 0]
     rows, width, total = _rows_of(_units(dataset, pairs, layout)[0], layout, max_seq_len, process_count)
     slots = 1 << (max(map(len, rows)) - 1).bit_length()  # a power of two: few distinct shapes
-    return Shape(total, width, slots, padded_width(int(dataset.lengths[pairs].max()), max_seq_len)), rows
+    return Shape(total, width, slots, view_width), rows
 
 
 def plan_shapes(dataset, steps, *, count: int, max_seq_len: int, layout=None, process_count=1) -> list[Shape]:
@@ -1352,15 +1357,16 @@ def _first_fit(units: np.ndarray, width: int) -> list[list[int]]:
     return rows
 
 
-def padded_width(longest: int, max_seq_len: int) -> int:
+def padded_width(longest: int, max_seq_len: int, multiple: int = 1) -> int:
     """The width of a batch whose longest sequence has `longest` tokens: a multiple of 8 up to 64, then 8
     widths to an octave (72, 80, ..., 128, 144, ..., 256, 288, ...), at most max_seq_len. Padding stays
     under 1/8 while a run compiles few shapes (bench.py padding, UltraFeedback-like lengths: 6 widths for
     random batches of 128 pairs, 25 with group_by_length; 1-6 on short data, where widths rounded up to
     multiples of 128 had doubled the work). Coarser steps (4 to an octave) compile half as many shapes but
-    pad 4% more; exact widths pad 4% less but compile a shape for nearly every batch."""
-    step = max(8, 2 ** ((longest - 1).bit_length() - 4))
-    return min(-(-longest // step) * step, max_seq_len)
+    pad 4% more; exact widths pad 4% less but compile a shape for nearly every batch. A multiple of `multiple`
+    (the context axis's size), max_seq_len rounded up to one."""
+    step = math.lcm(max(8, 2 ** ((longest - 1).bit_length() - 4)), multiple)
+    return min(-(-longest // step) * step, -(-max_seq_len // multiple) * multiple)
 
 
 def by_length(dataset: PairDataset, indices: Sequence[int]) -> np.ndarray:

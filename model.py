@@ -27,10 +27,11 @@ Conventions
   table declares (tests/test_model.py holds the two equal).
   `arch` is always a LlamaConfig (the model's shape); params are f32, layers stacked on a leading L
   axis; `_weights` lists each one's axes and spec.
-  Activations between blocks are [B, T, D] in the compute dtype, B split over ("data", "fsdp").
+  Activations between blocks are [B, T, D] in the compute dtype, B split over ("data", "fsdp") and T over
+  "context" (BATCH); attention gathers a row's keys and values whole (_whole_row).
 
 What the DPO step gets (call inside `jax.set_mesh(mesh)`, under jit):
-  forward(...)            [B, T, D] in the compute dtype, sharded P(("data", "fsdp"), None, None).
+  forward(...)            [B, T, D] in the compute dtype, sharded P(("data", "fsdp"), "context", None).
   lm_head_weight(params)  [D, V] in the params' dtype, sharded P("fsdp", "tensor") (also when tied:
                           embed.T). Gather it over fsdp before the matmul, e.g.
                           reshard(w.astype(dt), P(None, "tensor")); the logits then come out
@@ -68,7 +69,7 @@ from safetensors import safe_open
 
 import sharding
 
-BATCH = P(sharding.BATCH_AXES, None, None)  # [B, T, D] between blocks
+BATCH = P(sharding.BATCH_AXES, "context", None)  # [B, T, D] between blocks: tokens split over context
 
 
 # --- config -------------------------------------------------------------------------------------------
@@ -774,6 +775,8 @@ def _attention(q, k, v, lengths, impl, window=None, scale=None, cap=None):
     2's soft cap on them (_capped_attention)."""
     if isinstance(lengths, tuple):
         return _view_attention(q, k, v, *lengths, impl, window=window, scale=scale, cap=cap)
+    # Each query sees the whole row's keys and values: gathered over context (their queries stay split).
+    k, v = _whole_row(k), _whole_row(v)
 
     def attend(q, k, v, lengths):
         if cap is not None:
@@ -816,17 +819,27 @@ def _view_attention(q, k, v, index, lengths, slot, impl, **scores):
     and cap; a window counts the view's positions, which are its sequence's), and every token of a row takes
     its output from the flat view position slot[b, t]. Gathers along a row stay on its device."""
     b, n, s = index.shape
+    tokens = jax.typeof(q).sharding.spec[1]  # how the row's tokens are split (context), and so the output's
 
-    def split(x, shape):  # heads and head dim stay split as x's are (one kv head is whole: _weights)
+    def split(x, shape, over=None):  # heads and head dim stay split as x's (one kv head is whole: _weights)
         heads = (*jax.typeof(x).sharding.spec, None, None)[2:4]  # a spec may leave out trailing unsplit axes
-        return jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, None, *heads))
+        return jnp.reshape(x, shape, out_sharding=P(sharding.BATCH_AXES, over, *heads))
 
+    # Views gather along the whole row; each view's queries are then split over context as the row's were,
+    # and its output is gathered whole again for each token to take its own (slot).
     flat = index.reshape(b, n * s)[..., None, None]
-    views = lambda x: split(jnp.take_along_axis(x, flat, axis=1), (b * n, s, *x.shape[2:]))
+    views = lambda x, over=None: split(
+        jnp.take_along_axis(_whole_row(x), flat, axis=1), (b * n, s, *x.shape[2:]), over
+    )
     lengths = jnp.reshape(lengths, (b * n,), out_sharding=P(sharding.BATCH_AXES))
-    out = _attention(views(q), views(k), views(v), lengths, impl, **scores)
+    out = _attention(views(q, tokens), views(k), views(v), lengths, impl, **scores)
     out = split(out, (b, n * s, *q.shape[2:]))
-    return jnp.take_along_axis(out, slot[..., None, None], axis=1)
+    return split(jnp.take_along_axis(out, slot[..., None, None], axis=1), q.shape, tokens)
+
+
+def _whole_row(x: jax.Array) -> jax.Array:
+    """x [B, T, ...] with its tokens whole on every device: gathered over context (a no-op without it)."""
+    return reshard(x, P(*(None if axis == "context" else axis for axis in jax.typeof(x).sharding.spec)))
 
 
 def _gathered(w: jax.Array | Quantized, dtype) -> jax.Array:
@@ -957,7 +970,8 @@ def forward(
     remat: str = "full",
     attention_impl: str | None = None,
 ) -> jax.Array:
-    """Final RMS-normed hidden states [B, T, D] in compute_dtype, sharded P(("data", "fsdp"), None, None).
+    """Final RMS-normed hidden states [B, T, D] in compute_dtype, sharded P(("data", "fsdp"), "context", None)
+    (BATCH).
 
     tokens int32 [B, T], right-padded; lengths int32 [B] real tokens per row (None: all real). Positions
     are 0..T-1, or `positions` [B, T]. With `views` (index [B, J, S], lengths [B, J], slot [B, T]; see

@@ -1,13 +1,17 @@
 """The device mesh, how a batch is laid out on it, the multi-process start, and how files are written.
 
-Mesh axes (every mesh here has all three, in this order):
+Mesh axes (every mesh here has all four, in this order):
   data    pure replicas: the batch is split over it, parameters and optimizer state are whole on each.
   fsdp    the batch is split over it AND parameters / optimizer state are sharded over it; model.py
           gathers each layer's weights just before using them (ZeRO-3 / fully sharded data parallel).
+  context each row's tokens are split over it between blocks (context parallelism for long rows):
+          everything per token stays where its tokens are, and attention gathers the row's keys and values
+          whole (model._attention). Row widths are padded to a multiple of its size (data.Layout).
   tensor  Megatron-style split of one layer: attention heads, and the MLP hidden dimension. Keep it
           within a host (it talks every layer); kv heads must divide by it (one kv head is whole on each).
 
-A batch's leading dimension is split over ("data", "fsdp"); the rest of every batch array is whole.
+A batch's leading dimension is split over ("data", "fsdp"); the rest of every batch array is whole (the
+model splits the activations' tokens over "context").
 The axes are `AxisType.Explicit`: shardings are part of each array's type, so `jax.typeof(x)` shows
 them and a mismatch is an error at trace time rather than a silent copy. model.check_fits checks, once,
 that every weight and the batch split evenly over their axes.
@@ -15,8 +19,8 @@ that every weight and the batch split evenly over their axes.
 Files: process 0 writes every file of a run, each through `atomic` (a temporary sibling renamed into
 place), so a kill at any moment leaves the old version or the new one, never half of one.
 
-Left out on purpose: pipeline and sequence parallelism, multi-slice (DCN) meshes, hand-written
-collectives; XLA derives every collective from the specs.
+Left out on purpose: pipeline parallelism, ring attention (context gathers keys and values whole),
+multi-slice (DCN) meshes, hand-written collectives; XLA derives every collective from the specs.
 """
 
 import contextlib
@@ -31,15 +35,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with explicit axes over `devices` (default: all); one size may be -1."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, context: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, context, tensor) mesh with explicit axes over `devices` (default: all); one size may
+    be -1."""
     devices = jax.devices() if devices is None else list(devices)
-    sizes = [data, fsdp, tensor]
-    shape = f"data={data} x fsdp={fsdp} x tensor={tensor}"
+    sizes = [data, fsdp, context, tensor]
+    shape = f"data={data} x fsdp={fsdp} x context={context} x tensor={tensor}"
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh {shape}: sizes must be positive, with at most one -1")
     if -1 in sizes:
@@ -50,7 +55,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {shape} needs {math.prod(sizes)} devices, but there are {len(devices)}")
     # jax.make_mesh orders devices by the physical topology, with the last (tensor) axis the closest.
-    return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Explicit,) * 3, devices=devices)
+    return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Explicit,) * len(AXES), devices=devices)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -24,7 +24,8 @@ import bookkeeping
 import data
 
 STEPS = 6
-SETTINGS = dict(num_train_steps=STEPS, steps_per_checkpoint=3, mesh_data=2, mesh_fsdp=-1)
+# data spans the two processes; fsdp and context (each row's tokens split in two) lie within each
+SETTINGS = dict(num_train_steps=STEPS, steps_per_checkpoint=3, mesh_data=2, mesh_fsdp=-1, mesh_context=2)
 
 
 @pytest.fixture(scope="module")

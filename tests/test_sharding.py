@@ -20,7 +20,7 @@ def test_make_mesh_fills_in_the_remaining_devices():
     mesh = sharding.make_mesh(2, -1, 2)
     assert mesh.axis_names == ("data", "fsdp", "tensor") and tuple(mesh.shape.values()) == (2, 2, 2)
     assert mesh.axis_types == (AxisType.Explicit,) * 3
-    assert dict(sharding.make_mesh().shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(sharding.make_mesh().shape) == {"data": 1, "fsdp": 8, "context": 1, "tensor": 1}
     assert dict(sharding.make_mesh(1, 1, -1, devices=jax.devices()[:4]).shape)["tensor"] == 4
 
 

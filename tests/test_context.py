@@ -1,0 +1,99 @@
+"""The context axis: each row's tokens split over devices between blocks, attention gathering the row's keys
+and values whole. A step on meshes with a context axis against the single-device step (f32), in every
+layout, with LoRA; the per-device memory of a long row; a resume onto another mesh_context."""
+
+import jax
+import numpy as np
+import pytest
+from _tolerance import assert_metrics_close
+from test_packing import batch_of, pairs  # noqa: F401  (the fixture: multi-turn ChatML pairs and a tiny model)
+from test_train import SMALL, assert_same_losses, demo, run  # noqa: F401  (demo: the fixture)
+
+import data
+import dpo
+import model
+import sharding
+
+ONE_DEVICE = dict(fsdp=1, devices=jax.devices()[:1])
+KEYS = ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected", "entropy")
+
+
+def step_metrics(arch, config, mesh_sizes, batch, lora: bool):
+    """One train step's metrics on a mesh of `mesh_sizes` (random weights, a reference apart; with LoRA the
+    base is the reference and the adapters train)."""
+    mesh = sharding.make_mesh(**mesh_sizes)
+    optimizer = dpo.make_optimizer(config)
+    with jax.set_mesh(mesh):
+        weights = model.init_params(arch, jax.random.key(0), mesh)
+        table = model.lora_weights(arch, 4, tuple(model.LORA_TARGETS)) if lora else None
+        trained = model.init_params(arch, jax.random.key(2), mesh, table) if lora else weights
+        state = jax.jit(lambda p: dpo.TrainState.create(p, optimizer))(trained)
+        frozen = (
+            dpo.Frozen(weights, weights)
+            if lora
+            else dpo.Frozen(None, model.init_params(arch, jax.random.key(1), mesh))
+        )
+        step = dpo.make_steps(arch, config)["training"]
+        return jax.device_get(
+            step(state, frozen, config.hyperparameters(), sharding.global_batch(batch, mesh))[1]
+        )
+
+
+@pytest.mark.parametrize(
+    "layout, meshes, lora",
+    [
+        (None, [dict(fsdp=1, context=8), dict(data=2, fsdp=1, context=2, tensor=2)], False),
+        ("sharing", [dict(fsdp=1, context=8), dict(data=2, fsdp=1, context=2, tensor=2)], False),
+        ("packing", [dict(fsdp=1, context=8), dict(data=2, fsdp=1, context=2, tensor=2)], False),
+        ("both", [dict(fsdp=2, context=4), dict(fsdp=2, context=2, tensor=2)], True),
+    ],
+)
+def test_a_step_on_a_context_axis_equals_the_single_device_step(pairs, layout, meshes, lora):  # noqa: F811
+    """Rows of uneven lengths with padding, split into 2 to 8 chunks of tokens (pairs and views straddle
+    them): loss, gradient norm and metrics as on one device, to the rounding floor (tests/_tolerance.py)."""
+    dataset, arch = pairs
+    config = dpo.Config(train_data="x", train_batch_size=8, logits_chunk_size=64, lora_rank=4 if lora else 0)
+    # Widths a multiple of 8: every context size here splits them evenly.
+    loader = (
+        data.Layout(*(dict(sharing=(1, 0), packing=(0, 1), both=(1, 1))[layout]), 2, 8) if layout else None
+    )
+    batch = next(
+        data.train_batches(dataset, range(len(dataset)), batch_size=8, seed=0, max_seq_len=256, layout=loader)
+    )
+    width = batch["input_ids"].shape[-1]
+    assert width % 8 == 0 and (batch.get("views") is None or batch["views"].shape[-1] % 8 == 0)
+    want = step_metrics(arch, config, ONE_DEVICE, batch, lora)
+    for sizes in meshes:
+        got = step_metrics(arch, config, sizes, batch, lora)
+        assert_metrics_close(got, want, KEYS, config.beta, losses=1)
+
+
+def test_a_long_row_takes_a_fraction_of_the_memory_on_a_context_axis(pairs):  # noqa: F811
+    """The compiled step's temporary memory per device for one pair of 2048-token sides: at most about 1/4
+    on (1, 1, 8, 1) of one device's (the attention scores of each device's queries, against the whole row)."""
+    _, arch = pairs
+    config = dpo.Config(train_data="x", train_batch_size=1, logits_chunk_size=64, prefix_sharing=False)
+    memory = []
+    for sizes in (ONE_DEVICE, dict(fsdp=1, context=8)):
+        mesh = sharding.make_mesh(**sizes)
+        optimizer = dpo.make_optimizer(config)
+        with jax.set_mesh(mesh):
+            params = model.abstract_params(arch, mesh)
+            state = jax.eval_shape(lambda p, o=optimizer: dpo.TrainState.create(p, o), params)
+            batch = sharding.global_batch(data.blank_batch(data.Shape(1, 2048)), mesh)
+            step = dpo.make_steps(arch, config)["training"]
+            lowered = step.lower(state, dpo.Frozen(None, params), config.hyperparameters(), batch)
+            memory.append(lowered.compile().memory_analysis().temp_size_in_bytes)
+    assert memory[1] <= memory[0] / 4, memory
+
+
+def test_a_run_resumed_on_another_context_axis_takes_the_same_steps(demo, tmp_path):  # noqa: F811
+    """A run stopped at its step-2 checkpoint and resumed with mesh_context 4 instead of 2 (an operational
+    field: the same numbers up to float rounding) takes the steps the uninterrupted run took."""
+    settings = dict(num_train_steps=4, steps_per_checkpoint=2, lr_schedule="constant", cooldown=0)
+    straight = run(demo, tmp_path / "straight", mesh_context=2, **settings)
+    run(demo, tmp_path / "resumed", mesh_context=2, **settings | dict(num_train_steps=2))
+    resumed = run(demo, tmp_path / "resumed", mesh_context=4, **settings)
+    assert_same_losses(resumed, straight)
+    evals = lambda lines: [m["eval/loss"] for m in lines if "eval/loss" in m]
+    np.testing.assert_allclose(evals(resumed)[-1], evals(straight)[-1], rtol=1e-5)
