@@ -18,8 +18,8 @@ import sharding
 
 def test_make_mesh_fills_in_the_remaining_devices():
     mesh = sharding.make_mesh(2, -1, 2)
-    assert mesh.axis_names == ("data", "fsdp", "tensor") and tuple(mesh.shape.values()) == (2, 2, 2)
-    assert mesh.axis_types == (AxisType.Explicit,) * 3
+    assert mesh.axis_names == ("data", "fsdp", "context", "tensor")
+    assert tuple(mesh.shape.values()) == (2, 2, 1, 2) and mesh.axis_types == (AxisType.Explicit,) * 4
     assert dict(sharding.make_mesh().shape) == {"data": 1, "fsdp": 8, "context": 1, "tensor": 1}
     assert dict(sharding.make_mesh(1, 1, -1, devices=jax.devices()[:4]).shape)["tensor"] == 4
 
@@ -157,7 +157,7 @@ def reference():
     return host_params, loss, logits, grads
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (1, 1, 2, 4)])  # (d, f, t, c)
 def test_mesh_gives_the_single_device_logits_and_gradients(reference, shape):
     host_params, ref_loss, ref_logits, ref_grads = reference
     mesh = sharding.make_mesh(*shape)
@@ -174,7 +174,8 @@ def test_mesh_gives_the_single_device_logits_and_gradients(reference, shape):
             [mesh.shape[a] for axes in spec if axes is not None for a in np.atleast_1d(axes)], dtype=int
         )
         assert {s.data.size for s in array.addressable_shards} == {array.size // split}, name
-    assert hidden.sharding.spec == P(("data", "fsdp"), None, None) and hidden.shape == (B, T, CFG.hidden_size)
+    assert hidden.sharding.spec == model.BATCH and hidden.shape == (B, T, CFG.hidden_size)
+    assert model.BATCH == P(("data", "fsdp"), "context", None)  # a row's tokens split over context
     assert rel_err(loss, ref_loss) < 1e-5
     assert rel_err(logits, ref_logits) < 1e-5
     for expected, actual in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads), strict=True):
