@@ -1192,12 +1192,17 @@ def step_flops(arch: LlamaConfig, lengths, live_reference: bool, lora: bool = Fa
     """Model FLOPs of one DPO step over the real tokens, numpy or traced: 6N per token for the policy's
     forward and backward (4N with LoRA: frozen weights get no gradient), 2N for a live reference's forward,
     plus causal attention (QK^T and PV over half the T x T square: 2 * 2 * T^2 / 2 * H * Q per layer for a
-    forward pass) over each sequence of `lengths`. `tokens`: how many ran, when not their sum (a shared
+    forward pass; a sliding layer's band of the square, less the triangle of its (T - window)^2 / 2 pairs
+    beyond the window) over each sequence of `lengths`. `tokens`: how many ran, when not their sum (a shared
     prompt runs once)."""
     passes = (4 if lora else 6) + (2 if live_reference else 0)
     lengths = lengths.astype(np.float32)
     tokens = lengths.sum() if tokens is None else tokens
-    attention = 2 * arch.num_layers * arch.num_heads * arch.head_dim * (lengths**2).sum()
+    squares, sliding = (lengths**2).sum(), sum(arch.sliding_layers)
+    banded = 0.0 if not sliding else squares - ((lengths - arch.sliding_window).clip(0) ** 2).sum()
+    attention = (
+        2 * arch.num_heads * arch.head_dim * ((arch.num_layers - sliding) * squares + sliding * banded)
+    )
     return passes * float(arch.num_matmul_params) * tokens + passes / 2 * attention  # float: no int32 wrap
 
 

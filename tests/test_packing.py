@@ -2,6 +2,7 @@
 rows, and the same loss, gradients and metrics (f32, rel 1e-5) with multi-turn rows and system prompts, the
 reference live and precomputed, on one device and on 8, over microbatches."""
 
+import dataclasses
 import itertools
 import json
 
@@ -135,6 +136,16 @@ def test_the_flop_count_of_rows_does_not_wrap_at_a_real_model_size():
     flops = jax.jit(lambda t: model.step_flops(arch, lengths, True, tokens=t))(jnp.int32(1500))
     attention = 2 * 32 * 32 * 128 * float((lengths.astype(np.float64) ** 2).sum())
     assert float(flops) == pytest.approx(8 * arch.num_matmul_params * 1500 + 4 * attention, rel=1e-6)
+    # Every other layer sliding with a window of 400: its queries past 400 see 400 keys, not all before them,
+    # so its part of the square loses the triangle beyond the band ((900 - 400)^2 / 2 and (700 - 400)^2 / 2).
+    windowed = dataclasses.replace(
+        arch, sliding_window=400, layer_types=("sliding_attention", "full_attention") * 16
+    )
+    flops = jax.jit(lambda t: model.step_flops(windowed, lengths, True, tokens=t))(jnp.int32(1500))
+    band = attention - 2 * 32 * 32 * 128 * (500.0**2 + 300.0**2)
+    assert float(flops) == pytest.approx(
+        8 * arch.num_matmul_params * 1500 + 4 * (attention + band) / 2, rel=1e-6
+    )
 
 
 def loss_and_grads(params, batch, arch, config, reference):
