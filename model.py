@@ -911,6 +911,23 @@ def _attention_impl(arch: LlamaConfig, impl: str | None, dtype) -> str:
     return impl or ("cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "xla")
 
 
+def check_attention(arch: LlamaConfig, mesh, max_seq_len: int, impl: str | None, dtype) -> None:
+    """XLA's attention holds a row's scores whole, [heads, T / context, T] f32 on each device (cuDNN's kernel
+    holds none): where one row's take over half of a device's memory, refused in one line before anything
+    runs. The CPU reports no limit."""
+    if _attention_impl(arch, impl, dtype) != "xla":
+        return
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    heads, queries = arch.num_heads // mesh.shape["tensor"], -(-max_seq_len // mesh.shape["context"])
+    if limit and (scores := 4 * heads * queries * max_seq_len) > limit / 2:
+        raise ValueError(
+            f"XLA's attention holds a row's scores whole: {scores / 2**30:.1f} GiB a device at max_seq_len "
+            f"{max_seq_len} ({heads} heads, {queries} queries a device), over half of its "
+            f"{limit / 2**30:.0f} GiB: use attention_impl cudnn (GPU), a larger mesh_context, or a shorter "
+            "max_seq_len"
+        )
+
+
 def _attention_kinds(arch: LlamaConfig, positions, lengths, impl) -> list:
     """The attention of each kind of layer the model has, global and/or sliding (in that order), as functions
     of q, k, v: each rotates q and k with its own tables (Gemma 3: its own base), computed once here, and

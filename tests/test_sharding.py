@@ -180,3 +180,18 @@ def test_mesh_gives_the_single_device_logits_and_gradients(reference, shape):
     assert rel_err(logits, ref_logits) < 1e-5
     for expected, actual in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads), strict=True):
         assert rel_err(actual, expected) < 1e-5
+
+
+def test_attention_scores_a_device_cannot_hold_are_one_line_before_anything_runs(monkeypatch):
+    """Llama 3.1 8B at 131072 tokens a side on an 80 GB device: XLA's attention would hold 2 TiB of one row's
+    scores (32 heads x 131072^2 f32); over 8 context devices an eighth, still too much; 16384 tokens split 8
+    ways fit. cuDNN's kernel holds none, so it is never refused."""
+    arch = model.LlamaConfig(128256, 4096, 14336, 32, 32, 8, 128)
+    one, eight = sharding.make_mesh(devices=jax.devices()[:1]), sharding.make_mesh(1, 1, 1, 8)
+    device = type("Device", (), {"memory_stats": lambda self: {"bytes_limit": 80 * 2**30}})()
+    monkeypatch.setattr(jax, "devices", lambda *args: [device])  # an 80 GB accelerator's
+    for mesh, tokens in ((one, 131072), (eight, 131072), (one, 32768)):
+        with pytest.raises(ValueError, match="XLA's attention holds a row's scores whole: .* GiB a device"):
+            model.check_attention(arch, mesh, tokens, "xla", jnp.bfloat16)
+    model.check_attention(arch, eight, 16384, "xla", jnp.bfloat16)
+    model.check_attention(arch, one, 131072, "cudnn", jnp.bfloat16)
