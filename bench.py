@@ -770,8 +770,12 @@ def memory_plan_bytes(
     chunk: int = 4096,
     lora: bool = False,
     quantization: str = "none",
+    context: int = 1,
+    offload: bool = False,
 ):
-    """(fixed bytes, bytes per pair) on one chip under FSDP over `chips`, remat "full", bf16 compute.
+    """(fixed bytes, bytes per pair) on one chip under FSDP over `chips`, remat "full", bf16 compute. With
+    `context`, FSDP spans chips / context and each pair's tokens are split `context` ways, its keys and
+    values gathered whole (and their gradients); offload: each layer's input lives on the host.
 
     fixed: f32 params, grads and Adam update, Adam mu and nu (20 bytes/param) and a bf16 reference (2), all
     sharded; one layer's weights gathered in bf16 twice (this one and the next) with its f32 gradient; the
@@ -799,11 +803,13 @@ def memory_plan_bytes(
     if lora:
         adapters = LORA_RANK * cfg.num_layers * (7 * d + 2 * h * q + 2 * k * q + 3 * f)
         state = cfg.num_layers * layer * BASE_BYTES[quantization] + 2 * head + 20 * adapters
-    fixed = state / chips + layer * (2 * 2 + gradients) + d * v * (2 + 2 + gradients)
+    fixed = state / (chips // context) + layer * (2 * 2 + gradients) + d * v * (2 + 2 + gradients)
     s = 2 * seq
-    per_pair = cfg.num_layers * s * d * 2 + s * (4 * d + 3 * h * q + 3 * k * q + 3 * f) * 2 * 2 + s * d * 6
+    inputs = 0 if offload else cfg.num_layers * s * d * 2
+    per_pair = inputs + s * (4 * d + 3 * h * q + 3 * k * q + 3 * f) * 2 * 2 + s * d * 6
     per_pair += 0 if flash else 2 * h * seq * seq * 4 * 4
-    return fixed, per_pair + s * min(chunk, v) * 4 * 3
+    whole_kv = 0 if context == 1 else s * k * q * 2 * 2 * 2  # k and v gathered, with their gradients
+    return fixed, (per_pair + s * min(chunk, v) * 4 * 3) / context + whole_kv
 
 
 def bench_memory(on_accelerator: bool, mesh) -> None:
@@ -866,6 +872,31 @@ def bench_memory(on_accelerator: bool, mesh) -> None:
 
 
 CARDS = {"24 GB": 24 * GiB, "48 GB": 48 * GiB, "80 GB": 79.6 * GiB}  # one GPU's memory
+
+
+def bench_context_memory() -> None:
+    """Long rows (#33): Llama-3.1-8B's pairs per step at 32k and 128k tokens a side on 8 and 32 H100s, over
+    context axes of 1, 4 and 8, with and without remat offload: computed from the sizes."""
+    rows, cfg, hbm = [], SHAPES["8b"], CHIPS["H100 80GB"]
+    for seq in (32768, 131072):
+        for chips in (8, 32):
+            row = [seq, chips]
+            for context in (1, 4, 8):
+                for offload in (False, True):
+                    fixed, per_pair = memory_plan_bytes(
+                        cfg, seq, chips, False, True, context=context, offload=offload
+                    )
+                    row.append(max(0, int((0.9 * hbm - fixed) // per_pair)) * (chips // context))
+            rows.append(row)
+    header = "seq a side | H100s | " + " | ".join(
+        f"context {c}{', offload' * o}" for c in (1, 4, 8) for o in (0, 1)
+    )
+    note = (
+        "COMPUTED, not measured (bench.memory_plan_bytes with context and offload): pairs per step (each "
+        "pair over `context` chips), precomputed reference, FSDP over the chips / context (parameters are "
+        "not sharded over context), cuDNN attention, remat full or offload, bf16, 10% of memory kept free."
+    )
+    table("Long rows: Llama-3.1-8B pairs per step", header, rows, note)
 
 
 def bench_qlora_memory(mesh) -> None:
@@ -1218,6 +1249,7 @@ def main(args: Args) -> None:
         bench_compile(SHAPES[shapes[0]], mesh, dtype, (args.batch or 8) * mesh.devices.size, seq, depths)
     if "memory" in sections:
         bench_memory(not on_cpu, mesh)
+        bench_context_memory()
         bench_qlora_memory(mesh)
     if "tokenize" in sections:
         summary["tokenize"] = bench_tokenize(args.tokenize_pairs)
