@@ -390,6 +390,10 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lor
     mask = rows.scored | rows.chosen_sequence if whole else rows.scored
     cap, chunk = arch.final_logit_softcapping, config.logits_chunk_size
     logps, stats = model.token_logps(hidden, lm_head, rows.targets, mask, chunk, cap)
+    # Back from the hidden states' split of the tokens (context) to the rows' masks': [N, T] floats, small.
+    logps, stats = jax.tree.map(
+        lambda x: jax.sharding.reshard(x, jax.typeof(mask).sharding.spec), (logps, stats)
+    )
     sequence = None
     if whole:  # the chosen sequences' sums, then the scored targets' as without them
         chosen = lambda x: rows.by_pair(jnp.where(rows.chosen_sequence, x, 0))[:, 0]
