@@ -26,7 +26,8 @@ Sections:
             (git archive) and of this folder's, in alternating fresh processes; compile time against depth.
   memory    the largest per-chip batch of the 1B, 3B and 8B shapes under FSDP: computed from the sizes,
             and from compiled programs (on an accelerator against its memory; on CPU as a cross-check);
-            then LoRA on a bf16, NF4 or int8 base (QLoRA) for 8B and Qwen2.5-7B on one 24, 48 or 80 GB GPU.
+            8B at long rows over context axes, with and without remat offload (computed); then LoRA on a
+            bf16, NF4 or int8 base (QLoRA) for 8B and Qwen2.5-7B on one 24, 48 or 80 GB GPU.
   tokenize  data.tokenize pairs/s on UltraFeedback-sized synthetic pairs.
   flags     (GPU) the step under a few XLA_FLAGS sets, each in a fresh process (XLA reads them at start).
 
@@ -875,17 +876,17 @@ CARDS = {"24 GB": 24 * GiB, "48 GB": 48 * GiB, "80 GB": 79.6 * GiB}  # one GPU's
 
 
 def bench_context_memory() -> None:
-    """Long rows (#33): Llama-3.1-8B's pairs per step at 32k and 128k tokens a side on 8 and 32 H100s, over
-    context axes of 1, 4 and 8, with and without remat offload: computed from the sizes."""
+    """Long rows (#33): Llama-3.1-8B's pairs per step at 8k, 32k and 128k tokens a side on 8 and 32 H100s,
+    over context axes of 1, 4 and 8, with and without remat offload: computed from the sizes. A row split
+    over context runs XLA's attention (model._attention_impl), whose scores it holds."""
     rows, cfg, hbm = [], SHAPES["8b"], CHIPS["H100 80GB"]
-    for seq in (32768, 131072):
+    for seq in (8192, 32768, 131072):
         for chips in (8, 32):
             row = [seq, chips]
             for context in (1, 4, 8):
                 for offload in (False, True):
-                    fixed, per_pair = memory_plan_bytes(
-                        cfg, seq, chips, False, True, context=context, offload=offload
-                    )
+                    plan = dict(flash=context == 1, context=context, offload=offload)
+                    fixed, per_pair = memory_plan_bytes(cfg, seq, chips, False, **plan)
                     row.append(max(0, int((0.9 * hbm - fixed) // per_pair)) * (chips // context))
             rows.append(row)
     header = "seq a side | H100s | " + " | ".join(
@@ -894,7 +895,8 @@ def bench_context_memory() -> None:
     note = (
         "COMPUTED, not measured (bench.memory_plan_bytes with context and offload): pairs per step (each "
         "pair over `context` chips), precomputed reference, FSDP over the chips / context (parameters are "
-        "not sharded over context), cuDNN attention, remat full or offload, bf16, 10% of memory kept free."
+        "not sharded over context), cuDNN attention without context and XLA's with it, remat full or "
+        "offload, bf16, 10% of memory kept free."
     )
     table("Long rows: Llama-3.1-8B pairs per step", header, rows, note)
 

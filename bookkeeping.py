@@ -89,7 +89,7 @@ def check_run_dir(run: Path, config) -> None:
     inputs = [(n, getattr(config, n)) for n in ("model_name_or_path", "reference_model_path", "tokenizer")]
     inputs += [
         ("train_data", config.train_data),
-        *(("validation_data", v) for v in config.validation_data or ()),
+        *(("validation_data", s) for _, s in validation_sources(config)),
     ]
     for name, value in inputs:
         if name == "model_name_or_path" and value == "demo":  # made inside the run directory, as it should be
@@ -136,8 +136,13 @@ def _as_computed(fields: dict) -> dict:
     return fields | dict(
         lora_alpha=2 * rank if alpha is None else alpha,
         lora_targets=sorted(fields["lora_targets"]),
-        validation_data=[sets] if isinstance(sets, str) else sets,
+        validation_data=one_or_more(sets),
     )
+
+
+def one_or_more(sets) -> list | None:
+    """validation_data as a list; a config.json from before #36 holds one set as a string."""
+    return [sets] if isinstance(sets, str) else sets
 
 
 def _new_length_problem(run: Path, taken: int, before, now) -> str | None:
@@ -276,7 +281,9 @@ def load_inputs(run: Path, config) -> Inputs:
 
     model_dir = resolved("model_name_or_path")
     arch = model.load_config(model_dir)
-    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor, config.mesh_context)
+    mesh = sharding.make_mesh(
+        config.mesh_data, config.mesh_fsdp, config.mesh_tensor, context=config.mesh_context
+    )
     field = "microbatch_size" if config.microbatch_size else "train_batch_size"  # what to change, named
     model.check_fits(arch, mesh, getattr(config, field), field)
     model.check_lora(arch, config.lora_rank, config.lora_targets)
@@ -317,6 +324,14 @@ def load_inputs(run: Path, config) -> Inputs:
     )
 
 
+def validation_sources(config) -> list[tuple[str, str]]:
+    """validation_data's sets as (name, source): NAME=SOURCE, or SOURCE named by its file or dataset name."""
+    named = lambda source: (
+        source.split("=", 1) if re.match(r"[\w.-]+=", source) else (Path(source).name, source)
+    )
+    return [tuple(named(source)) for source in config.validation_data or ()]
+
+
 def validation_sets(run: Path, config, tokenizer: str, train_set: data.PairDataset):
     """(the training rows, the validation sets by name: (their pairs, the rows evaluated)): validation_data's
     sets, each SOURCE (named by its file or dataset name) or NAME=SOURCE; else a split of the training
@@ -325,8 +340,7 @@ def validation_sets(run: Path, config, tokenizer: str, train_set: data.PairDatas
         fraction, copies = config.validation_split_fraction, train_set.first_copy  # copies stay on one side
         train_idx, val_idx = data.split_indices(len(train_set), fraction, config.seed, copies)
         return train_idx, {"validation": (train_set, val_idx)}
-    named = [source.split("=", 1) if re.match(r"[\w.-]+=", source) else [Path(source).name, source]
-             for source in config.validation_data]  # fmt: skip
+    named = validation_sources(config)
     names = [name for name, _ in named]
     if twice := sorted({name for name in names if names.count(name) > 1}):
         raise ValueError(
@@ -999,13 +1013,14 @@ class ExportFiles(NamedTuple):
     tokenizer: list[Path]  # the tokenizer's files, so that transformers loads it from the export too
     config: object
     arch: model.LlamaConfig
+    model_dir: Path  # the model as resolved at the start: QLoRA's export merges into its original weights
 
 
 def export_files(config, inputs: Inputs) -> ExportFiles:
     generation = inputs.model_dir / "generation_config.json"
     generation = json.loads(generation.read_text()) if generation.exists() else None
     files = [path for name in data.TOKENIZER_FILES if (path := inputs.tokenizer_dir / name).exists()]
-    return ExportFiles(generation, files, config, inputs.arch)
+    return ExportFiles(generation, files, config, inputs.arch, inputs.model_dir)
 
 
 def save_export(run: Path, step: int, params, adapters, files: ExportFiles) -> None:
@@ -1015,9 +1030,7 @@ def save_export(run: Path, step: int, params, adapters, files: ExportFiles) -> N
     config, out, extra = files.config, run / "hf" / f"step-{step}", files.tokenizer
     original = config.base_quantization != "none"
     if original:
-        params = model.merge_lora_from_file(
-            config.model_name_or_path, files.arch, params, adapters, config.lora_scale
-        )
+        params = model.merge_lora_from_file(files.model_dir, files.arch, params, adapters, config.lora_scale)
     with tempfile.TemporaryDirectory() as tmp:
         if adapters is not None:
             alpha, adapter = config.lora_rank * config.lora_scale, Path(tmp) / "adapter"
@@ -1058,7 +1071,7 @@ def write_report(
     text = [
         f"# Run report: {run.resolve().name}",
         f"model `{config['model_name_or_path']}`, data `{config['train_data'] or 'the demo pairs'}`, "
-        f"validation `{' '.join(config['validation_data'] or ['a split of the data'])}`",
+        f"validation `{' '.join(one_or_more(config['validation_data']) or ['a split of the data'])}`",
         f"steps {train[-1]['step'] if train else 0} of {config['num_train_steps']}"
         + (f", wall time {seconds:.0f} s" if seconds is not None else "")
         + (f", {rate:.0f} tokens/s" if rate is not None else "")

@@ -22,7 +22,7 @@ schemas) as tools=, and --chat-template-kwargs (e.g. '{"enable_thinking": false}
 variables. Tokenizers: tokenizer.json files are used as they are (transformers does the same for Llama 3's),
 except for the LlamaTokenizer class (Llama 2, Mistral and Zephyr tokenizers), whose pre-tokenizer
 transformers rebuilds at load time; data.py rebuilds it the same way. Any of these can make training data;
-model.py trains the Llama, Qwen2 / Qwen2.5, Qwen3 and Mistral families.
+model.py trains the Llama, Qwen2 / Qwen2.5, Qwen3, Mistral, Gemma 2 and Gemma 3 families.
 Left out on purpose: multimodal content, assistant turns without text content (one that is only tool calls
 is rejected as empty), streaming from the Hub (a split is downloaded).
 """

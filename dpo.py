@@ -54,7 +54,7 @@ CACHE_DIR = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 
 # What a sweep changes: the compiled steps take these settings as inputs (Config.hyperparameters), not as
 # constants, so another value compiles nothing. Traced there, none may decide a Python `if`; None or not
-# (ld_alpha, max_grad_norm) makes another program.
+# (ld_alpha, max_grad_norm, loss_weights) makes another program.
 SWEPT = (
     *("beta", "label_smoothing", "loss_weights", "simpo_gamma", "discopop_tau", "ld_alpha"),
     *("f_alpha_divergence_coef", "ref_model_mixup_alpha", "ref_model_sync_steps", "learning_rate"),
@@ -76,7 +76,7 @@ class Config:
     chat_template_kwargs: str | None = None
     train_data: str | None = None  # data.py output dir, or raw data: Hub dataset id, dir, .parquet/.jsonl
     train_split: str = "train"  # split of a raw Hub dataset (UltraFeedback: train_prefs)
-    # separate validation sets, used instead of a split: each SOURCE or NAME=SOURCE, logged as eval/NAME/...
+    # validation sets instead of a split, each SOURCE or NAME=SOURCE: one logs eval/..., several eval/NAME/...
     validation_data: tuple[str, ...] | None = None
     validation_split: str = "test"  # split of a raw Hub validation dataset (UltraFeedback: test_prefs)
     validation_split_fraction: float | None = 0.1  # train_data held out for eval when no validation_data
@@ -131,9 +131,7 @@ class Config:
     mesh_data: int = 1  # pure data-parallel replicas
     mesh_fsdp: int = -1  # FSDP: batch and parameters sharded; -1 takes the remaining devices
     mesh_tensor: int = 1  # tensor parallel: heads and MLP hidden split
-    mesh_context: int = (
-        1  # context parallel: each row's tokens split, for long rows (attention sees them all)
-    )
+    mesh_context: int = 1  # context parallel: each row's tokens split over devices (docs/scaling.md)
     coordinator_address: str | None = None  # multi-process: host:port of process 0 (auto on TPU/SLURM)
     num_processes: int | None = None  # multi-process: number of processes (auto on TPU/SLURM)
     process_id: int | None = None  # multi-process: this process's index (auto on TPU/SLURM)
@@ -209,7 +207,7 @@ class Config:
     def hyperparameters(self) -> dict:
         """What a sweep changes, given to the compiled steps as inputs rather than built into them as
         constants, so that every value runs the same programs: SWEPT's values, and warmup and cooldown."""
-        return {name: getattr(self, name) for name in SWEPT} | {"lengths": self.lengths()}
+        return {name: getattr(self, name) for name in SWEPT} | {"schedule_steps": self.schedule_steps()}
 
     def traced(self, hyperparameters: dict) -> Config:
         """This config inside a step, SWEPT's values the step's inputs (tracers: no check runs on them)."""
@@ -217,16 +215,16 @@ class Config:
         config.__dict__.update({name: hyperparameters[name] for name in SWEPT})
         return config
 
-    def lengths(self) -> tuple[int, int]:
+    def schedule_steps(self) -> tuple[int, int]:
         """warmup and cooldown in steps, the cooldown within the run (lr_at)."""
         return self.in_steps(self.warmup), min(self.in_steps(self.cooldown), max(self.num_train_steps, 1))
 
-    def lr_at(self, step, lengths: tuple | None = None):
+    def lr_at(self, step, schedule_steps: tuple | None = None):
         """The learning rate at `step` (traced or numpy; optax's schedule): linear warmup from 0 to the
         peak, then lr_schedule's shape from the peak toward min_lr over the rest of the run, with the last
         `cooldown` steps annealing linearly to min_lr from wherever the shape stands (`constant`:
-        warmup-stable-decay). lengths: a step's input (traced); default this config's."""
-        (warm, cool), total = lengths or self.lengths(), jnp.maximum(self.num_train_steps, 1)
+        warmup-stable-decay). schedule_steps: a step's input (traced); default this config's."""
+        (warm, cool), total = schedule_steps or self.schedule_steps(), jnp.maximum(self.num_train_steps, 1)
         peak, low = self.learning_rate, self.learning_rate * self.min_lr_ratio
 
         def shape(step):
@@ -407,13 +405,13 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lor
 # --- optimizer and learning-rate schedule
 
 
-def make_optimizer(config: Config, lengths: tuple | None = None) -> optax.GradientTransformation:
-    """AdamW after clipping; in a step, `config` is traced and `lengths` its input (Config.lr_at)."""
+def make_optimizer(config: Config, schedule_steps: tuple | None = None) -> optax.GradientTransformation:
+    """AdamW after clipping; in a step, `config` is traced and `schedule_steps` its input (Config.lr_at)."""
     not_norm = partial(jax.tree.map_with_path, lambda path, _: "norm" not in jax.tree_util.keystr(path))
     clip = (
         optax.identity() if config.max_grad_norm is None else optax.clip_by_global_norm(config.max_grad_norm)
     )
-    lr, (b1, b2) = partial(config.lr_at, lengths=lengths), (config.adam_b1, config.adam_b2)
+    lr, (b1, b2) = partial(config.lr_at, schedule_steps=schedule_steps), (config.adam_b1, config.adam_b2)
     return optax.chain(clip, optax.adamw(lr, b1, b2, weight_decay=config.weight_decay, mask=not_norm))
 
 
@@ -438,7 +436,7 @@ class TrainState:
 class Frozen(NamedTuple):
     """The weights a step reads but does not train."""
 
-    base: dict | None  # what LoRA's adapters sit on (its projections model.Quantized, or not); None without
+    base: dict | None  # what LoRA's adapters sit on (projections model.Quantized with QLoRA); None: no LoRA
     reference: dict | None  # with LoRA by default the base; None: precomputed (ref_logps) or not used
 
 
@@ -604,19 +602,21 @@ def train_step(state: TrainState, frozen: Frozen, hyperparameters: dict, batch: 
     """One optimizer step on a batch: the gradients, summed over microbatches or, for a batch loss split into
     microbatches, of the whole batch; AdamW; the step's metrics. An update whose loss or gradient is not
     finite is not applied (bookkeeping.check_update decides whether to stop)."""
-    config, lengths = config.traced(hyperparameters), hyperparameters["lengths"]
+    config, schedule_steps = config.traced(hyperparameters), hyperparameters["schedule_steps"]
     whole_batch = config.num_microbatches > 1 and losses.couples_batch(config.loss_type, config.use_weighting)
     gradients = grads_whole_batch if whole_batch else grads_summed_over_microbatches
     with jax.named_scope("forward_backward"):
         grads, sums = gradients(state.params, with_reference(state, frozen), batch, arch, config)
     metrics = normalize(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["learning_rate"] = config.lr_at(state.step, lengths)
+    metrics["learning_rate"] = config.lr_at(state.step, schedule_steps)
     metrics["tokens"] = jnp.sum(batch["lengths"])  # for throughput, counted where the batch already is
     rows, live = rows_of(batch), config.live_reference
     metrics["flops"] = model.step_flops(arch, rows.attended, live, lora=config.lora_rank > 0, tokens=rows.ran)
     with jax.named_scope("optimizer"):
-        updates, opt_state = make_optimizer(config, lengths).update(grads, state.opt_state, state.params)
+        updates, opt_state = make_optimizer(config, schedule_steps).update(
+            grads, state.opt_state, state.params
+        )
         params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient leaves the weights untouched; the host decides whether to stop.
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -730,7 +730,8 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs) -> Start:
     create = partial(TrainState.create, optimizer=make_optimizer(config))
     lora = model.lora_weights(arch, config.lora_rank, config.lora_targets) if config.lora_rank else None
     compute_dtype, reference_dtype = map(model.dtype_of, (config.compute_dtype, config.reference_dtype))
-    base = lora and model.load_params(inputs.model_dir, arch, mesh, compute_dtype, config.base_quantization)
+    quantized = config.base_quantization
+    base = model.load_params(inputs.model_dir, arch, mesh, compute_dtype, quantized) if lora else None
     abstract = jax.eval_shape(create, model.abstract_params(arch, mesh, lora))
     if config.sync_ref_model:  # TR-DPO's moving reference is state: checkpoints hold it
         like = lambda x: jax.ShapeDtypeStruct(x.shape, reference_dtype, sharding=x.sharding)

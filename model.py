@@ -20,7 +20,8 @@ Left out on purpose: KV caches and generation, dropout, quantization other than 
 
 Conventions
   Mesh axes (sharding.py): data = replicas, fsdp = batch split and params sharded (gathered one layer
-  at a time), tensor = heads and MLP hidden split Megatron-style.
+  at a time), context = a row's tokens split between blocks (attention gathers its keys and values whole),
+  tensor = heads and MLP hidden split Megatron-style.
   Dimension letters: B batch, T sequence, D model, H query heads, K kv heads, Q head dim,
   F MLP hidden, V vocab, L layers (R: a LoRA adapter's rank). Einsum subscripts use the same letters in
   lower case: forward writes each projection out, e.g. "btd,dhq->bthq" for wq, on the axes the weight
@@ -344,11 +345,13 @@ class Weight:
     axes: str  # one dimension letter per axis (conventions header; R: a LoRA adapter's rank)
     spec: P  # where each axis lives on the mesh
     init: str  # "normal" (std initializer_range), "ones" (norm scales), "kaiming" or "zeros" (LoRA's A, B)
-    hf: str = ""  # the tensor's name in transformers' Llama; a layer's weights are one tensor per layer ({})
+    hf: str = ""  # the tensor's name in transformers (Llama's; _weights renames Gemma's); {}: the layer
     n_in: int = 0  # how many axes (after L) make up nn.Linear's input axis; 0: transformers' layout
     rank: int = 0  # R, for adapters
     flat: bool = False  # transformers holds it as one axis: a bias [H*Q], ours [H, Q]
-    family: str = ""  # the LlamaConfig property that adds it (qkv_bias, qk_norm); "": every model has it
+    family: str = (
+        ""  # the LlamaConfig property that adds it (qkv_bias, qk_norm, gemma); "": every model has it
+    )
 
 
 F, T = "fsdp", "tensor"
@@ -857,7 +860,9 @@ def _weights_axes(name: str) -> tuple[str, int]:
     return _LAYER[name].axes[1:].lower(), _LAYER[name].n_in
 
 
-def _linear(spec: str, x, w: jax.Array, adapter: dict | None, scale: float, out=None) -> jax.Array:
+def _linear(
+    spec: str, x, w: "jax.Array | Quantized", adapter: dict | None, scale: float, out=None
+) -> jax.Array:
     """jnp.einsum(spec, x, w) for one layer's weight w, e.g. "btd,dhq->bthq" for wq [D, H, Q] (the weight
     table's axes; tests/test_model.py holds the two equal), plus with a LoRA adapter the low-rank path
     scale * (x A) B beside it: A [inputs, R] takes w's input axes (those x has) to the rank, B [R, outputs]
@@ -900,14 +905,18 @@ def _embed(embed: jax.Array, tokens: jax.Array, arch: LlamaConfig, dtype) -> jax
     return x * jnp.asarray(math.sqrt(arch.hidden_size), dtype) if arch.gemma else x
 
 
-def _attention_impl(arch: LlamaConfig, impl: str | None, dtype) -> str:
+def _attention_impl(arch: LlamaConfig, impl: str | None, dtype, context: int = 1) -> str:
     """None: cuDNN's fused kernel on GPU where it applies (far faster; jax's default is XLA everywhere), else
-    XLA. Gemma 2's soft-capped scores run on XLA only."""
+    XLA. Gemma 2's soft-capped scores run on XLA only, and so do queries split over a context axis (cuDNN's
+    partitioning refuses a split sequence, and its causal mask would be in local positions)."""
     capped = arch.attn_logit_softcapping is not None
     if capped and impl == "cudnn":
         raise ValueError("attention_impl cudnn cannot soft-cap attention scores (Gemma 2): use xla or auto")
+    if context > 1 and impl == "cudnn":
+        raise ValueError("attention_impl cudnn cannot take a row split over mesh_context: use xla or auto")
     Q = arch.head_dim
-    fits_cudnn = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and Q % 8 == 0 and Q <= 128 and not capped
+    fits_cudnn = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and Q % 8 == 0 and Q <= 128
+    fits_cudnn = fits_cudnn and not capped and context == 1
     return impl or ("cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "xla")
 
 
@@ -915,9 +924,9 @@ def check_attention(arch: LlamaConfig, mesh, max_seq_len: int, impl: str | None,
     """XLA's attention holds a row's scores whole, [heads, T / context, T] f32 on each device (cuDNN's kernel
     holds none): where one row's take over half of a device's memory, refused in one line before anything
     runs. The CPU reports no limit."""
-    if _attention_impl(arch, impl, dtype) != "xla":
+    if _attention_impl(arch, impl, dtype, mesh.shape["context"]) != "xla":
         return
-    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")  # this process's own
     heads, queries = arch.num_heads // mesh.shape["tensor"], -(-max_seq_len // mesh.shape["context"])
     if limit and (scores := 4 * heads * queries * max_seq_len) > limit / 2:
         raise ValueError(
@@ -999,7 +1008,8 @@ def forward(
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; expected one of {list(REMAT_POLICIES)}")
-    impl = _attention_impl(arch, attention_impl, compute_dtype)
+    context = jax.sharding.get_abstract_mesh().shape.get("context", 1)
+    impl = _attention_impl(arch, attention_impl, compute_dtype, context)
     x = _embed(params["embed"], tokens, arch, compute_dtype)
     positions = jnp.arange(tokens.shape[1]) if positions is None else positions
     # A row (view) with no real token would attend to nothing; letting position 0 see itself keeps it finite.

@@ -39,9 +39,9 @@ AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, context: int = 1, devices=None) -> Mesh:
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, context: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, context, tensor) mesh with explicit axes over `devices` (default: all); one size may
-    be -1."""
+    be -1. context is named: the first three keep their order from before it."""
     devices = jax.devices() if devices is None else list(devices)
     sizes = [data, fsdp, context, tensor]
     shape = f"data={data} x fsdp={fsdp} x context={context} x tensor={tensor}"

@@ -157,10 +157,12 @@ def reference():
     return host_params, loss, logits, grads
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (1, 1, 2, 4)])  # (d, f, t, c)
+@pytest.mark.parametrize(
+    "shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (1, 1, 2, 4)]
+)  # (d, f, t[, c])
 def test_mesh_gives_the_single_device_logits_and_gradients(reference, shape):
     host_params, ref_loss, ref_logits, ref_grads = reference
-    mesh = sharding.make_mesh(*shape)
+    mesh = sharding.make_mesh(*shape[:3], context=shape[3] if len(shape) > 3 else 1)
     params, loss, logits, grads, hidden = run_on(mesh, host_params)
     specs = model.param_specs(CFG)
     for name, array, grad, spec in zip(
@@ -187,9 +189,9 @@ def test_attention_scores_a_device_cannot_hold_are_one_line_before_anything_runs
     scores (32 heads x 131072^2 f32); over 8 context devices an eighth, still too much; 16384 tokens split 8
     ways fit. cuDNN's kernel holds none, so it is never refused."""
     arch = model.LlamaConfig(128256, 4096, 14336, 32, 32, 8, 128)
-    one, eight = sharding.make_mesh(devices=jax.devices()[:1]), sharding.make_mesh(1, 1, 1, 8)
+    one, eight = sharding.make_mesh(devices=jax.devices()[:1]), sharding.make_mesh(1, 1, 1, context=8)
     device = type("Device", (), {"memory_stats": lambda self: {"bytes_limit": 80 * 2**30}})()
-    monkeypatch.setattr(jax, "devices", lambda *args: [device])  # an 80 GB accelerator's
+    monkeypatch.setattr(jax, "local_devices", lambda *args: [device])  # an 80 GB accelerator's
     for mesh, tokens in ((one, 131072), (eight, 131072), (one, 32768)):
         with pytest.raises(ValueError, match="XLA's attention holds a row's scores whole: .* GiB a device"):
             model.check_attention(arch, mesh, tokens, "xla", jnp.bfloat16)
