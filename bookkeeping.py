@@ -5,7 +5,9 @@
                      OPERATIONAL_FIELDS, and num_train_steps where the steps taken keep their learning
                      rates), run_lock (one run at a time in it), start_run_dir (config.json; overwrite)
   inputs             load_inputs: model and reference configs, mesh, tokenizer and data, all checked first;
-                     loaders: the batches and the few batch shapes planned for the whole run
+                     validation_sets (a split, or one or more sets by name); loaders: the batches and the
+                     few batch shapes planned for the whole run
+  QLoRA's base       check_base: base.json, so that a resume re-quantises the same base
   checkpoints        one .npy file per array, written atomically, each host reading back only its slices
   the reference      ReferenceCache: its log-probs' files beside the tokenized data, what is left to compute
   metrics            MetricsLog (metrics.jsonl, Weights & Biases, the console line, MFU), Progress lines
@@ -15,6 +17,7 @@
                      check_update (a step whose update was not finite),
                      skipped_at_resume (the eval and export a stop or a kill skipped)
   export             export_files, save_export: hf/step-N for transformers, with LoRA also a PEFT adapter
+                     (QLoRA: merged into the original base's weights, read back from its files)
   the report         write_report: report.md and curves.png (matplotlib, optional), report_command
   the demo           make_demo and DEMO_SETTINGS: a tiny Llama, its tokenizer and synthetic pairs
 

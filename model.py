@@ -400,14 +400,13 @@ def _weights(arch: LlamaConfig) -> dict:
     against it."""
     weights = {k: w for k, w in _WEIGHTS.items() if k != "lm_head" or not arch.tie_word_embeddings}
     layer = {k: w for k, w in _LAYER.items() if not w.family or getattr(arch, w.family)}
-    if arch.gemma:  # Gemma's norm before the MLP has another name
-        layer["mlp_norm"] = dataclasses.replace(
-            layer["mlp_norm"], hf=_LN + "pre_feedforward_layernorm.weight"
-        )
     if arch.num_kv_heads == 1:
         whole_k = lambda w: P(*(None if a == "K" else s for a, s in zip(w.axes, w.spec, strict=True)))
         layer = {k: dataclasses.replace(w, spec=whole_k(w)) if "K" in w.axes else w for k, w in layer.items()}
-    if arch.gemma:  # its norms scale by 1 + weight: zeros are the identity
+    if arch.gemma:  # the norm before the MLP has another name; norms scale by 1 + weight (zeros: identity)
+        layer["mlp_norm"] = dataclasses.replace(
+            layer["mlp_norm"], hf=_LN + "pre_feedforward_layernorm.weight"
+        )
         ones_to_zeros = lambda w: dataclasses.replace(w, init="zeros") if w.init == "ones" else w
         return jax.tree.map(ones_to_zeros, weights | {"layers": layer})
     return weights | {"layers": layer}
