@@ -663,14 +663,16 @@ def _reference_key(reference_dir: Path, dataset: data.PairDataset, config) -> st
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def reference_caches(inputs: Inputs, config) -> list[ReferenceCache]:
-    """The precomputed reference's caches of the training pairs and of each validation set, in that order:
-    one cache for every use of one dataset (a split of the training data), so that its pass runs once."""
-    datasets, caches = [inputs.train_set, *(dataset for dataset, _ in inputs.validation.values())], {}
-    for dataset in datasets:
+def reference_caches(inputs: Inputs, config) -> dict:
+    """The precomputed reference's caches by what each serves, None the training pairs and each validation
+    set its name: one cache for every use of one dataset (a split of the training data), so that its pass
+    runs once."""
+    uses = {None: inputs.train_set} | {name: dataset for name, (dataset, _) in inputs.validation.items()}
+    caches = {}
+    for dataset in uses.values():
         if dataset.path not in caches:
             caches[dataset.path] = ReferenceCache(dataset, inputs.reference_dir, config)
-    return [caches[dataset.path] for dataset in datasets]
+    return {use: caches[dataset.path] for use, dataset in uses.items()}
 
 
 class ReferenceCache:

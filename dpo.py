@@ -692,7 +692,7 @@ def compile_programs(steps: dict, batches: bookkeeping.Loaders, start: Start, co
     shapes = dict(
         training=batches.shapes["training"] if left else [],
         evaluation=batches.shapes["evaluation"] if left or done == 0 else [],
-        reference=list(dict.fromkeys(s for cache in start.caches for s in cache.shapes)),
+        reference=list(dict.fromkeys(s for cache in start.caches.values() for s in cache.shapes)),
         merge=[None] if config.lora_rank and (left or done) else [],  # a resume may owe an export
     )
     programs = Programs(steps, shapes)
@@ -718,7 +718,7 @@ class Start(NamedTuple):
     state: TrainState
     resume_step: int | None  # the step of the checkpoint it resumed from; None: a fresh start
     frozen: Frozen
-    caches: list[bookkeeping.ReferenceCache]  # reference_mode precompute: the train and validation pairs'
+    caches: dict  # reference_mode precompute: the train and validation pairs' (bookkeeping.reference_caches)
     reference_weights: dict | None  # precompute: the reference's weights while a cache lacks log-probs
 
 
@@ -743,8 +743,8 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs) -> Start:
         state = jax.jit(create)(model.init_params(arch, jax.random.key(config.seed), mesh, lora))
     elif state is None:
         state = jax.jit(create)(model.load_params(inputs.model_dir, arch, mesh))
-    caches = bookkeeping.reference_caches(inputs, config) if config.reference_mode == "precompute" else []
-    todo = any(len(cache.todo) for cache in caches)  # the precomputed reference lacks some log-probs
+    caches = bookkeeping.reference_caches(inputs, config) if config.reference_mode == "precompute" else {}
+    todo = any(len(cache.todo) for cache in caches.values())  # the precomputed reference lacks some log-probs
     load_reference = todo or config.live_reference and state.reference is None
     reference = None  # a moving one came back with its checkpoint
     if load_reference and lora and inputs.reference_dir == inputs.model_dir:  # the base without its adapters
@@ -755,18 +755,19 @@ def start_state(run: Path, config: Config, inputs: bookkeeping.Inputs) -> Start:
         return Start(state, resume_step, Frozen(base, None), caches, reference)
     if config.sync_ref_model and state.reference is None:  # it moves with the state (with_reference),
         state, reference = dataclasses.replace(state, reference=reference), None  # so Frozen does not hold it
-    return Start(state, resume_step, Frozen(base, reference), [], None)
+    return Start(state, resume_step, Frozen(base, reference), {}, None)
 
 
-def precompute_reference(programs: Programs, start: Start, hyper: dict, mesh) -> list[np.ndarray]:
+def precompute_reference(programs: Programs, start: Start, hyper: dict, mesh) -> dict[str | None, np.ndarray]:
     """reference_mode precompute: the reference's log-probs of every pair that its caches lack, by the
-    compiled forward pass, kept as they come (bookkeeping.ReferenceCache); then each cache's table [n, 2]."""
-    for cache in start.caches:  # one cache may serve both (finish: nothing left to do)
+    compiled forward pass, kept as they come (bookkeeping.ReferenceCache); then each cache's table [n, 2],
+    by what it serves (None: the training pairs; a validation set's name)."""
+    for cache in start.caches.values():  # one cache may serve several (finish: nothing left to do)
         for rows, batch in cache.batches():
             logps = programs("reference", start.reference_weights, hyper, sharding.global_batch(batch, mesh))
             cache.record(rows, sharding.to_host(logps))
         cache.finish()
-    return [cache.logps for cache in start.caches]
+    return {use: cache.logps for use, cache in start.caches.items()}
 
 
 def evaluate(evaluation, params, frozen: Frozen, hyper: dict, passes: dict, mesh) -> dict[str, float]:
@@ -808,9 +809,8 @@ def main(config: Config) -> Path:
             tables = precompute_reference(programs, start, hyper, mesh)
         start = start._replace(reference_weights=None)  # freed: training never reads them
         state, frozen, done = start.state, start.frozen, start.resume_step or 0  # done: steps taken before
-        tables = dict(enumerate(tables))  # precompute: the train pairs' log-probs, then each validation set's
-        train_batches, evaluation = batches.train(done, tables.get(0)), partial(programs, "evaluation")
-        passes = lambda: {n: batches.validation(n, tables.get(i)) for i, n in enumerate(inputs.validation, 1)}
+        train_batches, evaluation = batches.train(done, tables.get(None)), partial(programs, "evaluation")
+        passes = lambda: {name: batches.validation(name, tables.get(name)) for name in inputs.validation}
         eval_now = lambda s: evaluate(evaluation, s.params, with_reference(s, frozen), hyper, passes(), mesh)
         files = bookkeeping.export_files(config, inputs)
 

@@ -38,8 +38,8 @@ def precompute(model_dir, tokenized) -> np.ndarray:
         cache = bookkeeping.ReferenceCache(data.PairDataset(tokenized), model_dir, config)
         weights = model.load_params(model_dir, arch, mesh)
         programs = dpo.Programs(dpo.make_steps(arch, config), {})
-        start = dpo.Start(None, None, dpo.Frozen(None, None), [cache], weights)
-        return dpo.precompute_reference(programs, start, config.hyperparameters(), mesh)[0]
+        start = dpo.Start(None, None, dpo.Frozen(None, None), {None: cache}, weights)
+        return dpo.precompute_reference(programs, start, config.hyperparameters(), mesh)[None]
 
 
 def test_precomputed_reference_trains_like_the_live_one(demo, capsys):
