@@ -2,9 +2,14 @@
 and values whole. A step on meshes with a context axis against the single-device step (f32), in every
 layout, with LoRA; the per-device memory of a long row; a resume onto another mesh_context."""
 
+import json
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from _tolerance import assert_metrics_close
 from test_packing import batch_of, pairs  # noqa: F401  (the fixture: multi-turn ChatML pairs and a tiny model)
 from test_train import SMALL, assert_same_losses, demo, run  # noqa: F401  (demo: the fixture)
@@ -97,3 +102,34 @@ def test_a_run_resumed_on_another_context_axis_takes_the_same_steps(demo, tmp_pa
     assert_same_losses(resumed, straight)
     evals = lambda lines: [m["eval/loss"] for m in lines if "eval/loss" in m]
     np.testing.assert_allclose(evals(resumed)[-1], evals(straight)[-1], rtol=1e-5)
+
+
+def test_rows_of_131072_tokens_go_through_data_py_the_loader_and_rope(demo, tmp_path):  # noqa: F811
+    """A pair whose sides run to 131072 tokens: tokenized (nothing dropped at max_seq_len 131072), planned
+    and laid out at a width a context axis of 8 splits; and RoPE with Llama 3.1's rescaling at positions up
+    to 131071 gives transformers' angles (its f32 positions times its frequencies)."""
+    model_dir, _ = demo
+    words = "bread cheese rice apple nut cake".split()
+    side = lambda n: " ".join(words[i % len(words)] for i in range(n))
+    row = {"prompt": "please tell me some foods", "chosen": side(131000), "rejected": side(70000)}
+    (tmp_path / "long.jsonl").write_text(json.dumps(row) + "\n")
+    data.tokenize(str(tmp_path / "long.jsonl"), str(model_dir), str(tmp_path / "out"), max_seq_len=131072)
+    dataset = data.PairDataset(tmp_path / "out")
+    assert len(dataset) == 1 and 131000 < int(dataset.lengths.max()) <= 131072
+    layout = data.Layout(row_multiple=1, width_multiple=8)
+    batch = next(data.train_batches(dataset, [0], batch_size=1, seed=0, max_seq_len=131072, layout=layout))
+    assert batch["input_ids"].shape == (1, 2, 131072) and batch["lengths"].max() == dataset.lengths.max()
+    hf_config = transformers.LlamaConfig(
+        vocab_size=8, hidden_size=64, num_attention_heads=1, head_dim=64, max_position_embeddings=131072,
+        rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )  # fmt: skip
+    positions, llama = np.array([[0, 4095, 8192, 65536, 131071]]), transformers.models.llama.modeling_llama
+    cos, sin = llama.LlamaRotaryEmbedding(hf_config)(torch.zeros(1), torch.tensor(positions))
+    x = np.random.default_rng(0).normal(size=(1, 5, 1, 64)).astype(np.float32)  # [B, T, heads, Q]
+    theirs = llama.apply_rotary_pos_emb(*[torch.tensor(x).transpose(1, 2)] * 2, cos, sin)[0].transpose(1, 2)
+    angles = positions.astype(np.float32)[..., None] * model.rope_inverse_frequencies(
+        model.LlamaConfig.from_hf(hf_config.to_dict())
+    )  # as model.forward computes them, in f32
+    ours = model.apply_rope(jnp.asarray(x), jnp.cos(angles), jnp.sin(angles))
+    np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
