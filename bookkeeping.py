@@ -291,8 +291,8 @@ def load_inputs(run: Path, config) -> Inputs:
     model.check_fits(arch, mesh, getattr(config, field), field)
     model.check_lora(arch, config.lora_rank, config.lora_targets)
     model.check_quantization(arch, mesh, config.base_quantization)
-    attention, dtype = config.attention_impl, model.dtype_of(config.compute_dtype)
-    model.check_attention(arch, mesh, config.max_seq_len, None if attention == "auto" else attention, dtype)
+    dtype = model.dtype_of(config.compute_dtype)
+    model.check_attention(arch, mesh, config.max_seq_len, config.attention_impl, dtype)
     model.check_weights(model_dir, arch)  # from the file headers: no weight is read yet
     reference_dir = resolved("reference_model_path") if config.reference_model_path else model_dir
     reference_arch = model.load_config(reference_dir)

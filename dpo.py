@@ -378,8 +378,8 @@ def pair_logps(params, batch: dict, arch: model.LlamaConfig, config: Config, lor
     of several sequences run a shared prompt once."""
     dtype = model.dtype_of(config.compute_dtype)
     # forward casts each layer's weights to the compute dtype as it gathers them: no full-model copy.
-    attention = None if config.attention_impl == "auto" else config.attention_impl
-    options = dict(lora=lora, lora_scale=config.lora_scale, remat=config.remat, attention_impl=attention)
+    options = dict(lora=lora, lora_scale=config.lora_scale, remat=config.remat)
+    options |= dict(attention_impl=config.attention_impl)
     # Gather the FSDP shards of the LM head once; its vocabulary stays split over the tensor axis.
     lm_head = jax.sharding.reshard(model.lm_head_weight(params).astype(dtype), P(None, "tensor"))
     rows = rows_of(batch)

@@ -905,9 +905,10 @@ def _embed(embed: jax.Array, tokens: jax.Array, arch: LlamaConfig, dtype) -> jax
 
 
 def _attention_impl(arch: LlamaConfig, impl: str | None, dtype, context: int = 1) -> str:
-    """None: cuDNN's fused kernel on GPU where it applies (far faster; jax's default is XLA everywhere), else
-    XLA. Gemma 2's soft-capped scores run on XLA only, and so do queries split over a context axis (cuDNN's
-    partitioning refuses a split sequence, and its causal mask would be in local positions)."""
+    """None or "auto": cuDNN's fused kernel on GPU where it applies (far faster; jax's default is XLA
+    everywhere), else XLA. Gemma 2's soft-capped scores run on XLA only, and so do queries split over a
+    context axis (cuDNN's partitioning refuses a split sequence, and its causal mask would be in local
+    positions)."""
     capped = arch.attn_logit_softcapping is not None
     if capped and impl == "cudnn":
         raise ValueError("attention_impl cudnn cannot soft-cap attention scores (Gemma 2): use xla or auto")
@@ -916,7 +917,9 @@ def _attention_impl(arch: LlamaConfig, impl: str | None, dtype, context: int = 1
     Q = arch.head_dim
     fits_cudnn = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and Q % 8 == 0 and Q <= 128
     fits_cudnn = fits_cudnn and not capped and context == 1
-    return impl or ("cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "xla")
+    if impl not in (None, "auto"):
+        return impl
+    return "cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "xla"
 
 
 def check_attention(arch: LlamaConfig, mesh, max_seq_len: int, impl: str | None, dtype) -> None:
@@ -1002,8 +1005,8 @@ def forward(
     are 0..T-1, or `positions` [B, T]. With `views` (index [B, J, S], lengths [B, J], slot [B, T]; see
     _view_attention) a row holds several sequences, each attending within its views. Pad positions give
     finite values that the caller masks out. lora: adapters (lora_weights' tree) added to their weights'
-    projections with lora_scale (alpha / rank). attention_impl: None (cuDNN on GPU where it applies, else
-    XLA), "xla" or "cudnn".
+    projections with lora_scale (alpha / rank). attention_impl: None or "auto" (cuDNN on GPU where it
+    applies, else XLA), "xla" or "cudnn".
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; expected one of {list(REMAT_POLICIES)}")
