@@ -329,10 +329,20 @@ def load_inputs(run: Path, config) -> Inputs:
 
 def validation_sources(config) -> list[tuple[str, str]]:
     """validation_data's sets as (name, source): NAME=SOURCE, or SOURCE named by its file or dataset name."""
-    named = lambda source: (
+    split = lambda source: (
         source.split("=", 1) if re.match(r"[\w.-]+=", source) else (Path(source).name, source)
     )
-    return [tuple(named(source)) for source in config.validation_data or ()]
+    named = [tuple(split(source)) for source in config.validation_data or ()]
+    if empty := [name for name, source in named if not source]:
+        raise ValueError(
+            f"validation_data: {', '.join(empty)}= names no source: NAME=SOURCE, e.g. held=held.jsonl"
+        )
+    names = [name for name, _ in named]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(
+            f"validation_data: more than one set is named {', '.join(twice)}: NAME=SOURCE names one"
+        )
+    return named
 
 
 def validation_sets(run: Path, config, tokenizer: str, train_set: data.PairDataset):
@@ -343,12 +353,7 @@ def validation_sets(run: Path, config, tokenizer: str, train_set: data.PairDatas
         fraction, copies = config.validation_split_fraction, train_set.first_copy  # copies stay on one side
         train_idx, val_idx = data.split_indices(len(train_set), fraction, config.seed, copies)
         return train_idx, {"validation": (train_set, val_idx)}
-    named = validation_sources(config)
-    names = [name for name, _ in named]
-    if twice := sorted({name for name in names if names.count(name) > 1}):
-        raise ValueError(
-            f"validation_data: more than one set is named {', '.join(twice)}: NAME=SOURCE names one"
-        )
+    named = validation_sources(config)  # checked already by check_run_dir
     if config.validation_split_fraction is not None:
         say(f"validation: {' '.join(config.validation_data)} (so validation_split_fraction is not used)")
     sets = {name: prepare_data("validation", name, source, tokenizer, run, config) for name, source in named}

@@ -385,6 +385,9 @@ def test_two_validation_sets_of_one_name_are_refused_before_any_is_read(tmp_path
         config = dpo.Config(train_data="t", validation_data=sets)
         with pytest.raises(ValueError, match="more than one set is named a: NAME=SOURCE names one"):
             bookkeeping.validation_sets(tmp_path, config, "tokenizer", None)
+    config = dpo.Config(train_data="t", validation_data=["a=x.jsonl", "held="])  # a name without its source
+    with pytest.raises(ValueError, match="validation_data: held= names no source"):
+        bookkeeping.validation_sets(tmp_path, config, "tokenizer", None)
 
 
 def test_a_run_saved_before_a_field_existed_resumes(demo, trained, tmp_path):
