@@ -843,9 +843,13 @@ class MetricsLog:
             say(f"step {step} | eval {name}loss {loss:.4f} acc {accuracy:.3f}")
 
 
+def eval_prefix(name: str, sets: int) -> str:
+    """A validation set's metric keys' prefix: "eval/" for the only set, "eval/NAME/" for each of several."""
+    return "eval/" if sets == 1 else f"eval/{name}/"
+
+
 def eval_sets(records: list[dict]) -> list[str]:
-    """The key prefixes of the validation sets in metrics records: "eval/" for one set, "eval/NAME/" for each
-    of several (dpo.evaluate)."""
+    """The key prefixes of the validation sets in metrics records (eval_prefix's), read back."""
     keys = {key for record in records for key in record}
     return sorted(key[: -len("loss")] for key in keys if key.startswith("eval/") and key.endswith("/loss"))
 

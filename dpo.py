@@ -782,7 +782,7 @@ def evaluate(evaluation, params, frozen: Frozen, hyper: dict, passes: dict, mesh
             for k, v in jax.device_get(sums).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             progress.advance(1)
-        prefix = "eval/" if len(passes) == 1 else f"eval/{name}/"
+        prefix = bookkeeping.eval_prefix(name, len(passes))
         metrics |= {prefix + k: float(v) for k, v in normalize(totals).items()}
     return metrics
 
