@@ -10,10 +10,12 @@ user and header tokens are not scored. Unusable rows go to rejects.jsonl with
 a reason, never stopping the run. Output: Parquet shards (one row per pair), summary.json, rejects.jsonl,
 written atomically; a folder holding anything data.py did not write is never replaced. The loader reads
 the shards a row group at a time, shuffles per epoch from the seed (optionally grouping pairs of like
-length), resumes at any step and hands each process its slice of the global batch, laid out in the
-smallest of the run's few planned shapes that holds it (plan_shapes, from every batch's lengths, known
-before step 1): a pair's two sequences side by side, or, with prefix sharing or packing, rows of several
-sequences with the views the model's attention needs (Layout describes both).
+length), resumes at any step and hands each process its slice of the global batch (slice process_index of
+process_count equal ones, as sharding.row_slices gives them: processes that differ only along context or
+tensor get the same), laid out in the smallest of the run's few planned shapes that holds it (plan_shapes,
+from every batch's lengths, known before step 1): a pair's two sequences side by side, or, with prefix
+sharing or packing, rows of several sequences with the views the model's attention needs (Layout describes
+both).
 
 Row formats (FORMATS, detected from the columns and the first rows): conversation, prompt_completion, plain,
 transcript (Anthropic/hh-rlhf as published).
@@ -1097,8 +1099,8 @@ class Layout(NamedTuple):
     """How the loader lays pairs out, and the one description of the batches it yields (numpy, this process's
     rows; dpo.rows_of reads them). prefix_sharing: one sequence a pair, its shared prefix once; packing:
     several pairs to a row. Rows per step come in multiples of row_multiple (dpo.py: the batch axes' devices
-    times the microbatches) and of the process count; row and view widths in multiples of width_multiple (the
-    context axis's devices, each of which holds a row's share of tokens).
+    times the microbatches) and of process_count (the row slices); row and view widths in multiples of
+    width_multiple (the context axis's devices, each of which holds a row's share of tokens).
 
     One pair a row (_padded: neither prefix_sharing nor packing), b pairs of width T:
       input_ids     [b, 2, T] int32   chosen (index 0) and rejected (1) side by side, right-padded with 0

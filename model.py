@@ -453,8 +453,9 @@ NOT_COMPUTED = {
 def check_fits(arch: LlamaConfig, mesh, batch_size: int, batch_name: str = "batch size") -> None:
     """The one divisibility rule, checked once before anything is built: every weight axis splits evenly
     over the mesh axes its spec names (kv heads over tensor among them), and the batch (pairs per forward
-    pass) over data x fsdp and over the processes, which each load their own rows. A one-line error, naming
-    the batch as `batch_name` (the config field that set it)."""
+    pass) over data x fsdp, and so over the processes' row slices (sharding.row_slices: whole blocks of data x
+    fsdp), whose layout is checked here too. A one-line error, naming the batch as `batch_name` (the config
+    field that set it)."""
     splits = [(batch_name, batch_size, sharding.BATCH_AXES)]
     for w in jax.tree.leaves(_weights(arch)):
         splits += zip([_SIZE_FIELDS[a] for a in w.axes], _shape(arch, w), w.spec, strict=True)
@@ -464,9 +465,7 @@ def check_fits(arch: LlamaConfig, mesh, batch_size: int, batch_name: str = "batc
         if size % n:
             names = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
             raise ValueError(f"{what} ({size}) is not divisible by {names} ({n})")
-    if batch_size % jax.process_count():
-        processes = jax.process_count()
-        raise ValueError(f"{batch_name} ({batch_size}) is not divisible by the {processes} processes")
+    sharding.row_slices(mesh)
 
 
 def check_lora(arch: LlamaConfig, rank: int, targets) -> None:

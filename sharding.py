@@ -11,7 +11,8 @@ Mesh axes (every mesh here has all four, in this order):
           within a host (it talks every layer); kv heads must divide by it (one kv head is whole on each).
 
 A batch's leading dimension is split over ("data", "fsdp"); the rest of every batch array is whole (the
-model splits the activations' tokens over "context").
+model splits the activations' tokens over "context"). Each process feeds the rows its devices hold
+(`row_slices`), so processes along a context or tensor axis that spans hosts feed the same rows.
 The axes are `AxisType.Explicit`: shardings are part of each array's type, so `jax.typeof(x)` shows
 them and a mismatch is an error at trace time rather than a silent copy. model.check_fits checks, once,
 that every weight and the batch split evenly over their axes.
@@ -63,10 +64,36 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *[None] * (ndim - 1)))
 
 
+def row_slices(mesh: Mesh) -> tuple[int, int]:
+    """(which slice, how many): the global batch's rows cut into `how many` equal consecutive slices, one for
+    each set of processes that hold the same rows, and the one this process holds and so feeds.
+
+    Rows split over data x fsdp only: processes that differ only along context or tensor (an axis spanning
+    hosts) hold the same rows and must feed the same ones. With processes split over data / fsdp alone this
+    is (process index, process count). Refused in one line: processes holding rows in some other pattern."""
+    blocks = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    batch_axes = [mesh.axis_names.index(a) for a in BATCH_AXES]
+    devices = np.moveaxis(mesh.devices, batch_axes, range(len(BATCH_AXES))).reshape(blocks, -1)
+    owner = np.vectorize(lambda device: device.process_index, otypes=[int])(devices)
+    held = {p: tuple(np.flatnonzero((owner == p).any(axis=1))) for p in np.unique(owner)}
+    slices = sorted(set(held.values()))
+    size = len(slices[0])
+    # each the next `size` of the data x fsdp blocks, in order, together all of them once
+    if slices != [tuple(range(start, start + size)) for start in range(0, blocks, size)]:
+        shape = " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
+        where = "; ".join(f"process {p}: {list(map(int, b))}" for p, b in held.items())
+        raise ValueError(
+            f"mesh {shape}: each process must hold one consecutive block of the batch's {blocks} data x fsdp "
+            f"slices, all blocks the same size, but they hold ({where}): change the mesh sizes or devices"
+        )
+    return slices.index(held[jax.process_index()]), len(slices)
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's consecutive slice of the global batch -> global arrays sharded by `batch_sharding`.
 
-    Process p passes rows [p * b, (p + 1) * b) of the global batch (b = global batch / process count).
+    The processes holding row slice i of `row_slices` each pass rows [i * b, (i + 1) * b) of the global batch
+    (b = global batch / slice count): the same rows where they are replicas along context or tensor.
     """
     put = lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
     return {name: put(array) for name, array in local.items()}

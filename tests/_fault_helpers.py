@@ -37,10 +37,10 @@ def dpo_args(model_dir: Path, train_data: Path, output_dir: Path, **overrides) -
     return [f"--config.{k}={v}" for k, v in (settings | overrides).items()]
 
 
-def start(args: list[str], devices: int, log: Path, cwd: Path = ROOT, **env) -> subprocess.Popen:
-    """`python dpo.py ARGS` in `cwd` on `devices` fake CPU devices; stdout to LOG.out, stderr to LOG.err."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "DPO_"))}
-    environment |= dict(
+def environment(devices: int, **env) -> dict[str, str]:
+    """A child process's environment: `devices` fake CPU devices, no launcher's variables but `env`."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "DPO_"))}
+    return inherited | dict(
         JAX_PLATFORMS="cpu",
         # Unoptimised CPU code compiles in about half the time, and compiling is most of a short run.
         # Every run a test compares uses the same flags. (No persistent compilation cache: executables
@@ -50,9 +50,17 @@ def start(args: list[str], devices: int, log: Path, cwd: Path = ROOT, **env) -> 
         TOKENIZERS_PARALLELISM="false",
         **env,
     )
+
+
+def start(args: list[str], devices: int, log: Path, cwd: Path = ROOT, **env) -> subprocess.Popen:
+    """`python dpo.py ARGS` in `cwd` on `devices` fake CPU devices; stdout to LOG.out, stderr to LOG.err."""
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "dpo.py"), *args], cwd=cwd, env=environment, stdout=out, stderr=err
+            [sys.executable, str(ROOT / "dpo.py"), *args],
+            cwd=cwd,
+            env=environment(devices, **env),
+            stdout=out,
+            stderr=err,
         )
     proc.log = log
     return proc

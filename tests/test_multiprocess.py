@@ -1,15 +1,22 @@
 """Two `python dpo.py` processes with 4 fake CPU devices each, joined by jax.distributed (gloo over
-loopback), against one process with 8 devices: the same run, step for step."""
+loopback), against one process with 8 devices: the same run, step for step, whether the processes hold
+different rows of the batch (data spans them) or the same rows (context spans them)."""
 
+import json
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _fault_helpers import (
     ROOT,
+    WAIT,
     checkpoints,
     dpo_args,
+    environment,
     finish,
     free_port,
     output,
@@ -26,6 +33,10 @@ import data
 STEPS = 6
 # data spans the two processes; fsdp and context (each row's tokens split in two) lie within each
 SETTINGS = dict(num_train_steps=STEPS, steps_per_checkpoint=3, mesh_data=2, mesh_fsdp=-1, mesh_context=2)
+# context spans the two processes (a row's 8 token chunks, 4 on each): both hold every row of the batch, and
+# so both must feed all of them. The reference precomputed: its pass loads the rows the same way (each run
+# on a copy of the tokenized data, beside which the table is kept, so that each computes its own).
+CONTEXT = SETTINGS | dict(mesh_data=1, mesh_fsdp=1, mesh_context=8, reference_mode="precompute")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +54,20 @@ def one_process(inputs, tmp_path_factory):
     proc = start(dpo_args(*inputs, run, **SETTINGS), 8, run.with_name("log"))
     assert finish(proc) == [0], output(proc)
     return run
+
+
+@pytest.fixture(scope="module")
+def one_process_context(inputs, tmp_path_factory):
+    run = tmp_path_factory.mktemp("one-context") / "run"
+    proc = start(
+        dpo_args(inputs[0], own_copy(inputs[1], run.parent), run, **CONTEXT), 8, run.with_name("log")
+    )
+    assert finish(proc) == [0], output(proc)
+    return run
+
+
+def own_copy(tokenized: Path, folder: Path) -> Path:
+    return Path(shutil.copytree(tokenized, folder / "tokenized"))
 
 
 def start_two(args: list[str], log_dir: Path, cwds=(ROOT, ROOT)) -> list:
@@ -105,3 +130,48 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_both_resume(inpu
     assert finish(*procs) == [0, 0], output(procs[0])
     assert f"resumed from {run}/checkpoints/step-{stopped_at}" in stdout(procs[0])
     assert_same_training(run, one_process)
+
+
+# Two processes that only build meshes (no model, nothing compiled): which process holds which devices along
+# each axis, and which rows of the batch each then feeds.
+PROBE = """
+import json, sys
+import sharding
+sharding.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+for data, fsdp, context in [(1, 1, 8), (2, 2, 2)]:
+    mesh = sharding.make_mesh(data, fsdp, 1, context=context)
+    owners = [[device.process_index for device in mesh.devices[i, :, :, 0].flat] for i in range(data)]
+    print(json.dumps([owners, sharding.row_slices(mesh)]))
+"""
+
+
+def test_row_slices_of_two_real_processes():
+    address = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PROBE, address, str(p)],
+            cwd=ROOT,
+            env=environment(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for p in (0, 1)
+    ]
+    outputs = [proc.communicate(timeout=WAIT) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    for p, (out, _) in enumerate(outputs):
+        spanning, split = map(json.loads, out.splitlines())
+        # (which process holds each device, by data index; the row slice this process feeds, of how many)
+        # context=8 crosses from process 0's devices to process 1's: both hold (and feed) every row
+        assert spanning == [[[0, 0, 0, 0, 1, 1, 1, 1]], [0, 1]]
+        # data=2 splits the processes (fsdp and context within each): process p feeds slice p of 2, as before
+        assert split == [[[0, 0, 0, 0], [1, 1, 1, 1]], [p, 2]]
+
+
+def test_context_spanning_the_processes_trains_like_one(inputs, one_process_context, tmp_path):
+    run, tokenized = tmp_path / "run", own_copy(inputs[1], tmp_path)
+    procs = start_two(dpo_args(inputs[0], tokenized, run, **CONTEXT), tmp_path)
+    assert finish(*procs) == [0, 0], output(procs[0])
+    assert f"of {len(data.PairDataset(tokenized))} pairs to compute" in stdout(procs[0])
+    assert_same_training(run, one_process_context)

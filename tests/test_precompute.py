@@ -35,7 +35,7 @@ def precompute(model_dir, tokenized) -> np.ndarray:
     config = dpo.Config(model_name_or_path=str(model_dir), train_data=str(tokenized), **SMALL)
     arch = model.load_config(model_dir)
     with jax.set_mesh(mesh):
-        cache = bookkeeping.ReferenceCache(data.PairDataset(tokenized), model_dir, config)
+        cache = bookkeeping.ReferenceCache(data.PairDataset(tokenized), model_dir, config, mesh)
         weights = model.load_params(model_dir, arch, mesh)
         programs = dpo.Programs(dpo.make_steps(arch, config), {})
         start = dpo.Start(None, None, dpo.Frozen(None, None), {None: cache}, weights)

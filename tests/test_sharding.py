@@ -1,11 +1,13 @@
 """sharding.py, and the model on every mesh shape against a single-device run (8 fake CPU devices)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from _model_helpers import rel_err, single_device_mesh
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bookkeeping
@@ -39,7 +41,7 @@ def test_make_mesh_errors_are_one_line(sizes, shown):
     assert shown in str(error.value) and "\n" not in str(error.value)
 
 
-def test_divisibility_errors_name_the_quantity_and_the_axes(monkeypatch):
+def test_divisibility_errors_name_the_quantity_and_the_axes():
     mesh = sharding.make_mesh(2, 1, 4)
     fits = model.LlamaConfig(256, 64, 128, 2, num_heads=8, num_kv_heads=8, head_dim=8)
     few_kv_heads = model.LlamaConfig(256, 64, 128, 2, num_heads=4, num_kv_heads=2, head_dim=16)
@@ -53,10 +55,52 @@ def test_divisibility_errors_name_the_quantity_and_the_axes(monkeypatch):
     with pytest.raises(ValueError, match=r"^hidden_size \(36\) is not divisible by fsdp=8 \(8\)$"):
         odd_width = model.LlamaConfig(256, 36, 128, 2, num_heads=2, num_kv_heads=2, head_dim=18)
         model.check_fits(odd_width, sharding.make_mesh(1, 8, 1), batch_size=8)
-    # Each process loads its own rows of the batch: they must split evenly over the processes too.
-    monkeypatch.setattr(jax, "process_count", lambda: 3)
-    with pytest.raises(ValueError, match=r"^batch size \(8\) is not divisible by the 3 processes$"):
-        model.check_fits(fits, sharding.make_mesh(1, 8, 1), batch_size=8)
+    # Each process loads the rows its devices hold: three processes of 3, 3 and 2 devices would hold
+    # unequal slices of the batch, refused before anything is built.
+    uneven = fake_mesh([0, 0, 0, 1, 1, 1, 2, 2], (1, 8, 1, 1))
+    with pytest.raises(ValueError, match=r"^mesh data=1 x fsdp=8 x .*process 2: \[6, 7\]\)"):
+        model.check_fits(fits, uneven, batch_size=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    """What sharding.row_slices reads of a device: which process holds it."""
+
+    id: int
+    process_index: int
+
+
+def fake_mesh(processes: list[int], sizes: tuple[int, int, int, int]) -> Mesh:
+    """A (data, fsdp, context, tensor) mesh over devices held by `processes`, in mesh order: the layouts of
+    several processes, seen from process 0 of a one-process test."""
+    devices = np.empty(len(processes), object)
+    devices[:] = [FakeDevice(i, p) for i, p in enumerate(processes)]
+    return Mesh(devices.reshape(sizes), sharding.AXES)
+
+
+def test_row_slices_follow_the_batch_axes_not_the_processes(monkeypatch):
+    for sizes in [(1, 8, 1), (2, 2, 2), (1, 1, 8), (8, 1, 1)]:
+        assert sharding.row_slices(sharding.make_mesh(*sizes)) == (0, 1)  # one process holds every row
+    assert sharding.row_slices(sharding.make_mesh(1, 2, 1, context=4)) == (0, 1)
+    two = [0] * 4 + [1] * 4  # two processes of 4 devices, as make_mesh orders them
+    split = fake_mesh(two, (2, 2, 2, 1))  # data spans the processes: each holds its own rows
+    assert sharding.row_slices(split) == (0, 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert sharding.row_slices(split) == (1, 2)
+    # context (or tensor) spans the processes: both hold every row, so both feed the same ones
+    for sizes in [(1, 1, 8, 1), (1, 1, 2, 4)]:
+        assert sharding.row_slices(fake_mesh(two, sizes)) == (0, 1)
+    assert sharding.row_slices(fake_mesh([0, 0, 1, 1, 0, 0, 1, 1], (1, 2, 4, 1))) == (0, 1)
+    # four processes of 2 devices, context=4 spanning pairs: 0 and 1 hold slice 0 of 2, 2 and 3 slice 1
+    four = fake_mesh([0, 0, 1, 1, 2, 2, 3, 3], (2, 1, 4, 1))
+    assert sharding.row_slices(four) == (0, 2)  # seen from process 1
+    monkeypatch.setattr(jax, "process_index", lambda: 2)
+    assert sharding.row_slices(four) == (1, 2)
+    # processes that hold rows out of order (every other slice) are refused, naming what each holds
+    interleaved = fake_mesh([0, 1] * 4, (1, 8, 1, 1))
+    with pytest.raises(ValueError, match=r"process 0: \[0, 2, 4, 6\]; process 1: \[1, 3, 5, 7\]\)") as error:
+        sharding.row_slices(interleaved)
+    assert "\n" not in str(error.value)
 
 
 def test_a_run_names_the_batch_field_that_does_not_split_over_the_devices(tmp_path):
