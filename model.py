@@ -778,6 +778,8 @@ def _attention(q, k, v, lengths, impl, window=None, scale=None, cap=None):
         return _view_attention(q, k, v, *lengths, impl, window=window, scale=scale, cap=cap)
     # Each query sees the whole row's keys and values: gathered over context (their queries stay split).
     k, v = _whole_row(k), _whole_row(v)
+    if impl == "chunked":
+        return _chunked_attention(q, k, v, lengths, window, scale or q.shape[-1] ** -0.5, cap)
 
     def attend(q, k, v, lengths):
         if cap is not None:
@@ -810,6 +812,111 @@ def _capped_attention(q, k, v, lengths, window, scale: float, cap: float):
     # A large finite fill, not -inf: a pad query past its row's length may see nothing, and stays finite.
     probs = jax.nn.softmax(jnp.where(seen, scores, -1e30), axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskq->btkgq", probs, v).reshape(q.shape)
+
+
+ATTENTION_BLOCK = 512  # keys a step of "chunked" attention scores: it holds [heads, T, 512] at a time
+CHUNKED_FROM = 8192  # auto: rows (views) at least this long run "chunked" where cuDNN's kernel does not
+
+
+def _chunked_attention(q, k, v, lengths, window, scale: float, cap):
+    """FlashAttention-2's algorithm written in jnp, for any backend: the queries meet the keys a block at a
+    time, keeping a running max and sum of their scores (the online softmax), so a device holds [heads,
+    T / context, ATTENTION_BLOCK] scores, never [T, T]; the backward pass recomputes each block's
+    probabilities from the saved log-sum-exp. The masks are _capped_attention's, from the global positions
+    of queries and keys (so a row split over context needs nothing more). The same numbers as XLA's
+    attention up to f32 rounding (the sum over keys is taken a block at a time)."""
+    lengths = jnp.full(q.shape[:1], k.shape[1], jnp.int32) if lengths is None else lengths
+    return _flash(q, k, v, lengths, window, scale, cap)
+
+
+def _key_blocks(x: jax.Array) -> jax.Array:
+    """[B, S, K, Q] -> [S / block, B, block, K, Q], the keys zero-padded to whole blocks (masked: _scores)."""
+    b, s = x.shape[:2]
+    n = -(-s // ATTENTION_BLOCK)
+    x = jnp.pad(x, ((0, 0), (0, n * ATTENTION_BLOCK - s), (0, 0), (0, 0)))
+    return jnp.moveaxis(x.reshape(b, n, ATTENTION_BLOCK, *x.shape[2:]), 1, 0)
+
+
+def _unblocked(blocks: jax.Array, like: jax.Array) -> jax.Array:
+    """_key_blocks undone: [S / block, B, block, K, Q] -> [B, S, K, Q], the padding dropped."""
+    return jnp.moveaxis(blocks, 0, 1).reshape(like.shape[0], -1, *like.shape[2:])[:, : like.shape[1]]
+
+
+def _scores(q, k_block, first, keys, lengths, window, scale, cap):
+    """One block's masked scores [B, K, G, T, block] (f32) of grouped queries q [B, T, K, G, Q] against
+    keys first.. of k_block, and the capped scores' slope (1 without a cap) for the backward pass."""
+    raw = jnp.einsum("btkgq,bskq->bkgts", q, k_block, preferred_element_type=jnp.float32) * scale
+    capped = softcap(raw, cap)
+    query, key = jnp.arange(q.shape[1])[:, None], first + jnp.arange(k_block.shape[1])
+    seen = (key <= query) & (key > query - (window or keys)) & (key < keys)
+    seen = seen & (key < lengths[:, None, None, None, None])
+    slope = 1.0 if cap is None else 1 - jnp.square(capped / cap)
+    # A large finite fill, not -inf: a query that sees nothing (a blank row) stays finite.
+    return jnp.where(seen, capped, -1e30), slope
+
+
+def _grouped(q, kv_heads: int) -> jax.Array:
+    return q.reshape(*q.shape[:2], kv_heads, q.shape[2] // kv_heads, q.shape[3])  # each kv head's queries
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, lengths, window, scale, cap):
+    return _flash_forward(q, k, v, lengths, window, scale, cap)[0]
+
+
+def _flash_forward(q, k, v, lengths, window, scale, cap):
+    grouped = _grouped(q, k.shape[2])
+    (b, t, kv, g, d), keys = grouped.shape, k.shape[1]
+    spec = (*jax.typeof(grouped).sharding.spec, None, None, None)  # B, T, K, G as the queries' are split
+    rows = P(spec[0], spec[2], spec[3], spec[1])  # [B, K, G, T]
+
+    def step(carry, block):
+        top, total, out = carry  # running max, sum of exp(score - max) [B, K, G, T]; output [B, K, G, T, Q]
+        i, k_block, v_block = block
+        scores, _ = _scores(grouped, k_block, i * ATTENTION_BLOCK, keys, lengths, window, scale, cap)
+        new_top = jnp.maximum(top, scores.max(-1))
+        probs, rescale = jnp.exp(scores - new_top[..., None]), jnp.exp(top - new_top)
+        seen = jnp.einsum(
+            "bkgts,bskq->bkgtq", probs.astype(v.dtype), v_block, preferred_element_type=jnp.float32
+        )
+        return (new_top, total * rescale + probs.sum(-1), out * rescale[..., None] + seen), None
+
+    start = jnp.zeros((b, kv, g, t), jnp.float32, out_sharding=rows)
+    init = (start - jnp.inf, start, jnp.zeros((b, kv, g, t, d), jnp.float32, out_sharding=P(*rows, None)))
+    blocks = (jnp.arange(-(-k.shape[1] // ATTENTION_BLOCK)), _key_blocks(k), _key_blocks(v))
+    (top, total, out), _ = jax.lax.scan(step, init, blocks)
+    out = jnp.moveaxis(out / total[..., None], 3, 1).reshape(q.shape).astype(q.dtype)
+    return out, (q, k, v, lengths, out, top + jnp.log(total))
+
+
+def _flash_backward(window, scale, cap, residuals, d_out):
+    q, k, v, lengths, out, logsumexp = residuals
+    grouped, d_grouped = _grouped(q, k.shape[2]), _grouped(d_out, k.shape[2])
+    # FlashAttention-2's D: sum over a query's keys of P * dP, which is d_out . out
+    delta = jnp.moveaxis(jnp.sum(d_grouped.astype(jnp.float32) * _grouped(out, k.shape[2]), -1), 1, 3)
+    f32 = dict(preferred_element_type=jnp.float32)
+    kv_spec = P(*jax.typeof(k).sharding.spec)  # a block's key gradient: summed over the queries' devices
+
+    def step(d_q, block):
+        i, k_block, v_block = block
+        first = i * ATTENTION_BLOCK
+        scores, slope = _scores(grouped, k_block, first, k.shape[1], lengths, window, scale, cap)
+        probs = jnp.exp(scores - logsumexp[..., None])
+        d_v = jnp.einsum("bkgts,btkgq->bskq", probs.astype(v.dtype), d_grouped, **f32, out_sharding=kv_spec)
+        d_probs = jnp.einsum("btkgq,bskq->bkgts", d_grouped, v_block, **f32)
+        d_scores = probs * (d_probs - delta[..., None]) * slope * scale
+        d_q = d_q + jnp.einsum("bkgts,bskq->btkgq", d_scores.astype(k.dtype), k_block, **f32)
+        d_k = jnp.einsum("bkgts,btkgq->bskq", d_scores.astype(q.dtype), grouped, **f32, out_sharding=kv_spec)
+        return d_q, (d_k, d_v)
+
+    start = jnp.zeros(grouped.shape, jnp.float32, out_sharding=P(*jax.typeof(grouped).sharding.spec))
+    blocks = (jnp.arange(-(-k.shape[1] // ATTENTION_BLOCK)), _key_blocks(k), _key_blocks(v))
+    d_q, (d_k, d_v) = jax.lax.scan(step, start, blocks)
+    d_k, d_v = (_unblocked(d, x).astype(x.dtype) for d, x in ((d_k, k), (d_v, v)))
+    return d_q.reshape(q.shape).astype(q.dtype), d_k, d_v, None
+
+
+_flash.defvjp(_flash_forward, _flash_backward)
 
 
 def _view_attention(q, k, v, index, lengths, slot, impl, **scores):
@@ -903,29 +1010,36 @@ def _embed(embed: jax.Array, tokens: jax.Array, arch: LlamaConfig, dtype) -> jax
     return x * jnp.asarray(math.sqrt(arch.hidden_size), dtype) if arch.gemma else x
 
 
-def _attention_impl(arch: LlamaConfig, impl: str | None, dtype, context: int = 1) -> str:
+def _attention_impl(arch: LlamaConfig, impl: str | None, dtype, context: int = 1, width: int = 0) -> str:
     """None or "auto": cuDNN's fused kernel on GPU where it applies (far faster; jax's default is XLA
-    everywhere), else XLA. Gemma 2's soft-capped scores run on XLA only, and so do queries split over a
-    context axis (cuDNN's partitioning refuses a split sequence, and its causal mask would be in local
+    everywhere); elsewhere XLA's for rows (`width` tokens) shorter than CHUNKED_FROM, "chunked" from there
+    (XLA's holds a row's scores whole). Gemma 2's soft-capped scores and queries split over a context axis
+    do not go to cuDNN (its partitioning refuses a split sequence, and its causal mask would be in local
     positions)."""
     capped = arch.attn_logit_softcapping is not None
     if capped and impl == "cudnn":
-        raise ValueError("attention_impl cudnn cannot soft-cap attention scores (Gemma 2): use xla or auto")
+        raise ValueError(
+            "attention_impl cudnn cannot soft-cap attention scores (Gemma 2): use auto or chunked"
+        )
     if context > 1 and impl == "cudnn":
-        raise ValueError("attention_impl cudnn cannot take a row split over mesh_context: use xla or auto")
+        raise ValueError(
+            "attention_impl cudnn cannot take a row split over mesh_context: use chunked or auto"
+        )
     Q = arch.head_dim
     fits_cudnn = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and Q % 8 == 0 and Q <= 128
     fits_cudnn = fits_cudnn and not capped and context == 1
     if impl not in (None, "auto"):
         return impl
-    return "cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "xla"
+    if jax.default_backend() == "gpu" and fits_cudnn:
+        return "cudnn"
+    return "chunked" if width >= CHUNKED_FROM else "xla"
 
 
 def check_attention(arch: LlamaConfig, mesh, max_seq_len: int, impl: str | None, dtype) -> None:
-    """XLA's attention holds a row's scores whole, [heads, T / context, T] f32 on each device (cuDNN's kernel
-    holds none): where one row's take over half of a device's memory, refused in one line before anything
-    runs. The CPU reports no limit."""
-    if _attention_impl(arch, impl, dtype, mesh.shape["context"]) != "xla":
+    """XLA's attention holds a row's scores whole, [heads, T / context, T] f32 on each device ("chunked" and
+    cuDNN's kernel hold a block or none): where one row's take over half of a device's memory, refused in
+    one line before anything runs. The CPU reports no limit."""
+    if _attention_impl(arch, impl, dtype, mesh.shape["context"], max_seq_len) != "xla":
         return
     limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")  # this process's own
     heads, queries = arch.num_heads // mesh.shape["tensor"], -(-max_seq_len // mesh.shape["context"])
@@ -933,8 +1047,7 @@ def check_attention(arch: LlamaConfig, mesh, max_seq_len: int, impl: str | None,
         raise ValueError(
             f"XLA's attention holds a row's scores whole: {scores / 2**30:.1f} GiB a device at max_seq_len "
             f"{max_seq_len} ({heads} heads, {queries} queries a device), over half of its "
-            f"{limit / 2**30:.0f} GiB: use attention_impl cudnn (GPU), a larger mesh_context, or a shorter "
-            "max_seq_len"
+            f"{limit / 2**30:.0f} GiB: use attention_impl chunked or auto, or cudnn (GPU)"
         )
 
 
@@ -1004,13 +1117,13 @@ def forward(
     are 0..T-1, or `positions` [B, T]. With `views` (index [B, J, S], lengths [B, J], slot [B, T]; see
     _view_attention) a row holds several sequences, each attending within its views. Pad positions give
     finite values that the caller masks out. lora: adapters (lora_weights' tree) added to their weights'
-    projections with lora_scale (alpha / rank). attention_impl: None or "auto" (cuDNN on GPU where it
-    applies, else XLA), "xla" or "cudnn".
+    projections with lora_scale (alpha / rank). attention_impl: None or "auto" (_attention_impl), "xla",
+    "cudnn" or "chunked" (_chunked_attention).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; expected one of {list(REMAT_POLICIES)}")
     context = jax.sharding.get_abstract_mesh().shape.get("context", 1)
-    impl = _attention_impl(arch, attention_impl, compute_dtype, context)
+    impl = _attention_impl(arch, attention_impl, compute_dtype, context, tokens.shape[1])
     x = _embed(params["embed"], tokens, arch, compute_dtype)
     positions = jnp.arange(tokens.shape[1]) if positions is None else positions
     # A row (view) with no real token would attend to nothing; letting position 0 see itself keeps it finite.

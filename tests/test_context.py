@@ -2,7 +2,9 @@
 and values whole. A step on meshes with a context axis against the single-device step (f32), in every
 layout, with LoRA; the per-device memory of a long row; a resume onto another mesh_context."""
 
+import dataclasses
 import json
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,8 @@ import pytest
 import torch
 import transformers
 from _tolerance import assert_metrics_close
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from test_packing import batch_of, pairs  # noqa: F401  (the fixture: multi-turn ChatML pairs and a tiny model)
 from test_train import SMALL, assert_same_losses, demo, run  # noqa: F401  (demo: the fixture)
 
@@ -53,9 +57,11 @@ def step_metrics(arch, config, mesh_sizes, batch, lora: bool):
         ("both", [dict(fsdp=2, context=4), dict(fsdp=2, context=2, tensor=2)], True),
     ],
 )
-def test_a_step_on_a_context_axis_equals_the_single_device_step(pairs, layout, meshes, lora):  # noqa: F811
+def test_a_step_on_a_context_axis_equals_the_single_device_step(pairs, layout, meshes, lora, monkeypatch):  # noqa: F811
     """Rows of uneven lengths with padding, split into 2 to 8 chunks of tokens (pairs and views straddle
-    them): loss, gradient norm and metrics as on one device, to the rounding floor (tests/_tolerance.py)."""
+    them): loss, gradient norm and metrics as on one device, to the rounding floor (tests/_tolerance.py).
+    The second mesh runs "chunked" attention, in blocks of 32 keys (several a row, the last one padded)."""
+    monkeypatch.setattr(model, "ATTENTION_BLOCK", 32)
     dataset, arch = pairs
     config = dpo.Config(train_data="x", train_batch_size=8, logits_chunk_size=64, lora_rank=4 if lora else 0)
     # Widths a multiple of 8: every context size here splits them evenly.
@@ -68,8 +74,8 @@ def test_a_step_on_a_context_axis_equals_the_single_device_step(pairs, layout, m
     width = batch["input_ids"].shape[-1]
     assert width % 8 == 0 and (batch.get("views") is None or batch["views"].shape[-1] % 8 == 0)
     want = step_metrics(arch, config, ONE_DEVICE, batch, lora)
-    for sizes in meshes:
-        got = step_metrics(arch, config, sizes, batch, lora)
+    for sizes, attention in zip(meshes, ("auto", "chunked"), strict=True):
+        got = step_metrics(arch, dataclasses.replace(config, attention_impl=attention), sizes, batch, lora)
         assert_metrics_close(got, want, KEYS, config.beta, losses=1)
 
 
@@ -133,3 +139,48 @@ def test_rows_of_131072_tokens_go_through_data_py_the_loader_and_rope(demo, tmp_
     )  # as model.forward computes them, in f32
     ours = model.apply_rope(jnp.asarray(x), jnp.cos(angles), jnp.sin(angles))
     np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
+
+
+def attention_and_grads(impl, sizes, q, k, v, lengths, window=None, cap=None):
+    """model._attention's output and the gradients of a weighted sum of it (real tokens only) on a mesh."""
+    mesh = sharding.make_mesh(**sizes)
+    heads, row = P(sharding.BATCH_AXES, "context", "tensor", None), P(sharding.BATCH_AXES)
+    real = np.arange(q.shape[1]) < (q.shape[1] if lengths is None else lengths[:, None])
+    weights = np.random.default_rng(1).normal(size=q.shape).astype(np.float32) * real[..., None, None]
+    with jax.set_mesh(mesh):
+        put = lambda x, spec: None if x is None else jax.device_put(x, NamedSharding(mesh, spec))
+
+        def weighted(q, k, v, lengths):
+            out = model._attention(q, k, v, lengths, impl, window, None, cap)
+            return jnp.sum(out * weights), out
+
+        grads = jax.jit(jax.grad(weighted, argnums=(0, 1, 2), has_aux=True))
+        (d_q, d_k, d_v), out = grads(*(put(x, heads) for x in (q, k, v)), put(lengths, row))
+        return [np.asarray(x) for x in (out * real[..., None, None], d_q, d_k, d_v)]
+
+
+@pytest.mark.parametrize("window, cap, lengths", [(None, None, True), (70, None, True), (None, 20.0, False)])
+def test_chunked_attention_equals_xlas_and_holds_a_fraction_of_its_memory(window, cap, lengths, monkeypatch):
+    """ "chunked" (FlashAttention-2's online softmax and recomputing backward, in jnp) against XLA's
+    attention on one device: outputs and q, k, v gradients with grouped heads, rows of uneven length (one
+    blank), a sliding window, Gemma 2's soft cap; blocks of 64 keys (the last one padded) on one device and
+    split over context and tensor. Then the compiled gradient's temporary memory for an 8192-token row."""
+    monkeypatch.setattr(model, "ATTENTION_BLOCK", 64)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(4, 200, heads, 16)).astype(np.float32) for heads in (4, 2, 2))
+    row_lengths = np.array([200, 131, 1, 64], np.int32) if lengths else None
+    want = attention_and_grads("xla", ONE_DEVICE, q, k, v, row_lengths, window, cap)
+    for sizes in (ONE_DEVICE, dict(fsdp=1, context=8), dict(data=2, fsdp=1, context=2, tensor=2)):
+        got = attention_and_grads("chunked", sizes, q, k, v, row_lengths, window, cap)
+        for name, ours, theirs in zip(("out", "d_q", "d_k", "d_v"), got, want, strict=True):
+            np.testing.assert_allclose(
+                ours, theirs, rtol=1e-5, atol=2e-6 * np.abs(theirs).max(), err_msg=name
+            )
+    if window is None and cap is None:
+        monkeypatch.setattr(model, "ATTENTION_BLOCK", 512)
+        row = jax.ShapeDtypeStruct((1, 8192, 4, 16), jnp.float32)
+        total = lambda q, k, v, impl: jnp.sum(model._attention(q, k, v, None, impl))
+        with jax.set_mesh(sharding.make_mesh(**ONE_DEVICE)):
+            grads = [jax.jit(jax.grad(partial(total, impl=i), argnums=(0, 1, 2))) for i in ("xla", "chunked")]
+            temp = [g.lower(row, row, row).compile().memory_analysis().temp_size_in_bytes for g in grads]
+        assert temp[1] <= temp[0] / 8, temp

@@ -231,7 +231,8 @@ def test_mesh_gives_the_single_device_logits_and_gradients(reference, shape):
 def test_attention_scores_a_device_cannot_hold_are_one_line_before_anything_runs(monkeypatch):
     """Llama 3.1 8B at 131072 tokens a side on an 80 GB device: XLA's attention would hold 2 TiB of one row's
     scores (32 heads x 131072^2 f32); over 8 context devices an eighth, still too much; 16384 tokens split 8
-    ways fit. cuDNN's kernel holds none, so it is never refused."""
+    ways fit. cuDNN's kernel holds none and "chunked" a block, so neither is refused, nor auto, which takes
+    "chunked" from 8192 tokens where cuDNN does not apply (on this CPU, or a row split over context)."""
     arch = model.LlamaConfig(128256, 4096, 14336, 32, 32, 8, 128)
     one, eight = sharding.make_mesh(devices=jax.devices()[:1]), sharding.make_mesh(1, 1, 1, context=8)
     device = type("Device", (), {"memory_stats": lambda self: {"bytes_limit": 80 * 2**30}})()
@@ -240,4 +241,5 @@ def test_attention_scores_a_device_cannot_hold_are_one_line_before_anything_runs
         with pytest.raises(ValueError, match="XLA's attention holds a row's scores whole: .* GiB a device"):
             model.check_attention(arch, mesh, tokens, "xla", jnp.bfloat16)
     model.check_attention(arch, eight, 16384, "xla", jnp.bfloat16)
-    model.check_attention(arch, one, 131072, "cudnn", jnp.bfloat16)
+    for impl, mesh in (("cudnn", one), ("chunked", one), ("auto", one), ("auto", eight)):
+        model.check_attention(arch, mesh, 131072, impl, jnp.bfloat16)
