@@ -775,8 +775,9 @@ def memory_plan_bytes(
     offload: bool = False,
 ):
     """(fixed bytes, bytes per pair) on one chip under FSDP over `chips`, remat "full", bf16 compute. With
-    `context`, FSDP spans chips / context and each pair's tokens are split `context` ways, its keys and
-    values gathered whole (and their gradients); offload: each layer's input lives on the host.
+    `context`, each pair's tokens are split `context` ways, its keys and values gathered whole (and their
+    gradients), and FSDP still spans all the chips (fsdp x context); offload: each layer's input lives on
+    the host.
 
     fixed: f32 params, grads and Adam update, Adam mu and nu (20 bytes/param) and a bf16 reference (2), all
     sharded; one layer's weights gathered in bf16 twice (this one and the next) with its f32 gradient; the
@@ -804,7 +805,7 @@ def memory_plan_bytes(
     if lora:
         adapters = LORA_RANK * cfg.num_layers * (7 * d + 2 * h * q + 2 * k * q + 3 * f)
         state = cfg.num_layers * layer * BASE_BYTES[quantization] + 2 * head + 20 * adapters
-    fixed = state / (chips // context) + layer * (2 * 2 + gradients) + d * v * (2 + 2 + gradients)
+    fixed = state / chips + layer * (2 * 2 + gradients) + d * v * (2 + 2 + gradients)
     s = 2 * seq
     inputs = 0 if offload else cfg.num_layers * s * d * 2
     per_pair = inputs + s * (4 * d + 3 * h * q + 3 * k * q + 3 * f) * 2 * 2 + s * d * 6
@@ -894,8 +895,8 @@ def bench_context_memory() -> None:
     )
     note = (
         "COMPUTED, not measured (bench.memory_plan_bytes with context and offload): pairs per step (each "
-        "pair over `context` chips), precomputed reference, FSDP over the chips / context (parameters are "
-        "not sharded over context), cuDNN attention without context and XLA's with it, remat full or "
+        "pair over `context` chips), precomputed reference, FSDP over all the chips (parameters sharded over "
+        "fsdp x context), cuDNN attention without context and XLA's with it, remat full or "
         "offload, bf16, 10% of memory kept free."
     )
     table("Long rows: Llama-3.1-8B pairs per step", header, rows, note)

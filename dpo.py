@@ -132,7 +132,7 @@ class Config:
     mesh_data: int = 1  # pure data-parallel replicas
     mesh_fsdp: int = -1  # FSDP: batch and parameters sharded; -1 takes the remaining devices
     mesh_tensor: int = 1  # tensor parallel: heads and MLP hidden split
-    mesh_context: int = 1  # context parallel: each row's tokens split over devices (docs/scaling.md)
+    mesh_context: int = 1  # context parallel: rows' tokens split over devices, params too (docs/scaling.md)
     coordinator_address: str | None = None  # multi-process: host:port of process 0 (auto on TPU/SLURM)
     num_processes: int | None = None  # multi-process: number of processes (auto on TPU/SLURM)
     process_id: int | None = None  # multi-process: this process's index (auto on TPU/SLURM)

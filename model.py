@@ -19,9 +19,9 @@ embeddings, other biases, other activations.
 Left out on purpose: KV caches and generation, dropout, quantization other than a frozen base's (QLoRA).
 
 Conventions
-  Mesh axes (sharding.py): data = replicas, fsdp = batch split and params sharded (gathered one layer
-  at a time), context = a row's tokens split between blocks (attention gathers its keys and values whole),
-  tensor = heads and MLP hidden split Megatron-style.
+  Mesh axes (sharding.py): data = replicas, fsdp = batch split, context = a row's tokens split between
+  blocks (attention gathers its keys and values whole), tensor = heads and MLP hidden split Megatron-style.
+  Params and optimizer state are sharded over fsdp x context (FSDP, gathered one layer at a time).
   Dimension letters: B batch, T sequence, D model, H query heads, K kv heads, Q head dim,
   F MLP hidden, V vocab, L layers (R: a LoRA adapter's rank). Einsum subscripts use the same letters in
   lower case: forward writes each projection out, e.g. "btd,dhq->bthq" for wq, on the axes the weight
@@ -33,8 +33,8 @@ Conventions
 
 What the DPO step gets (call inside `jax.set_mesh(mesh)`, under jit):
   forward(...)            [B, T, D] in the compute dtype, sharded P(("data", "fsdp"), "context", None).
-  lm_head_weight(params)  [D, V] in the params' dtype, sharded P("fsdp", "tensor") (also when tied:
-                          embed.T). Gather it over fsdp before the matmul, e.g.
+  lm_head_weight(params)  [D, V] in the params' dtype, sharded P(FSDP, "tensor") (also when tied:
+                          embed.T). Gather it over FSDP before the matmul, e.g.
                           reshard(w.astype(dt), P(None, "tensor")); the logits then come out
                           P(("data", "fsdp"), None, "tensor"), vocab split, as in `logits` below.
   dtype_of(name)          the compute dtype a setting names ("auto": f32 on CPU, bf16 on accelerators).
@@ -354,7 +354,10 @@ class Weight:
     )
 
 
-F, T = "fsdp", "tensor"
+# FSDP spans the context axis too (as MaxText's): a context axis of N would otherwise leave each group of N
+# devices holding the same parameter shards. Both axes, in this order; with context 1 it is plain fsdp.
+FSDP = ("fsdp", "context")
+F, T = FSDP, "tensor"
 _ATTN = "model.layers.{}.self_attn."
 _LN = "model.layers.{}."
 # One decoder layer's weights, stacked on a leading L axis. nn.Linear stores [out, in]; we store [in, out]
@@ -365,7 +368,7 @@ _LAYER = {
     "wk": Weight("LDKQ", P(None, F, T, None), "normal", "model.layers.{}.self_attn.k_proj.weight", 1),
     "wv": Weight("LDKQ", P(None, F, T, None), "normal", "model.layers.{}.self_attn.v_proj.weight", 1),
     # Biases and head norms are split like their weight's output axes (heads over tensor), and small enough
-    # to stay whole over fsdp.
+    # to stay whole over FSDP.
     "bq": Weight("LHQ", P(None, T, None), "zeros", _ATTN + "q_proj.bias", flat=True, family="qkv_bias"),
     "bk": Weight("LKQ", P(None, T, None), "zeros", _ATTN + "k_proj.bias", flat=True, family="qkv_bias"),
     "bv": Weight("LKQ", P(None, T, None), "zeros", _ATTN + "v_proj.bias", flat=True, family="qkv_bias"),
@@ -393,11 +396,11 @@ _WEIGHTS = {  # in transformers' order; embed = lm_head.T when tied, so it is la
 
 
 def _weights(arch: LlamaConfig) -> dict:
-    """Every weight, once (no lm_head when tied). FSDP shards one non-tensor axis; tensor splits heads (q,
-    k, v on their head axis, o on its input heads) and F (gate, up on their output, down on its input),
-    Megatron-style, so attention and the MLP each need one all-reduce over tensor. One kv head (multi-query
-    attention) cannot be split: it is whole on every tensor device, and each computes its own query heads
-    against it."""
+    """Every weight, once (no lm_head when tied). FSDP shards one non-tensor axis over fsdp x context; tensor
+    splits heads (q, k, v on their head axis, o on its input heads) and F (gate, up on their output, down on
+    its input), Megatron-style, so attention and the MLP each need one all-reduce over tensor. One kv head
+    (multi-query attention) cannot be split: it is whole on every tensor device, and each computes its own
+    query heads against it."""
     weights = {k: w for k, w in _WEIGHTS.items() if k != "lm_head" or not arch.tie_word_embeddings}
     layer = {k: w for k, w in _LAYER.items() if not w.family or getattr(arch, w.family)}
     if arch.num_kv_heads == 1:
@@ -450,6 +453,22 @@ NOT_COMPUTED = {
 }
 
 
+def _axis_names(entry) -> tuple[str, ...]:
+    """The mesh axes one PartitionSpec entry names: none, one, or several (FSDP)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _split_count(mesh, entry) -> int:
+    """How many ways one PartitionSpec entry splits its dimension on `mesh` (concrete or abstract)."""
+    return math.prod(mesh.shape[a] for a in _axis_names(entry))
+
+
+def _named_split(mesh, entry) -> str:
+    """The axes of a split, for an error: "fsdp=2 x context=4"; a context axis of 1 (no long rows) unnamed."""
+    axes = [a for a in _axis_names(entry) if a != "context" or mesh.shape[a] > 1]
+    return " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+
+
 def check_fits(arch: LlamaConfig, mesh, batch_size: int, batch_name: str = "batch size") -> None:
     """The one divisibility rule, checked once before anything is built: every weight axis splits evenly
     over the mesh axes its spec names (kv heads over tensor among them), and the batch (pairs per forward
@@ -460,11 +479,9 @@ def check_fits(arch: LlamaConfig, mesh, batch_size: int, batch_name: str = "batc
     for w in jax.tree.leaves(_weights(arch)):
         splits += zip([_SIZE_FIELDS[a] for a in w.axes], _shape(arch, w), w.spec, strict=True)
     for what, size, axes in splits:
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-        n = math.prod(mesh.shape[a] for a in axes)
+        n = _split_count(mesh, axes)
         if size % n:
-            names = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
-            raise ValueError(f"{what} ({size}) is not divisible by {names} ({n})")
+            raise ValueError(f"{what} ({size}) is not divisible by {_named_split(mesh, axes)} ({n})")
     sharding.row_slices(mesh)
 
 
@@ -527,7 +544,7 @@ def init_params(arch: LlamaConfig, key: jax.Array, mesh, weights: dict | None = 
 
 
 def lm_head_weight(params: dict) -> jax.Array:
-    """[D, V], sharded P("fsdp", "tensor")."""
+    """[D, V], sharded P(FSDP, "tensor")."""
     return params["lm_head"] if "lm_head" in params else params["embed"].T
 
 
@@ -619,7 +636,7 @@ def _double_quantize(absmax: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def _dequantized(w: Quantized, dtype) -> jax.Array:
-    """One layer of a quantised weight, gathered over fsdp, in our axes and `dtype` (computed in f32 and
+    """One layer of a quantised weight, gathered over FSDP, in our axes and `dtype` (computed in f32 and
     rounded once, as bitsandbytes' dequantize_4bit and int8_vectorwise_dequant)."""
     (blocks, outputs), spec = w.absmax.shape, jax.typeof(w.codes).sharding.spec
     if w.scale is None:  # int8
@@ -649,12 +666,12 @@ def _quantizable(w: Weight) -> bool:
 def _quantized_parts(arch: LlamaConfig, w: Weight, kind: str, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """Shape, dtype and sharding of each array of the projection `w` quantised (Quantized's fields). The codes
     lie as the weight does (its input axes split like the first of them, its output axes like theirs); each
-    absmax with its block, or whole along the input axis where a block straddles fsdp devices; NF4's scale
+    absmax with its block, or whole along the input axis where a block straddles FSDP devices; NF4's scale
     and offset, 4 bytes per 16,384 weights and per layer, whole on every device."""
     (out, inputs), layers = _hf_shape(w, _shape(arch, w)), arch.num_layers
     spec = P(None, w.spec[1], w.spec[1 + w.n_in])
     blocks = inputs // NF4_BLOCK if kind == "nf4" else 1
-    straddled = blocks % (mesh.shape[spec[1]] if spec[1] else 1)
+    straddled = blocks % _split_count(mesh, spec[1])
     absmax_spec = P(None, None, spec[2]) if straddled else spec
 
     def part(shape, dtype, where=spec):
@@ -676,21 +693,21 @@ def _quantized_parts(arch: LlamaConfig, w: Weight, kind: str, mesh) -> dict[str,
 def check_quantization(arch: LlamaConfig, mesh, kind: str) -> None:
     """NF4 codes a projection in blocks of 64 along its input axis, two codes a byte: that axis must hold
     whole blocks, and on each device whole blocks where tensor parallelism splits it (a block is dequantised
-    where it lies) or whole bytes where fsdp does (a block may straddle those: it is gathered first). One
-    line, naming the size."""
+    where it lies) or whole bytes where FSDP (fsdp x context) does (a block may straddle those: it is
+    gathered first). One line, naming the size."""
     for w in jax.tree.leaves(_weights(arch)):
         if kind != "nf4" or not _quantizable(w):
             continue
         inputs, axis = _hf_shape(w, _shape(arch, w))[1], w.spec[1]
-        devices = mesh.shape[axis] if axis else 1
+        devices, tensor = _split_count(mesh, axis), axis == "tensor"
         size = " x ".join(_SIZE_FIELDS[a] for a in w.axes[1 : 1 + w.n_in]) + f" ({inputs})"
         if inputs % NF4_BLOCK:
             raise ValueError(f"base_quantization nf4: {size} is not a multiple of its blocks of {NF4_BLOCK}")
-        need = f"whole blocks of {NF4_BLOCK}" if axis == "tensor" else "an even count (two codes a byte)"
-        if inputs // devices % (NF4_BLOCK if axis == "tensor" else 2):
+        need = f"whole blocks of {NF4_BLOCK}" if tensor else "an even count (two codes a byte)"
+        if inputs // devices % (NF4_BLOCK if tensor else 2):
             raise ValueError(
-                f"base_quantization nf4: {size} over {axis}={devices} leaves {inputs // devices} weights a "
-                f"device, and NF4 needs {need} there"
+                f"base_quantization nf4: {size} over {_named_split(mesh, axis)} leaves {inputs // devices} "
+                f"weights a device, and NF4 needs {need} there"
             )
 
 
@@ -952,12 +969,12 @@ def _whole_row(x: jax.Array) -> jax.Array:
 
 def _gathered(w: jax.Array | Quantized, dtype) -> jax.Array:
     """FSDP: one layer's weight cast to the compute dtype (halving the traffic in bf16) and gathered
-    whole over "fsdp" right before use; the tensor split stays. Only one layer is whole at a time. A quantised
-    weight is gathered as it is (NF4: about a quarter of bf16's bytes), then dequantised."""
+    whole over fsdp x context right before use; the tensor split stays. Only one layer is whole at a time.
+    A quantised weight is gathered as it is (NF4: about a quarter of bf16's bytes), then dequantised."""
     if isinstance(w, Quantized):
         return _dequantized(jax.tree.map(lambda x: _gathered(x, x.dtype), w), dtype)
     spec = jax.typeof(w).sharding.spec
-    return reshard(w.astype(dtype), P(*(None if a == "fsdp" else a for a in spec)))
+    return reshard(w.astype(dtype), P(*(None if a == FSDP else a for a in spec)))
 
 
 def _weights_axes(name: str) -> tuple[str, int]:
@@ -1209,9 +1226,7 @@ def _spec(x: jax.Array) -> tuple:
 def _chunking(lm_head: jax.Array, chunk_size: int) -> tuple[int, int, int]:
     """(S, n, C): the head's vocabulary is split over S tensor-parallel shards (S = 1 without tensor
     parallelism); each shard's columns are cut into n contiguous chunks of C."""
-    spec = _spec(lm_head)
-    axes = () if spec[1] is None else spec[1] if isinstance(spec[1], tuple) else (spec[1],)
-    shards = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes)
+    shards = _split_count(jax.sharding.get_abstract_mesh(), _spec(lm_head)[1])
     count = math.ceil(lm_head.shape[1] / chunk_size)
     return shards, count, math.ceil(lm_head.shape[1] // shards / count)
 
@@ -1520,7 +1535,7 @@ def load_params(path, arch: LlamaConfig, mesh, dtype=jnp.float32, quantization: 
 def _load_quantized(tensor, arch: LlamaConfig, mesh, w: Weight, kind: str) -> Quantized:
     """The projection `w` of the checkpoint (`tensor`: _checkpoint's), quantised as it is read: each device's
     slice of the codes and of the absmax from the whole blocks that hold it, one layer at a time in f32 (a
-    block that straddles fsdp devices is read by each of them), then NF4's double quantisation."""
+    block that straddles FSDP devices is read by each of them), then NF4's double quantisation."""
     parts, (out, inputs) = _quantized_parts(arch, w, kind, mesh), _hf_shape(w, _shape(arch, w))
     block = NF4_BLOCK if kind == "nf4" else inputs
     rows_per = dict(codes=2 if kind == "nf4" else 1, absmax=block)  # input rows per row of each

@@ -2,11 +2,14 @@
 
 Mesh axes (every mesh here has all four, in this order):
   data    pure replicas: the batch is split over it, parameters and optimizer state are whole on each.
-  fsdp    the batch is split over it AND parameters / optimizer state are sharded over it; model.py
-          gathers each layer's weights just before using them (ZeRO-3 / fully sharded data parallel).
+  fsdp    the batch is split over it AND parameters / optimizer state are sharded over it (with context);
+          model.py gathers each layer's weights just before using them (ZeRO-3 / fully sharded data
+          parallel).
   context each row's tokens are split over it between blocks (context parallelism for long rows):
           everything per token stays where its tokens are, and attention gathers the row's keys and values
           whole (model._attention). Row widths are padded to a multiple of its size (data.Layout).
+          Parameters and optimizer state are sharded over fsdp x context (model.FSDP, as MaxText): a
+          context axis of N would otherwise leave each N devices holding the same shards.
   tensor  Megatron-style split of one layer: attention heads, and the MLP hidden dimension. Keep it
           within a host (it talks every layer); kv heads must divide by it (one kv head is whole on each).
 

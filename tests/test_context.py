@@ -79,12 +79,23 @@ def test_a_step_on_a_context_axis_equals_the_single_device_step(pairs, layout, m
         assert_metrics_close(got, want, KEYS, config.beta, losses=1)
 
 
-def test_a_long_row_takes_a_fraction_of_the_memory_on_a_context_axis(pairs):  # noqa: F811
-    """The compiled step's temporary memory per device for one pair of 2048-token sides: at most about 1/4
-    on (1, 1, 8, 1) of one device's (the attention scores of each device's queries, against the whole row)."""
+def test_a_context_axis_splits_the_parameters_and_a_long_rows_memory(pairs):  # noqa: F811
+    """FSDP spans fsdp x context: on (1, 2, 4, 1) each device holds 1/8 of every weight split over FSDP, and
+    the compiled step's arguments (params, reference, Adam state) on (1, 1, 8, 1) take about 1/8 of one
+    device's. Its temporary memory per device for one pair of 2048-token sides: at most about 1/4 on
+    (1, 1, 8, 1) of one device's (the attention scores of each device's queries, against the whole row)."""
     _, arch = pairs
+    mesh = sharding.make_mesh(fsdp=2, context=4)
+    params = model.init_params(arch, jax.random.key(0), mesh)
+    specs = jax.tree.leaves(
+        model.param_specs(arch), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
+    split = [x for x, spec in zip(jax.tree.leaves(params), specs, strict=True) if model.FSDP in spec]
+    assert len(split) >= 8  # the projections, the embedding (the LM head when untied)
+    for x in split:
+        assert all(shard.data.size * 8 == x.size for shard in x.addressable_shards), jax.typeof(x)
     config = dpo.Config(train_data="x", train_batch_size=1, logits_chunk_size=64, prefix_sharing=False)
-    memory = []
+    temporary, arguments = [], []
     for sizes in (ONE_DEVICE, dict(fsdp=1, context=8)):
         mesh = sharding.make_mesh(**sizes)
         optimizer = dpo.make_optimizer(config)
@@ -94,8 +105,14 @@ def test_a_long_row_takes_a_fraction_of_the_memory_on_a_context_axis(pairs):  # 
             batch = sharding.global_batch(data.blank_batch(data.Shape(1, 2048)), mesh)
             step = dpo.make_steps(arch, config)["training"]
             lowered = step.lower(state, dpo.Frozen(None, params), config.hyperparameters(), batch)
-            memory.append(lowered.compile().memory_analysis().temp_size_in_bytes)
-    assert memory[1] <= memory[0] / 4, memory
+            memory = lowered.compile().memory_analysis()
+        # The batch (one row, whole on every device) is an argument too: the params' part is the rest.
+        batch_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch))
+        arguments.append(memory.argument_size_in_bytes - batch_bytes)
+        temporary.append(memory.temp_size_in_bytes)
+    # Norm scales and scalars stay whole on every device: a little over 1/8.
+    assert arguments[0] / 8 <= arguments[1] <= arguments[0] / 8 * 1.05, arguments
+    assert temporary[1] <= temporary[0] / 4, temporary
 
 
 def test_a_run_resumed_on_another_context_axis_takes_the_same_steps(demo, tmp_path):  # noqa: F811

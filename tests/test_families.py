@@ -92,7 +92,8 @@ def test_biases_and_head_norms_are_split_like_their_weights_output_axes():
     assert specs["bq"] == specs["bk"] == P(None, "tensor", None) and "q_norm" not in specs
     specs = model.param_specs(model.LlamaConfig(V, 64, 128, 2, 8, 1, 8, model_type="qwen3"))["layers"]
     assert specs["q_norm"] == specs["k_norm"] == P(None, None) and "bq" not in specs
-    assert specs["wk"] == P(None, "fsdp", None, None)  # one kv head: whole on every tensor device
+    # One kv head: whole on every tensor device (its input axis split over FSDP, fsdp x context, as ever).
+    assert specs["wk"] == P(None, model.FSDP, None, None)
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)

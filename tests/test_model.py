@@ -181,7 +181,7 @@ def test_one_kv_head_is_whole_on_every_tensor_device(checkpoints):
     cfg = model.load_config(path)
     mesh = sharding.make_mesh(2, 2, 2)
     params = model.load_params(path, cfg, mesh)
-    assert params["layers"]["wk"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
+    assert params["layers"]["wk"].sharding.spec == jax.sharding.PartitionSpec(None, model.FSDP, None, None)
     tokens = random_tokens(4, 24)
     (b, t), put = tokens.shape, lambda x: jax.device_put(x, sharding.batch_sharding(mesh, np.ndim(x)))
     every = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))

@@ -30,6 +30,7 @@ import sharding
 bnb = pytest.importorskip("bitsandbytes.functional")
 ONE_DEVICE = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
 MESH = sharding.make_mesh(2, 2, 2)  # fsdp splits the 64 inputs of wq, wk, wv, w_gate and w_up: one block
+CONTEXT_MESH = sharding.make_mesh(1, 2, 2, context=2)  # FSDP spans fsdp x context: 4 devices split a block
 # The double quantisation through bitsandbytes' PyTorch kernel, not its CPU library, whose binary search codes
 # ~1% of the absmax values with the neighbour of the nearest entry of the 8-bit map (all its kernels mean the
 # nearest, and its PyTorch and CUDA ones pick it).
@@ -88,7 +89,9 @@ def dequantized(layers: dict) -> dict:
     return {k: jnp.stack([one(q, i) for i in range(q.codes.shape[0])]) for k, q in quantized.items()}
 
 
-@pytest.mark.parametrize("mesh", [ONE_DEVICE, MESH], ids=["one_device", "mesh_2x2x2"])
+@pytest.mark.parametrize(
+    "mesh", [ONE_DEVICE, MESH, CONTEXT_MESH], ids=["one_device", "mesh_2x2x2", "mesh_1x2x2x2"]
+)
 def test_nf4_and_int8_bases_equal_bitsandbytes(tiny, mesh):
     """load_params, quantising as it reads, and the forward pass's dequantisation (_gathered)."""
     directory, arch = tiny
@@ -194,7 +197,9 @@ def adapters(arch, mesh):
     return jax.tree.map(lambda x: x + 0.05, model.init_params(arch, jax.random.key(1), mesh, table))
 
 
-@pytest.mark.parametrize("mesh", [ONE_DEVICE, MESH], ids=["one_device", "mesh_2x2x2"])
+@pytest.mark.parametrize(
+    "mesh", [ONE_DEVICE, MESH, CONTEXT_MESH], ids=["one_device", "mesh_2x2x2", "mesh_1x2x2x2"]
+)
 def test_a_step_on_the_nf4_base_equals_one_on_its_dequantised_weights(tiny, demo, dequantized_step, mesh):
     """In every layout, the reference live (the quantised base without adapters): the step's metrics and the
     adapters' gradients equal the reference's, the same step on the dequantised base (the quantisation error
@@ -288,3 +293,8 @@ def test_what_nf4_cannot_split_is_one_line():
     split = "num_heads x head_dim (64) over tensor=2 leaves 32 weights a device, and NF4 needs whole blocks"
     with pytest.raises(ValueError, match=re.escape(split)):
         model.check_quantization(model.LlamaConfig(hidden_size=64, **shape), MESH, "nf4")
+    # FSDP splits over fsdp x context: 64 inputs over 64 devices leave one weight, half a byte, each.
+    wide = jax.sharding.AbstractMesh((1, 8, 8, 1), sharding.AXES)
+    split = "hidden_size (64) over fsdp=8 x context=8 leaves 1 weights a device, and NF4 needs an even count"
+    with pytest.raises(ValueError, match=re.escape(split)):
+        model.check_quantization(model.LlamaConfig(hidden_size=64, **shape), wide, "nf4")

@@ -55,6 +55,11 @@ def test_divisibility_errors_name_the_quantity_and_the_axes():
     with pytest.raises(ValueError, match=r"^hidden_size \(36\) is not divisible by fsdp=8 \(8\)$"):
         odd_width = model.LlamaConfig(256, 36, 128, 2, num_heads=2, num_kv_heads=2, head_dim=18)
         model.check_fits(odd_width, sharding.make_mesh(1, 8, 1), batch_size=8)
+    # Parameters are split over fsdp x context (FSDP spans the context axis): the product must divide.
+    with pytest.raises(
+        ValueError, match=r"^hidden_size \(36\) is not divisible by fsdp=2 x context=4 \(8\)$"
+    ):
+        model.check_fits(odd_width, sharding.make_mesh(1, 2, 1, context=4), batch_size=2)
     # Each process loads the rows its devices hold: three processes of 3, 3 and 2 devices would hold
     # unequal slices of the batch, refused before anything is built.
     uneven = fake_mesh([0, 0, 0, 1, 1, 1, 2, 2], (1, 8, 1, 1))
