@@ -773,6 +773,7 @@ def memory_plan_bytes(
     quantization: str = "none",
     context: int = 1,
     offload: bool = False,
+    block: int | None = None,
 ):
     """(fixed bytes, bytes per pair) on one chip under FSDP over `chips`, remat "full", bf16 compute. With
     `context`, each pair's tokens are split `context` ways, its keys and values gathered whole (and their
@@ -787,8 +788,9 @@ def memory_plan_bytes(
     dequantised, in bf16.
     per pair (2 sequences of seq tokens, bf16): each layer's input (what remat "full" keeps); one layer's
     recomputed intermediates and their gradients; without flash attention, the [H, T, T] scores and
-    probabilities and their gradients (f32); the fused LM head's chunk of `chunk` vocabulary entries: f32
-    logits, softmax and gradient for each of the pair's tokens.
+    probabilities and their gradients (f32), or with "chunked" attention those of one `block` of keys;
+    the fused LM head's chunk of `chunk` vocabulary entries: f32 logits, softmax and gradient for each of
+    the pair's tokens.
     """
     d, f, v, h, k, q = (
         cfg.hidden_size,
@@ -809,7 +811,7 @@ def memory_plan_bytes(
     s = 2 * seq
     inputs = 0 if offload else cfg.num_layers * s * d * 2
     per_pair = inputs + s * (4 * d + 3 * h * q + 3 * k * q + 3 * f) * 2 * 2 + s * d * 6
-    per_pair += 0 if flash else 2 * h * seq * seq * 4 * 4
+    per_pair += 0 if flash else 2 * h * seq * (block or seq) * 4 * 4
     whole_kv = 0 if context == 1 else s * k * q * 2 * 2 * 2  # k and v gathered, with their gradients
     return fixed, (per_pair + s * min(chunk, v) * 4 * 3) / context + whole_kv
 
@@ -877,27 +879,27 @@ CARDS = {"24 GB": 24 * GiB, "48 GB": 48 * GiB, "80 GB": 79.6 * GiB}  # one GPU's
 
 
 def bench_context_memory() -> None:
-    """Long rows (#33): Llama-3.1-8B's pairs per step at 8k, 32k and 128k tokens a side on 8 and 32 H100s,
-    over context axes of 1, 4 and 8, with and without remat offload: computed from the sizes. A row split
-    over context runs XLA's attention (model._attention_impl), whose scores it holds."""
-    rows, cfg, hbm = [], SHAPES["8b"], CHIPS["H100 80GB"]
-    for seq in (8192, 32768, 131072):
-        for chips in (8, 32):
-            row = [seq, chips]
-            for context in (1, 4, 8):
-                for offload in (False, True):
-                    plan = dict(flash=context == 1, context=context, offload=offload)
-                    fixed, per_pair = memory_plan_bytes(cfg, seq, chips, False, **plan)
-                    row.append(max(0, int((0.9 * hbm - fixed) // per_pair)) * (chips // context))
-            rows.append(row)
-    header = "seq a side | H100s | " + " | ".join(
+    """Long rows (#33): Llama-3.1-8B's pairs per step at 8k, 32k and 128k tokens a side on 8 and 32 H100s or
+    TPU v5p chips, over context axes of 1, 4 and 8, with and without remat offload: computed from the sizes.
+    Attention as auto picks it at these lengths (model._attention_impl): cuDNN's on whole rows on an H100,
+    "chunked" (a block of keys' scores held) on a split row and on a TPU."""
+    rows, cfg = [], SHAPES["8b"]
+    for chip, seq, chips in itertools.product(CHIPS, (8192, 32768, 131072), (8, 32)):
+        row = [chip, seq, chips]
+        for context, offload in itertools.product((1, 4, 8), (False, True)):
+            flash = chip.startswith("H100") and context == 1
+            plan = dict(flash=flash, block=model.ATTENTION_BLOCK, context=context, offload=offload)
+            fixed, per_pair = memory_plan_bytes(cfg, seq, chips, False, **plan)
+            row.append(max(0, int((0.9 * CHIPS[chip] - fixed) // per_pair)) * (chips // context))
+        rows.append(row)
+    header = "chip | seq a side | chips | " + " | ".join(
         f"context {c}{', offload' * o}" for c in (1, 4, 8) for o in (0, 1)
     )
     note = (
         "COMPUTED, not measured (bench.memory_plan_bytes with context and offload): pairs per step (each "
         "pair over `context` chips), precomputed reference, FSDP over all the chips (parameters sharded over "
-        "fsdp x context), cuDNN attention without context and XLA's with it, remat full or "
-        "offload, bf16, 10% of memory kept free."
+        "fsdp x context), cuDNN attention on an H100 without context, chunked attention (blocks of "
+        f"{model.ATTENTION_BLOCK} keys) otherwise, remat full or offload, bf16, 10% of memory kept free."
     )
     table("Long rows: Llama-3.1-8B pairs per step", header, rows, note)
 
