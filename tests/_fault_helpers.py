@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# XLA:CPU backend flags every test compiles with, in its own process and in each it starts (conftest.py says
+# what they change and why that cannot hide a bug of this code).
+CHEAP_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 WAIT = 300  # seconds before a test gives up on a process that should have moved on (never a pass/fail bar)
 
 SMALL_RUN = dict(
@@ -42,10 +45,10 @@ def environment(devices: int, **env) -> dict[str, str]:
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "DPO_"))}
     return inherited | dict(
         JAX_PLATFORMS="cpu",
-        # Unoptimised CPU code compiles in about half the time, and compiling is most of a short run.
-        # Every run a test compares uses the same flags. (No persistent compilation cache: executables
-        # loaded from it have deadlocked in collectives between fake devices.)
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+        # The flags of every test (conftest.py says why they cannot hide a bug of this code): compiling is
+        # most of a short run. Every run a test compares uses the same flags. (No persistent compilation
+        # cache: executables loaded from it have deadlocked in collectives between fake devices.)
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {CHEAP_COMPILE}",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         **env,

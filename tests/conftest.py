@@ -14,11 +14,11 @@ these test."""
 import os
 import tempfile
 
+from _fault_helpers import CHEAP_COMPILE  # the same flags for every process a test starts (no jax imported)
+
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    " --xla_cpu_use_fusion_emitters=false"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {CHEAP_COMPILE}"
 )
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import safetensors.numpy
 from _data_templates import build_tokenizer
+from _fault_helpers import CHEAP_COMPILE
 
 import bookkeeping
 import data
@@ -27,7 +28,7 @@ def run_cli(script: str, *args, file_size_limit: int | None = None) -> subproces
     """`python SCRIPT ARGS` on one CPU device; with file_size_limit (kB), every file it writes stops at that
     size, as on a full disk: the write fails."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env |= dict(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0", HF_HUB_OFFLINE="1")
+    env |= dict(JAX_PLATFORMS="cpu", XLA_FLAGS=CHEAP_COMPILE, HF_HUB_OFFLINE="1")
     command = [sys.executable, str(ROOT / script), *map(str, args)]
     if file_size_limit:  # bash's ulimit counts kB; a write past it fails once SIGXFSZ is ignored
         command = ["bash", "-c", f'ulimit -f {file_size_limit}; trap \'\' XFSZ; exec "$0" "$@"', *command]
