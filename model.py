@@ -790,60 +790,53 @@ def _attention(q, k, v, lengths, impl, window=None, scale=None, cap=None):
     """Causal attention within each row's first `lengths` tokens; with `lengths` a tuple of views, within
     each view (_view_attention). window: each token sees only the last `window` tokens, itself included
     (transformers' sliding window: key > query - window). scale: of the scores (None: 1/sqrt(Q)); cap: Gemma
-    2's soft cap on them (_capped_attention)."""
+    2's soft cap on them, before the masks."""
     if isinstance(lengths, tuple):
         return _view_attention(q, k, v, *lengths, impl, window=window, scale=scale, cap=cap)
     # Each query sees the whole row's keys and values: gathered over context (their queries stay split).
     k, v = _whole_row(k), _whole_row(v)
-    if impl == "chunked":
-        return _chunked_attention(q, k, v, lengths, window, scale or q.shape[-1] ** -0.5, cap)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if impl != "cudnn":
+        lengths = jnp.full(q.shape[:1], k.shape[1], jnp.int32) if lengths is None else lengths
+        attend = _flash if impl == "chunked" else _whole_attention
+        return attend(q, k, v, lengths, window, scale, cap)
 
     def attend(q, k, v, lengths):
-        if cap is not None:
-            return _capped_attention(q, k, v, lengths, window, scale or q.shape[-1] ** -0.5, cap)
         masks = dict(is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
         local = None if window is None else (window - 1, 0)  # (left, right) besides the token itself
         return jax.nn.dot_product_attention(
-            q, k, v, scale=scale, local_window_size=local, implementation=impl, **masks
+            q, k, v, scale=scale, local_window_size=local, implementation="cudnn", **masks
         )
 
-    if impl == "cudnn":
-        # Explicit-mode workaround: the cuDNN kernel is a custom_partitioning primitive whose output type
-        # carries no sharding, so under explicit axes the result would read as replicated. Run it under
-        # auto axes and pin its output to q's sharding; its own partitioning rule splits batch and heads.
-        attend = jax.sharding.auto_axes(attend, out_sharding=jax.typeof(q).sharding.spec)
-    return attend(q, k, v, lengths)
+    # Explicit-mode workaround: the cuDNN kernel is a custom_partitioning primitive whose output type carries
+    # no sharding, so under explicit axes the result would read as replicated. Run it under auto axes and pin
+    # its output to q's sharding; its own partitioning rule splits batch and heads.
+    return jax.sharding.auto_axes(attend, out_sharding=jax.typeof(q).sharding.spec)(q, k, v, lengths)
 
 
-def _capped_attention(q, k, v, lengths, window, scale: float, cap: float):
-    """Gemma 2's attention (XLA): the scores soft-capped (softcap) before the masks, which neither
-    jax.nn.dot_product_attention nor cuDNN's kernel can do; the masks are theirs (causal, lengths, window)."""
-    b, t, heads, _ = q.shape
-    grouped = q.reshape(b, t, k.shape[2], heads // k.shape[2], q.shape[3])  # each kv head's query heads
-    scores = jnp.einsum("btkgq,bskq->bkgts", grouped, k, preferred_element_type=jnp.float32)
-    scores = softcap(scores * scale, cap)
-    query, key = jnp.arange(t)[:, None], jnp.arange(t)
-    seen = (key <= query) & (key > query - (window or t))
-    if lengths is not None:
-        seen = seen & (key < lengths[:, None, None, None, None])
-    # A large finite fill, not -inf: a pad query past its row's length may see nothing, and stays finite.
-    probs = jax.nn.softmax(jnp.where(seen, scores, -1e30), axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskq->btkgq", probs, v).reshape(q.shape)
+def _whole_attention(q, k, v, lengths, window, scale: float, cap):
+    """XLA's attention: each device's queries against the whole row, [B, K, G, T / context, S] f32 scores at
+    once. jax.nn.dot_product_attention's XLA path written out (its masks, its fill, its padding queries' zero
+    outputs: the same numbers), with Gemma 2's soft cap, which it cannot take, before the masks."""
+    query, key = jnp.arange(q.shape[1])[:, None], jnp.arange(k.shape[1])
+    seen = (key <= query) & (key > query - (window or k.shape[1]))
+    real = jnp.arange(q.shape[1]) < lengths[:, None]  # [B, T]
+    seen = seen & real[:, None, :, None] & (key < lengths[:, None, None, None])  # [B, 1, T, S]
+
+    def one_group(q):  # [B, T, K, Q]: one query of each kv head's group
+        scores = jnp.einsum("btkq,bskq->bkts", q, k, preferred_element_type=jnp.float32)
+        scores = softcap(scores * jnp.float32(scale), cap)
+        masked = jnp.where(seen, scores, -0.7 * jnp.finfo(jnp.float32).max)  # jax's fill
+        probs = jax.nn.softmax(masked, axis=-1)
+        return jnp.einsum("bkts,bskq->btkq", probs.astype(v.dtype), v)
+
+    out = jax.vmap(one_group, in_axes=3, out_axes=3)(_grouped(q, k.shape[2]))
+    return (out * real[:, :, None, None, None].astype(out.dtype)).reshape(q.shape)
 
 
-ATTENTION_BLOCK = 512  # keys a step of "chunked" attention scores: it holds [heads, T, 512] at a time
+# "chunked" attention (_flash): a block of keys at a time
+ATTENTION_BLOCK = 512  # keys a step scores: it holds [heads, T, 512] scores at a time
 CHUNKED_FROM = 8192  # auto: rows (views) at least this long run "chunked" where cuDNN's kernel does not
-
-
-def _chunked_attention(q, k, v, lengths, window, scale: float, cap):
-    """FlashAttention-2's algorithm written in jnp, for any backend: the queries meet the keys a block at a
-    time, keeping a running max and sum of their scores (the online softmax), so a device holds [heads,
-    T / context, ATTENTION_BLOCK] scores, never [T, T]; the backward pass recomputes each block's
-    probabilities from the saved log-sum-exp. The masks are _capped_attention's, from the global positions
-    of queries and keys (so a row split over context needs nothing more). The same numbers as XLA's
-    attention up to f32 rounding (the sum over keys is taken a block at a time)."""
-    lengths = jnp.full(q.shape[:1], k.shape[1], jnp.int32) if lengths is None else lengths
-    return _flash(q, k, v, lengths, window, scale, cap)
 
 
 def _key_blocks(x: jax.Array) -> jax.Array:
@@ -878,6 +871,12 @@ def _grouped(q, kv_heads: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _flash(q, k, v, lengths, window, scale, cap):
+    """ "chunked": FlashAttention-2's algorithm written in jnp, for any backend. The queries meet the keys a
+    block at a time, keeping a running max and sum of their scores (the online softmax), so a device holds
+    [heads, T / context, ATTENTION_BLOCK] scores, never [T, S]; the backward pass recomputes each block's
+    probabilities from the saved log-sum-exp. The masks are _whole_attention's, from the global positions of
+    queries and keys (so a row split over context needs nothing more); the same numbers up to f32 rounding
+    (the sum over keys is taken a block at a time) for every real token."""
     return _flash_forward(q, k, v, lengths, window, scale, cap)[0]
 
 
@@ -1135,7 +1134,7 @@ def forward(
     _view_attention) a row holds several sequences, each attending within its views. Pad positions give
     finite values that the caller masks out. lora: adapters (lora_weights' tree) added to their weights'
     projections with lora_scale (alpha / rank). attention_impl: None or "auto" (_attention_impl), "xla",
-    "cudnn" or "chunked" (_chunked_attention).
+    "cudnn" or "chunked" (_flash).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; expected one of {list(REMAT_POLICIES)}")
