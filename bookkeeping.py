@@ -1114,27 +1114,20 @@ def write_report(
 def _plot_curves(run: Path, train: list[dict], evals: list[dict]) -> str:
     """curves.png, where matplotlib is installed; the report's line about it."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display: a file
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # drawn to a file by Agg, with no pyplot state or display
     except ImportError:
         return (
             'curves.png: needs matplotlib (`pip install -e ".[plot]"`), then `python dpo.py report RUN_DIR`'
         )
-    figure = curves_figure(train, evals)
     with sharding.atomic(run / "curves.png") as tmp:
-        figure.savefig(tmp, format="png", dpi=80)
-    plt.close(figure)
+        curves_figure(Figure(figsize=(13, 7)), train, evals).savefig(tmp, format="png", dpi=80)
     return "![curves](curves.png)"
 
 
-def curves_figure(train: list[dict], evals: list[dict]):
-    """A panel per CURVES key against steps: the train line and each validation set's eval line
+def curves_figure(figure, train: list[dict], evals: list[dict]):
+    """A panel per CURVES key against steps on `figure`: the train line and each validation set's eval line
     (metrics.jsonl's lines)."""
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(2, 3, figsize=(13, 7))
+    axes = figure.subplots(2, 3)
     # fixed margins: matplotlib's constrained layout would double the drawing time, paid at every run's end
     figure.subplots_adjust(left=0.05, right=0.98, bottom=0.08, top=0.95, wspace=0.22, hspace=0.35)
     lines = [("train", train, ""), *((prefix[:-1], evals, prefix) for prefix in eval_sets(evals))]
