@@ -116,20 +116,26 @@ def test_two_processes_train_like_one_and_only_process_0_writes(inputs, one_proc
     assert list(cwds[1].iterdir()) == []
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_both_resume(inputs, one_process, tmp_path):
-    run = tmp_path / "run"
-    args = dpo_args(*inputs, run, **SETTINGS)
+def test_context_spanning_both_processes_trains_like_one_and_a_sigterm_to_one_stops_both_and_both_resume(
+    inputs, one_process_context, tmp_path
+):
+    """The processes hold the same rows (context spans them): both compute the reference and train as one
+    process does, and a preemption notice to one of them stops both at one checkpoint, from which both
+    resume."""
+    run, tokenized = tmp_path / "run", own_copy(inputs[1], tmp_path)
+    args = dpo_args(inputs[0], tokenized, run, **CONTEXT)
     procs = start_two(args, tmp_path)
     wait_for_training(procs[0])
     procs[1].send_signal(signal.SIGTERM)  # a preemption notice that reached one host only
     assert finish(*procs) == [0, 0], output(procs[0])
+    assert f"of {len(data.PairDataset(tokenized))} pairs to compute" in stdout(procs[0])
     stopped_at = checkpoints(run)[-1]
     assert 1 <= stopped_at < STEPS and f"stopped at step {stopped_at}" in stdout(procs[0])
 
     procs = start_two(args, tmp_path)
     assert finish(*procs) == [0, 0], output(procs[0])
     assert f"resumed from {run}/checkpoints/step-{stopped_at}" in stdout(procs[0])
-    assert_same_training(run, one_process)
+    assert_same_training(run, one_process_context)
 
 
 # Two processes that only build meshes (no model, nothing compiled): which process holds which devices along
@@ -167,11 +173,3 @@ def test_row_slices_of_two_real_processes():
         assert spanning == [[[0, 0, 0, 0, 1, 1, 1, 1]], [0, 1]]
         # data=2 splits the processes (fsdp and context within each): process p feeds slice p of 2, as before
         assert split == [[[0, 0, 0, 0], [1, 1, 1, 1]], [p, 2]]
-
-
-def test_context_spanning_the_processes_trains_like_one(inputs, one_process_context, tmp_path):
-    run, tokenized = tmp_path / "run", own_copy(inputs[1], tmp_path)
-    procs = start_two(dpo_args(inputs[0], tokenized, run, **CONTEXT), tmp_path)
-    assert finish(*procs) == [0, 0], output(procs[0])
-    assert f"of {len(data.PairDataset(tokenized))} pairs to compute" in stdout(procs[0])
-    assert_same_training(run, one_process_context)
