@@ -902,6 +902,33 @@ def bench_context_memory() -> None:
         f"{model.ATTENTION_BLOCK} keys) otherwise, remat full or offload, bf16, 10% of memory kept free."
     )
     table("Long rows: Llama-3.1-8B pairs per step", header, rows, note)
+    bench_context_compiled()
+
+
+def bench_context_compiled(seq: int = 8192) -> None:
+    """The context columns' formula against XLA's buffer assignment of the real step on the CPU (a check,
+    as bench_memory's): Llama-3.2-1B's shape, one and two pairs of `seq` tokens a side, on (1, 1, N, 1)
+    meshes of fake CPU devices (auto attention: "chunked" at this length; live reference, bf16)."""
+    if jax.default_backend() != "cpu" or jax.device_count() < 8:
+        need = "XLA_FLAGS=--xla_force_host_platform_device_count=8"
+        print(f"\n(context cross-check skipped: it runs on the CPU with 8 fake devices, {need})")
+        return
+    rows, cfg = [], SHAPES["1b"]
+    for context in (1, 4, 8):
+        mesh = sharding.make_mesh(1, 1, 1, context=context, devices=jax.devices()[:context])
+        lowered = [abstract_step(cfg, run_config(p), mesh, jnp.bfloat16, seq) for p in (1, 2)]
+        one, two = (peak_bytes(x.compile()) for x in lowered)
+        plan = dict(flash=False, block=model.ATTENTION_BLOCK, context=context)
+        fixed, per_pair = memory_plan_bytes(cfg, seq, context, True, **plan)
+        rows.append([context, one / GiB, (fixed + per_pair) / GiB, (two - one) / GiB, per_pair / GiB])
+    header = "context | compiled @1 pair GiB | formula | compiled per more pair GiB | formula"
+    note = f"Llama-3.2-1B's shape, {seq} tokens a side, live reference, remat full, bf16, CPU compiler."
+    table(
+        f"Long rows: the compiled train step on (1, 1, N, 1) x {jax.devices()[0].device_kind}",
+        header,
+        rows,
+        note,
+    )
 
 
 def bench_qlora_memory(mesh) -> None:
