@@ -144,22 +144,33 @@ def torch_logps(hf_model, ids, mask) -> torch.Tensor:
     return (picked * torch.tensor(np.asarray(mask[1:]), dtype=torch.float32)).sum()
 
 
-SEQUENCES_IN_ONE = [("qwen2_tied", False), ("qwen3", False), ("mistral", False), ("mqa", False)]
-WINDOWS_IN_VIEWS = [("gemma2", True), ("gemma3", True)]  # both kinds of layer; capped and jax.nn attention
+# (data, fsdp, context, tensor); on a context axis Qwen3's head norms, one kv head, and Gemma's windows and
+# soft cap in packed views, the latter with "chunked" attention in blocks of 16 keys
+PLAIN, CONTEXT, CHUNKED = ((2, 2, 1, 2), "auto"), ((1, 2, 2, 2), "auto"), ((2, 1, 2, 2), "chunked")
+SEQUENCES_IN_ONE = [("qwen2_tied", False, PLAIN), ("qwen3", False, CONTEXT), ("mistral", False, PLAIN)]
+SEQUENCES_IN_ONE += [("mqa", False, CONTEXT)]
+WINDOWS_IN_VIEWS = [("gemma2", True, CHUNKED), ("gemma3", True, CHUNKED)]  # both kinds of layer
 
 
-@pytest.mark.parametrize("name, packing", SEQUENCES_IN_ONE + WINDOWS_IN_VIEWS)
-def test_one_dpo_step_loss_and_gradients_equal_torch(checkpoints, pairs, name, packing, tmp_path):
+@pytest.mark.parametrize("name, packing, mesh_and_attention", SEQUENCES_IN_ONE + WINDOWS_IN_VIEWS)
+def test_one_dpo_step_loss_and_gradients_equal_torch(
+    checkpoints, pairs, name, packing, mesh_and_attention, tmp_path, monkeypatch
+):
     """The policy is the checkpoint, the reference another of the same family; prefix sharing (the default
-    layout), with packing too for the windowed families (each sequence's window within its view), on a
-    (2, 2, 2) mesh, against torch running each sequence alone. Our gradients, exported under transformers'
-    names, against torch's."""
+    layout), with packing too for the windowed families (each sequence's window within its view), on a mesh
+    of 8 (a context axis for some), against torch running each sequence alone. Our gradients, exported under
+    transformers' names, against torch's."""
+    (data_, fsdp, context, tensor), attention = mesh_and_attention
+    monkeypatch.setattr(model, "ATTENTION_BLOCK", 16)
     path, hf_model = checkpoints[name]
     family, overrides = CHECKPOINTS[name]
     hf_reference = make_hf_checkpoint(tmp_path / "reference", 99, family=family, **overrides)
-    arch, mesh, beta = model.load_config(path), sharding.make_mesh(2, 2, 2), 0.1
-    config = dpo.Config(train_data="x", beta=beta, logits_chunk_size=128, max_seq_len=64)
-    layout = data.Layout(prefix_sharing=True, packing=packing, row_multiple=4)
+    mesh, beta = sharding.make_mesh(data_, fsdp, tensor, context=context), 0.1
+    arch = model.load_config(path)
+    config = dpo.Config(
+        train_data="x", beta=beta, logits_chunk_size=128, max_seq_len=64, attention_impl=attention
+    )
+    layout = data.Layout(prefix_sharing=True, packing=packing, row_multiple=4, width_multiple=context)
     batch = next(data.train_batches(pairs, range(8), batch_size=8, seed=0, max_seq_len=64, layout=layout))
     assert not packing or batch["pair"].max() > 0  # a row holds several pairs
     with jax.set_mesh(mesh):
