@@ -48,25 +48,40 @@ def step_metrics(arch, config, mesh_sizes, batch, lora: bool):
         )
 
 
+# Microbatches (2 of 4 pairs), and a loss that couples the batch's pairs (AOT: the gradient of the whole batch
+# taken over microbatches), with prefix sharing and packing.
+MICRO, COUPLED = dict(microbatch_size=4), dict(microbatch_size=4, loss_type=("sigmoid", "aot"))
+
+
 @pytest.mark.parametrize(
-    "layout, meshes, lora",
+    "layout, meshes, lora, settings",
     [
-        (None, [dict(fsdp=1, context=8), dict(data=2, fsdp=1, context=2, tensor=2)], False),
-        ("sharing", [dict(fsdp=1, context=8), dict(data=2, fsdp=1, context=2, tensor=2)], False),
-        ("packing", [dict(fsdp=1, context=8), dict(data=2, fsdp=1, context=2, tensor=2)], False),
-        ("both", [dict(fsdp=2, context=4), dict(fsdp=2, context=2, tensor=2)], True),
+        (None, [dict(fsdp=1, context=8), dict(data=2, fsdp=1, context=2, tensor=2)], False, {}),
+        ("sharing", [dict(fsdp=1, context=8), dict(data=2, fsdp=1, context=2, tensor=2)], False, MICRO),
+        ("packing", [dict(fsdp=1, context=8), dict(data=2, fsdp=1, context=2, tensor=2)], False, COUPLED),
+        ("both", [dict(fsdp=2, context=4), dict(fsdp=2, context=2, tensor=2)], True, {}),
     ],
 )
-def test_a_step_on_a_context_axis_equals_the_single_device_step(pairs, layout, meshes, lora, monkeypatch):  # noqa: F811
+def test_a_step_on_a_context_axis_equals_the_single_device_step(
+    pairs,  # noqa: F811
+    layout,
+    meshes,
+    lora,
+    settings,
+    monkeypatch,
+):
     """Rows of uneven lengths with padding, split into 2 to 8 chunks of tokens (pairs and views straddle
     them): loss, gradient norm and metrics as on one device, to the rounding floor (tests/_tolerance.py).
     The second mesh runs "chunked" attention, in blocks of 32 keys (several a row, the last one padded)."""
     monkeypatch.setattr(model, "ATTENTION_BLOCK", 32)
     dataset, arch = pairs
-    config = dpo.Config(train_data="x", train_batch_size=8, logits_chunk_size=64, lora_rank=4 if lora else 0)
-    # Widths a multiple of 8: every context size here splits them evenly.
+    config = dpo.Config(
+        train_data="x", train_batch_size=8, logits_chunk_size=64, lora_rank=4 if lora else 0, **settings
+    )
+    # Rows a multiple of 4 (2 microbatches on up to 2 batch devices), widths of 8: every context size here
+    # splits them evenly.
     loader = (
-        data.Layout(*(dict(sharing=(1, 0), packing=(0, 1), both=(1, 1))[layout]), 2, 8) if layout else None
+        data.Layout(*(dict(sharing=(1, 0), packing=(0, 1), both=(1, 1))[layout]), 4, 8) if layout else None
     )
     batch = next(
         data.train_batches(dataset, range(len(dataset)), batch_size=8, seed=0, max_seq_len=256, layout=loader)
@@ -76,7 +91,7 @@ def test_a_step_on_a_context_axis_equals_the_single_device_step(pairs, layout, m
     want = step_metrics(arch, config, ONE_DEVICE, batch, lora)
     for sizes, attention in zip(meshes, ("auto", "chunked"), strict=True):
         got = step_metrics(arch, dataclasses.replace(config, attention_impl=attention), sizes, batch, lora)
-        assert_metrics_close(got, want, KEYS, config.beta, losses=1)
+        assert_metrics_close(got, want, KEYS, config.beta, losses=len(config.loss_type))
 
 
 def test_a_context_axis_splits_the_parameters_and_a_long_rows_memory(pairs):  # noqa: F811
