@@ -676,7 +676,8 @@ def demo():
         inputs = (config.hyperparameters(),) if swept else ()
         return train_step.lower(state, dpo.Frozen(None, params), *inputs, batch)
 
-one_b = lambda: bench.abstract_step(bench.SHAPES["1b"], bench.run_config(1), mesh, jnp.bfloat16, 2048)
+bf16 = jnp.bfloat16
+one_b = lambda: bench.abstract_step(bench.SHAPES["1b"], bench.run_config(1, dtype=bf16), mesh, bf16, 2048)
 out = {}
 for name, lower in [("demo", demo), ("1b", one_b)]:
     lowered = lower()
@@ -744,7 +745,7 @@ def bench_compile(cfg, mesh, dtype, pairs: int, seq: int, depths) -> None:
     rows = []
     for layers in depths:
         lowered = abstract_step(
-            dataclasses.replace(cfg, num_layers=layers), run_config(pairs), mesh, dtype, seq
+            dataclasses.replace(cfg, num_layers=layers), run_config(pairs, dtype=dtype), mesh, dtype, seq
         )
         start = time.perf_counter()
         lowered.compile()
@@ -813,6 +814,8 @@ def memory_plan_bytes(
     per_pair = inputs + s * (4 * d + 3 * h * q + 3 * k * q + 3 * f) * 2 * 2 + s * d * 6
     per_pair += 0 if flash else 2 * h * seq * (block or seq) * 4 * 4
     whole_kv = 0 if context == 1 else s * k * q * 2 * 2 * 2  # k and v gathered, with their gradients
+    if block and not flash:  # chunked: k and v padded to whole blocks, their gradients stacked in f32
+        whole_kv += s * k * q * (2 + 4) * 2
     return fixed, (per_pair + s * min(chunk, v) * 4 * 3) / context + whole_kv
 
 
@@ -851,7 +854,10 @@ def bench_memory(on_accelerator: bool, mesh) -> None:
     for shape in ("1b", "3b", "8b"):
         for seq in (2048, 4096):
             lowered = [
-                abstract_step(SHAPES[shape], run_config(p * chips), mesh, jnp.bfloat16, seq) for p in (1, 2)
+                abstract_step(
+                    SHAPES[shape], run_config(p * chips, dtype=jnp.bfloat16), mesh, jnp.bfloat16, seq
+                )
+                for p in (1, 2)
             ]
             one, two = (peak_bytes(x.compile()) for x in lowered)
             flash = jax.default_backend() == "gpu"  # cuDNN attention; XLA's elsewhere
@@ -916,7 +922,8 @@ def bench_context_compiled(seq: int = 8192) -> None:
     rows, cfg = [], SHAPES["1b"]
     for context in (1, 4, 8):
         mesh = sharding.make_mesh(1, 1, 1, context=context, devices=jax.devices()[:context])
-        lowered = [abstract_step(cfg, run_config(p), mesh, jnp.bfloat16, seq) for p in (1, 2)]
+        config = partial(run_config, dtype=jnp.bfloat16)
+        lowered = [abstract_step(cfg, config(p), mesh, jnp.bfloat16, seq) for p in (1, 2)]
         one, two = (peak_bytes(x.compile()) for x in lowered)
         plan = dict(flash=False, block=model.ATTENTION_BLOCK, context=context)
         fixed, per_pair = memory_plan_bytes(cfg, seq, context, True, **plan)
@@ -949,7 +956,7 @@ def bench_qlora_memory(mesh) -> None:
     table("QLoRA memory plan: largest batch on one GPU (pairs)", header, rows, note)
     rows = []
     for shape, quantization, seq in itertools.product(shapes, ("nf4", "int8"), (2048, 4096)):
-        config = partial(run_config, lora_rank=LORA_RANK, base_quantization=quantization)
+        config = partial(run_config, dtype=jnp.bfloat16, lora_rank=LORA_RANK, base_quantization=quantization)
         lowered = [abstract_step(SHAPES[shape], config(p), mesh, jnp.bfloat16, seq) for p in (1, 2)]
         base = abstract_base_bytes(SHAPES[shape], quantization, mesh)  # the reference: the same arrays
         one, two = (peak_bytes(x.compile()) - base for x in lowered)

@@ -469,8 +469,8 @@ def loaders(config, inputs: Inputs) -> Loaders:
     rows = devices * config.num_microbatches
     layout = data.Layout(config.prefix_sharing, config.packing, rows, config.mesh_context)
     # Each process loads the rows its devices hold: processes along context or tensor load the same ones.
-    row_slice, row_slices = sharding.row_slices(inputs.mesh)
-    size, processes = config.train_batch_size, dict(process_count=row_slices)
+    mine, slices = sharding.row_slices(inputs.mesh)
+    size, processes = config.train_batch_size, dict(row_slices=slices)
     cap = None if config.max_eval_batches is None else config.max_eval_batches * size
     shuffle = dict(batch_size=size, seed=config.seed, group_by_length=config.group_by_length)
     order = data.train_order(inputs.train_set, inputs.train_idx, **shuffle)
@@ -490,7 +490,7 @@ def loaders(config, inputs: Inputs) -> Loaders:
         training=planned(inputs.train_set, steps, data.TRAIN_SHAPES),
         evaluation=list(dict.fromkeys(shape for each in passes.values() for shape in each)),
     )
-    common = dict(max_seq_len=config.max_seq_len, process_index=row_slice, layout=layout, **processes)
+    common = dict(max_seq_len=config.max_seq_len, row_slice=mine, layout=layout, **processes)
     train = lambda start_step, reference=None: data.train_batches(
         inputs.train_set,
         inputs.train_idx,
@@ -506,7 +506,7 @@ def loaders(config, inputs: Inputs) -> Loaders:
     with_reference = lambda kind: (
         config.reference_mode == "precompute" and kind != "reference"
     )  # it makes them
-    blank = lambda kind, shape: data.blank_batch(shape, with_reference(kind), row_slices)
+    blank = lambda kind, shape: data.blank_batch(shape, with_reference(kind), slices)
     return Loaders(train, validation, shapes, blank)
 
 
@@ -704,8 +704,8 @@ class ReferenceCache:
         # What is left (rows still NaN), shortest first: batches of like length pad little.
         self.todo = data.by_length(dataset, np.flatnonzero(np.isnan(self.logps).any(axis=1)))
         self.size = config.microbatch_size or config.train_batch_size  # no gradients: a microbatch fits
-        self.row_slice, row_slices = sharding.row_slices(mesh)  # the rows this process loads (loaders)
-        self.loader = dict(max_seq_len=config.max_seq_len, process_count=row_slices)
+        self.row_slice, slices = sharding.row_slices(mesh)  # the rows this process loads (loaders)
+        self.loader = dict(max_seq_len=config.max_seq_len, row_slices=slices)
         self.loader |= dict(layout=data.Layout(width_multiple=config.mesh_context))  # one pair a row
         # A few shapes for the whole pass: its batches run shortest first, so they span every length.
         order = data.eval_order(self.todo, self.size)
@@ -720,7 +720,7 @@ class ReferenceCache:
         say(f"reference log-probs: {len(self.todo)} of {len(self.dataset)} pairs to compute -> {self.final}")
         if sharding.is_writer():
             self.final.parent.mkdir(parents=True, exist_ok=True)
-        options = dict(batch_size=self.size, process_index=self.row_slice, shapes=self.shapes)
+        options = dict(batch_size=self.size, row_slice=self.row_slice, shapes=self.shapes)
         batches = data.eval_batches(self.dataset, self.todo, **options, **self.loader)
         self.saved_at, self.counter = time.time(), Progress("reference log-probs", "pairs", len(self.todo))
         for at, batch in zip(range(0, len(self.todo), self.size), batches, strict=True):

@@ -10,8 +10,8 @@ user and header tokens are not scored. Unusable rows go to rejects.jsonl with
 a reason, never stopping the run. Output: Parquet shards (one row per pair), summary.json, rejects.jsonl,
 written atomically; a folder holding anything data.py did not write is never replaced. The loader reads
 the shards a row group at a time, shuffles per epoch from the seed (optionally grouping pairs of like
-length), resumes at any step and hands each process its slice of the global batch (slice process_index of
-process_count equal ones, as sharding.row_slices gives them: processes that differ only along context or
+length), resumes at any step and hands each process its slice of the global batch (slice row_slice of
+row_slices equal ones, as sharding.row_slices gives them: processes that differ only along context or
 tensor get the same), laid out in the smallest of the run's few planned shapes that holds it (plan_shapes,
 from every batch's lengths, known before step 1): a pair's two sequences side by side, or, with prefix
 sharing or packing, rows of several sequences with the views the model's attention needs (Layout describes
@@ -1099,8 +1099,9 @@ class Layout(NamedTuple):
     """How the loader lays pairs out, and the one description of the batches it yields (numpy, this process's
     rows; dpo.rows_of reads them). prefix_sharing: one sequence a pair, its shared prefix once; packing:
     several pairs to a row. Rows per step come in multiples of row_multiple (dpo.py: the batch axes' devices
-    times the microbatches) and of process_count (the row slices); row and view widths in multiples of
-    width_multiple (the context axis's devices, each of which holds a row's share of tokens).
+    times the microbatches) and of row_slices (sharding.row_slices: how many slices the processes feed);
+    row and view widths in multiples of width_multiple (the context axis's devices, each of which holds a
+    row's share of tokens).
 
     One pair a row (_padded: neither prefix_sharing nor packing), b pairs of width T:
       input_ids     [b, 2, T] int32   chosen (index 0) and rejected (1) side by side, right-padded with 0
@@ -1169,12 +1170,12 @@ def _units(dataset, pairs, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     return lengths.sum(1) - once, once
 
 
-def _rows_of(units, layout: Layout, max_seq_len: int, process_count: int):
+def _rows_of(units, layout: Layout, max_seq_len: int, row_slices: int):
     """(each row's pair positions, the rows' width, their number rounded up to a whole multiple). Packing:
     pairs go first-fit, longest first, into as few rows as hold everything at up to 2 * max_seq_len tokens,
     in whole multiples, the rows widening a step at a time while first-fit spills into more (a spilled row
     would cost a whole multiple). Without packing, one pair a row."""
-    multiple, cap = math.lcm(layout.row_multiple, process_count), 2 * max_seq_len
+    multiple, cap = math.lcm(layout.row_multiple, row_slices), 2 * max_seq_len
     padded = functools.partial(padded_width, max_seq_len=cap, multiple=layout.width_multiple)
     if not layout.packing:
         rows, width = [[k] for k in range(len(units))], padded(int(units.max()))
@@ -1187,7 +1188,7 @@ def _rows_of(units, layout: Layout, max_seq_len: int, process_count: int):
     return rows, width, -(-len(rows) // multiple) * multiple
 
 
-def _need(dataset, pairs, weight, layout, max_seq_len, process_count) -> tuple[Shape, list | None]:
+def _need(dataset, pairs, weight, layout, max_seq_len, row_slices) -> tuple[Shape, list | None]:
     """The smallest shape that holds this batch, each dimension rounded as padded_width rounds it, and for
     rows of several sequences the rows (_rows_of) that _packed fills, planned once."""
     longest = int(dataset.lengths[pairs].max())
@@ -1196,12 +1197,12 @@ def _need(dataset, pairs, weight, layout, max_seq_len, process_count) -> tuple[S
         return Shape(len(pairs), view_width), None
     if layout.packing:  # the weight-0 copies that fill up an eval batch would only take room
         pairs = pairs[weight > 0]
-    rows, width, total = _rows_of(_units(dataset, pairs, layout)[0], layout, max_seq_len, process_count)
+    rows, width, total = _rows_of(_units(dataset, pairs, layout)[0], layout, max_seq_len, row_slices)
     slots = 1 << (max(map(len, rows)) - 1).bit_length()  # a power of two: few distinct shapes
     return Shape(total, width, slots, view_width), rows
 
 
-def plan_shapes(dataset, steps, *, count: int, max_seq_len: int, layout=None, process_count=1) -> list[Shape]:
+def plan_shapes(dataset, steps, *, count: int, max_seq_len: int, layout=None, row_slices=1) -> list[Shape]:
     """At most `count` shapes that hold every batch of `steps` ((pair indices, weights) per batch), with
     the least padding: each batch's smallest shape (_need), sorted by size, cut into at most `count` runs,
     each run served by the envelope of its shapes (the largest of every dimension). Where to cut is chosen
@@ -1209,7 +1210,7 @@ def plan_shapes(dataset, steps, *, count: int, max_seq_len: int, layout=None, pr
     Rows, widths, pair slots and view widths thus come from the same batches, not rounded apart."""
     steps = list(steps)
     _check_lengths(dataset, np.concatenate([pairs for pairs, _ in steps]), max_seq_len)  # before any compile
-    needs = Counter(_need(dataset, p, w, layout, max_seq_len, process_count)[0] for p, w in steps)
+    needs = Counter(_need(dataset, p, w, layout, max_seq_len, row_slices)[0] for p, w in steps)
     shapes = sorted(needs, key=lambda s: (s.rows * s.width, s))
     runs = {}  # (i, j) -> (tokens of the batches of shapes i..j at their envelope, the envelope)
     for i in range(len(shapes)):
@@ -1236,17 +1237,17 @@ def _check_lengths(dataset, indices, max_seq_len: int) -> None:
         raise ValueError(f"{dataset.path} has pairs of {longest} tokens, over max_seq_len {max_seq_len}")
 
 
-def _batches(dataset, indices, steps, max_seq_len, reference, layout, process_index, process_count, shapes):
+def _batches(dataset, indices, steps, max_seq_len, reference, layout, row_slice, row_slices, shapes):
     """This process's share of each (global pair indices, weights) batch from `steps`, as the contract's batch
     dict; with a `reference` table ([len(dataset), 2], precomputed reference log-probs), also its rows. Each
     batch takes the smallest of `shapes` that holds it (without `shapes`, or where none does, its own
     smallest shape). One pair a row (_padded), or with a `layout` that shares prefixes or packs, rows of
     several sequences (_packed)."""
     _check_lengths(dataset, indices, max_seq_len)  # here, when the loader is made, not at its first batch
-    where = dict(reference=reference, process_index=process_index, process_count=process_count)
+    where = dict(reference=reference, row_slice=row_slice, row_slices=row_slices)
 
     def lay_out(pairs, weight):
-        need, rows = _need(dataset, pairs, weight, layout, max_seq_len, process_count)
+        need, rows = _need(dataset, pairs, weight, layout, max_seq_len, row_slices)
         shape = min((s for s in shapes or () if s.holds(need)), key=lambda s: s.rows * s.width, default=need)
         if _is_rows(layout):
             return _packed(dataset, pairs, weight, layout=layout, shape=shape, rows=rows, **where)
@@ -1255,10 +1256,10 @@ def _batches(dataset, indices, steps, max_seq_len, reference, layout, process_in
     return (lay_out(pairs, weight) for pairs, weight in steps)
 
 
-def blank_batch(shape: Shape, reference=False, process_count=1) -> dict[str, np.ndarray]:
+def blank_batch(shape: Shape, reference=False, row_slices=1) -> dict[str, np.ndarray]:
     """This process's share of a batch of `shape`, all zeros (padding): what a batch of that shape holds,
     for compiling its program before any batch is read."""
-    r = shape.rows // process_count
+    r = shape.rows // row_slices
     if not shape.slots:
         batch = dict(
             input_ids=np.zeros((r, 2, shape.width), np.int32), loss_mask=np.zeros((r, 2, shape.width), bool)
@@ -1288,12 +1289,12 @@ def shape_of(batch: dict) -> Shape:
     return Shape(rows, width, views // 2, view_width)
 
 
-def _padded(dataset, pairs, weight, reference, process_index, process_count, shape: Shape):
+def _padded(dataset, pairs, weight, reference, row_slice, row_slices, shape: Shape):
     """This process's pairs, one a row, in `shape` (Layout describes the arrays)."""
-    size = len(pairs) // process_count
-    mine = slice(process_index * size, (process_index + 1) * size)
+    size = len(pairs) // row_slices
+    mine = slice(row_slice * size, (row_slice + 1) * size)
     # [b, 2, T], not [2b, T]: sharding the leading dim keeps both sequences of a pair on one device.
-    batch = blank_batch(shape, reference=reference is not None, process_count=process_count)
+    batch = blank_batch(shape, reference=reference is not None, row_slices=row_slices)
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     for i, sides in enumerate(dataset.read(pairs[mine])):
         for s, (ids, mask) in enumerate(sides):
@@ -1304,7 +1305,7 @@ def _padded(dataset, pairs, weight, reference, process_index, process_count, sha
     return batch
 
 
-def _packed(dataset, pairs, weight, reference, process_index, process_count, layout, shape, rows):
+def _packed(dataset, pairs, weight, reference, row_slice, row_slices, layout, shape, rows):
     """The pairs as rows of sequences (Layout describes the arrays), laid out in `shape`, one that holds them:
     empty rows, slots and tokens are padding. Packing puts several pairs in a row (_rows_of); else one pair a
     row; `rows` are _need's plan of them (positions among the pairs of weight > 0 when packing). The plan
@@ -1313,10 +1314,8 @@ def _packed(dataset, pairs, weight, reference, process_index, process_count, lay
         pairs, weight = pairs[weight > 0], weight[weight > 0]
     lengths, prefixes = dataset.lengths[pairs], _units(dataset, pairs, layout)[1]
     rows = rows + [[] for _ in range(shape.rows - len(rows))]
-    rows = rows[
-        process_index * shape.rows // process_count : (process_index + 1) * shape.rows // process_count
-    ]
-    out = blank_batch(shape, reference is not None, process_count)
+    rows = rows[row_slice * shape.rows // row_slices : (row_slice + 1) * shape.rows // row_slices]
+    out = blank_batch(shape, reference is not None, row_slices)
     view_width, order = shape.view_width, [k for row in rows for k in row]
     read = dict(zip(order, dataset.read(pairs[order]), strict=True))
     for i, row in enumerate(rows):
@@ -1413,8 +1412,8 @@ def train_batches(
     batch_size: int,
     seed: int,
     start_step: int = 0,
-    process_index: int = 0,
-    process_count: int = 1,
+    row_slice: int = 0,
+    row_slices: int = 1,
     max_seq_len: int,
     group_by_length: bool = False,
     window: int = 64,
@@ -1428,7 +1427,7 @@ def train_batches(
         dataset, indices, batch_size=batch_size, seed=seed, group_by_length=group_by_length, window=window
     )
     steps = map(order, itertools.count(start_step))
-    where = (reference, layout, process_index, process_count, shapes)
+    where = (reference, layout, row_slice, row_slices, shapes)
     return _batches(dataset, np.asarray(indices, np.int64), steps, max_seq_len, *where)
 
 
@@ -1448,8 +1447,8 @@ def eval_batches(
     indices: Sequence[int],
     *,
     batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    row_slice: int = 0,
+    row_slices: int = 1,
     max_seq_len: int,
     reference: np.ndarray | None = None,
     layout: Layout | None = None,
@@ -1457,7 +1456,7 @@ def eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """eval_order's batches, each in the smallest of `shapes` that holds it (as train_batches)."""
     steps = eval_order(indices, batch_size)
-    where = (reference, layout, process_index, process_count, shapes)
+    where = (reference, layout, row_slice, row_slices, shapes)
     return _batches(dataset, np.asarray(indices, np.int64), steps, max_seq_len, *where)
 
 

@@ -126,7 +126,8 @@ class Config:
     reference_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # frozen reference weights, as above
     # what each layer keeps for the backward pass; offload: full's, in host memory
     remat: Literal["none", "full", "save_matmuls", "offload"] = "full"
-    # auto: cuDNN on GPU where it applies, else XLA's below 8192 tokens a row and chunked (flash, in jnp) from
+    # xla: scores of a row whole; cudnn: fused kernel (GPU); chunked: blockwise (FlashAttention-2 in jnp);
+    # auto: cudnn on GPU where it fits, else xla below 8192 tokens a row and chunked from there
     attention_impl: Literal["auto", "xla", "cudnn", "chunked"] = "auto"
     logits_chunk_size: int = 4096  # vocabulary entries per chunk of the fused LM head + log-softmax
     mesh_data: int = 1  # pure data-parallel replicas

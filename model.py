@@ -798,7 +798,7 @@ def _attention(q, k, v, lengths, impl, window=None, scale=None, cap=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl != "cudnn":
         lengths = jnp.full(q.shape[:1], k.shape[1], jnp.int32) if lengths is None else lengths
-        attend = _flash if impl == "chunked" else _whole_attention
+        attend = _chunked_attention if impl == "chunked" else _whole_attention
         return attend(q, k, v, lengths, window, scale, cap)
 
     def attend(q, k, v, lengths):
@@ -834,7 +834,7 @@ def _whole_attention(q, k, v, lengths, window, scale: float, cap):
     return (out * real[:, :, None, None, None].astype(out.dtype)).reshape(q.shape)
 
 
-# "chunked" attention (_flash): a block of keys at a time
+# "chunked" attention (_chunked_attention): a block of keys at a time
 ATTENTION_BLOCK = 512  # keys a step scores: it holds [heads, T, 512] scores at a time
 CHUNKED_FROM = 8192  # auto: rows (views) at least this long run "chunked" where cuDNN's kernel does not
 
@@ -870,17 +870,17 @@ def _grouped(q, kv_heads: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, lengths, window, scale, cap):
-    """ "chunked": FlashAttention-2's algorithm written in jnp, for any backend. The queries meet the keys a
-    block at a time, keeping a running max and sum of their scores (the online softmax), so a device holds
-    [heads, T / context, ATTENTION_BLOCK] scores, never [T, S]; the backward pass recomputes each block's
-    probabilities from the saved log-sum-exp. The masks are _whole_attention's, from the global positions of
-    queries and keys (so a row split over context needs nothing more); the same numbers up to f32 rounding
-    (the sum over keys is taken a block at a time) for every real token."""
-    return _flash_forward(q, k, v, lengths, window, scale, cap)[0]
+def _chunked_attention(q, k, v, lengths, window, scale, cap):
+    """attention_impl "chunked": FlashAttention-2's algorithm written in jnp, for any backend. The queries
+    meet the keys a block at a time, keeping a running max and sum of their scores (the online softmax), so
+    a device holds [heads, T / context, ATTENTION_BLOCK] scores, never [T, S]; the backward pass recomputes
+    each block's probabilities from the saved log-sum-exp. The masks are _whole_attention's, from the
+    global positions of queries and keys (so a row split over context needs nothing more); the same numbers
+    up to f32 rounding (the sum over keys is taken a block at a time) for every real token."""
+    return _chunked_forward(q, k, v, lengths, window, scale, cap)[0]
 
 
-def _flash_forward(q, k, v, lengths, window, scale, cap):
+def _chunked_forward(q, k, v, lengths, window, scale, cap):
     grouped = _grouped(q, k.shape[2])
     (b, t, kv, g, d), keys = grouped.shape, k.shape[1]
     spec = (*jax.typeof(grouped).sharding.spec, None, None, None)  # B, T, K, G as the queries' are split
@@ -892,10 +892,10 @@ def _flash_forward(q, k, v, lengths, window, scale, cap):
         scores, _ = _scores(grouped, k_block, i * ATTENTION_BLOCK, keys, lengths, window, scale, cap)
         new_top = jnp.maximum(top, scores.max(-1))
         probs, rescale = jnp.exp(scores - new_top[..., None]), jnp.exp(top - new_top)
-        seen = jnp.einsum(
+        weighted = jnp.einsum(
             "bkgts,bskq->bkgtq", probs.astype(v.dtype), v_block, preferred_element_type=jnp.float32
         )
-        return (new_top, total * rescale + probs.sum(-1), out * rescale[..., None] + seen), None
+        return (new_top, total * rescale + probs.sum(-1), out * rescale[..., None] + weighted), None
 
     start = jnp.zeros((b, kv, g, t), jnp.float32, out_sharding=rows)
     init = (start - jnp.inf, start, jnp.zeros((b, kv, g, t, d), jnp.float32, out_sharding=P(*rows, None)))
@@ -905,7 +905,7 @@ def _flash_forward(q, k, v, lengths, window, scale, cap):
     return out, (q, k, v, lengths, out, top + jnp.log(total))
 
 
-def _flash_backward(window, scale, cap, residuals, d_out):
+def _chunked_backward(window, scale, cap, residuals, d_out):
     q, k, v, lengths, out, logsumexp = residuals
     grouped, d_grouped = _grouped(q, k.shape[2]), _grouped(d_out, k.shape[2])
     # FlashAttention-2's D: sum over a query's keys of P * dP, which is d_out . out
@@ -932,7 +932,7 @@ def _flash_backward(window, scale, cap, residuals, d_out):
     return d_q.reshape(q.shape).astype(q.dtype), d_k, d_v, None
 
 
-_flash.defvjp(_flash_forward, _flash_backward)
+_chunked_attention.defvjp(_chunked_forward, _chunked_backward)
 
 
 def _view_attention(q, k, v, index, lengths, slot, impl, **scores):
@@ -1028,10 +1028,10 @@ def _embed(embed: jax.Array, tokens: jax.Array, arch: LlamaConfig, dtype) -> jax
 
 def _attention_impl(arch: LlamaConfig, impl: str | None, dtype, context: int = 1, width: int = 0) -> str:
     """None or "auto": cuDNN's fused kernel on GPU where it applies (far faster; jax's default is XLA
-    everywhere); elsewhere XLA's for rows (`width` tokens) shorter than CHUNKED_FROM, "chunked" from there
-    (XLA's holds a row's scores whole). Gemma 2's soft-capped scores and queries split over a context axis
-    do not go to cuDNN (its partitioning refuses a split sequence, and its causal mask would be in local
-    positions)."""
+    everywhere); elsewhere XLA's for rows or views (`width` tokens) shorter than CHUNKED_FROM, "chunked"
+    from there (XLA's holds a row's scores whole). Gemma 2's soft-capped scores and queries split over a
+    context axis do not go to cuDNN (its partitioning refuses a split sequence, and its causal mask would be
+    in local positions)."""
     capped = arch.attn_logit_softcapping is not None
     if capped and impl == "cudnn":
         raise ValueError(
@@ -1063,7 +1063,7 @@ def check_attention(arch: LlamaConfig, mesh, max_seq_len: int, impl: str | None,
         raise ValueError(
             f"XLA's attention holds a row's scores whole: {scores / 2**30:.1f} GiB a device at max_seq_len "
             f"{max_seq_len} ({heads} heads, {queries} queries a device), over half of its "
-            f"{limit / 2**30:.0f} GiB: use attention_impl chunked or auto, or cudnn (GPU)"
+            f"{limit / 2**30:.0f} GiB: use attention_impl chunked (or cudnn on a GPU)"
         )
 
 
@@ -1134,12 +1134,13 @@ def forward(
     _view_attention) a row holds several sequences, each attending within its views. Pad positions give
     finite values that the caller masks out. lora: adapters (lora_weights' tree) added to their weights'
     projections with lora_scale (alpha / rank). attention_impl: None or "auto" (_attention_impl), "xla",
-    "cudnn" or "chunked" (_flash).
+    "cudnn" or "chunked" (_chunked_attention).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}; expected one of {list(REMAT_POLICIES)}")
     context = jax.sharding.get_abstract_mesh().shape.get("context", 1)
-    impl = _attention_impl(arch, attention_impl, compute_dtype, context, tokens.shape[1])
+    width = tokens.shape[1] if views is None else views[0].shape[-1]  # what a query attends over
+    impl = _attention_impl(arch, attention_impl, compute_dtype, context, width)
     x = _embed(params["embed"], tokens, arch, compute_dtype)
     positions = jnp.arange(tokens.shape[1]) if positions is None else positions
     # A row (view) with no real token would attend to nothing; letting position 0 see itself keeps it finite.

@@ -173,8 +173,9 @@ def test_rows_of_131072_tokens_go_through_data_py_the_loader_and_rope(demo, tmp_
     np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
 
 
-def attention_and_grads(impl, sizes, q, k, v, lengths, window=None, cap=None):
-    """model._attention's output and the gradients of a weighted sum of it (real tokens only) on a mesh."""
+def attention_and_grads(impl, sizes, q, k, v, lengths, window=None, cap=None, dtype=jnp.float32):
+    """model._attention's output and the gradients of a weighted sum of it (real tokens only) on a mesh, in
+    `dtype` (the results in f32)."""
     mesh = sharding.make_mesh(**sizes)
     heads, row = P(sharding.BATCH_AXES, "context", "tensor", None), P(sharding.BATCH_AXES)
     real = np.arange(q.shape[1]) < (q.shape[1] if lengths is None else lengths[:, None])
@@ -183,8 +184,8 @@ def attention_and_grads(impl, sizes, q, k, v, lengths, window=None, cap=None):
         put = lambda x, spec: None if x is None else jax.device_put(x, NamedSharding(mesh, spec))
 
         def weighted(q, k, v, lengths):
-            out = model._attention(q, k, v, lengths, impl, window, None, cap)
-            return jnp.sum(out * weights), out
+            out = model._attention(*(x.astype(dtype) for x in (q, k, v)), lengths, impl, window, None, cap)
+            return jnp.sum(out.astype(jnp.float32) * weights), out.astype(jnp.float32)
 
         grads = jax.jit(jax.grad(weighted, argnums=(0, 1, 2), has_aux=True))
         (d_q, d_k, d_v), out = grads(*(put(x, heads) for x in (q, k, v)), put(lengths, row))
@@ -196,7 +197,8 @@ def test_chunked_attention_equals_xlas_and_holds_a_fraction_of_its_memory(window
     """ "chunked" (FlashAttention-2's online softmax and recomputing backward, in jnp) against XLA's
     attention on one device: outputs and q, k, v gradients with grouped heads, rows of uneven length (one
     blank), a sliding window, Gemma 2's soft cap; blocks of 64 keys (the last one padded) on one device and
-    split over context and tensor. Then the compiled gradient's temporary memory for an 8192-token row."""
+    split over context and tensor. In bf16, as close to the f32 answer as XLA's attention in bf16 is. Then
+    the compiled gradient's temporary memory for an 8192-token row."""
     monkeypatch.setattr(model, "ATTENTION_BLOCK", 64)
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(4, 200, heads, 16)).astype(np.float32) for heads in (4, 2, 2))
@@ -209,6 +211,13 @@ def test_chunked_attention_equals_xlas_and_holds_a_fraction_of_its_memory(window
                 ours, theirs, rtol=1e-5, atol=2e-6 * np.abs(theirs).max(), err_msg=name
             )
     if window is None and cap is None:
+        bf16 = [
+            attention_and_grads(i, ONE_DEVICE, q, k, v, row_lengths, dtype=jnp.bfloat16)
+            for i in ("xla", "chunked")
+        ]
+        for name, xla, chunked, f32 in zip(("out", "d_q", "d_k", "d_v"), *bf16, want, strict=True):
+            error = lambda x, f32=f32: np.abs(x - f32).max() / np.abs(f32).max()
+            assert error(chunked) <= 2 * error(xla), (name, error(chunked), error(xla))
         monkeypatch.setattr(model, "ATTENTION_BLOCK", 512)
         row = jax.ShapeDtypeStruct((1, 8192, 4, 16), jnp.float32)
         total = lambda q, k, v, impl: jnp.sum(model._attention(q, k, v, None, impl))

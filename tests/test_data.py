@@ -1096,9 +1096,7 @@ def test_process_slices_partition_the_global_batch(dataset_dir, process_count, g
     kwargs = dict(batch_size=8, seed=1, max_seq_len=256, group_by_length=group_by_length, window=2)
     whole = take(data.train_batches(dataset, range(50), **kwargs), 4)
     slices = [
-        take(
-            data.train_batches(dataset, range(50), process_index=p, process_count=process_count, **kwargs), 4
-        )
+        take(data.train_batches(dataset, range(50), row_slice=p, row_slices=process_count, **kwargs), 4)
         for p in range(process_count)
     ]
     for step, batch in enumerate(whole):
@@ -1118,8 +1116,8 @@ def test_eval_batches_cover_indices_in_order_with_a_weighted_tail(dataset_dir):
     assert order[:10] == validation.tolist()
     for batch in batches:
         check_batch(batch, rows, batch_pairs(batch, keys), max_seq_len=140)
-    kwargs = dict(batch_size=4, process_count=2, max_seq_len=140)
-    halves = [list(data.eval_batches(dataset, validation, process_index=p, **kwargs)) for p in (0, 1)]
+    kwargs = dict(batch_size=4, row_slices=2, max_seq_len=140)
+    halves = [list(data.eval_batches(dataset, validation, row_slice=p, **kwargs)) for p in (0, 1)]
     assert np.concatenate([halves[0][-1]["weight"], halves[1][-1]["weight"]]).tolist() == [1, 1, 0, 0]
 
 

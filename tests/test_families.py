@@ -144,11 +144,11 @@ def torch_logps(hf_model, ids, mask) -> torch.Tensor:
     return (picked * torch.tensor(np.asarray(mask[1:]), dtype=torch.float32)).sum()
 
 
-# (data, fsdp, context, tensor); on a context axis Qwen3's head norms, one kv head, and Gemma's windows and
-# soft cap in packed views, the latter with "chunked" attention in blocks of 16 keys
+# (data, fsdp, context, tensor); on a context axis Qwen3's head norms, and with "chunked" attention in blocks
+# of 16 keys one kv head and Gemma's windows and soft cap in packed views
 PLAIN, CONTEXT, CHUNKED = ((2, 2, 1, 2), "auto"), ((1, 2, 2, 2), "auto"), ((2, 1, 2, 2), "chunked")
 SEQUENCES_IN_ONE = [("qwen2_tied", False, PLAIN), ("qwen3", False, CONTEXT), ("mistral", False, PLAIN)]
-SEQUENCES_IN_ONE += [("mqa", False, CONTEXT)]
+SEQUENCES_IN_ONE += [("mqa", False, CHUNKED)]  # one kv head, whole on each device, under a tensor split
 WINDOWS_IN_VIEWS = [("gemma2", True, CHUNKED), ("gemma3", True, CHUNKED)]  # both kinds of layer
 
 

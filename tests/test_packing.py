@@ -121,7 +121,7 @@ def test_each_process_loads_its_own_rows_of_the_same_plan(pairs):
     kwargs = dict(batch_size=16, seed=0, max_seq_len=256, layout=data.Layout(True, True, row_multiple=2))
     whole = next(data.train_batches(dataset, range(len(dataset)), **kwargs))
     halves = [
-        next(data.train_batches(dataset, range(len(dataset)), process_index=i, process_count=2, **kwargs))
+        next(data.train_batches(dataset, range(len(dataset)), row_slice=i, row_slices=2, **kwargs))
         for i in range(2)
     ]
     assert set(whole) == set(halves[0])
