@@ -814,14 +814,24 @@ def _attention(q, k, v, lengths, impl, window=None, scale=None, cap=None):
     return jax.sharding.auto_axes(attend, out_sharding=jax.typeof(q).sharding.spec)(q, k, v, lengths)
 
 
+def _visible(queries: int, keys: int, lengths, window, first: int = 0) -> jax.Array:
+    """[B, T, S]: whether query t sees key first + s: causally, within the window (transformers' sliding
+    window: key > query - window), both among their row's first `lengths` [B] tokens (so the padding's keys,
+    and a block's padded ones, are never seen, and a padding query sees nothing)."""
+    query, key = jnp.arange(queries)[:, None], first + jnp.arange(keys)
+    seen = key <= query
+    if window is not None:
+        seen = seen & (key > query - window)
+    within = lambda i: i < lengths[:, None, None]
+    return seen & within(query) & within(key)
+
+
 def _whole_attention(q, k, v, lengths, window, scale: float, cap):
     """XLA's attention: each device's queries against the whole row, [B, K, G, T / context, S] f32 scores at
     once. jax.nn.dot_product_attention's XLA path written out (its masks, its fill, its padding queries' zero
     outputs: the same numbers), with Gemma 2's soft cap, which it cannot take, before the masks."""
-    query, key = jnp.arange(q.shape[1])[:, None], jnp.arange(k.shape[1])
-    seen = (key <= query) & (key > query - (window or k.shape[1]))
+    seen = _visible(q.shape[1], k.shape[1], lengths, window)[:, None]  # [B, 1, T, S]
     real = jnp.arange(q.shape[1]) < lengths[:, None]  # [B, T]
-    seen = seen & real[:, None, :, None] & (key < lengths[:, None, None, None])  # [B, 1, T, S]
 
     def one_group(q):  # [B, T, K, Q]: one query of each kv head's group
         scores = jnp.einsum("btkq,bskq->bkts", q, k, preferred_element_type=jnp.float32)
@@ -852,16 +862,14 @@ def _unblocked(blocks: jax.Array, like: jax.Array) -> jax.Array:
     return jnp.moveaxis(blocks, 0, 1).reshape(like.shape[0], -1, *like.shape[2:])[:, : like.shape[1]]
 
 
-def _scores(q, k_block, first, keys, lengths, window, scale, cap):
+def _scores(q, k_block, first, lengths, window, scale, cap):
     """One block's masked scores [B, K, G, T, block] (f32) of grouped queries q [B, T, K, G, Q] against
     keys first.. of k_block, and the capped scores' slope (1 without a cap) for the backward pass."""
     raw = jnp.einsum("btkgq,bskq->bkgts", q, k_block, preferred_element_type=jnp.float32) * scale
     capped = softcap(raw, cap)
-    query, key = jnp.arange(q.shape[1])[:, None], first + jnp.arange(k_block.shape[1])
-    seen = (key <= query) & (key > query - (window or keys)) & (key < keys)
-    seen = seen & (key < lengths[:, None, None, None, None])
+    seen = _visible(q.shape[1], k_block.shape[1], lengths, window, first)[:, None, None]  # [B, 1, 1, T, S]
     slope = 1.0 if cap is None else 1 - jnp.square(capped / cap)
-    # A large finite fill, not -inf: a query that sees nothing (a blank row) stays finite.
+    # A large finite fill, not -inf: a query that sees nothing (padding) stays finite.
     return jnp.where(seen, capped, -1e30), slope
 
 
@@ -874,22 +882,22 @@ def _chunked_attention(q, k, v, lengths, window, scale, cap):
     """attention_impl "chunked": FlashAttention-2's algorithm written in jnp, for any backend. The queries
     meet the keys a block at a time, keeping a running max and sum of their scores (the online softmax), so
     a device holds [heads, T / context, ATTENTION_BLOCK] scores, never [T, S]; the backward pass recomputes
-    each block's probabilities from the saved log-sum-exp. The masks are _whole_attention's, from the
-    global positions of queries and keys (so a row split over context needs nothing more); the same numbers
-    up to f32 rounding (the sum over keys is taken a block at a time) for every real token."""
+    each block's probabilities from the saved log-sum-exp. The masks are _visible's, as _whole_attention's,
+    from the global positions of queries and keys (so a row split over context needs nothing more); the
+    same numbers up to f32 rounding (the sum over keys is taken a block at a time) for every real token."""
     return _chunked_forward(q, k, v, lengths, window, scale, cap)[0]
 
 
 def _chunked_forward(q, k, v, lengths, window, scale, cap):
     grouped = _grouped(q, k.shape[2])
-    (b, t, kv, g, d), keys = grouped.shape, k.shape[1]
+    b, t, kv, g, d = grouped.shape
     spec = (*jax.typeof(grouped).sharding.spec, None, None, None)  # B, T, K, G as the queries' are split
     rows = P(spec[0], spec[2], spec[3], spec[1])  # [B, K, G, T]
 
     def step(carry, block):
         top, total, out = carry  # running max, sum of exp(score - max) [B, K, G, T]; output [B, K, G, T, Q]
         i, k_block, v_block = block
-        scores, _ = _scores(grouped, k_block, i * ATTENTION_BLOCK, keys, lengths, window, scale, cap)
+        scores, _ = _scores(grouped, k_block, i * ATTENTION_BLOCK, lengths, window, scale, cap)
         new_top = jnp.maximum(top, scores.max(-1))
         probs, rescale = jnp.exp(scores - new_top[..., None]), jnp.exp(top - new_top)
         weighted = jnp.einsum(
@@ -915,8 +923,7 @@ def _chunked_backward(window, scale, cap, residuals, d_out):
 
     def step(d_q, block):
         i, k_block, v_block = block
-        first = i * ATTENTION_BLOCK
-        scores, slope = _scores(grouped, k_block, first, k.shape[1], lengths, window, scale, cap)
+        scores, slope = _scores(grouped, k_block, i * ATTENTION_BLOCK, lengths, window, scale, cap)
         probs = jnp.exp(scores - logsumexp[..., None])
         d_v = jnp.einsum("bkgts,btkgq->bskq", probs.astype(v.dtype), d_grouped, **f32, out_sharding=kv_spec)
         d_probs = jnp.einsum("btkgq,bskq->bkgts", d_grouped, v_block, **f32)
