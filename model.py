@@ -13,6 +13,8 @@ biases; windows with use_sliding_window), Qwen3 (an RMSNorm over each head of q 
 norms, a scaled embedding, GeGLU, sandwich norms, soft caps on scores and logits, alternating sliding and
 global layers) and Gemma 3 text (q and k norms, a local RoPE base for its sliding layers), exported as the
 same family. A sliding layer attends to its last sliding_window tokens (layer_types: each layer's kind).
+Attention runs whole (XLA: a row's scores at once), chunked (FlashAttention-2 written in jnp: a block of
+keys at a time, for long rows and rows split over a context axis) or in cuDNN's fused kernel (GPU).
 Anything in a config.json it could not reproduce exactly is refused in one line: other model types (MoE,
 Gemma 1, Gemma 3 with its vision tower), bidirectional attention, other rope types, partial rotary
 embeddings, other biases, other activations.
