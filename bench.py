@@ -11,7 +11,7 @@ Sections:
   step      one DPO train step with random weights: tokens/s, MFU (model.step_flops over the real tokens,
             divided by the chips' dense bf16 peak), compile time, compiled peak memory; variants
             reference:remat:attention (reference live or precompute; remat none, full, save_matmuls;
-            attention auto, xla, cudnn).
+            attention auto, xla, cudnn, chunked).
   padding   data.padded_width against batches padded to max_seq_len and to multiples of 128 (the widths
             before), with and without group_by_length, on UltraFeedback-like and short-answer length
             mixes: padding efficiency (real / processed tokens), distinct widths (no plan), step time.
@@ -26,8 +26,10 @@ Sections:
             (git archive) and of this folder's, in alternating fresh processes; compile time against depth.
   memory    the largest per-chip batch of the 1B, 3B and 8B shapes under FSDP: computed from the sizes,
             and from compiled programs (on an accelerator against its memory; on CPU as a cross-check);
-            8B at long rows over context axes, with and without remat offload (computed); then LoRA on a
-            bf16, NF4 or int8 base (QLoRA) for 8B and Qwen2.5-7B on one 24, 48 or 80 GB GPU.
+            8B at long rows over context axes, with and without remat offload (computed; on CPU with 8
+            fake devices, XLA_FLAGS=--xla_force_host_platform_device_count=8, checked against the compiled
+            step); then LoRA on a bf16, NF4 or int8 base (QLoRA) for 8B and Qwen2.5-7B on one 24, 48 or
+            80 GB GPU.
   tokenize  data.tokenize pairs/s on UltraFeedback-sized synthetic pairs.
   flags     (GPU) the step under a few XLA_FLAGS sets, each in a fresh process (XLA reads them at start).
 
