@@ -851,16 +851,18 @@ ATTENTION_BLOCK = 512  # keys a step scores: it holds [heads, T, 512] scores at 
 CHUNKED_FROM = 8192  # auto: rows (views) at least this long run "chunked" where cuDNN's kernel does not
 
 
-def _key_blocks(x: jax.Array) -> jax.Array:
-    """[B, S, K, Q] -> [S / block, B, block, K, Q], the keys zero-padded to whole blocks (masked: _scores)."""
-    b, s = x.shape[:2]
+def _key_blocks(k: jax.Array, v: jax.Array) -> tuple:
+    """What the forward and backward passes scan over: each block's index, and k and v [B, S, K, Q] as
+    [S / block, B, block, K, Q], zero-padded to whole blocks (the padding masked: _scores)."""
+    b, s = k.shape[:2]
     n = -(-s // ATTENTION_BLOCK)
-    x = jnp.pad(x, ((0, 0), (0, n * ATTENTION_BLOCK - s), (0, 0), (0, 0)))
-    return jnp.moveaxis(x.reshape(b, n, ATTENTION_BLOCK, *x.shape[2:]), 1, 0)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, n * ATTENTION_BLOCK - s), (0, 0), (0, 0)))
+    blocked = lambda x: jnp.moveaxis(pad(x).reshape(b, n, ATTENTION_BLOCK, *x.shape[2:]), 1, 0)
+    return jnp.arange(n), blocked(k), blocked(v)
 
 
 def _unblocked(blocks: jax.Array, like: jax.Array) -> jax.Array:
-    """_key_blocks undone: [S / block, B, block, K, Q] -> [B, S, K, Q], the padding dropped."""
+    """_key_blocks undone for one array: [S / block, B, block, K, Q] -> [B, S, K, Q], the padding dropped."""
     return jnp.moveaxis(blocks, 0, 1).reshape(like.shape[0], -1, *like.shape[2:])[:, : like.shape[1]]
 
 
@@ -909,8 +911,7 @@ def _chunked_forward(q, k, v, lengths, window, scale, cap):
 
     start = jnp.zeros((b, kv, g, t), jnp.float32, out_sharding=rows)
     init = (start - jnp.inf, start, jnp.zeros((b, kv, g, t, d), jnp.float32, out_sharding=P(*rows, None)))
-    blocks = (jnp.arange(-(-k.shape[1] // ATTENTION_BLOCK)), _key_blocks(k), _key_blocks(v))
-    (top, total, out), _ = jax.lax.scan(step, init, blocks)
+    (top, total, out), _ = jax.lax.scan(step, init, _key_blocks(k, v))
     out = jnp.moveaxis(out / total[..., None], 3, 1).reshape(q.shape).astype(q.dtype)
     return out, (q, k, v, lengths, out, top + jnp.log(total))
 
@@ -935,8 +936,7 @@ def _chunked_backward(window, scale, cap, residuals, d_out):
         return d_q, (d_k, d_v)
 
     start = jnp.zeros(grouped.shape, jnp.float32, out_sharding=P(*jax.typeof(grouped).sharding.spec))
-    blocks = (jnp.arange(-(-k.shape[1] // ATTENTION_BLOCK)), _key_blocks(k), _key_blocks(v))
-    d_q, (d_k, d_v) = jax.lax.scan(step, start, blocks)
+    d_q, (d_k, d_v) = jax.lax.scan(step, start, _key_blocks(k, v))
     d_k, d_v = (_unblocked(d, x).astype(x.dtype) for d, x in ((d_k, k), (d_v, v)))
     return d_q.reshape(q.shape).astype(q.dtype), d_k, d_v, None
 
